@@ -1,0 +1,30 @@
+# Two entry points for a fresh clone (see README.md):
+#   make demo   install into .venv and run the embedded default job
+#   make test   install into .venv (with test extras) and run the test suite
+# On a CPU machine the install pins torch==2.13.0 (the CPU build) before the
+# package, so pip never pulls a CUDA build to satisfy pyproject's torch range.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install demo test bench-env bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then echo "GPU found: keeping pip's torch choice"; \
+	 else $(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/probe demo
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

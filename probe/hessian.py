@@ -1,0 +1,33 @@
+"""The Hessian of the mean loss over a fixed probe set, as an operator on flat vectors.
+
+``H = ∇²_θ L(θ)`` with ``L`` the example-weighted mean loss (see
+:mod:`probe.model_operator`). Products are exact (no finite differences): double
+backward (Pearlmutter 1994, "Fast exact multiplication by the Hessian") through
+each batch's gradient graph, built once and reused while it fits the memory budget.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from probe.model_operator import Batch, ModelOperator
+
+__all__ = ["HessianOperator"]
+
+
+class HessianOperator(ModelOperator):
+    """Exact Hessian of the mean loss. Arguments as in :class:`probe.model_operator.ModelOperator`.
+
+    Example:
+        >>> H = HessianOperator(model, torch.nn.functional.cross_entropy, [(x, y)])
+        >>> Hv = H @ v          # v: flat vector of length H.dim
+    """
+
+    def _build(self, batch: Batch, weight: float) -> tuple[Tensor, ...]:
+        x, y = batch
+        loss = self.loss_fn(self.model(x), y) * weight
+        return torch.autograd.grad(loss, self.params, create_graph=True)
+
+    def _apply(self, grads: tuple[Tensor, ...], vs: list[Tensor], k: int) -> tuple[Tensor, ...]:
+        return self._grad(grads, self.params, vs, k)

@@ -1,0 +1,300 @@
+"""The Lanczos process on a symmetric operator, several start vectors at once.
+
+Lanczos (1950) builds, from a start vector ``q₁``, an orthonormal basis ``Q_m`` of
+the Krylov space span{q₁, Aq₁, …, A^{m-1}q₁} and the tridiagonal
+``T_m = Q_mᵀ A Q_m`` with diagonal ``alphas`` and off-diagonal ``betas``. The
+eigenvalues of ``T_m`` (Ritz values) approximate the extremes of A's spectrum;
+the squared first components of its eigenvectors are the weights of the Gauss
+quadrature rule with ``q₁ᵀ f(A) q₁ ≈ Σᵢ wᵢ f(θᵢ)``, exact for polynomials of
+degree < 2m (Golub & Meurant, "Matrices, Moments and Quadrature", 2010).
+
+``k`` independent processes advance together: one ``A.matmat`` per step serves
+all of them, so ``k`` SLQ runs cost one pass over the probe data per step.
+
+Reorthogonalization (``reorth``):
+  - ``"full"``: classical Gram-Schmidt against the whole basis, twice per step
+    ("twice is enough", Giraud et al. 2005). Costs ``m·dim`` memory per process.
+  - ``"selective"``: against Ritz vectors that have converged (residual bound
+    below ``sqrt(eps)·‖T‖``), after Parlett & Scott (1979): orthogonality is lost
+    only in the direction of converged Ritz vectors, so that suffices to
+    prevent spurious copies ("ghosts") of extreme eigenvalues.
+  - ``"none"``: the plain three-term recurrence; ghosts appear once Ritz values
+    converge. The quadrature moments stay accurate (Paige 1976; Meurant &
+    Strakoš 2006), so SLQ remains usable when the basis cannot be stored.
+
+The tridiagonal and its eigendecomposition are always float64 and ``eigh``
+(symmetric; never a general ``eig``). Breakdown (``β_j ≈ 0``: the Krylov space is
+invariant and the Ritz values are exact) ends a run early and is reported, as is
+the achieved loss of orthogonality ``max_{i≠j} |q_iᵀq_j|`` whenever the basis is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from probe.operators import CurvatureOperator, inner, norm
+
+__all__ = ["LanczosProcess", "LanczosResult", "RitzPairs", "lanczos", "REORTH_MODES"]
+
+REORTH_MODES = ("full", "selective", "none")
+
+
+@dataclass(frozen=True)
+class RitzPairs:
+    """Ritz values of one run, ascending, with quadrature weights and residual bounds.
+
+    ``residual_bounds[i] = β_m |s_{m,i}|`` bounds ``‖A y_i − θ_i y_i‖`` for the Ritz
+    vector ``y_i = Q_m s_i`` (exact arithmetic; with lost orthogonality a Ritz
+    value may be a ghost copy). ``vectors`` are the eigenvectors ``S`` of ``T_m``.
+    """
+
+    values: Tensor  # (n,)
+    weights: Tensor  # (n,), sum to 1
+    residual_bounds: Tensor  # (n,)
+    vectors: Tensor  # (n, n)
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """Recurrence coefficients and diagnostics of ``k`` Lanczos runs.
+
+    Attributes:
+        alphas: ``(k, m)`` float64 diagonals; entries past ``num_steps[r]`` are 0.
+        betas: ``(k, m)`` float64; ``betas[r, j]`` is the norm of the residual after
+            step ``j`` (``betas[r, :n-1]`` is the off-diagonal of run ``r``'s ``T``).
+        num_steps: ``(k,)`` steps completed per run (fewer than ``m`` after breakdown).
+        breakdown: ``(k,)`` whether run ``r`` broke down (found an invariant subspace).
+        orthogonality_loss: ``(k,)`` ``max_{i≠j} |q_iᵀq_j|`` over the basis, NaN when
+            the basis was not kept.
+        start_norms: ``(k,)`` norms of the start vectors (the quadrature of
+            ``vᵀf(A)v`` is ``start_norms² · Σ wᵢ f(θᵢ)``).
+        reorth: the reorthogonalization mode used.
+        num_matvecs: operator applications (columns) spent.
+        basis: ``(m+1, local_dim, k)`` orthonormal basis shard when kept, else None.
+    """
+
+    alphas: Tensor
+    betas: Tensor
+    num_steps: Tensor
+    breakdown: Tensor
+    orthogonality_loss: Tensor
+    start_norms: Tensor
+    reorth: str
+    num_matvecs: int
+    basis: Tensor | None = None
+
+    @property
+    def num_runs(self) -> int:
+        return self.alphas.shape[0]
+
+    def tridiagonal(self, run: int = 0) -> Tensor:
+        """The ``(n, n)`` float64 tridiagonal ``T`` of run ``run``."""
+        n = int(self.num_steps[run])
+        a, b = self.alphas[run, :n], self.betas[run, : n - 1]
+        return torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+
+    def ritz(self, run: int = 0) -> RitzPairs:
+        """Ritz values, quadrature weights and residual bounds of run ``run``."""
+        n = int(self.num_steps[run])
+        values, vectors = torch.linalg.eigh(self.tridiagonal(run))
+        last_beta = 0.0 if bool(self.breakdown[run]) else float(self.betas[run, n - 1])
+        return RitzPairs(
+            values=values,
+            weights=vectors[0] ** 2,
+            residual_bounds=(last_beta * vectors[-1]).abs(),
+            vectors=vectors,
+        )
+
+
+def _tridiagonal(alphas: list[Tensor], betas: list[Tensor], col: int) -> Tensor:
+    a = torch.stack([x[col] for x in alphas])
+    b = torch.stack([x[col] for x in betas[: len(alphas) - 1]]) if len(alphas) > 1 else a[:0]
+    return torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+
+
+class LanczosProcess:
+    """Advance ``k`` Lanczos runs step by step (one ``matmat`` per step).
+
+    Args:
+        op: the symmetric operator.
+        start: ``(local_dim, k)`` start vectors (normalized here; need not be unit).
+        reorth: ``"full"``, ``"selective"`` or ``"none"``.
+        keep_basis: keep every basis vector (needed for eigenvectors and to measure
+            orthogonality). Defaults to True except for ``reorth="none"``.
+        breakdown_tol: a run breaks down when ``β_j ≤ breakdown_tol · max_j(|α_j| + β_j)``;
+            default ``10·eps·sqrt(dim)`` of the operator's dtype.
+
+    Raises:
+        ValueError: for an unknown ``reorth``, ``keep_basis=False`` with a
+            reorthogonalizing mode, a start block of the wrong shape, or a zero
+            start vector.
+    """
+
+    def __init__(
+        self,
+        op: CurvatureOperator,
+        start: Tensor,
+        *,
+        reorth: str = "full",
+        keep_basis: bool | None = None,
+        breakdown_tol: float | None = None,
+    ) -> None:
+        if reorth not in REORTH_MODES:
+            raise ValueError(f"reorth must be one of {REORTH_MODES}, got reorth={reorth!r}")
+        keep_basis = reorth != "none" if keep_basis is None else keep_basis
+        if reorth != "none" and not keep_basis:
+            raise ValueError(f"reorth={reorth!r} needs the basis; pass keep_basis=True or reorth='none'")
+        if start.ndim != 2 or start.shape[0] != op.local_dim:
+            raise ValueError(
+                f"start must have shape (local_dim={op.local_dim}, k), got {tuple(start.shape)}"
+            )
+        self.op = op
+        self.reorth = reorth
+        self.keep_basis = keep_basis
+        self.k = start.shape[1]
+        eps = torch.finfo(op.dtype).eps
+        # Rounding leaves a residual of about eps·sqrt(dim)·‖A‖ after the Krylov
+        # space is exhausted; ten times that counts as an exact zero.
+        self.breakdown_tol = breakdown_tol if breakdown_tol is not None else 10 * eps * math.sqrt(op.dim)
+        self._sqrt_eps = math.sqrt(eps)
+        self.start_norms = norm(op, start).to(torch.float64)
+        if bool((self.start_norms == 0).any()):
+            raise ValueError("a start vector is zero; draw start vectors with op.random_vectors")
+        q = start / self.start_norms.to(start.dtype)
+        self.basis: list[Tensor] = [q]  # each (local_dim, k); only the last two unless keep_basis
+        self.alphas: list[Tensor] = []  # each (k,) float64
+        self.betas: list[Tensor] = []
+        self.active = torch.ones(self.k, dtype=torch.bool)
+        self.num_steps = torch.zeros(self.k, dtype=torch.long)
+        self.num_matvecs = 0
+        self._scale = torch.zeros(self.k, dtype=torch.float64)
+
+    @property
+    def steps_done(self) -> int:
+        return len(self.alphas)
+
+    def step(self) -> None:
+        """One Lanczos step for every run that has not broken down."""
+        op = self.op
+        q = self.basis[-1]
+        w = op.matmat(q)
+        self.num_matvecs += self.k
+        alpha = inner(op, q, w)
+        w = w - q * alpha.to(w.dtype)
+        if self.betas:
+            w = w - self.basis[-2] * self.betas[-1].to(w.dtype)
+        if self.reorth == "full":
+            w = self._project_out(w, torch.stack(self.basis))
+            w = self._project_out(w, torch.stack(self.basis))
+        elif self.reorth == "selective":
+            w = self._selective(w, alpha.to(torch.float64))
+        beta = norm(op, w).to(torch.float64)
+        alpha = alpha.to(torch.float64)
+        self._scale = torch.maximum(self._scale, alpha.abs() + beta)
+        broke = self.active & (beta <= self.breakdown_tol * self._scale)
+        alpha = torch.where(self.active, alpha, torch.zeros_like(alpha))
+        beta = torch.where(self.active & ~broke, beta, torch.zeros_like(beta))
+        self.num_steps += self.active.long()
+        self.active &= ~broke
+        self.alphas.append(alpha)
+        self.betas.append(beta)
+        safe = torch.where(beta > 0, beta, torch.ones_like(beta)).to(w.dtype)
+        q_next = torch.where(self.active.to(w.device), w / safe, torch.zeros_like(w))
+        self.basis.append(q_next)
+        if not self.keep_basis and len(self.basis) > 2:
+            self.basis.pop(0)
+
+    def ritz(self, run: int = 0) -> RitzPairs:
+        """Ritz pairs of run ``run`` after the steps so far (cheap: no basis work)."""
+        n = int(self.num_steps[run])
+        values, vectors = torch.linalg.eigh(_tridiagonal(self.alphas[:n], self.betas, run))
+        last_beta = float(self.betas[n - 1][run]) if bool(self.active[run]) else 0.0
+        return RitzPairs(values, vectors[0] ** 2, (last_beta * vectors[-1]).abs(), vectors)
+
+    def _project_out(self, w: Tensor, basis: Tensor) -> Tensor:
+        """Classical Gram-Schmidt of each column of ``w`` against the same column of the basis."""
+        coeff = self.op.allreduce(torch.einsum("mpk,pk->mk", basis, w))
+        return w - torch.einsum("mpk,mk->pk", basis, coeff)
+
+    def _selective(self, w: Tensor, alpha: Tensor) -> Tensor:
+        """Orthogonalize against Ritz vectors whose residual bound says they have converged."""
+        basis = torch.stack(self.basis)  # (j+1, local_dim, k)
+        alphas = self.alphas + [alpha]
+        beta_next = norm(self.op, w).to(torch.float64)
+        for col in range(self.k):
+            if not bool(self.active[col]):
+                continue
+            values, vectors = torch.linalg.eigh(_tridiagonal(alphas, self.betas, col))
+            bound = (beta_next[col] * vectors[-1]).abs()
+            scale = values.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+            good = bound <= self._sqrt_eps * scale
+            if not bool(good.any()):
+                continue
+            s = vectors[:, good].to(w.dtype)  # (j+1, c)
+            ritz_vectors = torch.einsum("mp,mc->pc", basis[:, :, col], s)
+            for _ in range(2):
+                coeff = self.op.allreduce(ritz_vectors.T @ w[:, col])
+                w[:, col] = w[:, col] - ritz_vectors @ coeff
+        return w
+
+    def result(self) -> LanczosResult:
+        """Freeze what has been computed so far into a :class:`LanczosResult`."""
+        m = self.steps_done
+        alphas = torch.stack(self.alphas, dim=1) if m else torch.zeros(self.k, 0, dtype=torch.float64)
+        betas = torch.stack(self.betas, dim=1) if m else torch.zeros(self.k, 0, dtype=torch.float64)
+        basis = torch.stack(self.basis) if self.keep_basis else None
+        if basis is not None:
+            n = basis.shape[0]
+            gram = self.op.allreduce(torch.einsum("mpk,npk->kmn", basis, basis)).to(torch.float64)
+            # Only pairs inside each run's completed steps (later vectors are zero).
+            mask = torch.zeros(self.k, n, n, dtype=torch.bool)
+            for r in range(self.k):
+                valid = int(self.num_steps[r]) + int(self.active[r])  # q_{n+1} exists unless broken down
+                mask[r, :valid, :valid] = True
+            off = (gram - torch.eye(n, dtype=torch.float64)).abs() * mask
+            ortho = off.amax(dim=(1, 2))
+        else:
+            ortho = torch.full((self.k,), float("nan"), dtype=torch.float64)
+        return LanczosResult(
+            alphas=alphas,
+            betas=betas,
+            num_steps=self.num_steps.clone(),
+            breakdown=~self.active.clone(),
+            orthogonality_loss=ortho,
+            start_norms=self.start_norms,
+            reorth=self.reorth,
+            num_matvecs=self.num_matvecs,
+            basis=basis,
+        )
+
+
+def lanczos(
+    op: CurvatureOperator,
+    start: Tensor,
+    num_steps: int,
+    *,
+    reorth: str = "full",
+    keep_basis: bool | None = None,
+) -> LanczosResult:
+    """Run ``num_steps`` Lanczos steps from each column of ``start`` (``(local_dim, k)``).
+
+    Runs that break down stop early (see :class:`LanczosResult`). See
+    :class:`LanczosProcess` for the arguments.
+
+    Raises:
+        ValueError: if ``num_steps`` is not in ``[1, dim]``, or as :class:`LanczosProcess`.
+    """
+    if not 1 <= num_steps <= op.dim:
+        raise ValueError(
+            f"num_steps must be in [1, dim={op.dim}], got num_steps={num_steps}; lower num_steps"
+        )
+    process = LanczosProcess(op, start, reorth=reorth, keep_basis=keep_basis)
+    for _ in range(num_steps):
+        process.step()
+        if not bool(process.active.any()):
+            break
+    return process.result()

@@ -1,0 +1,217 @@
+"""Shared machinery of operators defined by a model, a loss and a fixed probe set.
+
+The curvature operators (:mod:`probe.hessian`, :mod:`probe.ggn`) are matrices of
+the *mean* loss over every example of the probe set,
+
+    L(θ) = (1/N) Σ_b n_b · ℓ_b(θ),     ℓ_b = mean loss over batch b of n_b examples,
+
+so each batch enters with weight ``n_b / N`` and batches of unequal size are
+weighted exactly (summing per-batch products, as some peers do, scales the matrix
+by the number of batches; averaging them unweighted biases it towards small ones).
+
+Graph reuse. On this library's reference CPU, one Hessian-vector product by double
+backward through a gradient graph that is built once and kept costs 1.4-1.8
+gradients, against 2.6-2.9 when the graph is rebuilt per product and 3-7 for
+``torch.func`` forward-over-reverse. Operators therefore keep each batch's graph
+while the bytes autograd saved for it fit ``graph_memory_bytes``, and rebuild the
+graphs of the remaining batches on every product. The bytes are measured exactly,
+with saved-tensor hooks, not guessed.
+
+Mode policy. ``mode="eval"`` (default) puts the model in eval mode while the
+operator evaluates it: BatchNorm uses its running statistics and dropout is off,
+so the operator is a fixed, deterministic matrix. ``mode="train"`` uses batch
+statistics and active dropout; the result then depends on the batching and, with
+dropout, on randomness, which :meth:`CurvatureOperator.check_determinism` reveals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from probe.operators import CurvatureOperator
+from probe.params import ParameterSpace
+
+__all__ = ["ModelOperator", "Batch", "LossFn", "MODES", "batch_size_of", "move_batch"]
+
+Batch = tuple[Any, Any]
+LossFn = Callable[[Tensor, Any], Tensor]
+MODES = ("eval", "train")
+DEFAULT_GRAPH_MEMORY_BYTES = 2 * 1024**3
+
+
+def batch_size_of(targets: Any) -> int:
+    """Number of examples in a batch, read from its targets (first dimension)."""
+    if isinstance(targets, Tensor):
+        return int(targets.shape[0]) if targets.ndim > 0 else 1
+    if isinstance(targets, dict):
+        return batch_size_of(next(iter(targets.values())))
+    return len(targets)
+
+
+def move_batch(x: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """Move a batch (tensor, dict or tuple of tensors) to ``device``; floating tensors take ``dtype``."""
+    if isinstance(x, Tensor):
+        return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+    if isinstance(x, dict):
+        return {k: move_batch(v, dtype, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(move_batch(v, dtype, device) for v in x)
+    return x
+
+
+@contextmanager
+def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Temporarily put ``model`` in ``mode`` (``"eval"`` or ``"train"``), restoring it after."""
+    previous = model.training
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        model.train(previous)
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for backward while active (distinct storages once)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._seen: set[tuple[int, int]] = set()
+
+    def _pack(self, t: Tensor) -> Tensor:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += key[1]
+        return t
+
+    @contextmanager
+    def counting(self) -> Iterator["SavedBytes"]:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield self
+
+
+class ModelOperator(CurvatureOperator):
+    """Base of operators built from ``(model, loss_fn, batches)``.
+
+    Subclasses implement ``_build(batch, weight)`` (returns a per-batch state that
+    holds the autograd graph) and ``_apply(state, vs, k)`` (adds the batch's
+    contribution to ``A @ V``, given ``V`` split per parameter as ``(k, *shape)``).
+
+    Args:
+        model: the network; its parameters define the flat space and the dtype.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the *mean* loss of a batch.
+        batches: the fixed probe set, a sequence of ``(inputs, targets)`` pairs.
+        params: ``None`` for all trainable parameters, or names/prefixes of a subset
+            (one layer or block: its diagonal block of the matrix).
+        mode: ``"eval"`` (default) or ``"train"``; see the module docstring.
+        graph_memory_bytes: budget for kept graphs (default 2 GiB).
+        total_examples: the global number of examples when ``batches`` is one shard
+            of a larger probe set (data parallelism); defaults to the local count.
+        batched: apply the operator to all columns of a block in one batched
+            backward (``torch.autograd.grad(..., is_grads_batched=True)``) rather
+            than one backward per column.
+
+    Raises:
+        ValueError: on an empty probe set, an unknown ``mode``, or a bad selection.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Sequence[Batch],
+        *,
+        params: Sequence[str] | None = None,
+        mode: str = "eval",
+        graph_memory_bytes: int = DEFAULT_GRAPH_MEMORY_BYTES,
+        total_examples: int | None = None,
+        batched: bool = True,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
+        batches = list(batches)
+        if not batches:
+            raise ValueError("the probe set is empty: pass at least one (inputs, targets) batch")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.mode = mode
+        self.space = ParameterSpace.of(model, params)
+        self.params = self.space.parameters(model)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.dim = self.local_dim = self.space.dim
+        self.batched = batched
+        self.batches = [
+            (move_batch(x, self.dtype, self.device), move_batch(y, self.dtype, self.device)) for x, y in batches
+        ]
+        self.batch_sizes = [batch_size_of(y) for _, y in self.batches]
+        self.num_examples = sum(self.batch_sizes)
+        self.total_examples = total_examples if total_examples is not None else self.num_examples
+        if self.total_examples <= 0:
+            raise ValueError(f"total_examples must be positive, got {self.total_examples}")
+        self.weights = [n / self.total_examples for n in self.batch_sizes]
+        self.graph_memory_bytes = graph_memory_bytes
+        self.num_matvecs = 0
+        self._cached: list[Any] = []
+        self.graph_bytes = 0
+        with model_mode(model, mode):
+            for i, (batch, w) in enumerate(zip(self.batches, self.weights)):
+                counter = SavedBytes()
+                with counter.counting():
+                    state = self._build(batch, w)
+                if self.graph_bytes + counter.bytes > graph_memory_bytes:
+                    del state
+                    break
+                self.graph_bytes += counter.bytes
+                self._cached.append(state)
+
+    @property
+    def num_cached_batches(self) -> int:
+        """How many batches keep their graph between products (the rest are rebuilt)."""
+        return len(self._cached)
+
+    def _build(self, batch: Batch, weight: float) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _apply(self, state: Any, vs: list[Tensor], k: int) -> list[Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        k = V.shape[1]
+        vs = self.space.unflatten(V)  # per parameter: (k, *shape)
+        out = torch.zeros_like(V)
+        with model_mode(self.model, self.mode):
+            for i, (batch, w) in enumerate(zip(self.batches, self.weights)):
+                state = self._cached[i] if i < len(self._cached) else self._build(batch, w)
+                parts = self._apply(state, vs, k)
+                out += torch.cat([p.reshape(k, -1) for p in parts], dim=1).T
+        self.num_matvecs += k
+        return out
+
+    def _grad(self, outputs, inputs, grad_outputs, k: int) -> tuple[Tensor, ...]:
+        """Backward of ``outputs`` for ``k`` stacked cotangents; returns ``(k, *shape)`` tensors."""
+        if self.batched and k > 1:
+            return torch.autograd.grad(
+                outputs, inputs, grad_outputs=grad_outputs, retain_graph=True, is_grads_batched=True
+            )
+        cols = [
+            torch.autograd.grad(outputs, inputs, grad_outputs=[g[j] for g in grad_outputs], retain_graph=True)
+            for j in range(k)
+        ]
+        return tuple(torch.stack(parts) for parts in zip(*cols))
+
+    def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
+        """Mean loss over the probe set and its flat gradient (no graph kept)."""
+        loss = torch.zeros((), dtype=self.dtype, device=self.device)
+        grad = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        with model_mode(self.model, self.mode):
+            for (x, y), w in zip(self.batches, self.weights):
+                batch_loss = self.loss_fn(self.model(x), y) * w
+                grad += self.space.flatten(torch.autograd.grad(batch_loss, self.params))
+                loss += batch_loss.detach()
+        return loss, grad

@@ -1,0 +1,104 @@
+"""Flat parameter vectors: the coordinate system every operator and probe works in.
+
+A :class:`ParameterSpace` fixes an ordered selection of a module's parameters
+(all trainable ones, or a subset such as one layer) and maps between the list of
+parameter tensors and one flat 1-D vector. Views are used wherever possible so
+that splitting a vector costs no copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ParameterSpace"]
+
+
+@dataclass(frozen=True)
+class ParameterSpace:
+    """An ordered selection of named parameters of one module.
+
+    Attributes:
+        names: parameter names in module order.
+        shapes: their shapes.
+        numels: their element counts; ``dim`` is their sum.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    numels: tuple[int, ...]
+
+    @property
+    def dim(self) -> int:
+        return sum(self.numels)
+
+    @classmethod
+    def of(cls, model: nn.Module, select: Sequence[str] | None = None) -> "ParameterSpace":
+        """Select parameters of ``model`` that require gradients.
+
+        Args:
+            model: the module.
+            select: ``None`` for every trainable parameter, or names and name prefixes
+                (``"fc1"`` selects ``fc1.weight`` and ``fc1.bias``).
+
+        Raises:
+            ValueError: if an entry of ``select`` matches no trainable parameter, or the
+                selection is empty. The message lists the valid names.
+        """
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if select is None:
+            chosen = named
+        else:
+            if isinstance(select, str):
+                select = [select]
+            valid = [n for n, _ in named]
+            for s in select:
+                if not any(n == s or n.startswith(s + ".") for n in valid):
+                    raise ValueError(
+                        f"parameter selection {s!r} matches no trainable parameter; "
+                        f"valid names: {', '.join(valid)}"
+                    )
+            chosen = [(n, p) for n, p in named if any(n == s or n.startswith(s + ".") for s in select)]
+        if not chosen:
+            raise ValueError("the model has no trainable parameters to probe (all have requires_grad=False)")
+        return cls(
+            names=tuple(n for n, _ in chosen),
+            shapes=tuple(p.shape for _, p in chosen),
+            numels=tuple(p.numel() for _, p in chosen),
+        )
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The selected parameter tensors of ``model``, in this space's order."""
+        named = dict(model.named_parameters())
+        return [named[n] for n in self.names]
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Concatenate per-parameter tensors (shapes as in this space) into one vector."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, vec: Tensor) -> list[Tensor]:
+        """Split a flat vector (``(dim,)``) or a block of columns (``(dim, k)``) per parameter.
+
+        A vector gives views of the parameters' shapes; a block ``(dim, k)`` gives
+        tensors of shape ``(k, *shape)`` (the batched layout autograd expects).
+        """
+        if vec.shape[0] != self.dim:
+            raise ValueError(f"expected a vector with leading dimension dim={self.dim}, got shape {tuple(vec.shape)}")
+        chunks = torch.split(vec, self.numels, dim=0)
+        if vec.ndim == 1:
+            return [c.view(s) for c, s in zip(chunks, self.shapes)]
+        k = vec.shape[1]
+        return [c.T.reshape(k, *s) for c, s in zip(chunks, self.shapes)]
+
+    def get_flat(self, model: nn.Module) -> Tensor:
+        """A detached flat copy of the selected parameters."""
+        return self.flatten([p.detach() for p in self.parameters(model)])
+
+    @torch.no_grad()
+    def set_flat(self, model: nn.Module, vec: Tensor) -> None:
+        """Write a flat vector into the selected parameters in place."""
+        for p, v in zip(self.parameters(model), self.unflatten(vec)):
+            p.copy_(v)
