@@ -165,7 +165,11 @@ class LanczosProcess:
         if bool((self.start_norms == 0).any()):
             raise ValueError("a start vector is zero; draw start vectors with op.random_vectors")
         q = start / self.start_norms.to(start.dtype)
-        self.basis: list[Tensor] = [q]  # each (local_dim, k); only the last two unless keep_basis
+        # Run-major basis buffer (k, capacity, local_dim): projections become batched
+        # matrix products. Without keep_basis it holds only the last two vectors.
+        self._buf = torch.empty(self.k, 2 if not keep_basis else 16, op.local_dim, dtype=op.dtype, device=op.device)
+        self._buf[:, 0, :] = q.T
+        self._n = 1  # vectors stored
         self.alphas: list[Tensor] = []  # each (k,) float64
         self.betas: list[Tensor] = []
         self.active = torch.ones(self.k, dtype=torch.bool)
@@ -177,19 +181,35 @@ class LanczosProcess:
     def steps_done(self) -> int:
         return len(self.alphas)
 
+    @property
+    def basis(self) -> Tensor:
+        """The stored basis vectors, run-major: ``(k, n, local_dim)`` (a view)."""
+        return self._buf[:, : self._n, :]
+
+    def _push(self, q_next: Tensor) -> None:
+        if not self.keep_basis and self._n == 2:
+            self._buf[:, 0, :] = self._buf[:, 1, :]
+            self._n = 1
+        elif self._n == self._buf.shape[1]:
+            grown = torch.empty(self.k, 2 * self._n, self.op.local_dim, dtype=self._buf.dtype, device=self._buf.device)
+            grown[:, : self._n] = self._buf
+            self._buf = grown
+        self._buf[:, self._n, :] = q_next.T
+        self._n += 1
+
     def step(self) -> None:
         """One Lanczos step for every run that has not broken down."""
         op = self.op
-        q = self.basis[-1]
-        w = op.matmat(q)
+        q = self._buf[:, self._n - 1, :].T  # (local_dim, k)
+        w = op.matmat(q.contiguous())
         self.num_matvecs += self.k
         alpha = inner(op, q, w)
         w = w - q * alpha.to(w.dtype)
         if self.betas:
-            w = w - self.basis[-2] * self.betas[-1].to(w.dtype)
+            w = w - self._buf[:, self._n - 2, :].T * self.betas[-1].to(w.dtype)
         if self.reorth == "full":
-            w = self._project_out(w, torch.stack(self.basis))
-            w = self._project_out(w, torch.stack(self.basis))
+            w = self._project_out(w, self.basis)
+            w = self._project_out(w, self.basis)
         elif self.reorth == "selective":
             w = self._selective(w, alpha.to(torch.float64))
         beta = norm(op, w).to(torch.float64)
@@ -204,9 +224,7 @@ class LanczosProcess:
         self.betas.append(beta)
         safe = torch.where(beta > 0, beta, torch.ones_like(beta)).to(w.dtype)
         q_next = torch.where(self.active.to(w.device), w / safe, torch.zeros_like(w))
-        self.basis.append(q_next)
-        if not self.keep_basis and len(self.basis) > 2:
-            self.basis.pop(0)
+        self._push(q_next)
 
     def ritz(self, run: int = 0) -> RitzPairs:
         """Ritz pairs of run ``run`` after the steps so far (cheap: no basis work)."""
@@ -216,13 +234,13 @@ class LanczosProcess:
         return RitzPairs(values, vectors[0] ** 2, (last_beta * vectors[-1]).abs(), vectors)
 
     def _project_out(self, w: Tensor, basis: Tensor) -> Tensor:
-        """Classical Gram-Schmidt of each column of ``w`` against the same column of the basis."""
-        coeff = self.op.allreduce(torch.einsum("mpk,pk->mk", basis, w))
-        return w - torch.einsum("mpk,mk->pk", basis, coeff)
+        """Classical Gram-Schmidt of each column of ``w`` against its run's basis ``(k, n, local_dim)``."""
+        coeff = self.op.allreduce(torch.bmm(basis, w.T.unsqueeze(2)))  # (k, n, 1)
+        return w - torch.bmm(basis.transpose(1, 2), coeff).squeeze(2).T
 
     def _selective(self, w: Tensor, alpha: Tensor) -> Tensor:
         """Orthogonalize against Ritz vectors whose residual bound says they have converged."""
-        basis = torch.stack(self.basis)  # (j+1, local_dim, k)
+        basis = self.basis  # (k, j+1, local_dim)
         alphas = self.alphas + [alpha]
         beta_next = norm(self.op, w).to(torch.float64)
         for col in range(self.k):
@@ -235,7 +253,7 @@ class LanczosProcess:
             if not bool(good.any()):
                 continue
             s = vectors[:, good].to(w.dtype)  # (j+1, c)
-            ritz_vectors = torch.einsum("mp,mc->pc", basis[:, :, col], s)
+            ritz_vectors = basis[col].T @ s  # (local_dim, c)
             for _ in range(2):
                 coeff = self.op.allreduce(ritz_vectors.T @ w[:, col])
                 w[:, col] = w[:, col] - ritz_vectors @ coeff
@@ -246,10 +264,10 @@ class LanczosProcess:
         m = self.steps_done
         alphas = torch.stack(self.alphas, dim=1) if m else torch.zeros(self.k, 0, dtype=torch.float64)
         betas = torch.stack(self.betas, dim=1) if m else torch.zeros(self.k, 0, dtype=torch.float64)
-        basis = torch.stack(self.basis) if self.keep_basis else None
+        basis = self.basis.permute(1, 2, 0) if self.keep_basis else None  # (m+1, local_dim, k) view
         if basis is not None:
-            n = basis.shape[0]
-            gram = self.op.allreduce(torch.einsum("mpk,npk->kmn", basis, basis)).to(torch.float64)
+            n = self._n
+            gram = self.op.allreduce(torch.bmm(self.basis, self.basis.transpose(1, 2))).to(torch.float64)
             # Only pairs inside each run's completed steps (later vectors are zero).
             mask = torch.zeros(self.k, n, n, dtype=torch.bool)
             for r in range(self.k):

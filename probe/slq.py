@@ -70,9 +70,7 @@ class SpectrumResult:
 
     def moment(self, q: int) -> tuple[float, float]:
         """``(estimate, stderr)`` of ``tr(H^q)/p`` from the quadrature (exact per run for q < 2·steps)."""
-        per_run = torch.stack([(w * v**q).sum() for v, w in zip(self.ritz_values, self.ritz_weights)])
-        stderr = float(per_run.std(unbiased=True) / math.sqrt(self.runs)) if self.runs > 1 else float("nan")
-        return float(per_run.mean()), stderr
+        return self._per_run(lambda v, w: (w * v**q).sum())
 
     @property
     def lambda_min(self) -> float:
@@ -84,18 +82,32 @@ class SpectrumResult:
         """Largest Ritz value over all runs (a lower bound on λ_max in exact arithmetic)."""
         return float(max(v[-1] for v in self.ritz_values))
 
-    def negative_mass(self) -> tuple[float, float]:
-        """``(estimate, stderr)`` of the fraction of eigenvalues below zero.
-
-        Multiplied by ``dim`` it estimates the saddle (Morse) index. Eigenvalues at
-        the rounding level (|θ| ≤ 1e-9·max|θ|) count as zero, not negative.
-        """
-        scale = max(abs(self.lambda_min), abs(self.lambda_max))
-        per_run = torch.stack(
-            [w[v < -1e-9 * scale].sum() for v, w in zip(self.ritz_values, self.ritz_weights)]
-        )
+    def _per_run(self, f) -> tuple[float, float]:
+        per_run = torch.stack([f(v, w) for v, w in zip(self.ritz_values, self.ritz_weights)])
         stderr = float(per_run.std(unbiased=True) / math.sqrt(self.runs)) if self.runs > 1 else float("nan")
         return float(per_run.mean()), stderr
+
+    def negative_mass(self) -> tuple[float, float]:
+        """``(estimate, stderr)`` of ``tr(H₋)/tr|H|``: the share of the spectrum's absolute mass that is negative.
+
+        ``H₋`` is the negative part of H (eigenvalues ``min(λ, 0)`` negated). It is 0
+        at a minimum and grows with the depth and number of descent directions. The
+        integrand is a ramp (continuous), so Gauss quadrature converges for it; a plain
+        *count* of negative eigenvalues does not (see :meth:`negative_fraction`).
+        """
+        return self._per_run(lambda v, w: (w * (-v).clamp_min(0)).sum() / (w * v.abs()).sum().clamp_min(1e-300))
+
+    def negative_fraction(self, threshold: float = 1e-3) -> tuple[float, float]:
+        """``(estimate, stderr)`` of the fraction of eigenvalues below ``−threshold·max|θ|``.
+
+        Times ``dim`` it estimates the saddle (Morse) index. Counting is resolution
+        limited: ``steps`` Ritz values cannot resolve the signs of a bulk of
+        eigenvalues clustered around 0 (on a trained digits MLP, counting below 0
+        overestimated a true fraction of 0.38 as 0.71), hence the default threshold
+        of 1e-3 of the spectral radius.
+        """
+        scale = max(abs(self.lambda_min), abs(self.lambda_max))
+        return self._per_run(lambda v, w: w[v < -threshold * scale].sum())
 
     def log_abs_density(self, *, grid_points: int = 400, sigma: float = 0.1, floor: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
         """Density of ``log10|λ|`` split by sign: ``(grid, positive, negative)``.
