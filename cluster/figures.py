@@ -44,7 +44,7 @@ def plot_density(result: SpectrumResult, path: str | os.PathLike, *, title: str 
     if result.runs > 1:
         ax.fill_between(grid, (dens - 2 * err).clip(min=1e-300), dens + 2 * err, color="C0", alpha=0.25, lw=0)
     ax.set_yscale("log")
-    ax.set_ylim(bottom=max(dens.max() * 1e-7, 1e-300))
+    ax.set_ylim(dens.max() * 1e-6, dens.max() * 3)
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density (log scale)")
     ax.set_title("linear λ axis, ±2 s.e. band")
