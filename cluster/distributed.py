@@ -1,0 +1,111 @@
+"""A data-parallel curvature operator whose vectors are sharded over a process group.
+
+Every worker of a ``torch.distributed`` group holds a replica of the model and its
+own slice of the probe data, and stores only a contiguous slice (1/N) of every
+vector the estimators handle (the Lanczos basis above all). One product
+
+1. gathers the input block's shards into full vectors (``all_gather``),
+2. applies the worker's local operator, built on its data shard with
+   ``total_examples`` set to the global example count, so its contribution is
+   already weighted by ``n_b / N_global``,
+3. sums the contributions over workers and keeps this worker's slice
+   (``reduce_scatter`` on NCCL; ``all_reduce`` + slice on gloo, which has no
+   reduce-scatter).
+
+``allreduce`` sums partial inner products, so the estimators in :mod:`probe` run
+unchanged: every worker executes the same code in lockstep (SPMD), and only
+scalars ever leave the group. Random start vectors are drawn in full from the
+shared seed and sliced (see ``CurvatureOperator.random_vectors``), so results do
+not depend on the number of workers beyond rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from probe.operators import CurvatureOperator
+
+__all__ = ["ShardedOperator", "shard_bounds"]
+
+
+def shard_bounds(dim: int, world_size: int) -> list[int]:
+    """Boundaries of ``world_size`` contiguous shards of ``range(dim)``, sizes differing by at most one."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    base, extra = divmod(dim, world_size)
+    bounds = [0]
+    for r in range(world_size):
+        bounds.append(bounds[-1] + base + (1 if r < extra else 0))
+    return bounds
+
+
+class ShardedOperator(CurvatureOperator):
+    """Wrap a worker-local operator into one whose vectors are sharded over ``group``.
+
+    Args:
+        local: this worker's operator on its data shard (its weights must already
+            use the global example count, e.g. ``HessianOperator(...,
+            total_examples=N_global)``); its ``matmat`` takes full vectors.
+        group: the process group (default: the world group).
+
+    Raises:
+        RuntimeError: if ``torch.distributed`` is not initialized.
+    """
+
+    def __init__(self, local: CurvatureOperator, group: dist.ProcessGroup | None = None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized; call init_process_group first")
+        self.local = local
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.dim = local.dim
+        self.dtype = local.dtype
+        self.device = local.device
+        self.bounds = shard_bounds(self.dim, self.world_size)
+        self._slice = slice(self.bounds[self.rank], self.bounds[self.rank + 1])
+        self.local_dim = self._slice.stop - self._slice.start
+        self._max_shard = max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
+        self._reduce_scatter = dist.get_backend(group) == "nccl"
+        self.num_collectives = 0
+
+    @property
+    def local_slice(self) -> slice:
+        return self._slice
+
+    @property
+    def num_matvecs(self) -> int:
+        return self.local.num_matvecs
+
+    def allreduce(self, t: Tensor) -> Tensor:
+        t = t.clone()
+        dist.all_reduce(t, group=self.group)
+        self.num_collectives += 1
+        return t
+
+    def gather(self, V: Tensor) -> Tensor:
+        """Full vectors ``(dim, k)`` from every worker's shard ``(local_dim, k)``."""
+        k = V.shape[1]
+        padded = V.new_zeros(self._max_shard, k)
+        padded[: V.shape[0]] = V
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded.contiguous(), group=self.group)
+        self.num_collectives += 1
+        return torch.cat([p[: b - a] for p, a, b in zip(parts, self.bounds[:-1], self.bounds[1:])])
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        full = self.local.matmat(self.gather(V))  # (dim, k): this worker's weighted contribution
+        if self._reduce_scatter:
+            k = full.shape[1]
+            padded = [full.new_zeros(self._max_shard, k) for _ in range(self.world_size)]
+            for p, a, b in zip(padded, self.bounds[:-1], self.bounds[1:]):
+                p[: b - a] = full[a:b]
+            out = full.new_empty(self._max_shard, k)
+            dist.reduce_scatter(out, padded, group=self.group)
+            self.num_collectives += 1
+            return out[: self.local_dim]
+        dist.all_reduce(full, group=self.group)
+        self.num_collectives += 1
+        return full[self._slice].contiguous()
