@@ -1,40 +1,107 @@
 """The ``probe`` command line.
 
-Exit code 0 on success; on failure a one-line reason on stderr and a non-zero code
-(2 for bad input, 1 for anything else).
+Verbs: ``run SPEC``, ``submit SPEC --address URL``, ``demo``. Every verb exits 0
+on success; on failure it prints a one-line reason on stderr and exits non-zero
+(2 for bad input: spec, checkpoint, data; 3 when the cluster cannot place the
+workers or cannot be reached; 1 for anything else).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main"]
+
+EXIT_BAD_INPUT, EXIT_CLUSTER, EXIT_OTHER = 2, 3, 1
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probe", description="Loss-landscape geometry of trained networks.")
     sub = parser.add_subparsers(dest="verb", required=True)
+
+    run = sub.add_parser("run", help="run a job spec (local Ray instance, or cluster.address)")
+    run.add_argument("spec", help="job spec (YAML)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a spec value, e.g. --set cluster.num_workers=2 (repeatable)")
+
+    submit = sub.add_parser("submit", help="submit a job spec to a Ray cluster as a Ray job")
+    submit.add_argument("spec", help="job spec (YAML)")
+    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    submit.add_argument("--no-wait", action="store_true", help="return once submitted instead of streaming logs")
+    submit.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory (default: .)")
+    submit.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job (default 3600)")
+
     demo = sub.add_parser("demo", help="run the embedded default job on the digits data")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     return parser
 
 
+def _run(args) -> int:
+    from cluster.job import run_job
+    from cluster.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    backend = spec.cluster.backend
+    if backend == "auto":
+        backend = "local" if spec.cluster.num_workers == 1 and not spec.cluster.address else "ray"
+    if backend == "ray":
+        from cluster.raytools import connect
+
+        connect(spec.cluster.address, num_cpus=None)
+    summary = run_job(spec, backend=backend)
+    return 0 if summary.ok else EXIT_OTHER
+
+
+def _submit(args) -> int:
+    from cluster.raytools import submit_job
+    from cluster.spec import load_spec
+
+    load_spec(args.spec, args.overrides)  # validate before anything leaves this machine
+    return submit_job(
+        args.address,
+        args.spec,
+        args.overrides,
+        working_dir=args.working_dir,
+        wait=not args.no_wait,
+        timeout_s=args.timeout,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from cluster.checkpoints import CheckpointError
+    from cluster.groups import PlacementError
+    from cluster.spec import SpecError
+
     try:
+        if args.verb == "run":
+            return _run(args)
+        if args.verb == "submit":
+            return _submit(args)
         if args.verb == "demo":
             from cluster.demo import run_demo
 
             run_demo(args.out, seed=args.seed)
         return 0
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (SpecError, CheckpointError, FileNotFoundError) as exc:
         print(f"probe {args.verb}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except (PlacementError, ConnectionError) as exc:
+        print(f"probe {args.verb}: {exc}", file=sys.stderr)
+        return EXIT_CLUSTER
+    except KeyboardInterrupt:
+        print(f"probe {args.verb}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - the CLI's contract is a one-line reason
-        print(f"probe {args.verb}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"probe {args.verb}: {type(exc).__name__}: {first}", file=sys.stderr)
+        if os.environ.get("PROBE_DEBUG"):
+            raise
+        return EXIT_OTHER
 
 
 if __name__ == "__main__":

@@ -1,0 +1,204 @@
+"""Worker groups: N :class:`~cluster.worker.ProbeWorker` replicas that run tasks in lockstep.
+
+- :class:`LocalGroup`: one worker in this process (``num_workers: 1``, no Ray).
+- :class:`ProcessGroup`: N workers under ``torch.multiprocessing`` (no Ray; what a
+  GPU machine without Ray runs).
+- :class:`RayGroup`: N Ray actors placed through a placement group, one bundle per
+  worker; fails fast, naming the resources, when the group cannot be placed.
+
+Every group has ``run(task) -> record`` (rank 0's record) and ``close()``. A worker
+that dies raises :class:`WorkerLost`, which the job driver answers by rebuilding
+the group and re-running the task.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import torch.multiprocessing as mp
+
+from cluster.worker import ProbeWorker
+
+__all__ = ["WorkerLost", "PlacementError", "TaskError", "LocalGroup", "ProcessGroup", "RayGroup"]
+
+
+class WorkerLost(RuntimeError):
+    """A worker process died (killed, out of memory, node lost) while the group was busy."""
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot place the requested workers; the message names the resources."""
+
+
+class TaskError(RuntimeError):
+    """A task failed inside a worker for a reason that a restart would not fix (bad checkpoint, NaN...)."""
+
+
+class LocalGroup:
+    """One worker in the driver's process."""
+
+    def __init__(self, spec: dict) -> None:
+        self.worker = ProbeWorker(spec, 0, 1)
+        self.info = [self.worker.setup()]
+
+    def run(self, task: dict) -> dict:
+        try:
+            return self.worker.run(task)
+        except Exception as exc:
+            raise TaskError(str(exc)) from exc
+
+    def close(self) -> None:
+        self.worker.shutdown()
+
+
+def _process_main(spec: dict, rank: int, world_size: int, init_method: str, conn) -> None:
+    worker = ProbeWorker(spec, rank, world_size)
+    try:
+        conn.send(("ok", worker.setup(init_method)))
+        while (task := conn.recv()) is not None:
+            try:
+                conn.send(("ok", worker.run(task)))
+            except Exception as exc:  # reported to the driver, which decides
+                conn.send(("error", f"{exc}\n{traceback.format_exc(limit=3)}"))
+    finally:
+        worker.shutdown()
+
+
+class ProcessGroup:
+    """N workers as spawned processes joined by ``torch.distributed`` on loopback."""
+
+    def __init__(self, spec: dict, num_workers: int) -> None:
+        ctx = mp.get_context("spawn")
+        init_method = ProbeWorker(spec, 0, num_workers).rendezvous()
+        self.conns, self.procs = [], []
+        for rank in range(num_workers):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_process_main, args=(spec, rank, num_workers, init_method, child), daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+        self.info = [self._recv(c) for c in self.conns]
+
+    def _recv(self, conn) -> Any:
+        try:
+            status, payload = conn.recv()
+        except (EOFError, ConnectionError) as exc:
+            raise WorkerLost("a worker process exited") from exc
+        if status == "error":
+            raise TaskError(payload.splitlines()[0])
+        return payload
+
+    def run(self, task: dict) -> dict:
+        for c in self.conns:
+            c.send(task)
+        results = [self._recv(c) for c in self.conns]
+        return results[0]
+
+    def close(self) -> None:
+        for c in self.conns:
+            try:
+                c.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+class RayGroup:
+    """N Ray actors in one placement group, with a ``torch.distributed`` group among them.
+
+    Args:
+        spec: the job spec as plain data.
+        num_workers: actors in the group.
+        cpus_per_worker, gpus_per_worker: each bundle's resources.
+        placement_timeout_s: how long to wait for the placement group before failing.
+        name: prefix of the actors' names (``<name>-rank<r>``), so operators and
+            tests can find them with ``ray.get_actor``.
+
+    Raises:
+        PlacementError: when the bundles cannot be placed within the timeout; the
+            message gives the request and what the cluster has.
+    """
+
+    def __init__(
+        self,
+        spec: dict,
+        num_workers: int,
+        *,
+        cpus_per_worker: float = 1,
+        gpus_per_worker: float = 0,
+        placement_timeout_s: float = 60.0,
+        name: str = "probe-worker",
+    ) -> None:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self._ray = ray
+        bundle = {"CPU": cpus_per_worker}
+        if gpus_per_worker:
+            bundle["GPU"] = gpus_per_worker
+        self.pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=placement_timeout_s)
+        if not ready:
+            remove_placement_group(self.pg)
+            have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
+            raise PlacementError(
+                f"cannot place {num_workers} worker(s) with {bundle} each within {placement_timeout_s:g} s; "
+                f"the cluster has {have}; lower cluster.num_workers, cluster.cpus_per_worker or "
+                f"cluster.gpus_per_worker, or add nodes"
+            )
+        remote_cls = ray.remote(ProbeWorker)
+        self.actors = [
+            remote_cls.options(
+                name=f"{name}-rank{rank}",
+                num_cpus=cpus_per_worker,
+                num_gpus=gpus_per_worker,
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            ).remote(spec, rank, num_workers)
+            for rank in range(num_workers)
+        ]
+        try:
+            init_method = ray.get(self.actors[0].rendezvous.remote())
+            self.info = ray.get([a.setup.remote(init_method) for a in self.actors])
+        except ray.exceptions.RayActorError as exc:
+            self.close()
+            raise WorkerLost(f"a worker died during setup: {exc}") from exc
+        except ray.exceptions.RayTaskError as exc:
+            self.close()
+            raise TaskError(str(exc.cause) if exc.cause else str(exc)) from exc
+
+    def run(self, task: dict) -> dict:
+        ray = self._ray
+        refs = [a.run.remote(task) for a in self.actors]
+        results: dict[Any, dict] = {}
+        pending = list(refs)
+        # Collect results as they finish: a dead worker leaves its peers blocked in a
+        # collective, so the first failure must be seen without waiting on the others.
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                results[done[0]] = ray.get(done[0])
+            except ray.exceptions.RayActorError as exc:
+                raise WorkerLost(f"worker died mid-task: {type(exc).__name__}") from exc
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if exc.cause is not None else exc
+                raise TaskError(str(cause).splitlines()[0] if str(cause) else type(cause).__name__) from exc
+        return results[refs[0]]
+
+    def close(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.actors:
+            try:
+                self._ray.kill(a)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        try:
+            remove_placement_group(self.pg)
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,295 @@
+"""The job driver: expand a spec into tasks, run them on worker groups, store the records.
+
+A job is checkpoints × probes. Each task runs SPMD on one worker group; with
+``cluster.group_size < cluster.num_workers`` several groups take tasks from one
+queue concurrently (fan-out over checkpoints and probes). Finished tasks are
+written at once (see :mod:`cluster.store`), so a re-run skips them and adds no
+rows. A worker that dies makes its group be rebuilt and the task re-run, as the
+:class:`FailurePolicy` decides; the row's ``attempts`` column records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from cluster.checkpoints import expand_checkpoints, file_sha256
+from cluster.groups import LocalGroup, ProcessGroup, RayGroup, TaskError, WorkerLost
+from cluster.schema import SCHEMA_VERSION
+from cluster.spec import JobSpec
+from cluster.store import ResultStore
+from cluster.worker import probe_subset, task_seed
+
+__all__ = ["Task", "FailurePolicy", "JobSummary", "plan_tasks", "run_job", "library_versions"]
+
+
+@dataclass(frozen=True)
+class Task:
+    checkpoint: str
+    checkpoint_sha256: str
+    kind: str
+    options: dict
+    probe_index: int
+    key: str
+
+    def payload(self) -> dict:
+        """What is sent to workers."""
+        return {"checkpoint": self.checkpoint, "kind": self.kind, "options": self.options, "probe_index": self.probe_index}
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import pyarrow
+    import torch
+
+    import probe  # noqa: F401
+
+    versions = {"torch": torch.__version__, "numpy": numpy.__version__, "pyarrow": pyarrow.__version__}
+    try:
+        from importlib.metadata import version
+
+        versions["landscape-probe"] = version("landscape-probe")
+        versions["ray"] = version("ray")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        pass
+    return versions
+
+
+def _task_key(spec: JobSpec, ckpt_sha: str, kind: str, options: dict, probe_index: int, data_sha: str) -> str:
+    ident = json.dumps(
+        [spec.name, ckpt_sha, kind, options, task_seed(spec.seed, probe_index), spec.precision, spec.mode,
+         spec.model.factory, spec.model.kwargs, spec.loss, data_sha],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def plan_tasks(spec: JobSpec, checkpoints: list[tuple[str, str]], data_sha: str) -> list[Task]:
+    """Tasks for ``checkpoints`` (``(path, sha256)`` pairs) × the spec's probes, in checkpoint order."""
+    tasks = []
+    for path, sha in checkpoints:
+        for i, p in enumerate(spec.probes):
+            options = p.resolved()
+            tasks.append(Task(path, sha, p.kind, options, i, _task_key(spec, sha, p.kind, options, i, data_sha)))
+    return tasks
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """Decides what a failed task attempt leads to.
+
+    ``decide`` returns ``"restart"`` (rebuild the group, run the task again) for a
+    lost worker while attempts remain, and ``"fail"`` (record the failure, go on
+    with the next task) otherwise or for task errors that a restart cannot fix.
+    """
+
+    max_restarts: int = 3
+
+    def decide(self, error: BaseException, attempts: int) -> str:
+        if isinstance(error, WorkerLost) and attempts <= self.max_restarts:
+            return "restart"
+        return "fail"
+
+
+@dataclass
+class JobSummary:
+    run_id: str
+    job: str
+    output: str
+    num_tasks: int = 0
+    num_done: int = 0
+    num_skipped: int = 0
+    num_failed: int = 0
+    restarts: int = 0
+    failures: list[dict] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.num_failed == 0
+
+
+def _make_group(spec: JobSpec, size: int, backend: str, name: str):
+    if backend == "local":
+        return LocalGroup(spec.to_dict())
+    if backend == "process":
+        return ProcessGroup(spec.to_dict(), size)
+    return RayGroup(
+        spec.to_dict(),
+        size,
+        cpus_per_worker=spec.cluster.cpus_per_worker,
+        gpus_per_worker=spec.cluster.gpus_per_worker,
+        placement_timeout_s=spec.cluster.placement_timeout_s,
+        name=name,
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    backend: str = "ray",
+    progress: Callable[[str], None] = print,
+    on_task_start: Callable[[Task, int], None] | None = None,
+    policy: FailurePolicy | None = None,
+) -> JobSummary:
+    """Run every task of ``spec`` not already stored; returns a summary.
+
+    Args:
+        backend: ``"ray"`` (actors; Ray must be initialized by the caller),
+            ``"process"`` (torch.multiprocessing) or ``"local"`` (one worker in
+            this process; ``num_workers`` must be 1).
+        progress: receives one-line progress messages.
+        on_task_start: called with ``(task, attempt)`` as a task starts (for tests
+            and fault injection).
+
+    Raises:
+        SpecError, CheckpointError: before any work starts, for a bad spec,
+            missing checkpoints or an unusable probe set.
+        PlacementError: when Ray cannot place the worker groups.
+    """
+    policy = policy or FailurePolicy(spec.cluster.max_restarts)
+    t_start = time.perf_counter()
+    started_at = _now()
+    run_id = uuid.uuid4().hex[:16]
+    store = ResultStore(spec.output.path)
+    versions = library_versions()
+    paths = expand_checkpoints(spec.model.checkpoints)
+    checkpoints = [(p, file_sha256(p)) for p in paths]
+    _, indices, data_sha = probe_subset(spec)
+    tasks = plan_tasks(spec, checkpoints, data_sha)
+    summary = JobSummary(run_id, spec.name, spec.output.path, num_tasks=len(tasks))
+    done = {kind: store.done_task_keys(kind, spec.name) for kind in {t.kind for t in tasks}}
+    todo = [t for t in tasks if t.key not in done[t.kind]]
+    summary.num_skipped = len(tasks) - len(todo)
+    group_size = spec.cluster.group_size or spec.cluster.num_workers
+    num_groups = max(1, spec.cluster.num_workers // group_size)
+    if backend == "local" and spec.cluster.num_workers != 1:
+        raise ValueError(f"backend 'local' runs one worker, got cluster.num_workers={spec.cluster.num_workers}")
+    progress(
+        f"[{spec.name}] {len(paths)} checkpoint(s) × {len(spec.probes)} probe(s) = {len(tasks)} task(s); "
+        f"{summary.num_skipped} already stored; {num_groups} group(s) of {group_size} worker(s) ({backend}); "
+        f"{len(indices)} probe examples"
+    )
+    lock = threading.Lock()
+    work: queue.Queue[Task] = queue.Queue()
+    for t in todo:
+        work.put(t)
+
+    def base_row(task: Task) -> dict:
+        return {
+            "run_id": run_id,
+            "job": spec.name,
+            "task_key": task.key,
+            "checkpoint": task.checkpoint,
+            "checkpoint_sha256": task.checkpoint_sha256,
+            "probe_config": json.dumps(task.options, sort_keys=True),
+            "seed": task_seed(spec.seed, task.probe_index),
+            "schema_version": SCHEMA_VERSION,
+            "model_factory": spec.model.factory,
+            "data_sha256": data_sha,
+            "num_examples": len(indices),
+            "dtype": spec.precision,
+            "mode": spec.mode,
+            "versions": json.dumps(versions, sort_keys=True),
+        }
+
+    def serve(group_index: int) -> None:
+        group = None
+        try:
+            while True:
+                try:
+                    task = work.get_nowait()
+                except queue.Empty:
+                    return
+                attempts = 0
+                while True:
+                    attempts += 1
+                    try:
+                        if group is None:
+                            group = _make_group(spec, group_size, backend, f"probe-{spec.name}-g{group_index}")
+                        if on_task_start:
+                            on_task_start(task, attempts)
+                        record = group.run(task.payload())
+                    except (WorkerLost, TaskError) as exc:
+                        decision = policy.decide(exc, attempts)
+                        if isinstance(exc, WorkerLost) and group is not None:
+                            group.close()
+                            group = None
+                        if decision == "restart":
+                            with lock:
+                                summary.restarts += 1
+                            progress(f"[{spec.name}] worker lost on {task.kind} @ {task.checkpoint}: {exc}; restarting (attempt {attempts + 1})")
+                            continue
+                        with lock:
+                            summary.num_failed += 1
+                            summary.failures.append({"task": task.key, "checkpoint": task.checkpoint, "kind": task.kind, "reason": str(exc)})
+                        progress(f"[{spec.name}] FAILED {task.kind} @ {task.checkpoint}: {exc}")
+                        break
+                    row = {**base_row(task), **record, "created_at": _now(), "attempts": attempts}
+                    row["device"] = str(group.info[0].get("device", "cpu")) if hasattr(group, "info") else "cpu"
+                    store.write_result(task.kind, row)
+                    with lock:
+                        summary.num_done += 1
+                        summary.records.append(row)
+                        n = summary.num_done + summary.num_failed
+                    progress(
+                        f"[{spec.name}] {n}/{len(todo)} {task.kind} @ {task.checkpoint.rsplit('/', 1)[-1]}: "
+                        f"{record['duration_s']:.1f} s, {record.get('num_matvecs', 0)} HVPs"
+                        f"{f', attempt {attempts}' if attempts > 1 else ''}; elapsed {time.perf_counter() - t_start:.0f} s"
+                    )
+                    break
+        finally:
+            if group is not None:
+                group.close()
+
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            serve(i)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the driver thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(num_groups)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    status = "failed" if errors or summary.num_failed else "succeeded"
+    store.write_run(
+        {
+            "run_id": run_id,
+            "job": spec.name,
+            "started_at": started_at,
+            "finished_at": _now(),
+            "status": status,
+            "num_tasks": summary.num_tasks,
+            "num_done": summary.num_done,
+            "num_skipped": summary.num_skipped,
+            "num_failed": summary.num_failed,
+            "restarts": summary.restarts,
+            "failures": json.dumps(summary.failures + [{"reason": str(e)} for e in errors]),
+            "spec": json.dumps(spec.to_dict(), sort_keys=True, default=str),
+            "versions": json.dumps(versions, sort_keys=True),
+            "schema_version": SCHEMA_VERSION,
+        }
+    )
+    if errors:
+        raise errors[0]
+    progress(
+        f"[{spec.name}] done: {summary.num_done} run, {summary.num_skipped} skipped, {summary.num_failed} failed, "
+        f"{summary.restarts} restart(s) in {time.perf_counter() - t_start:.1f} s; results in {spec.output.path}"
+    )
+    return summary

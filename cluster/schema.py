@@ -1,0 +1,104 @@
+"""Every Parquet schema, declared once (with ``SCHEMA_VERSION``).
+
+One dataset per probe kind under ``output.path/<kind>/`` plus ``output.path/runs/``,
+hive-partitioned by job (``job=<name>/``). Every result row carries the common
+provenance columns; each kind adds its own. Arrays are list columns.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+__all__ = ["SCHEMA_VERSION", "COMMON_FIELDS", "KIND_FIELDS", "RUNS_SCHEMA", "schema_for"]
+
+SCHEMA_VERSION = 1
+
+_f64 = pa.float64()
+_list = pa.list_(pa.float64())
+_list2 = pa.list_(pa.list_(pa.float64()))
+
+COMMON_FIELDS = [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("job", pa.string(), nullable=False),
+    pa.field("task_key", pa.string(), nullable=False),
+    pa.field("checkpoint", pa.string(), nullable=False),
+    pa.field("checkpoint_sha256", pa.string(), nullable=False),
+    pa.field("probe_config", pa.string(), nullable=False),  # JSON of the resolved options
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("schema_version", pa.int32(), nullable=False),
+    pa.field("model_factory", pa.string()),
+    pa.field("data_sha256", pa.string()),
+    pa.field("num_examples", pa.int64()),
+    pa.field("dtype", pa.string()),
+    pa.field("mode", pa.string()),
+    pa.field("world_size", pa.int32()),
+    pa.field("device", pa.string()),
+    pa.field("versions", pa.string()),  # JSON: library versions
+    pa.field("duration_s", _f64),
+    pa.field("attempts", pa.int32()),  # 1 + restarts after worker failures
+]
+
+KIND_FIELDS: dict[str, list[pa.Field]] = {
+    "eigenvalues": [
+        pa.field("which", pa.string()),
+        pa.field("eigenvalues", _list),
+        pa.field("residuals", _list),
+        pa.field("converged", pa.bool_()),
+        pa.field("num_steps", pa.int64()),
+        pa.field("orthogonality_loss", _f64),
+        pa.field("num_matvecs", pa.int64()),
+    ],
+    "trace": [
+        pa.field("method", pa.string()),
+        pa.field("trace", _f64),
+        pa.field("trace_stderr", _f64),
+        pa.field("num_matvecs", pa.int64()),
+    ],
+    "spectrum": [
+        pa.field("grid", _list),
+        pa.field("density", _list),
+        pa.field("density_stderr", _list),
+        pa.field("ritz_values", _list2),
+        pa.field("ritz_weights", _list2),
+        pa.field("sigma", _f64),
+        pa.field("reorth", pa.string()),
+        pa.field("lambda_min", _f64),
+        pa.field("lambda_max", _f64),
+        pa.field("negative_mass", _f64),
+        pa.field("negative_mass_stderr", _f64),
+        pa.field("orthogonality_loss", _list),
+        pa.field("breakdown", pa.list_(pa.bool_())),
+        pa.field("num_matvecs", pa.int64()),
+    ],
+}
+
+RUNS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("job", pa.string(), nullable=False),
+        pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # succeeded | failed
+        pa.field("num_tasks", pa.int64()),
+        pa.field("num_done", pa.int64()),
+        pa.field("num_skipped", pa.int64()),
+        pa.field("num_failed", pa.int64()),
+        pa.field("restarts", pa.int64()),
+        pa.field("failures", pa.string()),  # JSON list of {task, reason}
+        pa.field("spec", pa.string()),  # JSON
+        pa.field("versions", pa.string()),
+        pa.field("schema_version", pa.int32(), nullable=False),
+    ]
+)
+
+
+def schema_for(kind: str) -> pa.Schema:
+    """The full schema of a kind's dataset.
+
+    Raises:
+        KeyError: for a kind without a declared schema.
+    """
+    if kind not in KIND_FIELDS:
+        raise KeyError(f"no Parquet schema declared for probe kind {kind!r}; declared: {', '.join(KIND_FIELDS)}")
+    return pa.schema(COMMON_FIELDS + KIND_FIELDS[kind])

@@ -1,0 +1,330 @@
+"""Job specs: YAML validated into frozen config objects.
+
+A spec names the model factory and checkpoints, the probe data, the loss, the
+precision and mode policy, the cluster shape, the probes and where results go
+(``../shared/DESIGN.md``, "Public contract"). Every section is a frozen dataclass
+checked at construction; an unknown key is an error that lists the valid ones,
+and ``--set key.path=value`` overrides any value before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+__all__ = [
+    "SpecError",
+    "JobSpec",
+    "ModelSpec",
+    "DataSpec",
+    "ClusterSpec",
+    "ProbeSpec",
+    "OutputSpec",
+    "load_spec",
+    "parse_spec",
+    "apply_overrides",
+    "import_factory",
+    "PROBE_OPTIONS",
+]
+
+
+class SpecError(ValueError):
+    """A spec that cannot be run; the message names the key and the fix."""
+
+
+# Options each probe kind accepts, with defaults. Kinds listed in DESIGN.md whose
+# probes are not built yet are rejected by name (see IMPLEMENTED_KINDS).
+PROBE_OPTIONS: dict[str, dict[str, Any]] = {
+    "eigenvalues": {"k": 5, "which": "largest", "tol": 1e-6, "max_steps": None},
+    "trace": {"method": "hutch++", "matvecs": 102},
+    "spectrum": {"runs": 10, "steps": 80, "sigma": None, "reorth": "full", "grid_points": 1000},
+}
+ALL_KINDS = ("eigenvalues", "trace", "spectrum", "sharpness", "barrier", "surface", "eos", "pacbayes", "noise", "critical")
+PRECISIONS = ("float32", "float64")
+MODES = ("eval", "train")
+LOSSES = ("cross_entropy", "mse")
+BACKENDS = ("auto", "ray", "process", "local")
+
+
+def _check_keys(section: str, given: dict, valid: list[str]) -> None:
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise SpecError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(f'{section}.{k}' if section else k) for k in unknown)}; "
+            f"valid keys{' of ' + section if section else ''}: {', '.join(valid)}"
+        )
+
+
+def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SpecError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_factory(name: str, value: Any) -> None:
+    if not isinstance(value, str) or value.count(":") != 1 or not all(value.split(":")):
+        raise SpecError(f"{name} must be 'package.module:callable', got {value!r}")
+
+
+def import_factory(path: str, *, key: str = "factory") -> Callable[..., Any]:
+    """Import ``"pkg.module:callable"``.
+
+    Raises:
+        SpecError: naming ``key`` and the path when the module or attribute is missing.
+    """
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpecError(f"{key}: cannot import module {module_name!r} ({exc}); check the path and that it is installed") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError as exc:
+        raise SpecError(f"{key}: module {module_name!r} has no attribute {attr!r}") from exc
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    factory: str
+    kwargs: dict = field(default_factory=dict)
+    checkpoints: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_factory("model.factory", self.factory)
+        if not isinstance(self.kwargs, dict):
+            raise SpecError(f"model.kwargs must be a mapping, got {self.kwargs!r}")
+        if not self.checkpoints:
+            raise SpecError("model.checkpoints is empty: give files, globs or folders of checkpoints")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    factory: str
+    kwargs: dict = field(default_factory=dict)
+    num_examples: int = 512
+    batch_size: int = 128
+    eval_sets: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_factory("data.factory", self.factory)
+        _positive_int("data.num_examples", self.num_examples)
+        _positive_int("data.batch_size", self.batch_size)
+        if not isinstance(self.eval_sets, dict):
+            raise SpecError(f"data.eval_sets must be a mapping of name to {{factory, kwargs}}, got {self.eval_sets!r}")
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    address: str | None = None
+    num_workers: int = 1
+    gpus_per_worker: float = 0
+    cpus_per_worker: float = 1
+    placement_timeout_s: float = 60.0
+    group_size: int | None = None  # workers per SPMD group; default: all of them in one group
+    max_restarts: int = 3  # group rebuilds per task after a worker dies
+    backend: str = "auto"  # auto | ray | process | local
+
+    def __post_init__(self) -> None:
+        _positive_int("cluster.num_workers", self.num_workers)
+        _positive_int("cluster.group_size", self.group_size, allow_none=True)
+        if self.group_size is not None and self.num_workers % self.group_size:
+            raise SpecError(
+                f"cluster.num_workers={self.num_workers} is not a multiple of cluster.group_size={self.group_size}"
+            )
+        if not isinstance(self.max_restarts, int) or isinstance(self.max_restarts, bool) or self.max_restarts < 0:
+            raise SpecError(f"cluster.max_restarts must be a non-negative integer, got {self.max_restarts!r}")
+        if self.backend not in BACKENDS:
+            raise SpecError(f"cluster.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        for name in ("gpus_per_worker", "cpus_per_worker", "placement_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise SpecError(f"cluster.{name} must be a non-negative number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    kind: str
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ALL_KINDS:
+            raise SpecError(f"unknown probe kind {self.kind!r}; valid kinds: {', '.join(ALL_KINDS)}")
+        if self.kind not in PROBE_OPTIONS:
+            raise SpecError(
+                f"probe kind {self.kind!r} is not available in this version; available: {', '.join(PROBE_OPTIONS)}"
+            )
+        _check_keys(f"probes[{self.kind}]", self.options, list(PROBE_OPTIONS[self.kind]))
+
+    def resolved(self) -> dict:
+        """The options with defaults filled in (what the probe runs with and what is recorded)."""
+        return {**PROBE_OPTIONS[self.kind], **self.options}
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    path: str = "results"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    model: ModelSpec
+    data: DataSpec
+    probes: tuple[ProbeSpec, ...]
+    loss: str | dict = "cross_entropy"
+    precision: str = "float32"
+    mode: str = "eval"
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError(f"name must be a non-empty string, got {self.name!r}")
+        if self.precision not in PRECISIONS:
+            raise SpecError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.mode not in MODES:
+            raise SpecError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if isinstance(self.loss, dict):
+            _check_keys("loss", self.loss, ["factory", "kwargs"])
+            _check_factory("loss.factory", self.loss.get("factory"))
+        elif self.loss not in LOSSES:
+            raise SpecError(f"loss must be one of {', '.join(LOSSES)} or {{factory: 'pkg.module:callable'}}, got {self.loss!r}")
+        if not self.probes:
+            raise SpecError("probes is empty: list at least one probe, e.g. [{kind: eigenvalues}]")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise SpecError(f"seed must be an integer, got {self.seed!r}")
+
+    def to_dict(self) -> dict:
+        """Plain-data form (JSON/YAML serializable); ``parse_spec(to_dict())`` round-trips."""
+        d = dataclasses.asdict(self)
+        d["model"]["checkpoints"] = list(self.model.checkpoints)
+        d["probes"] = [{"kind": p.kind, **p.options} for p in self.probes]
+        return d
+
+
+def _section(cls, name: str, raw: Any):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{name} must be a mapping, got {raw!r}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    _check_keys(name, raw, valid)
+    try:
+        return cls(**raw)
+    except TypeError as exc:  # a required key is missing
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in raw]
+        raise SpecError(f"{name} is missing required key(s): {', '.join(f'{name}.{m}' for m in missing)}") from exc
+
+
+def parse_spec(raw: Any) -> JobSpec:
+    """Validate a spec given as plain data (e.g. parsed YAML).
+
+    Raises:
+        SpecError: for unknown keys (listing the valid ones), missing or mistyped values.
+    """
+    if not isinstance(raw, dict):
+        raise SpecError(f"a spec must be a mapping of top-level keys, got {type(raw).__name__}")
+    top = [f.name for f in dataclasses.fields(JobSpec)]
+    _check_keys("", raw, top)
+    for key in ("name", "model", "data", "probes"):
+        if key not in raw:
+            raise SpecError(f"spec is missing the required key {key!r}")
+    model = dict(raw["model"]) if isinstance(raw["model"], dict) else raw["model"]
+    if isinstance(model, dict) and "checkpoints" in model:
+        ck = model["checkpoints"]
+        model["checkpoints"] = (ck,) if isinstance(ck, str) else tuple(ck or ())
+    probes_raw = raw["probes"]
+    if not isinstance(probes_raw, list):
+        raise SpecError(f"probes must be a list of {{kind: ..., options...}}, got {probes_raw!r}")
+    probes = []
+    for i, p in enumerate(probes_raw):
+        if isinstance(p, str):
+            p = {"kind": p}
+        if not isinstance(p, dict) or "kind" not in p:
+            raise SpecError(f"probes[{i}] must be a mapping with a 'kind', got {p!r}")
+        options = {k: v for k, v in p.items() if k != "kind"}
+        probes.append(ProbeSpec(p["kind"], options))
+    return JobSpec(
+        name=raw["name"],
+        model=_section(ModelSpec, "model", model),
+        data=_section(DataSpec, "data", raw["data"]),
+        probes=tuple(probes),
+        loss=raw.get("loss", "cross_entropy"),
+        precision=raw.get("precision", "float32"),
+        mode=raw.get("mode", "eval"),
+        cluster=_section(ClusterSpec, "cluster", raw.get("cluster")),
+        output=_section(OutputSpec, "output", raw.get("output")),
+        seed=raw.get("seed", 0),
+    )
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.path=value`` overrides (values parsed as YAML scalars) to a raw spec.
+
+    List items are addressed by index: ``probes.0.k=10``.
+
+    Raises:
+        SpecError: for a malformed override or a path through a non-container.
+    """
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise SpecError(f"--set expects key.path=value, got {item!r}")
+        value = yaml.safe_load(text) if text else ""
+        keys = path.split(".")
+        node: Any = raw
+        for k in keys[:-1]:
+            if isinstance(node, list):
+                node = node[int(k)] if k.isdigit() and int(k) < len(node) else None
+            elif isinstance(node, dict):
+                node = node.setdefault(k, {})
+            else:
+                node = None
+            if node is None:
+                raise SpecError(f"--set {item!r}: {k!r} does not address an existing list item or mapping")
+        last = keys[-1]
+        if isinstance(node, list):
+            if not (last.isdigit() and int(last) < len(node)):
+                raise SpecError(f"--set {item!r}: list index {last!r} out of range")
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise SpecError(f"--set {item!r}: cannot set a key inside {type(node).__name__}")
+    return raw
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read a YAML spec file, apply ``--set`` overrides and validate.
+
+    Relative checkpoint paths and the output path are taken relative to the
+    spec file's folder.
+
+    Raises:
+        SpecError: for a missing file, invalid YAML, or an invalid spec (the message names the key).
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise SpecError(f"spec file {str(path)!r} not found") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec file {str(path)!r} is not valid YAML: {exc}") from exc
+    raw = apply_overrides(raw if isinstance(raw, dict) else raw, overrides or [])
+    spec = parse_spec(raw)
+    base = path.resolve().parent
+    checkpoints = tuple(c if Path(c).is_absolute() else str(base / c) for c in spec.model.checkpoints)
+    out = spec.output.path if Path(spec.output.path).is_absolute() else str(base / spec.output.path)
+    return dataclasses.replace(
+        spec,
+        model=dataclasses.replace(spec.model, checkpoints=checkpoints),
+        output=dataclasses.replace(spec.output, path=out),
+    )

@@ -1,0 +1,89 @@
+"""The Parquet result store: atomic, idempotent writes readable with plain ``pyarrow.dataset``.
+
+Layout: ``<root>/<kind>/job=<job>/part-<task_key>.parquet`` and
+``<root>/runs/job=<job>/run-<run_id>.parquet``. A file is written under a hidden
+name (``.tmp-…``, which ``pyarrow.dataset`` ignores), flushed, then renamed into
+place, so a reader never sees a partial file and an interrupted write leaves
+nothing visible. The file name of a result is its task key (job, checkpoint
+content, probe options, seed, precision, mode, data), so re-running a job rewrites
+the same files instead of adding rows. A ``_SUCCESS`` marker is touched in the
+partition after each write.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from cluster.schema import RUNS_SCHEMA, schema_for
+
+__all__ = ["ResultStore", "StoreError"]
+
+_SAFE = re.compile(r"[^A-Za-z0-9._=-]")
+
+
+class StoreError(OSError):
+    """A result that could not be written; earlier results are untouched."""
+
+
+def _partition(name: str) -> str:
+    return "job=" + _SAFE.sub("_", name)
+
+
+class ResultStore:
+    """Results of jobs under one root folder.
+
+    Args:
+        root: the ``output.path`` folder (created on first write).
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def _write(self, table: pa.Table, folder: Path, name: str) -> Path:
+        final = folder / name
+        tmp = folder / f".tmp-{name}-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            (folder / "_SUCCESS").touch()
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise StoreError(f"cannot write results to {str(folder)!r}: {exc.strerror or exc}; earlier results are intact") from exc
+        return final
+
+    def write_result(self, kind: str, row: dict) -> Path:
+        """Write one result row of ``kind`` (its file is named by ``row['task_key']``)."""
+        table = pa.Table.from_pylist([row], schema=schema_for(kind))
+        return self._write(table, self.root / kind / _partition(row["job"]), f"part-{row['task_key']}.parquet")
+
+    def write_run(self, row: dict) -> Path:
+        """Write the ``runs`` row of one job run."""
+        table = pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
+        return self._write(table, self.root / "runs" / _partition(row["job"]), f"run-{row['run_id']}.parquet")
+
+    def done_task_keys(self, kind: str, job: str) -> set[str]:
+        """Task keys already stored for ``kind`` and ``job`` (from the file names: no data read)."""
+        folder = self.root / kind / _partition(job)
+        if not folder.is_dir():
+            return set()
+        return {p.name[len("part-") : -len(".parquet")] for p in folder.glob("part-*.parquet")}
+
+    def read(self, kind: str) -> pa.Table:
+        """All rows of ``kind`` (every job), with the ``job`` partition column."""
+        folder = self.root / kind
+        if not folder.is_dir():
+            schema = RUNS_SCHEMA if kind == "runs" else schema_for(kind)
+            return schema.empty_table()
+        return ds.dataset(folder, format="parquet", partitioning="hive").to_table()

@@ -1,0 +1,172 @@
+"""The SPMD worker: one per GPU (or CPU slot), the same class in-process, under
+``torch.multiprocessing`` or as a Ray actor.
+
+A worker builds the model from the user's factory, loads each checkpoint itself
+(nothing large passes through the driver), takes its index shard of the fixed
+probe set, joins a ``torch.distributed`` group (gloo on CPU, NCCL on GPU) and
+runs probes against a :class:`~cluster.distributed.ShardedOperator`, in lockstep
+with its peers. Methods return only small records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+from cluster.checkpoints import CheckpointError, file_sha256, load_checkpoint
+from cluster.distributed import ShardedOperator
+from cluster.runners import run_probe
+from cluster.spec import JobSpec, SpecError, import_factory, parse_spec
+from probe.hessian import HessianOperator
+
+__all__ = ["ProbeWorker", "probe_subset", "build_loss", "task_seed"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def build_loss(loss: str | dict):
+    """The loss callable named by a spec's ``loss`` entry (mean reduction)."""
+    if loss == "cross_entropy":
+        return F.cross_entropy
+    if loss == "mse":
+        return F.mse_loss
+    factory = import_factory(loss["factory"], key="loss.factory")
+    return factory(**loss.get("kwargs", {}))
+
+
+def probe_subset(spec: JobSpec) -> tuple[Any, torch.Tensor, str]:
+    """``(dataset, indices, sha256)``: the fixed, seeded probe subset and its content hash.
+
+    Raises:
+        SpecError: when the data factory fails or returns fewer than ``num_examples`` examples.
+    """
+    factory = import_factory(spec.data.factory, key="data.factory")
+    dataset = factory(**spec.data.kwargs)
+    n = len(dataset)
+    if n == 0:
+        raise SpecError(f"data.factory {spec.data.factory!r} returned an empty dataset")
+    if spec.data.num_examples > n:
+        raise SpecError(
+            f"data.num_examples={spec.data.num_examples} exceeds the dataset size {n}; lower data.num_examples"
+        )
+    g = torch.Generator().manual_seed(spec.seed)
+    indices = torch.randperm(n, generator=g)[: spec.data.num_examples].sort().values
+    h = hashlib.sha256()
+    h.update(indices.numpy().tobytes())
+    for i in indices.tolist():
+        x, y = dataset[i]
+        for t in (x, y):
+            h.update(torch.as_tensor(t).detach().cpu().contiguous().numpy().tobytes())
+    return dataset, indices, h.hexdigest()
+
+
+def task_seed(job_seed: int, probe_index: int) -> int:
+    """Seed of a probe's randomness: the same for every checkpoint, so checkpoints are compared on the same probes."""
+    return job_seed * 1_000_003 + probe_index
+
+
+class ProbeWorker:
+    """One worker of a group.
+
+    Args:
+        spec: the job spec as plain data (``JobSpec.to_dict()``), so it crosses process boundaries.
+        rank: this worker's rank in ``[0, world_size)``.
+        world_size: workers in the group.
+    """
+
+    def __init__(self, spec: dict, rank: int = 0, world_size: int = 1) -> None:
+        self.spec = parse_spec(spec)
+        self.rank = rank
+        self.world_size = world_size
+        self.dtype = DTYPES[self.spec.precision]
+        use_gpu = self.spec.cluster.gpus_per_worker > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+        self.backend = "nccl" if use_gpu else "gloo"
+        self.batches: list = []
+        self.data_sha256 = ""
+
+    def rendezvous(self) -> str:
+        """A ``tcp://HOST:PORT`` address on this worker's host with a free port (called on rank 0)."""
+        import socket
+
+        host = os.environ.get("PROBE_RENDEZVOUS_HOST", "127.0.0.1")
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        return f"tcp://{host}:{port}"
+
+    def setup(self, init_method: str | None = None) -> dict:
+        """Join the group at ``init_method`` and prepare this worker's data shard; returns a small description.
+
+        ``init_method`` (``tcp://HOST:PORT``, from rank 0's :meth:`rendezvous`) is
+        ignored when ``world_size == 1``.
+        """
+        if self.world_size > 1 and not dist.is_initialized():
+            if init_method and init_method.startswith("tcp://127.0.0.1"):
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            dist.init_process_group(self.backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
+        dataset, indices, self.data_sha256 = probe_subset(self.spec)
+        mine = indices.tensor_split(self.world_size)[self.rank]
+        bs = self.spec.data.batch_size
+        self.batches = [default_collate([dataset[i] for i in mine[j : j + bs].tolist()]) for j in range(0, len(mine), bs)]
+        self.total_examples = len(indices)
+        self.loss_fn = build_loss(self.spec.loss)
+        return {"rank": self.rank, "examples": len(mine), "device": str(self.device), "pid": os.getpid()}
+
+    def build_model(self, checkpoint: str) -> tuple[torch.nn.Module, dict]:
+        """Model from the factory with the checkpoint's weights, in the spec's precision and on this device.
+
+        Raises:
+            CheckpointError: for missing or unexpected keys or shape mismatches, naming them.
+        """
+        factory = import_factory(self.spec.model.factory, key="model.factory")
+        model = factory(**self.spec.model.kwargs)
+        state, meta = load_checkpoint(checkpoint)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {checkpoint!r} does not match model.factory {self.spec.model.factory!r}: "
+                f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+            )
+        for k, v in state.items():
+            if v.shape != expected[k].shape:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint!r}: tensor {k!r} has shape {tuple(v.shape)}, "
+                    f"the model expects {tuple(expected[k].shape)}"
+                )
+        model.load_state_dict(state)
+        return model.to(device=self.device, dtype=self.dtype), meta
+
+    def operator(self, model: torch.nn.Module):
+        local = HessianOperator(model, self.loss_fn, self.batches, mode=self.spec.mode, total_examples=self.total_examples)
+        return ShardedOperator(local) if self.world_size > 1 else local
+
+    def run(self, task: dict) -> dict:
+        """Run one task ``{checkpoint, kind, options, probe_index}``; returns the probe's record.
+
+        Every worker of the group must call this with the same task (SPMD).
+        """
+        t0 = time.perf_counter()
+        model, meta = self.build_model(task["checkpoint"])
+        op = self.operator(model)
+        record = run_probe(task["kind"], op, task["options"], task_seed(self.spec.seed, task["probe_index"]))
+        record["duration_s"] = time.perf_counter() - t0
+        record["world_size"] = self.world_size
+        record["checkpoint_metadata"] = {k: str(v) for k, v in meta.items()}
+        return record
+
+    def checkpoint_sha256(self, path: str) -> str:
+        return file_sha256(path)
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
