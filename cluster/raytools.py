@@ -2,7 +2,14 @@
 
 A local instance binds to loopback (``127.0.0.1``) and starts no dashboard; a
 cluster is reached through ``cluster.address`` (or ``RAY_ADDRESS``, which Ray sets
-inside a submitted job).
+inside a submitted job). Ray rewrites ``127.0.0.1`` to the host's network address
+unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is set before Ray is imported
+(single-node mode); :func:`connect` sets it for local instances, and a local head
+started for tests or a laptop should be started with it too.
+
+Ray 2.59+ enables token authentication for local clusters: a client outside the
+cluster needs ``RAY_AUTH_MODE=token`` and the token (``RAY_AUTH_TOKEN``, or the
+file ``~/.ray/auth_token`` that ``ray start`` writes).
 """
 
 from __future__ import annotations
@@ -24,11 +31,15 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     Raises:
         ConnectionError: when the address cannot be reached, naming it.
     """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Keep a local instance on loopback: Ray otherwise replaces 127.0.0.1 with the
+        # host's network address. Read by Ray at import, so set before importing it.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
             ray.init(address=address, log_to_driver=True)
@@ -73,7 +84,12 @@ def submit_job(
     try:
         client = JobSubmissionClient(address)
     except Exception as exc:
-        raise ConnectionError(f"cannot reach the Ray dashboard at --address {address!r}: {str(exc).splitlines()[0]}") from exc
+        hint = ""
+        if "authentication" in str(exc).lower():
+            hint = "; the cluster requires a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
+        raise ConnectionError(
+            f"cannot reach the Ray dashboard at --address {address!r}: {str(exc).splitlines()[0]}{hint}"
+        ) from exc
     work = Path(working_dir).resolve()
     spec = Path(spec_path).resolve()
     try:

@@ -1,0 +1,149 @@
+"""Jobs on a real local Ray cluster: parity with one process, recovery, placement, submission."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.groups import PlacementError, RayGroup
+from cluster.job import run_job
+from cluster.spec import load_spec
+from cluster.store import ResultStore
+
+pytestmark = pytest.mark.usefixtures("ray_head")
+
+RTOL = 1e-10
+
+
+def _by_key(table, value_columns):
+    rows = table.to_pylist()
+    return {(r["checkpoint_sha256"], r["probe_config"]): {c: r[c] for c in value_columns} for r in rows}
+
+
+def _flatten(v):
+    if isinstance(v, list):
+        return [x for item in v for x in _flatten(item)]
+    return [v]
+
+
+def _assert_close(a: dict, b: dict, rtol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        for col in a[key]:
+            xs, ys = _flatten(a[key][col]), _flatten(b[key][col])
+            assert len(xs) == len(ys), col
+            scale = max(abs(y) for y in ys) or 1.0
+            err = max(abs(x - y) for x, y in zip(xs, ys)) / scale
+            assert err <= rtol, f"{col}: relative difference {err:.3g} > {rtol:g}"
+
+
+COLUMNS = {
+    "eigenvalues": ["eigenvalues"],
+    "trace": ["trace", "trace_stderr"],
+    "spectrum": ["ritz_values", "ritz_weights", "density"],
+}
+
+
+def test_parity_with_single_process_for_1_2_3_workers(make_spec, tmp_path):
+    reference = run_job(load_spec(make_spec(output=tmp_path / "local")), backend="local", progress=lambda m: None)
+    assert reference.num_done == 6
+    ref = ResultStore(tmp_path / "local")
+    for n in (1, 2, 3):
+        out = tmp_path / f"ray{n}"
+        spec = load_spec(make_spec(output=out, cluster={"num_workers": n}))
+        summary = run_job(spec, backend="ray", progress=lambda m: None)
+        assert summary.num_done == 6 and summary.num_failed == 0
+        got = ResultStore(out)
+        for kind, cols in COLUMNS.items():
+            table = got.read(kind)
+            assert set(table.column("world_size").to_pylist()) == {n}
+            _assert_close(_by_key(table, cols), _by_key(ref.read(kind), cols), RTOL)
+
+
+def test_fan_out_over_groups_matches_one_group(make_spec, tmp_path):
+    one = run_job(load_spec(make_spec(output=tmp_path / "a")), backend="local", progress=lambda m: None)
+    spec = load_spec(make_spec(output=tmp_path / "b", cluster={"num_workers": 2, "group_size": 1}))
+    two = run_job(spec, backend="ray", progress=lambda m: None)
+    assert one.num_done == two.num_done == 6
+    for kind, cols in COLUMNS.items():
+        _assert_close(
+            _by_key(ResultStore(tmp_path / "b").read(kind), cols),
+            _by_key(ResultStore(tmp_path / "a").read(kind), cols),
+            RTOL,
+        )
+
+
+def test_worker_killed_mid_lanczos_restarts_and_numbers_are_unchanged(make_spec, tmp_path):
+    import ray
+
+    probes = [{"kind": "spectrum", "runs": 4, "steps": 300}]
+    reference = run_job(load_spec(make_spec(name="kill", output=tmp_path / "ref", probes=probes, num_examples=600)),
+                        backend="local", progress=lambda m: None)
+    duration = reference.records[0]["duration_s"]
+    spec = load_spec(make_spec(name="kill", output=tmp_path / "killed", probes=probes, num_examples=600,
+                               cluster={"num_workers": 2}))
+    killed = []
+
+    def kill_once(task, attempt):
+        if killed:
+            return
+        killed.append(task.key)
+
+        def kill():
+            time.sleep(min(1.0, duration / 3))
+            ray.kill(ray.get_actor("probe-kill-g0-rank1"))
+
+        threading.Thread(target=kill, daemon=True).start()
+
+    messages = []
+    summary = run_job(spec, backend="ray", progress=messages.append, on_task_start=kill_once)
+    assert summary.restarts == 1 and summary.num_done == 2 and summary.num_failed == 0
+    assert any("worker lost" in m for m in messages)
+    table = ResultStore(tmp_path / "killed").read("spectrum")
+    attempts = dict(zip(table.column("task_key").to_pylist(), table.column("attempts").to_pylist()))
+    assert attempts[killed[0]] == 2 and sorted(attempts.values()) == [1, 2]
+    runs = ResultStore(tmp_path / "killed").read("runs")
+    assert runs.column("restarts").to_pylist() == [1]
+    cols = ["ritz_values", "ritz_weights"]
+    _assert_close(_by_key(table, cols), _by_key(ResultStore(tmp_path / "ref").read("spectrum"), cols), RTOL)
+
+
+def test_unplaceable_group_fails_fast_naming_the_resources(make_spec):
+    spec = load_spec(make_spec())
+    t0 = time.monotonic()
+    with pytest.raises(PlacementError, match=r"GPU.*lower cluster.num_workers"):
+        RayGroup(spec.to_dict(), 2, gpus_per_worker=1, placement_timeout_s=2)
+    assert time.monotonic() - t0 < 30
+
+
+def test_cli_reports_unplaceable_resources_with_exit_code_3(make_spec, ray_head):
+    path = make_spec(cluster={"num_workers": 2, "gpus_per_worker": 1, "placement_timeout_s": 2,
+                              "address": ray_head["address"]})
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "run", str(path)], capture_output=True, text=True,
+                          env=ray_head["env"], timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("probe run: cannot place 2 worker(s)") and "'GPU': 1" in last
+    assert not (Path(path).parent / "results" / "eigenvalues").exists()
+
+
+def test_probe_submit_runs_a_ray_job_and_results_are_readable(make_spec, ray_head, tmp_path):
+    out = tmp_path / "submitted"
+    path = make_spec(name="submitted", cluster={"num_workers": 2, "backend": "ray"},
+                     probes=[{"kind": "eigenvalues", "k": 2}])
+    cmd = [sys.executable, "-m", "cluster.cli", "submit", str(path), "--address", ray_head["dashboard"],
+           "--working-dir", str(tmp_path), "--set", f"output.path={out}", "--timeout", "300"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ray_head["env"], timeout=400)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[submitted] done: 2 run" in proc.stdout
+    table = ResultStore(out).read("eigenvalues")
+    assert table.num_rows == 2 and set(table.column("world_size").to_pylist()) == {2}
+    # The same spec and overrides map to the same submission id: a second submit follows the finished job.
+    again = subprocess.run(cmd, capture_output=True, text=True, env=ray_head["env"], timeout=400)
+    assert again.returncode == 0 and "already submitted" in again.stderr
+    assert ResultStore(out).read("eigenvalues").num_rows == 2
