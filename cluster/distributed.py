@@ -21,6 +21,8 @@ not depend on the number of workers beyond rounding.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -70,6 +72,7 @@ class ShardedOperator(CurvatureOperator):
         self._max_shard = max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
         self._reduce_scatter = dist.get_backend(group) == "nccl"
         self.num_collectives = 0
+        self.collective_s = 0.0  # wall time inside collectives (includes waiting for slower peers)
 
     @property
     def local_slice(self) -> slice:
@@ -79,10 +82,15 @@ class ShardedOperator(CurvatureOperator):
     def num_matvecs(self) -> int:
         return self.local.num_matvecs
 
+    def _collective(self, fn, *args) -> None:
+        t0 = time.perf_counter()
+        fn(*args, group=self.group)
+        self.collective_s += time.perf_counter() - t0
+        self.num_collectives += 1
+
     def allreduce(self, t: Tensor) -> Tensor:
         t = t.clone()
-        dist.all_reduce(t, group=self.group)
-        self.num_collectives += 1
+        self._collective(dist.all_reduce, t)
         return t
 
     def gather(self, V: Tensor) -> Tensor:
@@ -91,8 +99,7 @@ class ShardedOperator(CurvatureOperator):
         padded = V.new_zeros(self._max_shard, k)
         padded[: V.shape[0]] = V
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded.contiguous(), group=self.group)
-        self.num_collectives += 1
+        self._collective(dist.all_gather, parts, padded.contiguous())
         return torch.cat([p[: b - a] for p, a, b in zip(parts, self.bounds[:-1], self.bounds[1:])])
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -103,9 +110,7 @@ class ShardedOperator(CurvatureOperator):
             for p, a, b in zip(padded, self.bounds[:-1], self.bounds[1:]):
                 p[: b - a] = full[a:b]
             out = full.new_empty(self._max_shard, k)
-            dist.reduce_scatter(out, padded, group=self.group)
-            self.num_collectives += 1
+            self._collective(dist.reduce_scatter, out, padded)
             return out[: self.local_dim]
-        dist.all_reduce(full, group=self.group)
-        self.num_collectives += 1
+        self._collective(dist.all_reduce, full)
         return full[self._slice].contiguous()
