@@ -133,10 +133,10 @@ def eigenvalues(
     if return_eigenvectors:
         n = int(result.num_steps[0])
         basis = result.basis[:n, :, 0]  # (n, local_dim)
-        vectors = basis.T @ ritz.vectors[:, idx].to(basis.dtype)  # (local_dim, k)
-        vectors = vectors / norm(op, vectors).to(vectors.dtype)
+        vectors = basis.T @ ritz.vectors[:, idx].to(basis.device, basis.dtype)  # (local_dim, k)
+        vectors = vectors / norm(op, vectors)
         av = op.matmat(vectors)
-        residuals = norm(op, av - vectors * values.to(vectors.dtype)).to(torch.float64)
+        residuals = norm(op, av - vectors * values.to(vectors.device, vectors.dtype)).to("cpu", torch.float64)
         exact = True
     return EigenResult(
         which=which,

@@ -161,10 +161,10 @@ class LanczosProcess:
         # space is exhausted; ten times that counts as an exact zero.
         self.breakdown_tol = breakdown_tol if breakdown_tol is not None else 10 * eps * math.sqrt(op.dim)
         self._sqrt_eps = math.sqrt(eps)
-        self.start_norms = norm(op, start).to(torch.float64)
+        self.start_norms = norm(op, start).to("cpu", torch.float64)
         if bool((self.start_norms == 0).any()):
             raise ValueError("a start vector is zero; draw start vectors with op.random_vectors")
-        q = start / self.start_norms.to(start.dtype)
+        q = start / self.start_norms.to(start.device, start.dtype)
         # Run-major basis buffer (k, capacity, local_dim): projections become batched
         # matrix products. Without keep_basis it holds only the last two vectors.
         self._buf = torch.empty(self.k, 2 if not keep_basis else 16, op.local_dim, dtype=op.dtype, device=op.device)
@@ -203,17 +203,18 @@ class LanczosProcess:
         q = self._buf[:, self._n - 1, :].T  # (local_dim, k)
         w = op.matmat(q.contiguous())
         self.num_matvecs += self.k
-        alpha = inner(op, q, w)
-        w = w - q * alpha.to(w.dtype)
+        alpha_dev = inner(op, q, w)
+        w = w - q * alpha_dev
         if self.betas:
-            w = w - self._buf[:, self._n - 2, :].T * self.betas[-1].to(w.dtype)
+            w = w - self._buf[:, self._n - 2, :].T * self.betas[-1].to(w.device, w.dtype)
         if self.reorth == "full":
             w = self._project_out(w, self.basis)
             w = self._project_out(w, self.basis)
-        elif self.reorth == "selective":
-            w = self._selective(w, alpha.to(torch.float64))
-        beta = norm(op, w).to(torch.float64)
-        alpha = alpha.to(torch.float64)
+        # The recurrence coefficients live on the CPU in float64, whatever the device.
+        alpha = alpha_dev.to("cpu", torch.float64)
+        if self.reorth == "selective":
+            w = self._selective(w, alpha)
+        beta = norm(op, w).to("cpu", torch.float64)
         self._scale = torch.maximum(self._scale, alpha.abs() + beta)
         broke = self.active & (beta <= self.breakdown_tol * self._scale)
         alpha = torch.where(self.active, alpha, torch.zeros_like(alpha))
@@ -222,7 +223,7 @@ class LanczosProcess:
         self.active &= ~broke
         self.alphas.append(alpha)
         self.betas.append(beta)
-        safe = torch.where(beta > 0, beta, torch.ones_like(beta)).to(w.dtype)
+        safe = torch.where(beta > 0, beta, torch.ones_like(beta)).to(w.device, w.dtype)
         q_next = torch.where(self.active.to(w.device), w / safe, torch.zeros_like(w))
         self._push(q_next)
 
@@ -242,7 +243,7 @@ class LanczosProcess:
         """Orthogonalize against Ritz vectors whose residual bound says they have converged."""
         basis = self.basis  # (k, j+1, local_dim)
         alphas = self.alphas + [alpha]
-        beta_next = norm(self.op, w).to(torch.float64)
+        beta_next = norm(self.op, w).to("cpu", torch.float64)
         for col in range(self.k):
             if not bool(self.active[col]):
                 continue
@@ -252,7 +253,7 @@ class LanczosProcess:
             good = bound <= self._sqrt_eps * scale
             if not bool(good.any()):
                 continue
-            s = vectors[:, good].to(w.dtype)  # (j+1, c)
+            s = vectors[:, good].to(w.device, w.dtype)  # (j+1, c)
             ritz_vectors = basis[col].T @ s  # (local_dim, c)
             for _ in range(2):
                 coeff = self.op.allreduce(ritz_vectors.T @ w[:, col])
@@ -267,7 +268,7 @@ class LanczosProcess:
         basis = self.basis.permute(1, 2, 0) if self.keep_basis else None  # (m+1, local_dim, k) view
         if basis is not None:
             n = self._n
-            gram = self.op.allreduce(torch.bmm(self.basis, self.basis.transpose(1, 2))).to(torch.float64)
+            gram = self.op.allreduce(torch.bmm(self.basis, self.basis.transpose(1, 2))).to("cpu", torch.float64)
             # Only pairs inside each run's completed steps (later vectors are zero).
             mask = torch.zeros(self.k, n, n, dtype=torch.bool)
             for r in range(self.k):
