@@ -21,7 +21,10 @@ Mode policy. ``mode="eval"`` (default) puts the model in eval mode while the
 operator evaluates it: BatchNorm uses its running statistics and dropout is off,
 so the operator is a fixed, deterministic matrix. ``mode="train"`` uses batch
 statistics and active dropout; the result then depends on the batching and, with
-dropout, on randomness, which :meth:`CurvatureOperator.check_determinism` reveals.
+dropout, on randomness. In train mode no graph is kept, so every product redraws
+the dropout masks as training would (a kept graph would freeze one mask per
+batch), and :meth:`CurvatureOperator.check_determinism` reveals the randomness.
+Running statistics are restored after every evaluation in either mode.
 """
 
 from __future__ import annotations
@@ -66,13 +69,23 @@ def move_batch(x: Any, dtype: torch.dtype, device: torch.device) -> Any:
 
 @contextmanager
 def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
-    """Temporarily put ``model`` in ``mode`` (``"eval"`` or ``"train"``), restoring it after."""
+    """Temporarily put ``model`` in ``mode`` (``"eval"`` or ``"train"``), restoring it after.
+
+    In train mode the buffers (BatchNorm running statistics and their counters) are
+    restored too, so probing never changes the model. On CUDA, cuDNN runs
+    deterministically and without TF32, so float32 products are float32.
+    """
     previous = model.training
+    saved = [(b, b.clone()) for b in model.buffers()] if mode == "train" else []
     model.train(mode == "train")
     try:
-        yield
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+            yield
     finally:
         model.train(previous)
+        with torch.no_grad():
+            for buf, copy in saved:
+                buf.copy_(copy)
 
 
 class SavedBytes:
@@ -109,7 +122,7 @@ class ModelOperator(CurvatureOperator):
         params: ``None`` for all trainable parameters, or names/prefixes of a subset
             (one layer or block: its diagonal block of the matrix).
         mode: ``"eval"`` (default) or ``"train"``; see the module docstring.
-        graph_memory_bytes: budget for kept graphs (default 2 GiB).
+        graph_memory_bytes: budget for kept graphs (default 2 GiB; 0 in train mode).
         total_examples: the global number of examples when ``batches`` is one shard
             of a larger probe set (data parallelism); defaults to the local count.
         batched: apply the operator to all columns of a block in one batched
@@ -155,10 +168,12 @@ class ModelOperator(CurvatureOperator):
         if self.total_examples <= 0:
             raise ValueError(f"total_examples must be positive, got {self.total_examples}")
         self.weights = [n / self.total_examples for n in self.batch_sizes]
-        self.graph_memory_bytes = graph_memory_bytes
         self.num_matvecs = 0
         self._cached: list[Any] = []
         self.graph_bytes = 0
+        if mode == "train":
+            graph_memory_bytes = 0  # redraw dropout masks per product; see the module docstring
+        self.graph_memory_bytes = graph_memory_bytes
         with model_mode(model, mode):
             for i, (batch, w) in enumerate(zip(self.batches, self.weights)):
                 counter = SavedBytes()

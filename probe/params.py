@@ -54,6 +54,8 @@ class ParameterSpace:
         else:
             if isinstance(select, str):
                 select = [select]
+            if not select:
+                raise ValueError("parameter selection is empty; pass None for all trainable parameters or at least one name")
             valid = [n for n, _ in named]
             for s in select:
                 if not any(n == s or n.startswith(s + ".") for n in valid):

@@ -234,15 +234,19 @@ def test_train_mode_dropout_is_nondeterministic(bn_dropout_model, digits64):
     assert H.check_determinism(generator=torch.Generator().manual_seed(12)) > 1e-3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="probe bug: with kept graphs (the default budget) each batch's dropout mask is frozen into its "
-    "graph, so mode='train' with dropout looks deterministic and check_determinism() returns 0.0, "
-    "contrary to the model_operator docstring",
-)
 def test_train_mode_dropout_revealed_with_default_graph_cache(bn_dropout_model, digits64):
     H = HessianOperator(bn_dropout_model, F.cross_entropy, split(*digits64, SIZES), mode="train")
+    assert H.num_cached_batches == 0  # train mode keeps no graph: masks are redrawn per product
     assert H.check_determinism(generator=torch.Generator().manual_seed(12)) > 1e-3
+
+
+def test_train_mode_leaves_running_statistics_untouched(bn_dropout_model, digits64):
+    before = {k: v.clone() for k, v in bn_dropout_model.state_dict().items()}
+    H = HessianOperator(bn_dropout_model, F.cross_entropy, split(*digits64, SIZES), mode="train")
+    H.matvec(torch.ones(H.dim, dtype=torch.float64))
+    H.loss_and_gradient()
+    for k, v in bn_dropout_model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
 
 
 # --- parameter subsets: diagonal blocks -----------------------------------------------

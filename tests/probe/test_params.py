@@ -103,7 +103,7 @@ def test_unknown_selection_lists_valid_names():
 
 
 def test_empty_selection_rejected(deep_model):
-    with pytest.raises(ValueError, match=r"no trainable parameters to probe"):
+    with pytest.raises(ValueError, match=r"parameter selection is empty; pass None"):
         ParameterSpace.of(deep_model, [])
     deep_model.requires_grad_(False)
     with pytest.raises(ValueError, match=r"no trainable parameters to probe \(all have requires_grad=False\)"):
