@@ -44,6 +44,8 @@ class EigenResult:
         eigenvectors: ``(local_dim, k)`` unit eigenvector estimates, or None.
         method: ``"lanczos"`` or ``"power"``.
         tol: the requested relative residual tolerance.
+        note: why the result is short of what was asked (fewer than ``k`` values,
+            not converged), or ``""``.
     """
 
     which: str
@@ -57,6 +59,7 @@ class EigenResult:
     method: str
     tol: float
     eigenvectors: Tensor | None = None
+    note: str = ""
 
 
 def _wanted(values: Tensor, k: int, which: str) -> Tensor:
@@ -99,11 +102,13 @@ def eigenvalues(
     if not 1 <= k <= op.dim:
         raise ValueError(f"k must be in [1, dim={op.dim}], got k={k}; lower k")
     if tol <= 0:
-        raise ValueError(f"tol must be positive, got tol={tol}")
+        raise ValueError(f"tol must be positive, got tol={tol}; 1e-6 gives eigenvalues to about 1e-12 relative")
     if max_steps is None:
         max_steps = min(op.dim, max(20 * k, 100))
     if not k <= max_steps <= op.dim:
-        raise ValueError(f"max_steps must be in [k={k}, dim={op.dim}], got max_steps={max_steps}")
+        raise ValueError(
+            f"max_steps must be in [k={k}, dim={op.dim}], got max_steps={max_steps}; pass a value in that range or None"
+        )
     if start is None:
         start = op.random_vectors(1, generator=generator, kind="gaussian")
     else:
@@ -138,18 +143,28 @@ def eigenvalues(
         av = op.matmat(vectors)
         residuals = norm(op, av - vectors * values.to(vectors.device, vectors.dtype)).to("cpu", torch.float64)
         exact = True
+    converged = converged and bool((ritz.residual_bounds[idx] <= tol * scale).all())
+    note = ""
+    if len(idx) < k:
+        note = (f"the start vector's Krylov space is invariant after {len(ritz.values)} steps: only "
+                f"{len(ritz.values)} eigenvalues are reachable from it; use another start vector for more")
+    elif not converged:
+        worst = float((ritz.residual_bounds[idx] / scale).max())
+        note = (f"not converged after max_steps={max_steps}: largest relative residual {worst:.2g} > tol={tol:g}; "
+                "raise max_steps or tol")
     return EigenResult(
         which=which,
         eigenvalues=values,
         residuals=residuals,
         residuals_exact=exact,
-        converged=converged and bool((ritz.residual_bounds[idx] <= tol * scale).all()),
+        converged=converged,
         num_matvecs=result.num_matvecs + (len(idx) if return_eigenvectors else 0),
         num_steps=int(result.num_steps[0]),
         orthogonality_loss=float(result.orthogonality_loss[0]),
         method="lanczos",
         tol=tol,
         eigenvectors=vectors,
+        note=note,
     )
 
 
@@ -173,7 +188,9 @@ def power_iteration(
     if not 1 <= k <= op.dim:
         raise ValueError(f"k must be in [1, dim={op.dim}], got k={k}; lower k")
     if tol <= 0 or max_iter <= 0:
-        raise ValueError(f"tol and max_iter must be positive, got tol={tol}, max_iter={max_iter}")
+        raise ValueError(
+            f"tol and max_iter must be positive, got tol={tol}, max_iter={max_iter}; the defaults are tol=1e-3, max_iter=100"
+        )
     found: list[Tensor] = []
     values: list[float] = []
     residuals: list[float] = []

@@ -95,7 +95,16 @@ class SpectrumResult:
         integrand is a ramp (continuous), so Gauss quadrature converges for it; a plain
         *count* of negative eigenvalues does not (see :meth:`negative_fraction`).
         """
-        return self._per_run(lambda v, w: (w * (-v).clamp_min(0)).sum() / (w * v.abs()).sum().clamp_min(1e-300))
+        neg = torch.stack([(w * (-v).clamp_min(0)).sum() for v, w in zip(self.ritz_values, self.ritz_weights)])
+        tot = torch.stack([(w * v.abs()).sum() for v, w in zip(self.ritz_values, self.ritz_weights)])
+        # Ratio of the run means (a mean of per-run ratios is biased at order 1/runs),
+        # with the delta-method standard error.
+        ratio = float(neg.mean() / tot.mean().clamp_min(1e-300))
+        if self.runs < 2:
+            return ratio, float("nan")
+        resid = neg - ratio * tot
+        stderr = float(resid.std(unbiased=True) / (math.sqrt(self.runs) * tot.mean().clamp_min(1e-300)))
+        return ratio, stderr
 
     def negative_fraction(self, threshold: float = 1e-3) -> tuple[float, float]:
         """``(estimate, stderr)`` of the fraction of eigenvalues below ``−threshold·max|θ|``.
@@ -162,7 +171,7 @@ def spectral_density(
             is then exact for polynomials of degree < 160.
         sigma: smoothing standard deviation in eigenvalue units; default
             ``SIGMA_FRACTION`` (0.05, Papyan 2020 §D.2) of the half-width of the
-            Ritz range.
+            Ritz range (``1e-3·max(|λ|, 1)`` when every Ritz value coincides).
         reorth: ``"full"`` (default), ``"selective"`` or ``"none"``; see :mod:`probe.lanczos`.
         grid_points: density evaluation points, spanning the Ritz extremes ± 3σ.
         generator: randomness of the Rademacher start vectors.
@@ -172,9 +181,9 @@ def spectral_density(
             or ``grid_points < 2``.
     """
     if runs < 1:
-        raise ValueError(f"runs must be at least 1, got runs={runs}")
+        raise ValueError(f"runs must be at least 1, got runs={runs}; use 2 or more for standard errors")
     if not 1 <= steps <= op.dim:
-        raise ValueError(f"steps must be in [1, dim={op.dim}], got steps={steps}; lower steps")
+        raise ValueError(f"steps must be in [1, dim={op.dim}], got steps={steps}; choose a step count in that range")
     if sigma is not None and sigma <= 0:
         raise ValueError(f"sigma must be positive (eigenvalue units), got sigma={sigma}")
     if grid_points < 2:

@@ -61,7 +61,8 @@ def _mean_stderr(samples: Tensor) -> tuple[float, float]:
 def _check(num_matvecs: int, minimum: int, block_size: int) -> None:
     if num_matvecs < minimum:
         raise ValueError(
-            f"num_matvecs must be at least {minimum} for a standard error, got num_matvecs={num_matvecs}"
+            f"num_matvecs must be at least {minimum} for a standard error, got num_matvecs={num_matvecs}; "
+            f"raise num_matvecs"
         )
     if block_size < 1:
         raise ValueError(f"block_size must be at least 1, got block_size={block_size}")

@@ -131,6 +131,7 @@ def test_fewer_reachable_eigenvalues_than_asked_is_reported(known_spectrum):
     assert not result.converged
     assert result.num_steps == 3
     assert torch.allclose(result.eigenvalues, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), rtol=1e-12)
+    assert "only 3 eigenvalues are reachable" in result.note
 
 
 def test_power_iteration_agrees_with_dense_lambda_max_to_its_tolerance(mlp_problem):

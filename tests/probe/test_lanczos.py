@@ -154,11 +154,6 @@ def test_breakdown_is_per_run(known_spectrum):
     assert torch.allclose(pairs.weights, torch.tensor([0.2, 0.8], dtype=torch.float64), atol=1e-14)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="breakdown_tol=10·eps·√dim times the run's own max(|α|+β) misses this invariant subspace: "
-    "β₃ = 9.6e-14 against a scale of 0.6 (‖A‖ = 2); see the report on probe/lanczos.py",
-)
 def test_breakdown_in_a_three_dimensional_invariant_subspace_of_small_eigenvalues(known_spectrum):
     spec = known_spectrum(uniform_spectrum())
     start = (spec.eigenvectors[:, 0] - spec.eigenvectors[:, 50] + spec.eigenvectors[:, 70]).unsqueeze(1)

@@ -241,8 +241,8 @@ def test_without_reorthogonalization_the_first_two_moments_match_the_hessian(mlp
     "kwargs,match",
     [
         ({"runs": 0}, r"runs must be at least 1, got runs=0"),
-        ({"steps": 0}, r"steps must be in \[1, dim=20\], got steps=0; lower steps"),
-        ({"steps": 21}, r"steps must be in \[1, dim=20\], got steps=21; lower steps"),
+        ({"steps": 0}, r"steps must be in \[1, dim=20\], got steps=0; choose a step count in that range"),
+        ({"steps": 21}, r"steps must be in \[1, dim=20\], got steps=21; choose a step count in that range"),
         ({"sigma": 0.0}, r"sigma must be positive \(eigenvalue units\), got sigma=0.0"),
         ({"sigma": -1.0}, r"sigma must be positive \(eigenvalue units\), got sigma=-1.0"),
         ({"grid_points": 1}, r"grid_points must be at least 2, got grid_points=1"),
