@@ -88,7 +88,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be loaded safely (weights_only=True): {str(exc).splitlines()[0]}; "
+            f"checkpoint {str(path)!r} cannot be loaded safely (weights_only=True): "
+            f"{next(iter(str(exc).splitlines()), '') or type(exc).__name__}; "
             "save it as safetensors or as a plain state dict"
         ) from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -32,7 +32,15 @@ class PlacementError(RuntimeError):
 
 
 class TaskError(RuntimeError):
-    """A task failed inside a worker for a reason that a restart would not fix (bad checkpoint, NaN...)."""
+    """A task failed inside a worker for a reason that a restart would not fix (bad checkpoint, NaN...).
+
+    ``group_usable`` is False when some workers may still be blocked in a collective
+    (not every rank failed): the driver then rebuilds the group before the next task.
+    """
+
+    def __init__(self, message: str, *, group_usable: bool = True) -> None:
+        super().__init__(message)
+        self.group_usable = group_usable
 
 
 class LocalGroup:
@@ -78,22 +86,26 @@ class ProcessGroup:
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
-        self.info = [self._recv(c) for c in self.conns]
+        self.info = self._all()
 
-    def _recv(self, conn) -> Any:
+    def _recv(self, conn) -> tuple[str, Any]:
         try:
-            status, payload = conn.recv()
+            return conn.recv()
         except (EOFError, ConnectionError) as exc:
             raise WorkerLost("a worker process exited") from exc
-        if status == "error":
-            raise TaskError(payload.splitlines()[0])
-        return payload
+
+    def _all(self) -> list[Any]:
+        # Read every rank's reply before judging, so no reply is left in a pipe for the next task.
+        replies = [self._recv(c) for c in self.conns]
+        for status, payload in replies:
+            if status == "error":
+                raise TaskError(payload.splitlines()[0])
+        return [payload for _, payload in replies]
 
     def run(self, task: dict) -> dict:
         for c in self.conns:
             c.send(task)
-        results = [self._recv(c) for c in self.conns]
-        return results[0]
+        return self._all()[0]
 
     def close(self) -> None:
         for c in self.conns:
@@ -187,7 +199,10 @@ class RayGroup:
                 raise WorkerLost(f"worker died mid-task: {type(exc).__name__}") from exc
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause if exc.cause is not None else exc
-                raise TaskError(str(cause).splitlines()[0] if str(cause) else type(cause).__name__) from exc
+                message = next(iter(str(cause).splitlines()), "") or type(cause).__name__
+                # Peers that did not fail too may be blocked in a collective.
+                _, still = ray.wait(pending, num_returns=len(pending), timeout=30) if pending else ([], [])
+                raise TaskError(message, group_usable=not still) from exc
         return results[refs[0]]
 
     def close(self) -> None:

@@ -224,7 +224,8 @@ def run_job(
                         record = group.run(task.payload())
                     except (WorkerLost, TaskError) as exc:
                         decision = policy.decide(exc, attempts)
-                        if isinstance(exc, WorkerLost) and group is not None:
+                        unusable = isinstance(exc, WorkerLost) or not getattr(exc, "group_usable", True)
+                        if unusable and group is not None:
                             group.close()
                             group = None
                         if decision == "restart":
@@ -238,6 +239,7 @@ def run_job(
                         progress(f"[{spec.name}] FAILED {task.kind} @ {task.checkpoint}: {exc}")
                         break
                     row = {**base_row(task), **record, "created_at": _now(), "attempts": attempts}
+                    row["checkpoint_metadata"] = json.dumps(record.get("checkpoint_metadata", {}), sort_keys=True)
                     row["device"] = str(group.info[0].get("device", "cpu")) if hasattr(group, "info") else "cpu"
                     store.write_result(task.kind, row)
                     with lock:

@@ -37,6 +37,7 @@ COMMON_FIELDS = [
     pa.field("versions", pa.string()),  # JSON: library versions
     pa.field("duration_s", _f64),
     pa.field("attempts", pa.int32()),  # 1 + restarts after worker failures
+    pa.field("checkpoint_metadata", pa.string()),  # JSON: metadata saved with the checkpoint (lr, step, ...)
 ]
 
 KIND_FIELDS: dict[str, list[pa.Field]] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +38,28 @@ class SpecError(ValueError):
     """A spec that cannot be run; the message names the key and the fix."""
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML loader that reads ``1e-8`` as a float (YAML 1.2; PyYAML's 1.1 rules need a dot)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 # Options each probe kind accepts, with defaults. Kinds listed in DESIGN.md whose
 # probes are not built yet are rejected by name (see IMPLEMENTED_KINDS).
 PROBE_OPTIONS: dict[str, dict[str, Any]] = {
@@ -45,6 +68,35 @@ PROBE_OPTIONS: dict[str, dict[str, Any]] = {
     "spectrum": {"runs": 10, "steps": 80, "sigma": None, "reorth": "full", "grid_points": 1000},
 }
 ALL_KINDS = ("eigenvalues", "trace", "spectrum", "sharpness", "barrier", "surface", "eos", "pacbayes", "noise", "critical")
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# (check, what it expects) per option; the message reads "probes[KIND].OPTION must be WHAT, got VALUE".
+_OPTION_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "eigenvalues": {
+        "k": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "which": (lambda v: v in ("largest", "smallest"), "'largest' or 'smallest'"),
+        "tol": (lambda v: _is_num(v) and v > 0, "a positive number"),
+        "max_steps": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null"),
+    },
+    "trace": {
+        "method": (lambda v: v in ("hutchinson", "hutch++"), "'hutchinson' or 'hutch++'"),
+        "matvecs": (lambda v: _is_int(v) and v >= 6, "an integer of at least 6"),
+    },
+    "spectrum": {
+        "runs": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "sigma": (lambda v: v is None or (_is_num(v) and v > 0), "a positive number (eigenvalue units) or null"),
+        "reorth": (lambda v: v in ("full", "selective", "none"), "'full', 'selective' or 'none'"),
+        "grid_points": (lambda v: _is_int(v) and v >= 2, "an integer of at least 2"),
+    },
+}
+
 PRECISIONS = ("float32", "float64")
 MODES = ("eval", "train")
 LOSSES = ("cross_entropy", "mse")
@@ -65,6 +117,18 @@ def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise SpecError(f"{name} must be a positive integer, got {value!r}")
+
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9._ -]*$")
+
+
+def _check_name(name: Any) -> None:
+    """Job names start with a letter: they become hive partition values, which readers
+    would otherwise type as numbers."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise SpecError(
+            f"name must start with a letter and use letters, digits, '.', '_', '-' or spaces, got {name!r}"
+        )
 
 
 def _check_factory(name: str, value: Any) -> None:
@@ -115,6 +179,8 @@ class DataSpec:
         _check_factory("data.factory", self.factory)
         _positive_int("data.num_examples", self.num_examples)
         _positive_int("data.batch_size", self.batch_size)
+        if not isinstance(self.kwargs, dict):
+            raise SpecError(f"data.kwargs must be a mapping, got {self.kwargs!r}")
         if not isinstance(self.eval_sets, dict):
             raise SpecError(f"data.eval_sets must be a mapping of name to {{factory, kwargs}}, got {self.eval_sets!r}")
 
@@ -160,6 +226,10 @@ class ProbeSpec:
                 f"probe kind {self.kind!r} is not available in this version; available: {', '.join(PROBE_OPTIONS)}"
             )
         _check_keys(f"probes[{self.kind}]", self.options, list(PROBE_OPTIONS[self.kind]))
+        for name, value in self.options.items():
+            check, expected = _OPTION_CHECKS[self.kind][name]
+            if not check(value):
+                raise SpecError(f"probes[{self.kind}].{name} must be {expected}, got {value!r}")
 
     def resolved(self) -> dict:
         """The options with defaults filled in (what the probe runs with and what is recorded)."""
@@ -169,6 +239,10 @@ class ProbeSpec:
 @dataclass(frozen=True)
 class OutputSpec:
     path: str = "results"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise SpecError(f"output.path must be a folder path (a non-empty string), got {self.path!r}")
 
 
 @dataclass(frozen=True)
@@ -185,8 +259,7 @@ class JobSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise SpecError(f"name must be a non-empty string, got {self.name!r}")
+        _check_name(self.name)
         if self.precision not in PRECISIONS:
             raise SpecError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.mode not in MODES:
@@ -278,7 +351,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         path, sep, text = item.partition("=")
         if not sep or not path:
             raise SpecError(f"--set expects key.path=value, got {item!r}")
-        value = yaml.safe_load(text) if text else ""
+        try:
+            value = _yaml(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise SpecError(f"--set {item!r}: value {text!r} is not valid YAML ({str(exc).splitlines()[0]})") from exc
         keys = path.split(".")
         node: Any = raw
         for k in keys[:-1]:
@@ -313,7 +389,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _yaml(path.read_text())
     except FileNotFoundError as exc:
         raise SpecError(f"spec file {str(path)!r} not found") from exc
     except yaml.YAMLError as exc:

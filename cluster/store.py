@@ -13,8 +13,8 @@ partition after each write.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -24,7 +24,7 @@ from cluster.schema import RUNS_SCHEMA, schema_for
 
 __all__ = ["ResultStore", "StoreError"]
 
-_SAFE = re.compile(r"[^A-Za-z0-9._=-]")
+_JOB_PARTITIONING = ds.partitioning(pa.schema([("job", pa.string())]), flavor="hive")
 
 
 class StoreError(OSError):
@@ -32,7 +32,8 @@ class StoreError(OSError):
 
 
 def _partition(name: str) -> str:
-    return "job=" + _SAFE.sub("_", name)
+    # URI-encoded (pyarrow decodes hive segments as URIs), so any job name reads back unchanged.
+    return "job=" + quote(name, safe="")
 
 
 class ResultStore:
@@ -55,12 +56,16 @@ class ResultStore:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
             (folder / "_SUCCESS").touch()
-        except OSError as exc:
+        except BaseException as exc:
             try:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
-            raise StoreError(f"cannot write results to {str(folder)!r}: {exc.strerror or exc}; earlier results are intact") from exc
+            if isinstance(exc, OSError):
+                raise StoreError(
+                    f"cannot write results to {str(folder)!r}: {exc.strerror or exc}; earlier results are intact"
+                ) from exc
+            raise
         return final
 
     def write_result(self, kind: str, row: dict) -> Path:
@@ -86,4 +91,4 @@ class ResultStore:
         if not folder.is_dir():
             schema = RUNS_SCHEMA if kind == "runs" else schema_for(kind)
             return schema.empty_table()
-        return ds.dataset(folder, format="parquet", partitioning="hive").to_table()
+        return ds.dataset(folder, format="parquet", partitioning=_JOB_PARTITIONING).to_table()

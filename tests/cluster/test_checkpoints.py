@@ -127,8 +127,6 @@ def test_truncated_zip_pytorch_file_is_refused_naming_the_file(tmp_path):
         load_checkpoint(path)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: load_checkpoint formats str(exc).splitlines()[0], which raises IndexError "
-                   "when torch.load fails with a message-less exception (EOFError on a truncated legacy pickle)")
 def test_truncated_pytorch_file_is_refused_naming_the_file(tmp_path):
     good = tmp_path / "good.pt"
     torch.save(state_dict(), good, _use_new_zipfile_serialization=False)

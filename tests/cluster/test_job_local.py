@@ -212,8 +212,6 @@ def test_checkpoint_missing_a_key_fails_its_task_and_the_others_succeed(make_spe
     assert (rerun.num_skipped, rerun.num_done, rerun.num_failed) == (1, 0, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: ProcessGroup.run raises on rank 0's error without reading the other "
-                   "ranks' replies; they stay in the pipes, so the next task gets the previous task's error")
 def test_process_group_reads_every_reply_of_a_failed_task():
     group = ProcessGroup.__new__(ProcessGroup)  # the driver side only: replies are scripted
     pipes = [multiprocessing.Pipe() for _ in range(2)]

