@@ -17,10 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from probe.slq import SpectrumResult  # noqa: E402
 
-__all__ = ["plot_density"]
+__all__ = ["plot_density", "save_png"]
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_png(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -59,4 +59,4 @@ def plot_density(result: SpectrumResult, path: str | os.PathLike, *, title: str 
         title
         or f"SLQ density: {result.runs} runs × {result.steps} steps, σ={result.sigma:.3g}, reorth={result.reorth}"
     )
-    return _save(fig, path)
+    return save_png(fig, path)
