@@ -53,6 +53,9 @@ class Evaluator:
         classification: also count errors (``argmax(outputs) != targets``); default:
             True when targets are integer tensors.
         chunk_size: points per vmapped evaluation in :meth:`losses`.
+        total_examples: the global example count when ``batches`` is one worker's
+            shard (losses are then this shard's weighted share; sum them over
+            workers); default: the local count.
 
     Raises:
         ValueError: for an empty probe set.
@@ -68,6 +71,7 @@ class Evaluator:
         recompute_bn: bool | None = None,
         classification: bool | None = None,
         chunk_size: int = 16,
+        total_examples: int | None = None,
     ) -> None:
         batches = list(batches)
         if not batches:
@@ -79,9 +83,11 @@ class Evaluator:
         self.dtype, self.device = first.dtype, first.device
         self.batches = [(move_batch(x, self.dtype, self.device), move_batch(y, self.dtype, self.device)) for x, y in batches]
         sizes = [batch_size_of(y) for _, y in self.batches]
-        total = sum(sizes)
+        self.num_examples = sum(sizes)
+        total = total_examples if total_examples is not None else self.num_examples
+        if total <= 0:
+            raise ValueError(f"total_examples must be positive, got {total}")
         self.weights = [n / total for n in sizes]
-        self.num_examples = total
         self.recompute_bn = has_batchnorm(model) if recompute_bn is None else recompute_bn
         y0 = self.batches[0][1]
         self.classification = (
