@@ -1,0 +1,60 @@
+"""Every Prometheus metric of the service, declared once.
+
+Names carry the ``probe_`` prefix and base units (seconds); counters end in
+``_total``. Labels stay bounded: ``job`` / ``series`` (names from specs), ``kind``
+(probe kinds), ``outcome`` and ``reason`` (fixed vocabularies). Checkpoint paths
+and hashes never become labels; they go to Parquet.
+
+The driver and the audit service expose a private registry over HTTP with
+:func:`serve`, bound to loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["Metrics", "serve", "FAILURE_REASONS", "DURATION_BUCKETS_S"]
+
+# Probe durations run from seconds (a small model's trace) to hours (SLQ on a large model).
+DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
+FAILURE_REASONS = ("bad_checkpoint", "bad_spec", "worker_lost", "non_finite", "placement", "write_failed", "other")
+OUTCOMES = ("succeeded", "failed", "skipped")
+
+
+class Metrics:
+    """The metric families, on their own registry (so tests and several services never collide)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.tasks = Counter("probe_tasks_total", "Probe tasks finished, by outcome.", ["job", "kind", "outcome"], registry=r)
+        self.tasks_planned = Gauge("probe_tasks_planned", "Tasks in the current job run.", ["job"], registry=r)
+        self.tasks_done = Gauge("probe_tasks_done", "Tasks of the current job run finished (any outcome).", ["job"], registry=r)
+        self.hvps = Counter("probe_hvp_total", "Hessian-vector products computed.", ["job", "kind"], registry=r)
+        self.duration = Histogram(
+            "probe_task_duration_seconds", "Wall time of one probe task.", ["job", "kind"], buckets=DURATION_BUCKETS_S, registry=r
+        )
+        self.failures = Counter("probe_failures_total", "Task failures, by reason.", ["job", "reason"], registry=r)
+        self.restarts = Counter("probe_worker_restarts_total", "Worker groups rebuilt after a worker died.", ["job"], registry=r)
+        self.last_success = Gauge(
+            "probe_last_success_timestamp_seconds", "Unix time of the last successful task.", ["job", "kind"], registry=r
+        )
+        self.audit_passes = Counter("probe_audit_passes_total", "Audit passes, by outcome.", ["job", "outcome"], registry=r)
+        self.audit_last_pass = Gauge(
+            "probe_audit_last_pass_timestamp_seconds", "Unix time of the last completed audit pass.", ["job"], registry=r
+        )
+        self.lambda_max = Gauge("probe_lambda_max", "Latest top Hessian eigenvalue of the series.", ["series"], registry=r)
+        self.trace = Gauge("probe_hessian_trace", "Latest Hessian trace estimate of the series.", ["series"], registry=r)
+        self.eos_ratio = Gauge("probe_eos_ratio", "Latest λ_max / stability threshold of the series.", ["series"], registry=r)
+        self.barrier = Gauge("probe_barrier_height", "Latest loss barrier height of the series.", ["series", "path"], registry=r)
+
+    def failure(self, job: str, reason: str) -> None:
+        """Count a failure; unknown reasons are folded into ``other`` to keep labels bounded."""
+        self.failures.labels(job=job, reason=reason if reason in FAILURE_REASONS else "other").inc()
+
+
+def serve(metrics: Metrics, *, port: int = 9464, addr: str = "127.0.0.1"):
+    """Serve ``metrics`` at ``http://addr:port/metrics``; loopback unless ``addr`` says otherwise.
+
+    Returns the ``(server, thread)`` pair from ``prometheus_client`` (``server.shutdown()`` stops it).
+    """
+    return start_http_server(port, addr=addr, registry=metrics.registry)
