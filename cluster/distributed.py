@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from probe.evaluate import Evaluator
 from probe.operators import CurvatureOperator
 
-__all__ = ["ShardedOperator", "shard_bounds"]
+__all__ = ["ShardedOperator", "ShardedEvaluator", "shard_bounds"]
 
 
 def shard_bounds(dim: int, world_size: int) -> list[int]:
@@ -114,3 +115,70 @@ class ShardedOperator(CurvatureOperator):
             return out[: self.local_dim]
         self._collective(dist.all_reduce, full)
         return full[self._slice].contiguous()
+
+
+class _SumOverWorkers(torch.autograd.Function):
+    """Forward: all-reduce sum. Backward: identity, because the parameter gradient of
+    each worker's share is summed over workers by a hook on the parameters (see
+    :class:`ShardedEvaluator`), which is where the full gradient must appear."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:  # noqa: D102
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        return grad, None
+
+
+class ShardedEvaluator(Evaluator):
+    """An :class:`~probe.evaluate.Evaluator` over a data shard whose results are whole-set means.
+
+    Each worker evaluates its shard (weights use the global example count); losses,
+    error rates and gradients are summed over the group, and BatchNorm statistics
+    re-estimated at a point are pooled over every worker's batches, so every
+    worker sees exactly what one process with all the data would. Arguments as
+    :class:`Evaluator`, plus ``group``; ``total_examples`` is required.
+    """
+
+    def __init__(self, *args, group: dist.ProcessGroup | None = None, **kwargs) -> None:
+        if kwargs.get("total_examples") is None:
+            raise ValueError("ShardedEvaluator needs total_examples, the example count over every worker")
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+    def _sum(self, t: Tensor) -> Tensor:
+        t = t.clone()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def _bn_buffers(self, flat: Tensor) -> dict[str, Tensor]:
+        buffers = super()._bn_buffers(flat)
+        # Momentum-None statistics are means over batches: pool them over every worker's batches.
+        for name, m in self.model.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                prefix = f"{name}." if name else ""
+                n = buffers[prefix + "num_batches_tracked"].to(buffers[prefix + "running_mean"].dtype)
+                total = self._sum(n.reshape(1))
+                for stat in ("running_mean", "running_var"):
+                    buffers[prefix + stat] = self._sum(buffers[prefix + stat] * n) / total
+                buffers[prefix + "num_batches_tracked"] = total.to(torch.long).reshape(())
+        return buffers
+
+    def _evaluate(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        if flat.requires_grad:
+            flat = flat.view_as(flat)  # a fresh alias per call, so hooks never pile up
+            flat.register_hook(self._sum)
+        loss, err = super()._evaluate(flat)
+        both = _SumOverWorkers.apply(torch.stack([loss, err]), self.group)
+        return both[0], both[1]
+
+    @torch.no_grad()
+    def losses(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        if self.recompute_bn:  # per point through _evaluate, already summed
+            return super().losses(points)
+        losses, errors = super().losses(points)
+        both = self._sum(torch.stack([losses, errors.nan_to_num(0.0)]).to(self.device))
+        return both[0].cpu(), both[1].cpu() if self.classification else errors
