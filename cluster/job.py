@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from cluster.checkpoints import expand_checkpoints, file_sha256
+from pathlib import Path
+
+from cluster.checkpoints import CheckpointError, expand_checkpoints, file_sha256
 from cluster.groups import LocalGroup, ProcessGroup, RayGroup, TaskError, WorkerLost
 from cluster.schema import SCHEMA_VERSION
 from cluster.spec import JobSpec
@@ -72,13 +74,44 @@ def _task_key(spec: JobSpec, ckpt_sha: str, kind: str, options: dict, probe_inde
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
+# Kinds that run once per spec entry over named checkpoints, not once per checkpoint.
+PAIRWISE_KINDS = ("barrier", "eos")
+
+
+def _sha(path: str) -> str:
+    if path == "init":
+        return "init"
+    if not Path(path).is_file():
+        raise CheckpointError(f"barrier endpoint {path!r} does not exist; give a checkpoint file or 'init'")
+    return file_sha256(path)
+
+
 def plan_tasks(spec: JobSpec, checkpoints: list[tuple[str, str]], data_sha: str) -> list[Task]:
-    """Tasks for ``checkpoints`` (``(path, sha256)`` pairs) × the spec's probes, in checkpoint order."""
+    """Tasks for ``checkpoints`` (``(path, sha256)`` pairs) × the spec's probes, in checkpoint order.
+
+    A barrier probe is one task over its two endpoints (its row's ``checkpoint`` is
+    the second endpoint; the task key covers both endpoints' contents).
+    """
     tasks = []
     for path, sha in checkpoints:
         for i, p in enumerate(spec.probes):
+            if p.kind in PAIRWISE_KINDS:
+                continue
             options = p.resolved()
+            if p.kind == "surface" and options["directions"] == "pca":  # PCA of the checkpoint trajectory
+                options = {**options, "series": [c for c, _ in checkpoints]}
             tasks.append(Task(path, sha, p.kind, options, i, _task_key(spec, sha, p.kind, options, i, data_sha)))
+    for i, p in enumerate(spec.probes):
+        if p.kind == "eos" and checkpoints:  # one task over the whole series, in order
+            options = {**p.resolved(), "series": [c for c, _ in checkpoints]}
+            key = _task_key(spec, "".join(s for _, s in checkpoints), p.kind, p.resolved(), i, data_sha)
+            tasks.append(Task(checkpoints[-1][0], checkpoints[-1][1], p.kind, options, i, key))
+        if p.kind == "barrier":
+            options = p.resolved()
+            a, b = options["between"]
+            sha_a, sha_b = _sha(a), _sha(b)
+            key = _task_key(spec, sha_a + sha_b, p.kind, options, i, data_sha)
+            tasks.append(Task(b, sha_b, p.kind, options, i, key))
     return tasks
 
 
@@ -238,13 +271,15 @@ def run_job(
                             summary.failures.append({"task": task.key, "checkpoint": task.checkpoint, "kind": task.kind, "reason": str(exc)})
                         progress(f"[{spec.name}] FAILED {task.kind} @ {task.checkpoint}: {exc}")
                         break
-                    row = {**base_row(task), **record, "created_at": _now(), "attempts": attempts}
-                    row["checkpoint_metadata"] = json.dumps(record.get("checkpoint_metadata", {}), sort_keys=True)
-                    row["device"] = str(group.info[0].get("device", "cpu")) if hasattr(group, "info") else "cpu"
-                    store.write_result(task.kind, row)
+                    common = {**base_row(task), **{k: v for k, v in record.items() if k != "rows"},
+                              "created_at": _now(), "attempts": attempts,
+                              "checkpoint_metadata": json.dumps(record.get("checkpoint_metadata", {}), sort_keys=True),
+                              "device": str(group.info[0].get("device", "cpu"))}
+                    rows = [{**common, **r} for r in record.get("rows", [{}])]
+                    store.write_result(task.kind, rows)
                     with lock:
                         summary.num_done += 1
-                        summary.records.append(row)
+                        summary.records.extend(rows)
                         n = summary.num_done + summary.num_failed
                     progress(
                         f"[{spec.name}] {n}/{len(todo)} {task.kind} @ {task.checkpoint.rsplit('/', 1)[-1]}: "

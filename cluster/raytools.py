@@ -49,7 +49,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
                 "check the address (GCS host:port, or 'auto') and that the head node is running"
             ) from exc
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    # address="local" starts a new instance even when a stale one is recorded under /tmp/ray.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
 def submission_id(spec_path: str | Path, overrides: list[str]) -> str:

@@ -1,26 +1,62 @@
-"""One function per probe kind: operator and options in, plain record out.
+"""One function per probe kind: a probe context and options in, plain records out.
 
-Each runner calls a :mod:`probe` estimator and turns its frozen result into a dict
-of scalars and lists (what goes back to the driver and into Parquet). Runners
-run identically on every worker of a group; the driver keeps rank 0's record.
+Each runner calls :mod:`probe` functions and turns their frozen results into a
+dict of scalars and lists (what goes back to the driver and into Parquet); a
+runner that yields several rows (one per sharpness measure, per barrier path and
+evaluation set) returns ``{"rows": [...]}``. Runners run identically on every
+worker of a group (SPMD); the driver keeps rank 0's record.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from pathlib import Path
 
 import torch
 
+from cluster.checkpoints import file_sha256
+from probe.barrier import barrier
+from probe.directions import Directions, pca_directions, random_directions
+from probe.eos import eos_point
+from probe.surface import surface
+from probe.curves import PATH_KINDS, train_bend
 from probe.eigen import eigenvalues
-from probe.operators import CurvatureOperator
+from probe.sharpness import adaptive_sharpness, average_sharpness, keskar_sharpness, lambda_max, sam_sharpness
 from probe.slq import spectral_density
 from probe.trace import trace
 
-__all__ = ["RUNNERS", "run_probe"]
+__all__ = ["ProbeContext", "RUNNERS", "run_probe"]
 
 
-def _eigenvalues(op: CurvatureOperator, o: dict, g: torch.Generator) -> dict:
-    r = eigenvalues(op, o["k"], which=o["which"], tol=o["tol"], max_steps=o["max_steps"], generator=g)
+@dataclass
+class ProbeContext:
+    """What a runner may use: the worker (data shards, operators, evaluators) and the loaded model."""
+
+    worker: Any
+    model: torch.nn.Module
+    checkpoint: str
+    metadata: dict = field(default_factory=dict)
+
+    def operator(self, model: torch.nn.Module | None = None):
+        return self.worker.operator(self.model if model is None else model)
+
+    def evaluator(self, eval_set: str = "probe", model: torch.nn.Module | None = None):
+        return self.worker.evaluator(self.model if model is None else model, eval_set)
+
+    def load(self, checkpoint: str) -> torch.nn.Module:
+        return self.worker.build_model(checkpoint)[0]
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _eigenvalues(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    r = eigenvalues(ctx.operator(), o["k"], which=o["which"], tol=o["tol"], max_steps=o["max_steps"], generator=g)
     return {
         "which": r.which,
         "eigenvalues": r.eigenvalues.tolist(),
@@ -29,17 +65,19 @@ def _eigenvalues(op: CurvatureOperator, o: dict, g: torch.Generator) -> dict:
         "num_steps": r.num_steps,
         "orthogonality_loss": r.orthogonality_loss,
         "num_matvecs": r.num_matvecs,
+        "note": r.note,
     }
 
 
-def _trace(op: CurvatureOperator, o: dict, g: torch.Generator) -> dict:
-    r = trace(op, method=o["method"], num_matvecs=o["matvecs"], generator=g)
+def _trace(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    r = trace(ctx.operator(), method=o["method"], num_matvecs=o["matvecs"], generator=g)
     return {"method": r.method, "trace": r.trace, "trace_stderr": r.trace_stderr, "num_matvecs": r.num_matvecs}
 
 
-def _spectrum(op: CurvatureOperator, o: dict, g: torch.Generator) -> dict:
+def _spectrum(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
     r = spectral_density(
-        op, runs=o["runs"], steps=o["steps"], sigma=o["sigma"], reorth=o["reorth"], grid_points=o["grid_points"], generator=g
+        ctx.operator(), runs=o["runs"], steps=o["steps"], sigma=o["sigma"], reorth=o["reorth"],
+        grid_points=o["grid_points"], generator=g,
     )
     neg, neg_err = r.negative_mass()
     return {
@@ -60,19 +98,189 @@ def _spectrum(op: CurvatureOperator, o: dict, g: torch.Generator) -> dict:
     }
 
 
-RUNNERS: dict[str, Callable[[CurvatureOperator, dict, torch.Generator], dict]] = {
+def _sharpness(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    ev = ctx.evaluator()
+    results = []
+    for measure in o["measures"]:
+        if measure == "lambda_max":
+            results.append(lambda_max(ctx.operator(), generator=g))
+        elif measure == "keskar":
+            results.append(keskar_sharpness(ev, epsilon=o["epsilon"], steps=o["steps"], generator=g))
+        elif measure == "sam":
+            results.append(sam_sharpness(ev, rho=o["rho"], steps=1, generator=g))
+            results.append(sam_sharpness(ev, rho=o["rho"], steps=o["steps"], generator=g))
+        elif measure == "adaptive":
+            results.append(adaptive_sharpness(ev, kind="worst", p=2, rho=o["adaptive_rho"], steps=o["steps"], generator=g))
+        elif measure == "average":
+            results.append(average_sharpness(ev, sigma=o["sigma"], num_samples=o["num_samples"], generator=g))
+    rows = []
+    for r in results:
+        params = dict(r.params)
+        rows.append({
+            "measure": r.measure,
+            "value": float(r.value),
+            "stderr": _finite(r.stderr),
+            "base_loss": float(r.base_loss),
+            "perturbed_loss": float(r.perturbed_loss),
+            "epsilon": params.get("epsilon"),
+            "rho": params.get("rho"),
+            "sigma": params.get("sigma"),
+            "norm": params.get("norm"),
+            "steps": params.get("steps"),
+            "num_samples": params.get("num_samples"),
+            "params": json.dumps(params, sort_keys=True, default=str),
+            "num_evaluations": r.num_evaluations,
+            "num_matvecs": r.num_matvecs,
+            "note": r.note,
+        })
+    return {"rows": rows, "num_matvecs": sum(r["num_matvecs"] for r in rows)}
+
+
+def _barrier(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    end_a, end_b = o["between"]
+    model_a, model_b = ctx.load(end_a), ctx.load(end_b)
+    ev_train = ctx.evaluator("probe", model_a)
+    space = ev_train.space
+    a, b = space.get_flat(model_a), space.get_flat(model_b)
+    evaluators = {name: ctx.evaluator(name, model_a) for name in o["eval_sets"]}
+    kinds = o["path"] if isinstance(o["path"], list) else [o["path"]]
+    rows = []
+    for kind in kinds:
+        path = PATH_KINDS[kind](a, b)
+        training = None
+        if kind != "linear":
+            training = train_bend(path, ev_train, steps=o["train_steps"], lr=o["train_lr"],
+                                  optimizer=o["train_optimizer"], generator=g)
+            path = training.path
+        for name, r in barrier(path, evaluators, points=o["points"]).items():
+            rows.append({
+                "path": kind,
+                "endpoint_a": end_a,
+                "endpoint_b": end_b,
+                "eval_set": name,
+                "mode": r.mode,
+                "t": r.t.tolist(),
+                "loss": r.loss.tolist(),
+                "error": [None if math.isnan(e) else e for e in r.error.tolist()],
+                "loss_a": float(r.loss_a),
+                "loss_b": float(r.loss_b),
+                "barrier_height": float(r.barrier_height),
+                "barrier_above_line": float(r.barrier_above_line),
+                "path_integral": float(r.path_integral),
+                "error_barrier_height": _finite(float(r.error_barrier_height)),
+                "num_nonfinite": int(r.num_nonfinite),
+                "train_steps": training.steps_done if training else 0,
+                "train_final_loss": float(training.losses[-1]) if training and len(training.losses) else None,
+            })
+    return {"rows": rows, "num_matvecs": 0}
+
+
+def _surface(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    ev = ctx.evaluator()
+    center = ev.center()
+    grid = torch.linspace(-o["span"], o["span"], o["resolution"], dtype=torch.float64)
+    k = o["dims"]
+    matvecs = 0
+    if o["directions"] == "random":
+        dirs = random_directions(ev.space, center, k, g, normalization=o["normalization"] or "filter",
+                                 ignore_1d=o["ignore_1d"])
+    elif o["directions"] == "eigen":
+        op = ctx.operator()
+        r = eigenvalues(op, k, which="largest", generator=g, return_eigenvectors=True)
+        vectors = r.eigenvectors
+        if hasattr(op, "gather"):  # sharded: whole vectors are needed to move through parameter space
+            vectors = op.gather(vectors)
+        matvecs = r.num_matvecs
+        dirs = Directions(vectors=vectors.T.contiguous().to(center.dtype), kind="eigen", normalization="none",
+                          ignore_1d=False, eigenvalues=r.eigenvalues.cpu(), note=r.note)
+    else:
+        trajectory = [ev.space.get_flat(ctx.load(c)) for c in o["series"]]
+        dirs = pca_directions(trajectory, center, k)
+    betas = grid if k == 2 else None
+    r = surface(ev, center, dirs, grid, betas)
+    return {
+        "dims": k,
+        "normalization": r.normalization,
+        "directions": r.directions,
+        "ignore_1d": r.ignore_1d,
+        "mode": r.mode,
+        "alpha": list(r.alphas),
+        "beta": list(r.betas),
+        "loss": r.loss_flat,
+        "error": [None if math.isnan(e) else e for e in r.error_flat],
+        "num_evaluations": r.num_evaluations,
+        "num_nonfinite": r.num_nonfinite,
+        "direction_norms": list(r.direction_norms),
+        "direction_cosine": _finite(r.direction_cosine),
+        "eigenvalues": [float(x) for x in r.eigenvalues],
+        "num_matvecs": matvecs,
+        "note": r.note,
+    }
+
+
+def _learning_rate(option: float | None, checkpoint: str, meta: dict) -> tuple[float, str]:
+    if option is not None:
+        return float(option), "spec"
+    if "lr" in meta:
+        return float(meta["lr"]), "metadata"
+    sidecar = Path(checkpoint).with_suffix(".json")
+    if sidecar.is_file():
+        data = json.loads(sidecar.read_text())
+        if "lr" in data:
+            return float(data["lr"]), "sidecar"
+    raise ValueError(
+        f"no learning rate for {checkpoint!r}: set probes[eos].lr, save 'lr' in the checkpoint's metadata, "
+        f"or write it to {sidecar.name} as {{\"lr\": ...}}"
+    )
+
+
+def _eos(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    rows, previous, total = [], None, 0
+    for index, checkpoint in enumerate(o["series"]):
+        model, meta = ctx.worker.build_model(checkpoint)
+        lr, source = _learning_rate(o["lr"], checkpoint, meta)
+        step = int(float(meta.get("step", index)))
+        point = eos_point(ctx.operator(model), lr, step=step, optimizer=o["optimizer"], momentum=o["momentum"],
+                          previous=previous, tol=o["tol"], generator=g)
+        previous = point.eigenvector
+        total += point.num_matvecs
+        rows.append({
+            "checkpoint": checkpoint,
+            "checkpoint_sha256": file_sha256(checkpoint),
+            "step": point.step,
+            "lr": point.lr,
+            "lr_source": source,
+            "optimizer": point.optimizer,
+            "momentum": point.momentum,
+            "lambda_max": point.lambda_max,
+            "threshold": point.threshold,
+            "ratio": point.ratio,
+            "residual": point.residual,
+            "converged": point.converged,
+            "warm_started": point.warm_started,
+            "num_matvecs": point.num_matvecs,
+            "note": point.note,
+        })
+    return {"rows": rows, "num_matvecs": total}
+
+
+RUNNERS: dict[str, Callable[[ProbeContext, dict, torch.Generator], dict]] = {
     "eigenvalues": _eigenvalues,
     "trace": _trace,
     "spectrum": _spectrum,
+    "sharpness": _sharpness,
+    "barrier": _barrier,
+    "surface": _surface,
+    "eos": _eos,
 }
 
 
-def run_probe(kind: str, op: CurvatureOperator, options: dict[str, Any], seed: int) -> dict:
-    """Run probe ``kind`` on ``op`` with resolved ``options`` and randomness from ``seed``.
+def run_probe(kind: str, ctx: ProbeContext, options: dict[str, Any], seed: int) -> dict:
+    """Run probe ``kind`` with resolved ``options`` and randomness from ``seed``.
 
     Raises:
         ValueError: for a kind without a runner.
     """
     if kind not in RUNNERS:
         raise ValueError(f"no runner for probe kind {kind!r}; available: {', '.join(RUNNERS)}")
-    return RUNNERS[kind](op, options, torch.Generator().manual_seed(seed))
+    return RUNNERS[kind](ctx, options, torch.Generator().manual_seed(seed))

@@ -49,6 +49,7 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("num_steps", pa.int64()),
         pa.field("orthogonality_loss", _f64),
         pa.field("num_matvecs", pa.int64()),
+        pa.field("note", pa.string()),
     ],
     "trace": [
         pa.field("method", pa.string()),
@@ -72,6 +73,73 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("breakdown", pa.list_(pa.bool_())),
         pa.field("num_matvecs", pa.int64()),
     ],
+    "sharpness": [  # one row per measure
+        pa.field("measure", pa.string()),
+        pa.field("value", _f64),
+        pa.field("stderr", _f64),
+        pa.field("base_loss", _f64),
+        pa.field("perturbed_loss", _f64),
+        pa.field("epsilon", _f64),
+        pa.field("rho", _f64),
+        pa.field("sigma", _f64),
+        pa.field("norm", pa.string()),
+        pa.field("steps", pa.int64()),
+        pa.field("num_samples", pa.int64()),
+        pa.field("params", pa.string()),  # JSON: every parameter of the measure
+        pa.field("num_evaluations", pa.int64()),
+        pa.field("num_matvecs", pa.int64()),
+        pa.field("note", pa.string()),
+    ],
+    "barrier": [  # one row per path and evaluation set
+        pa.field("path", pa.string()),
+        pa.field("endpoint_a", pa.string()),
+        pa.field("endpoint_b", pa.string()),
+        pa.field("eval_set", pa.string()),  # the common "mode" column holds the evaluator's policy (eval+bn_recompute)
+        pa.field("t", _list),
+        pa.field("loss", _list),
+        pa.field("error", _list),
+        pa.field("loss_a", _f64),
+        pa.field("loss_b", _f64),
+        pa.field("barrier_height", _f64),
+        pa.field("barrier_above_line", _f64),
+        pa.field("path_integral", _f64),
+        pa.field("error_barrier_height", _f64),
+        pa.field("num_nonfinite", pa.int64()),
+        pa.field("train_steps", pa.int64()),
+        pa.field("train_final_loss", _f64),
+    ],
+    "surface": [
+        pa.field("dims", pa.int32()),
+        pa.field("normalization", pa.string()),
+        pa.field("directions", pa.string()),
+        pa.field("ignore_1d", pa.bool_()),
+        pa.field("alpha", _list),
+        pa.field("beta", _list),  # empty for 1-D
+        pa.field("loss", _list),  # row-major over (alpha, beta)
+        pa.field("error", _list),
+        pa.field("num_evaluations", pa.int64()),
+        pa.field("num_nonfinite", pa.int64()),
+        pa.field("direction_norms", _list),
+        pa.field("direction_cosine", _f64),
+        pa.field("eigenvalues", _list),
+        pa.field("num_matvecs", pa.int64()),
+        pa.field("note", pa.string()),
+    ],
+    "eos": [  # one row per checkpoint of the series
+        pa.field("step", pa.int64()),
+        pa.field("lr", _f64),
+        pa.field("lr_source", pa.string()),  # spec | metadata | sidecar
+        pa.field("optimizer", pa.string()),
+        pa.field("momentum", _f64),
+        pa.field("lambda_max", _f64),
+        pa.field("threshold", _f64),
+        pa.field("ratio", _f64),
+        pa.field("residual", _f64),
+        pa.field("converged", pa.bool_()),
+        pa.field("warm_started", pa.bool_()),
+        pa.field("num_matvecs", pa.int64()),
+        pa.field("note", pa.string()),
+    ],
 }
 
 RUNS_SCHEMA = pa.schema(
@@ -92,6 +160,17 @@ RUNS_SCHEMA = pa.schema(
         pa.field("schema_version", pa.int32(), nullable=False),
     ]
 )
+
+
+def _check_unique() -> None:
+    common = {f.name for f in COMMON_FIELDS}
+    for kind, fields in KIND_FIELDS.items():
+        dup = common & {f.name for f in fields}
+        if dup:
+            raise AssertionError(f"schema of {kind!r} repeats common columns {sorted(dup)}")
+
+
+_check_unique()
 
 
 def schema_for(kind: str) -> pa.Schema:

@@ -66,6 +66,38 @@ PROBE_OPTIONS: dict[str, dict[str, Any]] = {
     "eigenvalues": {"k": 5, "which": "largest", "tol": 1e-6, "max_steps": None},
     "trace": {"method": "hutch++", "matvecs": 102},
     "spectrum": {"runs": 10, "steps": 80, "sigma": None, "reorth": "full", "grid_points": 1000},
+    "sharpness": {
+        "measures": ["lambda_max", "keskar", "sam", "adaptive"],
+        "epsilon": 1e-3,  # Keskar et al. 2017
+        "rho": 0.05,  # SAM, Foret et al. 2021
+        "adaptive_rho": 0.5,  # ASAM, Kwon et al. 2021 (worst case, L2)
+        "sigma": None,  # average-case: required when 'average' is listed
+        "steps": 20,
+        "num_samples": 20,
+    },
+    "barrier": {
+        "between": None,  # [A, B]: checkpoint paths, or "init" for the factory's initialization
+        "path": "linear",  # linear | bezier | polychain, or a list of them
+        "points": 61,  # Garipov et al. 2018, eval_curve.py
+        "eval_sets": ["probe"],
+        "train_steps": 200,
+        "train_lr": 0.01,
+        "train_optimizer": "adam",
+    },
+    "surface": {
+        "dims": 2,
+        "resolution": 51,  # Li et al. 2018
+        "span": 1.0,  # Li et al. 2018
+        "normalization": None,  # filter for random directions; none for eigen/pca (unit vectors)
+        "directions": "random",  # random | eigen | pca (pca: over the job's checkpoint series)
+        "ignore_1d": True,  # biases and norm parameters fixed (Li et al. 2018, Sec. 4)
+    },
+    "eos": {
+        "lr": None,  # from checkpoint metadata ("lr") or a sidecar CKPT.json when absent
+        "optimizer": "gd",
+        "momentum": None,
+        "tol": 1e-6,
+    },
 }
 ALL_KINDS = ("eigenvalues", "trace", "spectrum", "sharpness", "barrier", "surface", "eos", "pacbayes", "noise", "critical")
 def _is_int(v: Any) -> bool:
@@ -95,6 +127,49 @@ _OPTION_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "reorth": (lambda v: v in ("full", "selective", "none"), "'full', 'selective' or 'none'"),
         "grid_points": (lambda v: _is_int(v) and v >= 2, "an integer of at least 2"),
     },
+}
+
+_SHARPNESS = ("lambda_max", "keskar", "sam", "adaptive", "average")
+_PATHS = ("linear", "bezier", "polychain")
+_OPTION_CHECKS["sharpness"] = {
+    "measures": (lambda v: isinstance(v, list) and bool(v) and all(m in _SHARPNESS for m in v),
+                 f"a non-empty list drawn from {', '.join(_SHARPNESS)}"),
+    "epsilon": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "rho": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "adaptive_rho": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "sigma": (lambda v: v is None or (_is_num(v) and v > 0), "a positive number or null"),
+    "steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "num_samples": (lambda v: _is_int(v) and v >= 2, "an integer of at least 2"),
+}
+_OPTION_CHECKS["barrier"] = {
+    "between": (lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) and x for x in v),
+                "a list of two checkpoint paths (or 'init')"),
+    "path": (lambda v: (v in _PATHS) or (isinstance(v, list) and bool(v) and all(x in _PATHS for x in v)),
+             "'linear', 'bezier', 'polychain' or a list of them"),
+    "points": (lambda v: _is_int(v) and v >= 3, "an integer of at least 3"),
+    "eval_sets": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v),
+                  "a non-empty list of evaluation set names ('probe' is the probe set)"),
+    "train_steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "train_lr": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "train_optimizer": (lambda v: v in ("adam", "sgd"), "'adam' or 'sgd'"),
+}
+
+_OPTION_CHECKS["surface"] = {
+    "dims": (lambda v: v in (1, 2), "1 or 2"),
+    "resolution": (lambda v: _is_int(v) and v >= 2, "an integer of at least 2"),
+    "span": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "normalization": (lambda v: v in (None, "filter", "layer", "weight", "none"),
+                      "'filter', 'layer', 'weight', 'none' or null"),
+    "directions": (lambda v: v in ("random", "eigen", "pca"), "'random', 'eigen' or 'pca'"),
+    "ignore_1d": (lambda v: isinstance(v, bool), "true or false"),
+}
+_OPTION_CHECKS["eos"] = {
+    "lr": (lambda v: v is None or (_is_num(v) and v > 0), "a positive number or null (read from checkpoints)"),
+    "optimizer": (lambda v: v in ("gd", "momentum", "nesterov"),
+                  "'gd', 'momentum' or 'nesterov' (adam needs the optimizer's second moments, which checkpoints "
+                  "do not carry to the probe yet)"),
+    "momentum": (lambda v: v is None or (_is_num(v) and 0 <= v < 1), "a number in [0, 1) or null"),
+    "tol": (lambda v: _is_num(v) and v > 0, "a positive number"),
 }
 
 PRECISIONS = ("float32", "float64")
@@ -182,7 +257,15 @@ class DataSpec:
         if not isinstance(self.kwargs, dict):
             raise SpecError(f"data.kwargs must be a mapping, got {self.kwargs!r}")
         if not isinstance(self.eval_sets, dict):
-            raise SpecError(f"data.eval_sets must be a mapping of name to {{factory, kwargs}}, got {self.eval_sets!r}")
+            raise SpecError(f"data.eval_sets must be a mapping of name to {{factory, kwargs, num_examples}}, got {self.eval_sets!r}")
+        for name, es in self.eval_sets.items():
+            if name == "probe":
+                raise SpecError("data.eval_sets.probe is reserved for the probe set itself; choose another name")
+            if not isinstance(es, dict):
+                raise SpecError(f"data.eval_sets.{name} must be a mapping {{factory, kwargs, num_examples}}, got {es!r}")
+            _check_keys(f"data.eval_sets.{name}", es, ["factory", "kwargs", "num_examples"])
+            _check_factory(f"data.eval_sets.{name}.factory", es.get("factory"))
+            _positive_int(f"data.eval_sets.{name}.num_examples", es.get("num_examples", 1))
 
 
 @dataclass(frozen=True)
@@ -230,6 +313,11 @@ class ProbeSpec:
             check, expected = _OPTION_CHECKS[self.kind][name]
             if not check(value):
                 raise SpecError(f"probes[{self.kind}].{name} must be {expected}, got {value!r}")
+        if self.kind == "sharpness" and "average" in self.resolved()["measures"] and self.resolved()["sigma"] is None:
+            raise SpecError("probes[sharpness].sigma is required when measures lists 'average' (no paper fixes a default); "
+                            "e.g. sigma: 0.01")
+        if self.kind == "barrier" and self.options.get("between") is None:
+            raise SpecError("probes[barrier].between is required: two checkpoint paths, or ['init', PATH]")
 
     def resolved(self) -> dict:
         """The options with defaults filled in (what the probe runs with and what is recorded)."""
@@ -399,8 +487,15 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     base = path.resolve().parent
     checkpoints = tuple(c if Path(c).is_absolute() else str(base / c) for c in spec.model.checkpoints)
     out = spec.output.path if Path(spec.output.path).is_absolute() else str(base / spec.output.path)
+    probes = []
+    for p in spec.probes:
+        if p.kind == "barrier":
+            ends = [e if e == "init" or Path(e).is_absolute() else str(base / e) for e in p.options["between"]]
+            p = ProbeSpec(p.kind, {**p.options, "between": ends})
+        probes.append(p)
     return dataclasses.replace(
         spec,
         model=dataclasses.replace(spec.model, checkpoints=checkpoints),
         output=dataclasses.replace(spec.output, path=out),
+        probes=tuple(probes),
     )

@@ -68,10 +68,12 @@ class ResultStore:
             raise
         return final
 
-    def write_result(self, kind: str, row: dict) -> Path:
-        """Write one result row of ``kind`` (its file is named by ``row['task_key']``)."""
-        table = pa.Table.from_pylist([row], schema=schema_for(kind))
-        return self._write(table, self.root / kind / _partition(row["job"]), f"part-{row['task_key']}.parquet")
+    def write_result(self, kind: str, row: dict | list[dict]) -> Path:
+        """Write the row(s) of one task of ``kind`` (the file is named by the rows' ``task_key``)."""
+        rows = row if isinstance(row, list) else [row]
+        table = pa.Table.from_pylist(rows, schema=schema_for(kind))
+        first = rows[0]
+        return self._write(table, self.root / kind / _partition(first["job"]), f"part-{first['task_key']}.parquet")
 
     def write_run(self, row: dict) -> Path:
         """Write the ``runs`` row of one job run."""

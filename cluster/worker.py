@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from cluster.checkpoints import CheckpointError, file_sha256, load_checkpoint
-from cluster.distributed import ShardedOperator
-from cluster.runners import run_probe
+from cluster.distributed import ShardedEvaluator, ShardedOperator
+from cluster.runners import ProbeContext, run_probe
 from cluster.spec import JobSpec, SpecError, import_factory, parse_spec
+from probe.evaluate import Evaluator
 from probe.hessian import HessianOperator
 
 __all__ = ["ProbeWorker", "probe_subset", "build_loss", "task_seed"]
@@ -41,23 +42,35 @@ def build_loss(loss: str | dict):
     return factory(**loss.get("kwargs", {}))
 
 
-def probe_subset(spec: JobSpec) -> tuple[Any, torch.Tensor, str]:
-    """``(dataset, indices, sha256)``: the fixed, seeded probe subset and its content hash.
+def probe_subset(spec: JobSpec, eval_set: str = "probe") -> tuple[Any, torch.Tensor, str]:
+    """``(dataset, indices, sha256)``: the fixed, seeded subset of a data set and its content hash.
+
+    ``eval_set`` is ``"probe"`` (``data.factory``) or a name under ``data.eval_sets``.
 
     Raises:
         SpecError: when the data factory fails or returns fewer than ``num_examples`` examples.
     """
-    factory = import_factory(spec.data.factory, key="data.factory")
-    dataset = factory(**spec.data.kwargs)
+    if eval_set == "probe":
+        key, path, kwargs, count = "data.factory", spec.data.factory, spec.data.kwargs, spec.data.num_examples
+    elif eval_set in spec.data.eval_sets:
+        es = spec.data.eval_sets[eval_set]
+        key, path, kwargs = f"data.eval_sets.{eval_set}.factory", es["factory"], es.get("kwargs", {})
+        count = es.get("num_examples")
+    else:
+        raise SpecError(
+            f"evaluation set {eval_set!r} is not defined; define it under data.eval_sets "
+            f"(defined: {', '.join(['probe', *spec.data.eval_sets])})"
+        )
+    factory = import_factory(path, key=key)
+    dataset = factory(**kwargs)
     n = len(dataset)
     if n == 0:
-        raise SpecError(f"data.factory {spec.data.factory!r} returned an empty dataset")
-    if spec.data.num_examples > n:
-        raise SpecError(
-            f"data.num_examples={spec.data.num_examples} exceeds the dataset size {n}; lower data.num_examples"
-        )
+        raise SpecError(f"{key} {path!r} returned an empty dataset")
+    count = n if count is None else count
+    if count > n:
+        raise SpecError(f"{key}: num_examples={count} exceeds the dataset size {n}; lower it")
     g = torch.Generator().manual_seed(spec.seed)
-    indices = torch.randperm(n, generator=g)[: spec.data.num_examples].sort().values
+    indices = torch.randperm(n, generator=g)[:count].sort().values
     h = hashlib.sha256()
     h.update(indices.numpy().tobytes())
     for i in indices.tolist():
@@ -112,21 +125,45 @@ class ProbeWorker:
             if init_method and init_method.startswith("tcp://127.0.0.1"):
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
             dist.init_process_group(self.backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
-        dataset, indices, self.data_sha256 = probe_subset(self.spec)
+        self.batches, self.total_examples, self.data_sha256 = self.shard("probe")
+        self._eval_shards: dict[str, tuple[list, int, str]] = {"probe": (self.batches, self.total_examples, self.data_sha256)}
+        self.loss_fn = build_loss(self.spec.loss)
+        return {"rank": self.rank, "examples": sum(len(y) for _, y in self.batches), "device": str(self.device),
+                "pid": os.getpid()}
+
+    def shard(self, eval_set: str) -> tuple[list, int, str]:
+        """This worker's batches of a data set, the set's global size and its hash."""
+        if eval_set in getattr(self, "_eval_shards", {}):
+            return self._eval_shards[eval_set]
+        dataset, indices, sha = probe_subset(self.spec, eval_set)
         mine = indices.tensor_split(self.world_size)[self.rank]
         bs = self.spec.data.batch_size
-        self.batches = [default_collate([dataset[i] for i in mine[j : j + bs].tolist()]) for j in range(0, len(mine), bs)]
-        self.total_examples = len(indices)
-        self.loss_fn = build_loss(self.spec.loss)
-        return {"rank": self.rank, "examples": len(mine), "device": str(self.device), "pid": os.getpid()}
+        batches = [default_collate([dataset[i] for i in mine[j : j + bs].tolist()]) for j in range(0, len(mine), bs)]
+        if hasattr(self, "_eval_shards"):
+            self._eval_shards[eval_set] = (batches, len(indices), sha)
+        return batches, len(indices), sha
+
+    def evaluator(self, model: torch.nn.Module, eval_set: str = "probe"):
+        """Loss/error evaluator on a data set (whole-set means, also when data-parallel)."""
+        batches, total, _ = self.shard(eval_set)
+        if self.world_size > 1:
+            return ShardedEvaluator(model, self.loss_fn, batches, total_examples=total)
+        return Evaluator(model, self.loss_fn, batches)
 
     def build_model(self, checkpoint: str) -> tuple[torch.nn.Module, dict]:
         """Model from the factory with the checkpoint's weights, in the spec's precision and on this device.
+
+        ``checkpoint="init"`` gives the factory's initialization drawn from the job seed.
 
         Raises:
             CheckpointError: for missing or unexpected keys or shape mismatches, naming them.
         """
         factory = import_factory(self.spec.model.factory, key="model.factory")
+        if checkpoint == "init":
+            with torch.random.fork_rng():
+                torch.manual_seed(self.spec.seed)
+                model = factory(**self.spec.model.kwargs)
+            return model.to(device=self.device, dtype=self.dtype), {}
         model = factory(**self.spec.model.kwargs)
         state, meta = load_checkpoint(checkpoint)
         expected = model.state_dict()
@@ -157,8 +194,8 @@ class ProbeWorker:
         """
         t0 = time.perf_counter()
         model, meta = self.build_model(task["checkpoint"])
-        op = self.operator(model)
-        record = run_probe(task["kind"], op, task["options"], task_seed(self.spec.seed, task["probe_index"]))
+        ctx = ProbeContext(self, model, task["checkpoint"], meta)
+        record = run_probe(task["kind"], ctx, task["options"], task_seed(self.spec.seed, task["probe_index"]))
         record["duration_s"] = time.perf_counter() - t0
         record["world_size"] = self.world_size
         record["checkpoint_metadata"] = {k: str(v) for k, v in meta.items()}

@@ -259,7 +259,7 @@ def test_cli_run_rejects_an_unknown_key_with_exit_2_and_one_line(make_spec, tmp_
         (["--set", "data.num_exmples=3"], "probe run: unknown key 'data.num_exmples'; valid keys of data: "),
         (["--set", "cluster.num_workers=0"], "probe run: cluster.num_workers must be a positive integer, got 0"),
         (["--set", "model.checkpoints=[nowhere/*.pt]"], "probe run: checkpoint entry "),
-        (["--set", "probes.0.kind=barrier"], "probe run: probe kind 'barrier' is not available in this version"),
+        (["--set", "probes.0.kind=pacbayes"], "probe run: probe kind 'pacbayes' is not available in this version"),
     ],
 )
 def test_cli_bad_input_exits_2_with_the_reason(make_spec, capsys, args, message):
