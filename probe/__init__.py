@@ -3,16 +3,54 @@
 Pure torch: no Ray, Arrow, Prometheus, file I/O, logging or clocks (those live in ``cluster/``).
 """
 
+from probe.barrier import BarrierResult, barrier
+from probe.curves import BezierPath, LinearPath, PolychainPath, train_bend
+from probe.directions import Directions, eigen_directions, pca_directions, random_directions
 from probe.eigen import EigenResult, eigenvalues, power_iteration
+from probe.eos import EosPoint, PreconditionedOperator, eos_point, eos_series, lambda_max_warm, stability_threshold
+from probe.evaluate import Evaluator
 from probe.ggn import GGNOperator
 from probe.hessian import HessianOperator
 from probe.lanczos import LanczosResult, lanczos
 from probe.operators import CurvatureOperator, DenseOperator
 from probe.params import ParameterSpace
+from probe.sharpness import (
+    SharpnessResult,
+    adaptive_sharpness,
+    average_sharpness,
+    keskar_sharpness,
+    sam_sharpness,
+)
 from probe.slq import SpectrumResult, spectral_density
+from probe.surface import SurfaceResult, loss_surface, surface
 from probe.trace import TraceResult, hutchinson, hutchpp, trace
 
 __all__ = [
+    "BarrierResult",
+    "BezierPath",
+    "Directions",
+    "EosPoint",
+    "Evaluator",
+    "LinearPath",
+    "PolychainPath",
+    "PreconditionedOperator",
+    "SharpnessResult",
+    "SurfaceResult",
+    "adaptive_sharpness",
+    "average_sharpness",
+    "barrier",
+    "eigen_directions",
+    "eos_point",
+    "eos_series",
+    "keskar_sharpness",
+    "lambda_max_warm",
+    "loss_surface",
+    "pca_directions",
+    "random_directions",
+    "sam_sharpness",
+    "stability_threshold",
+    "surface",
+    "train_bend",
     "CurvatureOperator",
     "DenseOperator",
     "EigenResult",
