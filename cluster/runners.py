@@ -21,7 +21,7 @@ import torch
 from cluster.checkpoints import file_sha256
 from probe.barrier import barrier
 from probe.directions import Directions, pca_directions, random_directions
-from probe.eos import eos_point
+from probe.eos import adam_preconditioner, eos_point
 from probe.surface import surface
 from probe.curves import PATH_KINDS, train_bend
 from probe.eigen import eigenvalues
@@ -234,14 +234,64 @@ def _learning_rate(option: float | None, checkpoint: str, meta: dict) -> tuple[f
     )
 
 
+def adam_state(model: torch.nn.Module, meta: dict, checkpoint: str) -> tuple[list[torch.Tensor], dict]:
+    """Adam's per-parameter second moments (model.parameters() order) and hyper-parameters from a checkpoint.
+
+    Two layouts are read: a PyTorch file whose ``"optimizer"`` entry is
+    ``torch.optim.Adam.state_dict()`` (one parameter group, in ``model.parameters()``
+    order), or safetensors tensors ``optimizer.exp_avg_sq.<parameter name>`` with
+    metadata ``adam_step`` and optionally ``beta1``, ``beta2``, ``eps``.
+
+    Raises:
+        ValueError: naming the checkpoint and what is missing.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if isinstance(meta.get("optimizer"), dict):
+        sd = meta["optimizer"]
+        group = sd["param_groups"][0]
+        state = sd["state"]
+        missing = [names[i] for i in group["params"] if i not in state or "exp_avg_sq" not in state[i]]
+        if missing or len(group["params"]) != len(names):
+            raise ValueError(f"checkpoint {checkpoint!r}: the Adam state does not cover the parameters {missing[:5]}")
+        v = [state[i]["exp_avg_sq"] for i in group["params"]]
+        step = float(state[group["params"][0]]["step"])
+        beta1, beta2 = group["betas"]
+        return v, {"step": step, "beta1": float(beta1), "beta2": float(beta2), "eps": float(group["eps"])}
+    tensors = meta.get("_optimizer_tensors", {})
+    keys = [f"optimizer.exp_avg_sq.{n}" for n in names]
+    missing = [k for k in keys if k not in tensors]
+    if missing or "adam_step" not in meta:
+        raise ValueError(
+            f"checkpoint {checkpoint!r} has no Adam state: save the optimizer's state_dict under 'optimizer' "
+            f"(PyTorch file) or tensors optimizer.exp_avg_sq.<parameter> with metadata adam_step (safetensors); "
+            f"missing {(missing or ['adam_step'])[:3]}"
+        )
+    return [tensors[k] for k in keys], {
+        "step": float(meta["adam_step"]),
+        "beta1": float(meta.get("beta1", 0.9)),
+        "beta2": float(meta.get("beta2", 0.999)),
+        "eps": float(meta.get("eps", 1e-8)),
+    }
+
+
 def _eos(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
     rows, previous, total = [], None, 0
     for index, checkpoint in enumerate(o["series"]):
         model, meta = ctx.worker.build_model(checkpoint)
         lr, source = _learning_rate(o["lr"], checkpoint, meta)
         step = int(float(meta.get("step", index)))
-        point = eos_point(ctx.operator(model), lr, step=step, optimizer=o["optimizer"], momentum=o["momentum"],
-                          previous=previous, tol=o["tol"], generator=g)
+        op = ctx.operator(model)
+        preconditioner, momentum = None, o["momentum"]
+        if o["optimizer"] == "adam":
+            v, hp = adam_state(model, meta, checkpoint)
+            space = ctx.evaluator(model=model).space
+            by_name = dict(zip([n for n, _ in model.named_parameters()], v))
+            flat = torch.cat([by_name[n].reshape(-1) for n in space.names]).to(op.device, op.dtype)
+            diag = adam_preconditioner(flat, hp["step"], beta1=hp["beta1"], beta2=hp["beta2"], eps=hp["eps"])
+            preconditioner = diag[op.local_slice]
+            momentum = hp["beta1"] if momentum is None else momentum
+        point = eos_point(op, lr, step=step, optimizer=o["optimizer"], momentum=momentum,
+                          preconditioner=preconditioner, previous=previous, tol=o["tol"], generator=g)
         previous = point.eigenvector
         total += point.num_matvecs
         rows.append({

@@ -165,9 +165,8 @@ _OPTION_CHECKS["surface"] = {
 }
 _OPTION_CHECKS["eos"] = {
     "lr": (lambda v: v is None or (_is_num(v) and v > 0), "a positive number or null (read from checkpoints)"),
-    "optimizer": (lambda v: v in ("gd", "momentum", "nesterov"),
-                  "'gd', 'momentum' or 'nesterov' (adam needs the optimizer's second moments, which checkpoints "
-                  "do not carry to the probe yet)"),
+    "optimizer": (lambda v: v in ("gd", "momentum", "nesterov", "adam"),
+                  "'gd', 'momentum', 'nesterov' or 'adam' (adam reads the second moments saved with each checkpoint)"),
     "momentum": (lambda v: v is None or (_is_num(v) and 0 <= v < 1), "a number in [0, 1) or null"),
     "tol": (lambda v: _is_num(v) and v > 0, "a positive number"),
 }

@@ -30,6 +30,7 @@ from probe.hessian import HessianOperator
 __all__ = ["ProbeWorker", "probe_subset", "build_loss", "task_seed"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+OPTIMIZER_PREFIX = "optimizer."
 
 
 def build_loss(loss: str | dict):
@@ -166,6 +167,10 @@ class ProbeWorker:
             return model.to(device=self.device, dtype=self.dtype), {}
         model = factory(**self.spec.model.kwargs)
         state, meta = load_checkpoint(checkpoint)
+        # Optimizer state saved beside the weights (safetensors: "optimizer.<field>.<param>") is kept apart.
+        optimizer_tensors = {k: state.pop(k) for k in [k for k in state if k.startswith(OPTIMIZER_PREFIX)]}
+        if optimizer_tensors:
+            meta = {**meta, "_optimizer_tensors": optimizer_tensors}
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -198,7 +203,7 @@ class ProbeWorker:
         record = run_probe(task["kind"], ctx, task["options"], task_seed(self.spec.seed, task["probe_index"]))
         record["duration_s"] = time.perf_counter() - t0
         record["world_size"] = self.world_size
-        record["checkpoint_metadata"] = {k: str(v) for k, v in meta.items()}
+        record["checkpoint_metadata"] = {k: str(v) for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
         return record
 
     def checkpoint_sha256(self, path: str) -> str:

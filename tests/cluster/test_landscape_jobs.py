@@ -160,3 +160,48 @@ def test_eos_without_a_learning_rate_fails_naming_the_fix(tmp_path):
     summary = run_job(_spec(tmp_path, [path], "nolr", [{"kind": "eos"}]), backend="local", progress=lambda m: None)
     row = ResultStore(summary.output).read("eos").to_pylist()[0]
     assert row["lr"] == 0.25 and row["lr_source"] == "sidecar" and row["threshold"] == pytest.approx(8.0)
+
+
+def test_eos_with_adam_reads_second_moments_from_both_checkpoint_layouts(tmp_path):
+    from safetensors.torch import save_file as save_st
+
+    from cluster.worker import build_loss
+    from probe.eigen import eigenvalues
+    from probe.eos import PreconditionedOperator, adam_preconditioner
+    from probe.hessian import HessianOperator
+
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        model = digits_mlp(hidden=16)
+    x, y = digits_tensors()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(20):
+        opt.zero_grad()
+        F.cross_entropy(model(x[:256]), y[:256]).backward()
+        opt.step()
+    sd = opt.state_dict()
+    pt = tmp_path / "adam.pt"
+    torch.save({"model": model.state_dict(), "optimizer": sd, "lr": 0.01, "step": 20}, pt)
+    st = tmp_path / "adam.safetensors"
+    tensors = dict(model.state_dict())
+    for i, (name, _) in enumerate(model.named_parameters()):
+        tensors[f"optimizer.exp_avg_sq.{name}"] = sd["state"][i]["exp_avg_sq"]
+    save_st(tensors, str(st), metadata={"lr": "0.01", "step": "20", "adam_step": "20"})
+
+    for path in (pt, st):
+        spec = _spec(tmp_path, [path], f"adam-{path.suffix[1:]}", [{"kind": "eos", "optimizer": "adam"}])
+        summary = run_job(spec, backend="local", progress=lambda m: None)
+        assert summary.num_failed == 0, summary.failures
+        row = ResultStore(summary.output).read("eos").to_pylist()[0]
+        assert row["threshold"] == pytest.approx((2 + 2 * 0.9) / ((1 - 0.9) * 0.01))
+        # reference: λ_max(P⁻¹H) from the same probe set, built directly
+        from cluster.worker import ProbeWorker
+
+        worker = ProbeWorker(spec.to_dict())
+        worker.setup()
+        m64, _ = worker.build_model(str(path))
+        v = torch.cat([s["exp_avg_sq"].reshape(-1) for s in sd["state"].values()]).double()
+        diag = adam_preconditioner(v, 20)
+        op = PreconditionedOperator(HessianOperator(m64, build_loss("cross_entropy"), worker.batches), diag)
+        ref = eigenvalues(op, 1, generator=torch.Generator().manual_seed(0), tol=1e-10).eigenvalues[0].item()
+        assert row["lambda_max"] == pytest.approx(ref, rel=1e-8)
