@@ -9,8 +9,7 @@ vector the estimators handle (the Lanczos basis above all). One product
    ``total_examples`` set to the global example count, so its contribution is
    already weighted by ``n_b / N_global``,
 3. sums the contributions over workers and keeps this worker's slice
-   (``reduce_scatter`` on NCCL; ``all_reduce`` + slice on gloo, which has no
-   reduce-scatter).
+   (``reduce_scatter_tensor``, on NCCL and gloo alike).
 
 ``allreduce`` sums partial inner products, so the estimators in :mod:`probe` run
 unchanged: every worker executes the same code in lockstep (SPMD), and only
@@ -31,6 +30,10 @@ from probe.evaluate import Evaluator
 from probe.operators import CurvatureOperator
 
 __all__ = ["ShardedOperator", "ShardedEvaluator", "shard_bounds"]
+
+# torch 2.13 renamed the tensor collectives; older releases (e.g. on GPU images) have only the old names.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def shard_bounds(dim: int, world_size: int) -> list[int]:
@@ -71,7 +74,7 @@ class ShardedOperator(CurvatureOperator):
         self._slice = slice(self.bounds[self.rank], self.bounds[self.rank + 1])
         self.local_dim = self._slice.stop - self._slice.start
         self._max_shard = max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
-        self._reduce_scatter = dist.get_backend(group) == "nccl"
+        self._even = all(b - a == self._max_shard for a, b in zip(self.bounds[:-1], self.bounds[1:]))
         self.num_collectives = 0
         self.collective_s = 0.0  # wall time inside collectives (includes waiting for slower peers)
 
@@ -94,27 +97,36 @@ class ShardedOperator(CurvatureOperator):
         self._collective(dist.all_reduce, t)
         return t
 
+    def _pad(self, full: Tensor) -> Tensor:
+        """``(dim, k)`` → ``(world·max_shard, k)``, each shard at the start of its block (no copy when even)."""
+        if self._even:
+            return full.contiguous()
+        padded = full.new_zeros(self.world_size * self._max_shard, full.shape[1])
+        for r, (a, b) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
+            padded[r * self._max_shard : r * self._max_shard + (b - a)] = full[a:b]
+        return padded
+
+    def _unpad(self, padded: Tensor) -> Tensor:
+        if self._even:
+            return padded
+        m = self._max_shard
+        return torch.cat([padded[r * m : r * m + (b - a)] for r, (a, b) in enumerate(zip(self.bounds[:-1], self.bounds[1:]))])
+
     def gather(self, V: Tensor) -> Tensor:
         """Full vectors ``(dim, k)`` from every worker's shard ``(local_dim, k)``."""
         k = V.shape[1]
-        padded = V.new_zeros(self._max_shard, k)
-        padded[: V.shape[0]] = V
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        self._collective(dist.all_gather, parts, padded.contiguous())
-        return torch.cat([p[: b - a] for p, a, b in zip(parts, self.bounds[:-1], self.bounds[1:])])
+        mine = V.new_zeros(self._max_shard, k)
+        mine[: V.shape[0]] = V
+        out = V.new_empty(self.world_size * self._max_shard, k)
+        self._collective(_all_gather, out, mine)
+        return self._unpad(out)
 
     def _matmat(self, V: Tensor) -> Tensor:
         full = self.local.matmat(self.gather(V))  # (dim, k): this worker's weighted contribution
-        if self._reduce_scatter:
-            k = full.shape[1]
-            padded = [full.new_zeros(self._max_shard, k) for _ in range(self.world_size)]
-            for p, a, b in zip(padded, self.bounds[:-1], self.bounds[1:]):
-                p[: b - a] = full[a:b]
-            out = full.new_empty(self._max_shard, k)
-            self._collective(dist.reduce_scatter, out, padded)
-            return out[: self.local_dim]
-        self._collective(dist.all_reduce, full)
-        return full[self._slice].contiguous()
+        out = full.new_empty(self._max_shard, full.shape[1])
+        # Sum over workers and keep this worker's slice: (N−1)/N of the block moves per worker, half an all-reduce.
+        self._collective(_reduce_scatter, out, self._pad(full))
+        return out[: self.local_dim]
 
 
 class _SumOverWorkers(torch.autograd.Function):
