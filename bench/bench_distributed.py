@@ -40,19 +40,20 @@ from probe.lanczos import LanczosProcess  # noqa: E402
 from probe.models import wide_mlp  # noqa: E402
 
 
-def _setup(hidden: int):
+def _setup(hidden: int, examples: int):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = wide_mlp(hidden=hidden)
-    x, y = digits_tensors(split="train")
-    return model, x, y
+    x, y = digits_tensors(split="all")
+    reps = -(-examples // len(y))  # tile the 1,797 digits when more examples are asked for
+    return model, x.repeat(reps, 1)[:examples], y.repeat(reps)[:examples]
 
 
 def _run(rank: int, world: int, threads: int, port: int, cfg: dict, q) -> None:
     if hasattr(os, "sched_setaffinity") and threads == 1:
         os.sched_setaffinity(0, {rank % os.cpu_count()})
     torch.set_num_threads(threads)
-    model, x, y = _setup(cfg["hidden"])
+    model, x, y = _setup(cfg["hidden"], cfg["examples"])
     idx = torch.arange(len(y)).tensor_split(world)[rank]
     batches = [(x[idx][i : i + cfg["batch_size"]], y[idx][i : i + cfg["batch_size"]])
                for i in range(0, len(idx), cfg["batch_size"])]
@@ -113,10 +114,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps")
     parser.add_argument("--json", help="write results here")
+    parser.add_argument("--examples", type=int, default=1797,
+                        help="probe examples (default: all 1,797 digits; more are tiled copies)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    cfg = {"hidden": 1024, "runs": 4, "steps": 8 if args.quick else 20, "batch_size": 1348}
-    print(f"# data-parallel SLQ scaling: wide_mlp(hidden={cfg['hidden']}), digits train (1348 examples), "
+    cfg = {"hidden": 1024, "runs": 4, "steps": 8 if args.quick else 20, "batch_size": 1024, "examples": args.examples}
+    print(f"# data-parallel SLQ scaling: wide_mlp(hidden={cfg['hidden']}), {cfg['examples']} digits examples, "
           f"float32, {cfg['runs']} runs x {cfg['steps']} timed steps, full reorthogonalization")
     print(f"# machine: {platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}")
     rows = [measure(1, 1, cfg)]

@@ -12,8 +12,9 @@ degree < 2m (Golub & Meurant, "Matrices, Moments and Quadrature", 2010).
 all of them, so ``k`` SLQ runs cost one pass over the probe data per step.
 
 Reorthogonalization (``reorth``):
-  - ``"full"``: classical Gram-Schmidt against the whole basis, twice per step
-    ("twice is enough", Giraud et al. 2005). Costs ``m·dim`` memory per process.
+  - ``"full"``: classical Gram-Schmidt against the whole basis, repeated once when
+    the first pass cancels much of the vector ("twice is enough", Giraud et al.
+    2005). Costs ``m·dim`` memory per process.
   - ``"selective"``: against Ritz vectors that have converged (residual bound
     below ``sqrt(eps)·‖T‖``), after Parlett & Scott (1979): orthogonality is lost
     only in the direction of converged Ritz vectors, so that suffices to
@@ -126,7 +127,7 @@ class LanczosProcess:
         keep_basis: keep every basis vector (needed for eigenvectors and to measure
             orthogonality). Defaults to True except for ``reorth="none"``.
         breakdown_tol: a run breaks down when ``β_j ≤ breakdown_tol · max_j(|α_j| + β_j)``;
-            default ``100·eps·sqrt(dim)`` of the operator's dtype.
+            default ``min(100·eps·sqrt(dim), eps^(2/3))`` of the operator's dtype.
 
     Raises:
         ValueError: for an unknown ``reorth``, ``keep_basis=False`` with a
@@ -160,8 +161,10 @@ class LanczosProcess:
         eps = torch.finfo(op.dtype).eps
         # Rounding leaves a residual of about eps·sqrt(dim)·‖A‖ after the Krylov
         # space is exhausted; a hundred times that counts as an exact zero (ten
-        # times missed a breakdown at 3e-15·‖T‖ in a test).
-        self.breakdown_tol = breakdown_tol if breakdown_tol is not None else 100 * eps * math.sqrt(op.dim)
+        # times missed a breakdown at 3e-15·‖T‖ in a test), capped at eps^(2/3)
+        # (2.4e-5 in float32) so that large float32 runs do not stop on a small β.
+        default_tol = min(100 * eps * math.sqrt(op.dim), eps ** (2 / 3))
+        self.breakdown_tol = breakdown_tol if breakdown_tol is not None else default_tol
         self._sqrt_eps = math.sqrt(eps)
         self.start_norms = norm(op, start).to("cpu", torch.float64)
         if bool((self.start_norms == 0).any()):
@@ -211,8 +214,12 @@ class LanczosProcess:
         if self.betas:
             w = w - self._buf[:, self._n - 2, :].T * self.betas[-1].to(w.device, w.dtype)
         if self.reorth == "full":
+            before = norm(op, w)
             w = self._project_out(w, self.basis)
-            w = self._project_out(w, self.basis)
+            # A second pass only when the first removed much of w (Kahan-Parlett
+            # "twice is enough": ‖w'‖ < ‖w‖/√2 signals cancellation).
+            if bool((norm(op, w) < before / math.sqrt(2)).any()):
+                w = self._project_out(w, self.basis)
         # The recurrence coefficients live on the CPU in float64, whatever the device.
         alpha = alpha_dev.to("cpu", torch.float64)
         if self.reorth == "selective":

@@ -100,16 +100,17 @@ class CurvatureOperator:
     def random_vectors(self, k: int, *, generator: torch.Generator | None, kind: str = "rademacher") -> Tensor:
         """Draw ``k`` random global vectors and return this process's shard, ``(local_dim, k)``.
 
-        The full vectors are drawn on the CPU from ``generator`` and then sliced, so
-        the same seed gives the same vectors however the dimension is sharded.
+        The full vectors are drawn on the CPU from ``generator``, in the operator's
+        dtype, and then sliced, so the same seed gives the same vectors however the
+        dimension is sharded.
 
         Args:
             kind: ``"rademacher"`` (entries ±1) or ``"gaussian"`` (standard normal).
         """
         if kind == "rademacher":
-            full = torch.randint(0, 2, (self.dim, k), generator=generator).to(torch.float64).mul_(2).sub_(1)
+            full = torch.randint(0, 2, (self.dim, k), generator=generator, dtype=self.dtype).mul_(2).sub_(1)
         elif kind == "gaussian":
-            full = torch.randn(self.dim, k, generator=generator, dtype=torch.float64)
+            full = torch.randn(self.dim, k, generator=generator, dtype=self.dtype)
         else:
             raise ValueError(f"kind must be 'rademacher' or 'gaussian', got kind={kind!r}")
         return full[self.local_slice].to(dtype=self.dtype, device=self.device)

@@ -29,6 +29,7 @@ from probe.operators import CurvatureOperator, inner
 __all__ = ["TraceResult", "hutchinson", "hutchpp", "trace", "METHODS"]
 
 METHODS = ("hutchinson", "hutch++")
+DRAW_CHUNK = 16  # probes drawn at a time: memory stays at 16 vectors whatever the budget
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,17 @@ def _check(num_matvecs: int, minimum: int, block_size: int) -> None:
         raise ValueError(f"block_size must be at least 1, got block_size={block_size}")
 
 
-def _quadratic_forms(op: CurvatureOperator, Z: Tensor, block_size: int) -> Tensor:
-    """``zᵢᵀ A zᵢ`` for each column of ``Z``, applying ``A`` to ``block_size`` columns at a time."""
+def _quadratic_forms(op: CurvatureOperator, count: int, block_size: int, generator, Q: Tensor | None = None) -> Tensor:
+    """``zᵢᵀ A zᵢ`` for ``count`` Rademacher probes, drawn and applied ``block_size`` at a time
+    (never all in memory at once); with ``Q``, probes are first projected to ``(I − QQᵀ)z``."""
     out = []
-    for j in range(0, Z.shape[1], block_size):
-        block = Z[:, j : j + block_size]
-        out.append(inner(op, block, op.matmat(block)).to(torch.float64))
+    for j in range(0, count, DRAW_CHUNK):  # fixed draw order: the estimate does not depend on block_size
+        Z = op.random_vectors(min(DRAW_CHUNK, count - j), generator=generator, kind="rademacher")
+        if Q is not None:
+            Z = Z - Q @ op.allreduce(Q.T @ Z)
+        for b in range(0, Z.shape[1], block_size):
+            block = Z[:, b : b + block_size]
+            out.append(inner(op, block, op.matmat(block)).to(torch.float64))
     return torch.cat(out)
 
 
@@ -96,8 +102,7 @@ def hutchinson(
         ValueError: for ``num_matvecs < 2`` or ``block_size < 1``.
     """
     _check(num_matvecs, 2, block_size)
-    Z = op.random_vectors(num_matvecs, generator=generator, kind="rademacher")
-    est, stderr = _mean_stderr(_quadratic_forms(op, Z, block_size))
+    est, stderr = _mean_stderr(_quadratic_forms(op, num_matvecs, block_size, generator))
     return TraceResult("hutchinson", est, stderr, num_matvecs, num_matvecs)
 
 
@@ -136,9 +141,7 @@ def hutchpp(
     AQ = torch.cat([op.matmat(Q[:, j : j + block_size]) for j in range(0, Q.shape[1], block_size)], 1)
     sketch = float(inner(op, Q, AQ).sum()) if Q.shape[1] else 0.0
     g = num_matvecs - s - Q.shape[1]
-    G = op.random_vectors(g, generator=generator, kind="rademacher")
-    G = G - Q @ op.allreduce(Q.T @ G)  # (I − QQᵀ) G
-    rest, stderr = _mean_stderr(_quadratic_forms(op, G, block_size))
+    rest, stderr = _mean_stderr(_quadratic_forms(op, g, block_size, generator, Q))  # on (I − QQᵀ) G
     return TraceResult("hutch++", sketch + rest, stderr, s + Q.shape[1] + g, g, sketch)
 
 

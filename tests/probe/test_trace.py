@@ -36,9 +36,9 @@ class CountingOperator(DenseOperator):
         return super()._matmat(V)
 
 
-def mean_abs_error(estimator, op, exact: float, num_matvecs: int) -> tuple[float, float]:
-    """Mean |estimate − exact| and mean reported stderr over ``SEEDS``."""
-    results = [estimator(op, num_matvecs, generator=seeded(s)) for s in SEEDS]
+def mean_abs_error(estimator, op, exact: float, num_matvecs: int, seeds=None) -> tuple[float, float]:
+    """Mean |estimate − exact| and mean reported stderr over ``seeds`` (default ``SEEDS``)."""
+    results = [estimator(op, num_matvecs, generator=seeded(s)) for s in (seeds or SEEDS)]
     return (
         statistics.fmean(abs(r.trace - exact) for r in results),
         statistics.fmean(r.trace_stderr for r in results),
@@ -83,8 +83,9 @@ def test_hutchinson_stderr_shrinks_like_inverse_sqrt_probes(mlp_problem):
 def test_hutchpp_beats_hutchinson_at_equal_budget_on_the_hessian(mlp_problem):
     op = mlp_problem.operators[torch.float64]
     exact = mlp_problem.hessian.trace().item()
-    mae_h, se_h = mean_abs_error(hutchinson, op, exact, 90)
-    mae_pp, se_pp = mean_abs_error(hutchpp, op, exact, 90)
+    seeds = range(16)  # a mean absolute error over a handful of seeds is too noisy to rank the two
+    mae_h, se_h = mean_abs_error(hutchinson, op, exact, 90, seeds)
+    mae_pp, se_pp = mean_abs_error(hutchpp, op, exact, 90, seeds)
     assert mae_pp < mae_h / 1.5 and se_pp < se_h / 1.5, (mae_h, mae_pp, se_h, se_pp)
 
 
