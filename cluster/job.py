@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Callable
 
 from pathlib import Path
 
@@ -50,8 +50,6 @@ def library_versions() -> dict[str, str]:
     import numpy
     import pyarrow
     import torch
-
-    import probe  # noqa: F401
 
     versions = {"torch": torch.__version__, "numpy": numpy.__version__, "pyarrow": pyarrow.__version__}
     try:
