@@ -25,6 +25,7 @@ from probe.eigen import eigenvalues
 from probe.hessian import HessianOperator
 from probe.models import digits_mlp
 from probe.trace import trace
+from compare import assert_close, by_task  # tests/cluster/compare.py
 
 RTOL = 1e-10
 KINDS = ("eigenvalues", "trace", "spectrum")
@@ -34,25 +35,6 @@ LIGHT_PROBES = [{"kind": "eigenvalues", "k": 3}, {"kind": "trace", "matvecs": 30
 def read(root, kind):
     """Rows of ``kind`` read the way a user would: plain pyarrow, hive partitions."""
     return ds.dataset(root / kind, format="parquet", partitioning="hive").to_table()
-
-
-def by_task(table, columns):
-    return {(r["checkpoint_sha256"], r["probe_config"]): {c: r[c] for c in columns} for r in table.to_pylist()}
-
-
-def flat(v):
-    return [x for item in v for x in flat(item)] if isinstance(v, list) else [v]
-
-
-def assert_close(got: dict, want: dict, rtol: float) -> None:
-    assert got.keys() == want.keys() and got
-    for key in want:
-        for col in want[key]:
-            xs, ys = flat(got[key][col]), flat(want[key][col])
-            assert len(xs) == len(ys), col
-            scale = max(abs(y) for y in ys) or 1.0
-            err = max(abs(x - y) for x, y in zip(xs, ys)) / scale
-            assert err <= rtol, f"{col}: relative difference {err:.3g} > {rtol:g}"
 
 
 @pytest.fixture

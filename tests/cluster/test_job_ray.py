@@ -14,32 +14,11 @@ from cluster.groups import PlacementError, RayGroup
 from cluster.job import run_job
 from cluster.spec import load_spec
 from cluster.store import ResultStore
+from compare import assert_close, by_task  # tests/cluster/compare.py
 
 pytestmark = pytest.mark.usefixtures("ray_head")
 
 RTOL = 1e-10
-
-
-def _by_key(table, value_columns):
-    rows = table.to_pylist()
-    return {(r["checkpoint_sha256"], r["probe_config"]): {c: r[c] for c in value_columns} for r in rows}
-
-
-def _flatten(v):
-    if isinstance(v, list):
-        return [x for item in v for x in _flatten(item)]
-    return [v]
-
-
-def _assert_close(a: dict, b: dict, rtol: float) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        for col in a[key]:
-            xs, ys = _flatten(a[key][col]), _flatten(b[key][col])
-            assert len(xs) == len(ys), col
-            scale = max(abs(y) for y in ys) or 1.0
-            err = max(abs(x - y) for x, y in zip(xs, ys)) / scale
-            assert err <= rtol, f"{col}: relative difference {err:.3g} > {rtol:g}"
 
 
 COLUMNS = {
@@ -62,7 +41,7 @@ def test_parity_with_single_process_for_1_2_3_workers(make_spec, tmp_path):
         for kind, cols in COLUMNS.items():
             table = got.read(kind)
             assert set(table.column("world_size").to_pylist()) == {n}
-            _assert_close(_by_key(table, cols), _by_key(ref.read(kind), cols), RTOL)
+            assert_close(by_task(table, cols), by_task(ref.read(kind), cols), RTOL)
 
 
 def test_fan_out_over_groups_matches_one_group(make_spec, tmp_path):
@@ -71,9 +50,9 @@ def test_fan_out_over_groups_matches_one_group(make_spec, tmp_path):
     two = run_job(spec, backend="ray", progress=lambda m: None)
     assert one.num_done == two.num_done == 6
     for kind, cols in COLUMNS.items():
-        _assert_close(
-            _by_key(ResultStore(tmp_path / "b").read(kind), cols),
-            _by_key(ResultStore(tmp_path / "a").read(kind), cols),
+        assert_close(
+            by_task(ResultStore(tmp_path / "b").read(kind), cols),
+            by_task(ResultStore(tmp_path / "a").read(kind), cols),
             RTOL,
         )
 
@@ -110,7 +89,7 @@ def test_worker_killed_mid_lanczos_restarts_and_numbers_are_unchanged(make_spec,
     runs = ResultStore(tmp_path / "killed").read("runs")
     assert runs.column("restarts").to_pylist() == [1]
     cols = ["ritz_values", "ritz_weights"]
-    _assert_close(_by_key(table, cols), _by_key(ResultStore(tmp_path / "ref").read("spectrum"), cols), RTOL)
+    assert_close(by_task(table, cols), by_task(ResultStore(tmp_path / "ref").read("spectrum"), cols), RTOL)
 
 
 def test_unplaceable_group_fails_fast_naming_the_resources(make_spec):
