@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="job spec (YAML)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a spec value, e.g. --set cluster.num_workers=2 (repeatable)")
+    run.add_argument("--metrics-port", type=int, default=None,
+                     help="serve Prometheus metrics at http://ADDR:PORT/metrics while the job runs")
+    run.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default: loopback)")
 
     submit = sub.add_parser("submit", help="submit a job spec to a Ray cluster as a Ray job")
     submit.add_argument("spec", help="job spec (YAML)")
@@ -52,7 +55,18 @@ def _run(args) -> int:
         from cluster.raytools import connect
 
         connect(spec.cluster.address, num_cpus=None)
-    summary = run_job(spec, backend=backend)
+    metrics = server = None
+    if args.metrics_port is not None:
+        from cluster.metrics import Metrics, serve
+
+        metrics = Metrics()
+        server, _ = serve(metrics, port=args.metrics_port, addr=args.metrics_addr)
+        print(f"metrics at http://{args.metrics_addr}:{server.server_port}/metrics", file=sys.stderr)
+    try:
+        summary = run_job(spec, backend=backend, metrics=metrics)
+    finally:
+        if server is not None:
+            server.shutdown()
     return 0 if summary.ok else EXIT_OTHER
 
 

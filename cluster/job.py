@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cluster.checkpoints import CheckpointError, expand_checkpoints, file_sha256
 from cluster.groups import LocalGroup, ProcessGroup, RayGroup, TaskError, WorkerLost
+from cluster.metrics import Metrics
 from cluster.schema import SCHEMA_VERSION
 from cluster.spec import JobSpec
 from cluster.store import ResultStore
@@ -174,6 +175,7 @@ def run_job(
     progress: Callable[[str], None] = print,
     on_task_start: Callable[[Task, int], None] | None = None,
     policy: FailurePolicy | None = None,
+    metrics: Metrics | None = None,
 ) -> JobSummary:
     """Run every task of ``spec`` not already stored; returns a summary.
 
@@ -184,6 +186,7 @@ def run_job(
         progress: receives one-line progress messages.
         on_task_start: called with ``(task, attempt)`` as a task starts (for tests
             and fault injection).
+        metrics: Prometheus metrics to update as tasks finish (see :mod:`cluster.metrics`).
 
     Raises:
         SpecError, CheckpointError: before any work starts, for a bad spec,
@@ -213,6 +216,12 @@ def run_job(
         f"{summary.num_skipped} already stored; {num_groups} group(s) of {group_size} worker(s) ({backend}); "
         f"{len(indices)} probe examples"
     )
+    if metrics:
+        metrics.tasks_planned.labels(job=spec.name).set(len(todo))
+        metrics.tasks_done.labels(job=spec.name).set(0)
+        for t in tasks:
+            if t.key in done[t.kind]:
+                metrics.tasks.labels(job=spec.name, kind=t.kind, outcome="skipped").inc()
     lock = threading.Lock()
     work: queue.Queue[Task] = queue.Queue()
     for t in todo:
@@ -260,6 +269,8 @@ def run_job(
                             group.close()
                             group = None
                         if decision == "restart":
+                            if metrics:
+                                metrics.restarts.labels(job=spec.name).inc()
                             with lock:
                                 summary.restarts += 1
                             progress(f"[{spec.name}] worker lost on {task.kind} @ {task.checkpoint}: {exc}; restarting (attempt {attempts + 1})")
@@ -268,6 +279,9 @@ def run_job(
                             summary.num_failed += 1
                             summary.failures.append({"task": task.key, "checkpoint": task.checkpoint, "kind": task.kind, "reason": str(exc)})
                         progress(f"[{spec.name}] FAILED {task.kind} @ {task.checkpoint}: {exc}")
+                        if metrics:
+                            metrics.task_failed(spec.name, task.kind, str(exc))
+                            metrics.tasks_done.labels(job=spec.name).inc()
                         break
                     common = {**base_row(task), **{k: v for k, v in record.items() if k != "rows"},
                               "created_at": _now(), "attempts": attempts,
@@ -275,6 +289,10 @@ def run_job(
                               "device": str(group.info[0].get("device", "cpu"))}
                     rows = [{**common, **r} for r in record.get("rows", [{}])]
                     store.write_result(task.kind, rows)
+                    if metrics:
+                        metrics.task_succeeded(spec.name, task.kind, rows, duration_s=record["duration_s"],
+                                               num_matvecs=record.get("num_matvecs", 0), timestamp_s=time.time())
+                        metrics.tasks_done.labels(job=spec.name).inc()
                     with lock:
                         summary.num_done += 1
                         summary.records.extend(rows)

@@ -51,6 +51,43 @@ class Metrics:
         """Count a failure; unknown reasons are folded into ``other`` to keep labels bounded."""
         self.failures.labels(job=job, reason=reason if reason in FAILURE_REASONS else "other").inc()
 
+    def task_failed(self, job: str, kind: str, message: str) -> None:
+        """Count a failed task, its reason classified from the message into :data:`FAILURE_REASONS`."""
+        text = message.lower()
+        if "checkpoint" in text:
+            reason = "bad_checkpoint"
+        elif "worker died" in text or "worker lost" in text:
+            reason = "worker_lost"
+        elif "non-finite" in text or " nan" in text:
+            reason = "non_finite"
+        elif "cannot write results" in text:
+            reason = "write_failed"
+        else:
+            reason = "other"
+        self.tasks.labels(job=job, kind=kind, outcome="failed").inc()
+        self.failure(job, reason)
+
+    def task_succeeded(self, job: str, kind: str, rows: list[dict], *, duration_s: float, num_matvecs: int,
+                       timestamp_s: float) -> None:
+        """Count a finished task and set the headline gauges of the series (``job``) from its rows."""
+        self.tasks.labels(job=job, kind=kind, outcome="succeeded").inc()
+        self.hvps.labels(job=job, kind=kind).inc(max(int(num_matvecs or 0), 0))
+        self.duration.labels(job=job, kind=kind).observe(duration_s)
+        self.last_success.labels(job=job, kind=kind).set(timestamp_s)
+        for row in rows:
+            if kind == "eigenvalues" and row.get("which") == "largest" and row.get("eigenvalues"):
+                self.lambda_max.labels(series=job).set(row["eigenvalues"][0])
+            elif kind == "sharpness" and row.get("measure") == "lambda_max":
+                self.lambda_max.labels(series=job).set(row["value"])
+            elif kind == "trace":
+                self.trace.labels(series=job).set(row["trace"])
+            elif kind == "barrier" and row.get("eval_set") == "probe":
+                self.barrier.labels(series=job, path=row["path"]).set(row["barrier_height"])
+        if kind == "eos" and rows:
+            last = max(rows, key=lambda r: r["step"])
+            self.eos_ratio.labels(series=job).set(last["ratio"])
+            self.lambda_max.labels(series=job).set(last["lambda_max"])
+
 
 def serve(metrics: Metrics, *, port: int = 9464, addr: str = "127.0.0.1"):
     """Serve ``metrics`` at ``http://addr:port/metrics``; loopback unless ``addr`` says otherwise.
