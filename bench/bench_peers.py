@@ -249,10 +249,11 @@ class Counter:
 class Ours:
     name = "ours"
 
-    def __init__(self, batched: bool = True) -> None:
+    def __init__(self, batched: bool | None = None) -> None:
+        # None: the library's default (batched backward up to 100k parameters, per column above).
         self.batched = batched
-        if not batched:
-            self.name = "ours[batched=False]"
+        if batched is not None:
+            self.name = f"ours[batched={batched}]"
 
     def op(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> HessianOperator:
         return HessianOperator(model, F.cross_entropy, [(x, y)], batched=self.batched)
@@ -458,8 +459,8 @@ def run_eig(spec, model, x, y, ref, tools) -> list[Record]:
     ladders: dict[str, tuple[list[Any], Callable[[Any], tuple[float, int]], Callable[[Any], str]]] = {}
     for t in tools:
         if isinstance(t, Ours):
-            if not t.batched:
-                continue  # one column per product: batching does not apply
+            if t.batched is not None:
+                continue  # one column per product: the batching variants do not apply
             ladders[t.name] = (OURS_TOLS, lambda s, t=t: t.top_eig(model, x, y, s), lambda s: f"tol={s:g}")
         elif isinstance(t, PyHessian):
             ladders[t.name] = (
@@ -519,7 +520,7 @@ def run_trace(spec, model, x, y, ref, tools) -> tuple[list[Record], dict[str, An
     say(f"    Hutchinson needs {m_h} probes for 1% stderr ({how}); running {m_run}")
 
     # Hutch++ budget: the smallest of the ladder at which our Hutch++ reports <= 1%.
-    ours = next(t for t in tools if isinstance(t, Ours) and t.batched)
+    ours = next(t for t in tools if isinstance(t, Ours) and t.batched is None)
     budget = None
     for b in HUTCHPP_BUDGETS:
         if b >= sum(p.numel() for p in model.parameters()):
@@ -821,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, {env['threads']} thread(s), load {env['loadavg_start']}")
     say(f"peers: {env['peers']}; this project at commit {env['commit']}")
 
-    tools: list[Any] = [Ours(), Ours(batched=False)]
+    tools: list[Any] = [Ours(), Ours(batched=True), Ours(batched=False)]
     tool_errors = {}
     for cls in (PyHessian, Curvlinops, Eigenthings):
         try:
