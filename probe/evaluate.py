@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from probe.model_operator import Batch, LossFn, batch_size_of, move_batch
+from probe.model_operator import Batch, LossFn, prepare_batches
 from probe.params import ParameterSpace
 
 __all__ = ["Evaluator", "has_batchnorm"]
@@ -73,21 +73,13 @@ class Evaluator:
         chunk_size: int = 16,
         total_examples: int | None = None,
     ) -> None:
-        batches = list(batches)
-        if not batches:
-            raise ValueError("the probe set is empty: pass at least one (inputs, targets) batch")
         self.model = model
         self.loss_fn = loss_fn
         self.space = ParameterSpace.of(model, params)
         first = self.space.parameters(model)[0]
         self.dtype, self.device = first.dtype, first.device
-        self.batches = [(move_batch(x, self.dtype, self.device), move_batch(y, self.dtype, self.device)) for x, y in batches]
-        sizes = [batch_size_of(y) for _, y in self.batches]
+        self.batches, sizes, self.weights = prepare_batches(batches, self.dtype, self.device, total_examples)
         self.num_examples = sum(sizes)
-        total = total_examples if total_examples is not None else self.num_examples
-        if total <= 0:
-            raise ValueError(f"total_examples must be positive, got {total}")
-        self.weights = [n / total for n in sizes]
         self.recompute_bn = has_batchnorm(model) if recompute_bn is None else recompute_bn
         y0 = self.batches[0][1]
         self.classification = (
@@ -185,7 +177,7 @@ class Evaluator:
         try:
             for start in range(0, points.shape[0], self.chunk_size):
                 chunk = points[start : start + self.chunk_size]
-                stacked = dict(zip(self.space.names, [t.movedim(0, 0) for t in self._unflatten_rows(chunk)]))
+                stacked = dict(zip(self.space.names, self.space.unflatten(chunk.T)))  # each (c, *shape)
                 loss = torch.zeros(chunk.shape[0], dtype=torch.float64, device=self.device)
                 err = torch.zeros_like(loss)
                 for (x, y), w in zip(self.batches, self.weights):
@@ -200,8 +192,3 @@ class Evaluator:
             self.model.train(previous)
         errors_t = torch.cat(errors).cpu()
         return torch.cat(losses).cpu(), errors_t if self.classification else torch.full_like(errors_t, float("nan"))
-
-    def _unflatten_rows(self, rows: Tensor) -> list[Tensor]:
-        """Rows ``(c, dim)`` split per parameter as ``(c, *shape)``."""
-        chunks = torch.split(rows, self.space.numels, dim=1)
-        return [ch.reshape(rows.shape[0], *s) for ch, s in zip(chunks, self.space.shapes)]

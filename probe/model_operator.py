@@ -69,6 +69,26 @@ def move_batch(x: Any, dtype: torch.dtype, device: torch.device) -> Any:
     return x
 
 
+def prepare_batches(
+    batches: Sequence[Batch], dtype: torch.dtype, device: torch.device, total_examples: int | None
+) -> tuple[list[Batch], list[int], list[float]]:
+    """Batches moved to ``device`` (floating tensors in ``dtype``), their example counts, and
+    their weights ``n_b / N`` (``N`` = ``total_examples``, default the local count).
+
+    Raises:
+        ValueError: for an empty probe set or a non-positive ``total_examples``.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("the probe set is empty: pass at least one (inputs, targets) batch")
+    moved = [(move_batch(x, dtype, device), move_batch(y, dtype, device)) for x, y in batches]
+    sizes = [batch_size_of(y) for _, y in moved]
+    total = total_examples if total_examples is not None else sum(sizes)
+    if total <= 0:
+        raise ValueError(f"total_examples must be positive, got {total}")
+    return moved, sizes, [n / total for n in sizes]
+
+
 @contextmanager
 def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """Temporarily put ``model`` in ``mode`` (``"eval"`` or ``"train"``), restoring it after.
@@ -152,9 +172,6 @@ class ModelOperator(CurvatureOperator):
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
-        batches = list(batches)
-        if not batches:
-            raise ValueError("the probe set is empty: pass at least one (inputs, targets) batch")
         self.model = model
         self.loss_fn = loss_fn
         self.mode = mode
@@ -164,15 +181,9 @@ class ModelOperator(CurvatureOperator):
         self.device = self.params[0].device
         self.dim = self.local_dim = self.space.dim
         self.batched = self.dim <= BATCHED_MAX_DIM if batched is None else batched
-        self.batches = [
-            (move_batch(x, self.dtype, self.device), move_batch(y, self.dtype, self.device)) for x, y in batches
-        ]
-        self.batch_sizes = [batch_size_of(y) for _, y in self.batches]
+        self.batches, self.batch_sizes, self.weights = prepare_batches(batches, self.dtype, self.device, total_examples)
         self.num_examples = sum(self.batch_sizes)
         self.total_examples = total_examples if total_examples is not None else self.num_examples
-        if self.total_examples <= 0:
-            raise ValueError(f"total_examples must be positive, got {self.total_examples}")
-        self.weights = [n / self.total_examples for n in self.batch_sizes]
         self.num_matvecs = 0
         self._cached: list[Any] = []
         self.graph_bytes = 0
