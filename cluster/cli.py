@@ -1,6 +1,7 @@
 """The ``probe`` command line.
 
-Verbs: ``run SPEC``, ``submit SPEC --address URL``, ``demo``. Every verb exits 0
+Verbs: ``run SPEC``, ``submit SPEC --address URL``, ``audit SPEC --every DURATION | --once``,
+``report RESULTS_DIR``, ``demo``. Every verb exits 0
 on success; on failure it prints a one-line reason on stderr and exits non-zero
 (2 for bad input: spec, checkpoint, data; 3 when the cluster cannot place the
 workers or cannot be reached; 1 for anything else).
@@ -36,6 +37,21 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-wait", action="store_true", help="return once submitted instead of streaming logs")
     submit.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory (default: .)")
     submit.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job (default 3600)")
+
+    audit = sub.add_parser("audit", help="audit a checkpoint folder: once, or every DURATION")
+    audit.add_argument("spec", help="job spec (YAML); its model.checkpoints name the folders, globs or index to watch")
+    when = audit.add_mutually_exclusive_group(required=True)
+    when.add_argument("--every", metavar="DURATION", help="run a pass every DURATION (e.g. 30m, 1h, 90s) until stopped")
+    when.add_argument("--once", action="store_true", help="run one pass and exit")
+    audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    audit.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus metrics at http://ADDR:PORT/metrics (default with --every: 9464; off with --once)")
+    audit.add_argument("--metrics-addr", default="127.0.0.1", help="address for the metrics endpoint (default: loopback)")
+    audit.add_argument("--max-passes", type=int, default=None, help="stop after this many passes (default: run until stopped)")
+
+    report = sub.add_parser("report", help="render a results folder into PNG figures and one self-contained HTML page")
+    report.add_argument("results", metavar="RESULTS_DIR", help="a job's output.path")
+    report.add_argument("--out", default=None, help="output folder (default: RESULTS_DIR/report)")
 
     demo = sub.add_parser("demo", help="run the embedded default job on the digits data")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
@@ -96,6 +112,16 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.verb == "submit":
             return _submit(args)
+        if args.verb == "audit":
+            from cluster.audit import audit_main
+
+            return audit_main(args)
+        if args.verb == "report":
+            from cluster.report import write_report
+
+            html = write_report(args.results, args.out)
+            print(f"report: {html}")
+            return 0
         if args.verb == "demo":
             from cluster.demo import run_demo
 

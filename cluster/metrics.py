@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["Metrics", "serve", "FAILURE_REASONS", "DURATION_BUCKETS_S"]
+__all__ = ["Metrics", "serve", "FAILURE_REASONS", "DURATION_BUCKETS_S", "DEFAULT_PORT"]
+
+DEFAULT_PORT = 9464  # the port OpenTelemetry/Prometheus exporters conventionally use
 
 # Probe durations run from seconds (a small model's trace) to hours (SLQ on a large model).
 DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
@@ -42,9 +44,21 @@ class Metrics:
         self.audit_last_pass = Gauge(
             "probe_audit_last_pass_timestamp_seconds", "Unix time of the last completed audit pass.", ["job"], registry=r
         )
+        self.audit_last_success = Gauge(
+            "probe_audit_last_success_timestamp_seconds", "Unix time of the last audit pass without failures.", ["job"], registry=r
+        )
+        self.audit_checkpoints = Gauge("probe_audit_checkpoints", "Checkpoints found by the last audit pass.", ["job"], registry=r)
+        self.audit_pending = Gauge(
+            "probe_audit_tasks_pending", "Tasks not yet stored after the last audit pass (failed or backing off).", ["job"], registry=r
+        )
         self.lambda_max = Gauge("probe_lambda_max", "Latest top Hessian eigenvalue of the series.", ["series"], registry=r)
         self.trace = Gauge("probe_hessian_trace", "Latest Hessian trace estimate of the series.", ["series"], registry=r)
         self.eos_ratio = Gauge("probe_eos_ratio", "Latest λ_max / stability threshold of the series.", ["series"], registry=r)
+        self.lambda_max_change = Gauge(
+            "probe_lambda_max_relative_change",
+            "(λ_max of the latest checkpoint − λ_max of the one before) / |λ_max of the one before|, per series.",
+            ["series"], registry=r,
+        )
         self.barrier = Gauge("probe_barrier_height", "Latest loss barrier height of the series.", ["series", "path"], registry=r)
 
     def failure(self, job: str, reason: str) -> None:
@@ -89,7 +103,7 @@ class Metrics:
             self.lambda_max.labels(series=job).set(last["lambda_max"])
 
 
-def serve(metrics: Metrics, *, port: int = 9464, addr: str = "127.0.0.1"):
+def serve(metrics: Metrics, *, port: int = DEFAULT_PORT, addr: str = "127.0.0.1"):
     """Serve ``metrics`` at ``http://addr:port/metrics``; loopback unless ``addr`` says otherwise.
 
     Returns the ``(server, thread)`` pair from ``prometheus_client`` (``server.shutdown()`` stops it).
