@@ -10,20 +10,64 @@ Formats, in order of preference:
 A PyTorch file may hold a bare state dict or a dict with ``"state_dict"`` /
 ``"model"`` plus metadata (``"lr"``, ``"step"``, ...); safetensors metadata
 (string pairs in the header) is returned as the metadata.
+
+A sharded checkpoint is named by its index (``*.safetensors.index.json`` or
+``*.bin.index.json``, the Hugging Face layout: ``{"metadata": {...},
+"weight_map": {tensor: shard file}}``, shards beside the index). Its content hash
+covers the index and every shard; a folder lists the index, not its shards.
+Checkpoints of a folder or glob are ordered naturally (``step-9`` before
+``step-10``), which is the order of a series.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "expand_checkpoints", "file_sha256", "load_checkpoint", "CHECKPOINT_SUFFIXES"]
+__all__ = [
+    "CheckpointError", "expand_checkpoints", "file_sha256", "checkpoint_sha256", "load_checkpoint",
+    "is_index", "CHECKPOINT_SUFFIXES",
+]
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+
+
+def is_index(path: str | Path) -> bool:
+    """Whether ``path`` names a sharded checkpoint's index."""
+    return str(path).endswith(INDEX_SUFFIXES)
+
+
+def _natural_key(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    """The ``weight_map`` of an index (tensor name -> shard file name)."""
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint index {str(path)!r} is not readable JSON: {exc}") from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"checkpoint index {str(path)!r} has no 'weight_map' of tensor name -> shard file; "
+            "write it as {\"weight_map\": {\"layer.weight\": \"model-00001-of-00002.safetensors\", ...}}"
+        )
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard:
+            raise CheckpointError(f"checkpoint index {str(path)!r} names shard {shard!r} outside its folder")
+    return weight_map
+
+
+def _shards(path: Path) -> list[Path]:
+    return [path.parent / s for s in sorted(set(_read_index(path).values()))]
 
 
 class CheckpointError(ValueError):
@@ -33,7 +77,8 @@ class CheckpointError(ValueError):
 def expand_checkpoints(entries: tuple[str, ...] | list[str]) -> list[str]:
     """Expand files, globs and folders into a sorted, de-duplicated list of checkpoint files.
 
-    Folders contribute their files with a checkpoint suffix (non-recursive).
+    Folders contribute their files with a checkpoint suffix and their sharded
+    indexes, but not the shards an index names (non-recursive).
 
     Raises:
         CheckpointError: for an entry that matches nothing.
@@ -42,9 +87,17 @@ def expand_checkpoints(entries: tuple[str, ...] | list[str]) -> list[str]:
     for entry in entries:
         p = Path(entry)
         if p.is_dir():
-            matches = sorted(str(f) for f in p.iterdir() if f.suffix in CHECKPOINT_SUFFIXES and f.is_file())
+            files = [f for f in p.iterdir() if f.is_file() and (f.suffix in CHECKPOINT_SUFFIXES or is_index(f))]
+            parts: set[Path] = set()
+            for f in files:
+                if is_index(f):
+                    try:
+                        parts.update(_shards(f))
+                    except CheckpointError:
+                        pass  # a bad index is listed and fails when loaded, naming its fault
+            matches = sorted((str(f) for f in files if f not in parts), key=_natural_key)
         elif any(ch in entry for ch in "*?["):
-            matches = sorted(glob.glob(entry))
+            matches = sorted(glob.glob(entry), key=_natural_key)
         elif p.is_file():
             matches = [str(p)]
         else:
@@ -64,8 +117,45 @@ def file_sha256(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def checkpoint_sha256(path: str | Path) -> str:
+    """Content hash of a checkpoint: the file's SHA-256, or for a sharded index the
+    SHA-256 over the index bytes and each shard's name and SHA-256.
+
+    Raises:
+        CheckpointError: for an index whose shard is missing, naming both.
+    """
+    path = Path(path)
+    if not is_index(path):
+        return file_sha256(path)
+    h = hashlib.sha256(path.read_bytes())
+    for shard in _shards(path):
+        if not shard.is_file():
+            raise CheckpointError(f"checkpoint index {str(path)!r} names shard {shard.name!r}, which does not exist")
+        h.update(f"\0{shard.name}\0{file_sha256(shard)}".encode())
+    return h.hexdigest()
+
+
+def _load_sharded(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    weight_map = _read_index(path)
+    state: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    for shard in _shards(path):
+        if not shard.is_file():
+            raise CheckpointError(f"checkpoint index {str(path)!r} names shard {shard.name!r}, which does not exist")
+        tensors, shard_meta = load_checkpoint(shard)
+        meta.update(shard_meta)
+        for name, file in weight_map.items():
+            if file == shard.name:
+                if name not in tensors:
+                    raise CheckpointError(f"checkpoint {str(path)!r}: tensor {name!r} is not in its shard {shard.name!r}")
+                state[name] = tensors[name]
+    index_meta = json.loads(path.read_text()).get("metadata") or {}
+    meta.update({k: v for k, v in index_meta.items() if isinstance(v, (str, int, float, bool))})
+    return state, meta
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load ``(state_dict, metadata)`` from a checkpoint file without executing code.
+    """Load ``(state_dict, metadata)`` from a checkpoint file or sharded index without executing code.
 
     Raises:
         CheckpointError: naming the file when it is missing, truncated, corrupt, or a
@@ -74,6 +164,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if is_index(path):
+        return _load_sharded(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 

@@ -4,7 +4,9 @@ refusal of code-running pickles and damaged files, expansion of entries, hashing
 from __future__ import annotations
 
 import hashlib
+import json
 import pathlib
+from pathlib import Path
 import re
 
 import pytest
@@ -203,3 +205,85 @@ def test_file_sha256_equals_hashlib(tmp_path, size):
     want = hashlib.sha256(data).hexdigest()
     assert file_sha256(path) == want
     assert file_sha256(str(path), chunk_bytes=4096) == want
+
+
+# --- series order and sharded checkpoints ----------------------------------------------
+
+
+def test_folder_and_glob_order_is_natural(tmp_path):
+    for step in (10, 9, 100, 1):
+        (tmp_path / f"step-{step}.pt").write_bytes(b"x")
+    want = [str(tmp_path / f"step-{s}.pt") for s in (1, 9, 10, 100)]
+    assert expand_checkpoints([str(tmp_path)]) == want
+    assert expand_checkpoints([str(tmp_path / "step-*.pt")]) == want
+
+
+def _sharded(folder: Path, model: torch.nn.Module, meta: dict | None = None) -> Path:
+    """Save ``model`` as two safetensors shards and a Hugging Face style index."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    names = list(state)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, keys in halves.items():
+        save_file({k: state[k] for k in keys}, str(folder / file), metadata={"step": "7"})
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": meta or {"total_size": 1, "lr": 0.25},
+                                 "weight_map": {k: f for f, keys in halves.items() for k in keys}}))
+    return index
+
+
+def test_sharded_index_loads_every_tensor_and_the_folder_lists_only_the_index(tmp_path):
+    from probe.models import digits_mlp
+
+    model = digits_mlp(hidden=8)
+    index = _sharded(tmp_path, model)
+    (tmp_path / "other.safetensors").write_bytes(b"x")
+    assert expand_checkpoints([str(tmp_path)]) == [str(index), str(tmp_path / "other.safetensors")]
+    state, meta = load_checkpoint(index)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert meta["step"] == "7" and meta["lr"] == 0.25
+
+
+def test_sharded_hash_covers_every_shard_and_a_missing_shard_is_named(tmp_path):
+    from probe.models import digits_mlp
+
+    from cluster.checkpoints import checkpoint_sha256
+
+    index = _sharded(tmp_path, digits_mlp(hidden=8))
+    first = checkpoint_sha256(index)
+    assert first == checkpoint_sha256(index) and first != file_sha256(index)
+    shard = tmp_path / "model-00002-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    assert checkpoint_sha256(index) != first  # a changed shard is a changed checkpoint
+    shard.unlink()
+    for call in (checkpoint_sha256, load_checkpoint):
+        with pytest.raises(CheckpointError, match=re.escape(f"names shard {shard.name!r}, which does not exist")):
+            call(index)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "is not readable JSON"),
+    ('{"metadata": {}}', "has no 'weight_map'"),
+    ('{"weight_map": {"w": "../escape.safetensors"}}', "outside its folder"),
+])
+def test_bad_index_is_refused_naming_the_fault(tmp_path, text, message):
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(text)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(index)
+
+
+def test_index_naming_a_tensor_its_shard_lacks_is_refused(tmp_path):
+    from probe.models import digits_mlp
+
+    index = _sharded(tmp_path, digits_mlp(hidden=8))
+    data = json.loads(index.read_text())
+    data["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=re.escape("tensor 'ghost.weight' is not in its shard 'model-00001-of-00002.safetensors'")):
+        load_checkpoint(index)
