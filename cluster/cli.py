@@ -60,13 +60,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from cluster.job import run_job
+    from cluster.job import choose_backend, run_job
     from cluster.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
-    backend = spec.cluster.backend
-    if backend == "auto":
-        backend = "local" if spec.cluster.num_workers == 1 and not spec.cluster.address else "ray"
+    backend = choose_backend(spec)
     if backend == "ray":
         from cluster.raytools import connect
 

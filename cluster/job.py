@@ -16,21 +16,21 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Callable
 
 from pathlib import Path
 
-from cluster.checkpoints import CheckpointError, expand_checkpoints, file_sha256
+from cluster.checkpoints import CheckpointError, checkpoint_sha256, expand_checkpoints
 from cluster.groups import LocalGroup, ProcessGroup, RayGroup, TaskError, WorkerLost
-from cluster.metrics import Metrics
+from cluster.metrics import Metrics, failure_category
 from cluster.schema import SCHEMA_VERSION
 from cluster.spec import JobSpec
 from cluster.store import ResultStore
 from cluster.worker import probe_subset, task_seed
 
-__all__ = ["Task", "FailurePolicy", "JobSummary", "plan_tasks", "run_job", "library_versions"]
+__all__ = ["Task", "FailurePolicy", "JobSummary", "plan_tasks", "run_job", "choose_backend", "library_versions"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,10 @@ class Task:
     options: dict
     probe_index: int
     key: str
+    # Kinds stored one row per checkpoint of a series (eos): the storage key of each
+    # checkpoint's row, in ``options["series"]`` order; a re-run or an audit only
+    # measures the checkpoints whose row is missing.
+    row_keys: tuple[str, ...] = ()
 
     def payload(self) -> dict:
         """What is sent to workers."""
@@ -82,14 +86,15 @@ def _sha(path: str) -> str:
         return "init"
     if not Path(path).is_file():
         raise CheckpointError(f"barrier endpoint {path!r} does not exist; give a checkpoint file or 'init'")
-    return file_sha256(path)
+    return checkpoint_sha256(path)
 
 
 def plan_tasks(spec: JobSpec, checkpoints: list[tuple[str, str]], data_sha: str) -> list[Task]:
     """Tasks for ``checkpoints`` (``(path, sha256)`` pairs) × the spec's probes, in checkpoint order.
 
     A barrier probe is one task over its two endpoints (its row's ``checkpoint`` is
-    the second endpoint; the task key covers both endpoints' contents).
+    the second endpoint; the task key covers both endpoints' contents). An eos probe
+    is one task over the series with a row (and a storage key) per checkpoint.
     """
     tasks = []
     for path, sha in checkpoints:
@@ -101,10 +106,11 @@ def plan_tasks(spec: JobSpec, checkpoints: list[tuple[str, str]], data_sha: str)
                 options = {**options, "series": [c for c, _ in checkpoints]}
             tasks.append(Task(path, sha, p.kind, options, i, _task_key(spec, sha, p.kind, options, i, data_sha)))
     for i, p in enumerate(spec.probes):
-        if p.kind == "eos" and checkpoints:  # one task over the whole series, in order
-            options = {**p.resolved(), "series": [c for c, _ in checkpoints]}
-            key = _task_key(spec, "".join(s for _, s in checkpoints), p.kind, p.resolved(), i, data_sha)
-            tasks.append(Task(checkpoints[-1][0], checkpoints[-1][1], p.kind, options, i, key))
+        if p.kind == "eos" and checkpoints:  # one task over the series, in order (warm starts), one row per checkpoint
+            options = {**p.resolved(), "series": [c for c, _ in checkpoints], "series_steps": list(range(len(checkpoints)))}
+            row_keys = tuple(_task_key(spec, sha, p.kind, p.resolved(), i, data_sha) for _, sha in checkpoints)
+            key = hashlib.sha256("".join(row_keys).encode()).hexdigest()[:24]
+            tasks.append(Task(checkpoints[-1][0], checkpoints[-1][1], p.kind, options, i, key, row_keys))
         if p.kind == "barrier":
             options = p.resolved()
             a, b = options["between"]
@@ -149,6 +155,21 @@ class JobSummary:
         return self.num_failed == 0
 
 
+def _pending(task: Task, done: set[str]) -> Task | None:
+    """``task`` reduced to what is not stored yet, or None when nothing is left."""
+    if not task.row_keys:
+        return None if task.key in done else task
+    keep = [i for i, k in enumerate(task.row_keys) if k not in done]
+    if not keep:
+        return None
+    if len(keep) == len(task.row_keys):
+        return task
+    o = task.options
+    options = {**o, "series": [o["series"][i] for i in keep], "series_steps": [o["series_steps"][i] for i in keep]}
+    row_keys = tuple(task.row_keys[i] for i in keep)
+    return replace(task, options=options, row_keys=row_keys, key=hashlib.sha256("".join(row_keys).encode()).hexdigest()[:24])
+
+
 def _make_group(spec: JobSpec, size: int, backend: str, name: str):
     if backend == "local":
         return LocalGroup(spec.to_dict())
@@ -164,6 +185,13 @@ def _make_group(spec: JobSpec, size: int, backend: str, name: str):
     )
 
 
+def choose_backend(spec: JobSpec) -> str:
+    """``cluster.backend``, with ``auto`` resolved: one worker and no address runs in-process, else Ray."""
+    if spec.cluster.backend != "auto":
+        return spec.cluster.backend
+    return "local" if spec.cluster.num_workers == 1 and not spec.cluster.address else "ray"
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -176,6 +204,8 @@ def run_job(
     on_task_start: Callable[[Task, int], None] | None = None,
     policy: FailurePolicy | None = None,
     metrics: Metrics | None = None,
+    checkpoints: list[tuple[str, str]] | None = None,
+    exclude: Callable[[Task], bool] | None = None,
 ) -> JobSummary:
     """Run every task of ``spec`` not already stored; returns a summary.
 
@@ -187,6 +217,10 @@ def run_job(
         on_task_start: called with ``(task, attempt)`` as a task starts (for tests
             and fault injection).
         metrics: Prometheus metrics to update as tasks finish (see :mod:`cluster.metrics`).
+        checkpoints: ``(path, sha256)`` pairs to use instead of expanding
+            ``model.checkpoints`` (the audit service discovers and hashes them itself).
+        exclude: tasks for which this returns True are left out of this run (not
+            run, not counted as skipped; the audit's backoff).
 
     Raises:
         SpecError, CheckpointError: before any work starts, for a bad spec,
@@ -199,13 +233,17 @@ def run_job(
     run_id = uuid.uuid4().hex[:16]
     store = ResultStore(spec.output.path)
     versions = library_versions()
-    paths = expand_checkpoints(spec.model.checkpoints)
-    checkpoints = [(p, file_sha256(p)) for p in paths]
+    if checkpoints is None:
+        checkpoints = [(p, checkpoint_sha256(p)) for p in expand_checkpoints(spec.model.checkpoints)]
+    paths = [p for p, _ in checkpoints]
     _, indices, data_sha = probe_subset(spec)
     tasks = plan_tasks(spec, checkpoints, data_sha)
+    if exclude is not None:
+        tasks = [t for t in tasks if not exclude(t)]
     summary = JobSummary(run_id, spec.name, spec.output.path, num_tasks=len(tasks))
     done = {kind: store.done_task_keys(kind, spec.name) for kind in {t.kind for t in tasks}}
-    todo = [t for t in tasks if t.key not in done[t.kind]]
+    pending = {t.key: _pending(t, done[t.kind]) for t in tasks}
+    todo = [p for p in pending.values() if p is not None]
     summary.num_skipped = len(tasks) - len(todo)
     group_size = spec.cluster.group_size or spec.cluster.num_workers
     num_groups = max(1, spec.cluster.num_workers // group_size)
@@ -220,7 +258,7 @@ def run_job(
         metrics.tasks_planned.labels(job=spec.name).set(len(todo))
         metrics.tasks_done.labels(job=spec.name).set(0)
         for t in tasks:
-            if t.key in done[t.kind]:
+            if pending[t.key] is None:
                 metrics.tasks.labels(job=spec.name, kind=t.kind, outcome="skipped").inc()
     lock = threading.Lock()
     work: queue.Queue[Task] = queue.Queue()
@@ -244,6 +282,16 @@ def run_job(
             "mode": spec.mode,
             "versions": json.dumps(versions, sort_keys=True),
         }
+
+    def _record_failure(task: Task, reason: str, attempts: int) -> None:
+        keys = task.row_keys or (task.key,)
+        for key in keys:
+            store.write_failure({
+                "run_id": run_id, "job": spec.name, "task_key": key, "kind": task.kind,
+                "checkpoint": task.checkpoint, "checkpoint_sha256": task.checkpoint_sha256,
+                "probe_config": json.dumps(task.options, sort_keys=True), "category": failure_category(reason),
+                "reason": reason, "attempts": attempts, "created_at": _now(), "schema_version": SCHEMA_VERSION,
+            })
 
     def serve(group_index: int) -> None:
         group = None
@@ -279,6 +327,7 @@ def run_job(
                             summary.num_failed += 1
                             summary.failures.append({"task": task.key, "checkpoint": task.checkpoint, "kind": task.kind, "reason": str(exc)})
                         progress(f"[{spec.name}] FAILED {task.kind} @ {task.checkpoint}: {exc}")
+                        _record_failure(task, str(exc), attempts)
                         if metrics:
                             metrics.task_failed(spec.name, task.kind, str(exc))
                             metrics.tasks_done.labels(job=spec.name).inc()
@@ -288,7 +337,13 @@ def run_job(
                               "checkpoint_metadata": json.dumps(record.get("checkpoint_metadata", {}), sort_keys=True),
                               "device": str(group.info[0].get("device", "cpu"))}
                     rows = [{**common, **r} for r in record.get("rows", [{}])]
-                    store.write_result(task.kind, rows)
+                    if task.row_keys:  # one stored file per checkpoint's row
+                        keys = dict(zip(task.options["series"], task.row_keys))
+                        for r in rows:
+                            r["task_key"] = keys[r["checkpoint"]]
+                            store.write_result(task.kind, [r])
+                    else:
+                        store.write_result(task.kind, rows)
                     if metrics:
                         metrics.task_succeeded(spec.name, task.kind, rows, duration_s=record["duration_s"],
                                                num_matvecs=record.get("num_matvecs", 0), timestamp_s=time.time())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["Metrics", "serve", "FAILURE_REASONS", "DURATION_BUCKETS_S", "DEFAULT_PORT"]
+__all__ = ["Metrics", "serve", "FAILURE_REASONS", "DURATION_BUCKETS_S", "DEFAULT_PORT", "failure_category"]
 
 DEFAULT_PORT = 9464  # the port OpenTelemetry/Prometheus exporters conventionally use
 
@@ -21,6 +21,20 @@ DEFAULT_PORT = 9464  # the port OpenTelemetry/Prometheus exporters conventionall
 DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 FAILURE_REASONS = ("bad_checkpoint", "bad_spec", "worker_lost", "non_finite", "placement", "write_failed", "other")
 OUTCOMES = ("succeeded", "failed", "skipped")
+
+
+def failure_category(message: str) -> str:
+    """The bounded reason (one of :data:`FAILURE_REASONS`) for a failure message."""
+    text = message.lower()
+    if "checkpoint" in text:
+        return "bad_checkpoint"
+    if "worker died" in text or "worker lost" in text:
+        return "worker_lost"
+    if "non-finite" in text or " nan" in text:
+        return "non_finite"
+    if "cannot write results" in text:
+        return "write_failed"
+    return "other"
 
 
 class Metrics:
@@ -45,7 +59,7 @@ class Metrics:
             "probe_audit_last_pass_timestamp_seconds", "Unix time of the last completed audit pass.", ["job"], registry=r
         )
         self.audit_last_success = Gauge(
-            "probe_audit_last_success_timestamp_seconds", "Unix time of the last audit pass without failures.", ["job"], registry=r
+            "probe_audit_last_success_timestamp_seconds", "Unix time of the last audit pass that completed (its task failures count in probe_failures_total).", ["job"], registry=r
         )
         self.audit_checkpoints = Gauge("probe_audit_checkpoints", "Checkpoints found by the last audit pass.", ["job"], registry=r)
         self.audit_pending = Gauge(
@@ -67,19 +81,8 @@ class Metrics:
 
     def task_failed(self, job: str, kind: str, message: str) -> None:
         """Count a failed task, its reason classified from the message into :data:`FAILURE_REASONS`."""
-        text = message.lower()
-        if "checkpoint" in text:
-            reason = "bad_checkpoint"
-        elif "worker died" in text or "worker lost" in text:
-            reason = "worker_lost"
-        elif "non-finite" in text or " nan" in text:
-            reason = "non_finite"
-        elif "cannot write results" in text:
-            reason = "write_failed"
-        else:
-            reason = "other"
         self.tasks.labels(job=job, kind=kind, outcome="failed").inc()
-        self.failure(job, reason)
+        self.failure(job, failure_category(message))
 
     def task_succeeded(self, job: str, kind: str, rows: list[dict], *, duration_s: float, num_matvecs: int,
                        timestamp_s: float) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.checkpoints import file_sha256
+from cluster.checkpoints import checkpoint_sha256
 from probe.barrier import barrier
 from probe.directions import Directions, pca_directions, random_directions
 from probe.eos import adam_preconditioner, eos_point
@@ -279,7 +279,8 @@ def _eos(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
     for index, checkpoint in enumerate(o["series"]):
         model, meta = ctx.worker.build_model(checkpoint)
         lr, source = _learning_rate(o["lr"], checkpoint, meta)
-        step = int(float(meta.get("step", index)))
+        fallback = o["series_steps"][index] if "series_steps" in o else index
+        step = int(float(meta.get("step", fallback)))
         op = ctx.operator(model)
         preconditioner, momentum = None, o["momentum"]
         if o["optimizer"] == "adam":
@@ -296,7 +297,7 @@ def _eos(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
         total += point.num_matvecs
         rows.append({
             "checkpoint": checkpoint,
-            "checkpoint_sha256": file_sha256(checkpoint),
+            "checkpoint_sha256": checkpoint_sha256(checkpoint),
             "step": point.step,
             "lr": point.lr,
             "lr_source": source,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-__all__ = ["SCHEMA_VERSION", "COMMON_FIELDS", "KIND_FIELDS", "RUNS_SCHEMA", "schema_for"]
+__all__ = ["SCHEMA_VERSION", "COMMON_FIELDS", "KIND_FIELDS", "RUNS_SCHEMA", "FAILURES_SCHEMA", "schema_for"]
 
 SCHEMA_VERSION = 1
 
@@ -157,6 +157,25 @@ RUNS_SCHEMA = pa.schema(
         pa.field("failures", pa.string()),  # JSON list of {task, reason}
         pa.field("spec", pa.string()),  # JSON
         pa.field("versions", pa.string()),
+        pa.field("schema_version", pa.int32(), nullable=False),
+    ]
+)
+
+# One row per failed task attempt that was given up on (``output.path/failures/``): what an
+# audit reads to back off, and what a user queries to see why a checkpoint has no results.
+FAILURES_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("job", pa.string(), nullable=False),
+        pa.field("task_key", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("checkpoint", pa.string(), nullable=False),
+        pa.field("checkpoint_sha256", pa.string()),
+        pa.field("probe_config", pa.string()),
+        pa.field("category", pa.string(), nullable=False),  # bounded: cluster.metrics.FAILURE_REASONS
+        pa.field("reason", pa.string(), nullable=False),  # the full one-line message
+        pa.field("attempts", pa.int32()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("schema_version", pa.int32(), nullable=False),
     ]
 )

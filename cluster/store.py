@@ -1,7 +1,8 @@
 """The Parquet result store: atomic, idempotent writes readable with plain ``pyarrow.dataset``.
 
-Layout: ``<root>/<kind>/job=<job>/part-<task_key>.parquet`` and
-``<root>/runs/job=<job>/run-<run_id>.parquet``. A file is written under a hidden
+Layout: ``<root>/<kind>/job=<job>/part-<task_key>.parquet``,
+``<root>/runs/job=<job>/run-<run_id>.parquet`` and
+``<root>/failures/job=<job>/fail-<task_key>-<run_id>.parquet``. A file is written under a hidden
 name (``.tmp-…``, which ``pyarrow.dataset`` ignores), flushed, then renamed into
 place, so a reader never sees a partial file and an interrupted write leaves
 nothing visible. The file name of a result is its task key (job, checkpoint
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from cluster.schema import RUNS_SCHEMA, schema_for
+from cluster.schema import FAILURES_SCHEMA, RUNS_SCHEMA, schema_for
 
 __all__ = ["ResultStore", "StoreError"]
 
@@ -80,6 +81,13 @@ class ResultStore:
         table = pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
         return self._write(table, self.root / "runs" / _partition(row["job"]), f"run-{row['run_id']}.parquet")
 
+    def write_failure(self, row: dict) -> Path:
+        """Write the ``failures`` row of one task given up on in one run."""
+        table = pa.Table.from_pylist([row], schema=FAILURES_SCHEMA)
+        return self._write(
+            table, self.root / "failures" / _partition(row["job"]), f"fail-{row['task_key']}-{row['run_id']}.parquet"
+        )
+
     def done_task_keys(self, kind: str, job: str) -> set[str]:
         """Task keys already stored for ``kind`` and ``job`` (from the file names: no data read)."""
         folder = self.root / kind / _partition(job)
@@ -91,6 +99,6 @@ class ResultStore:
         """All rows of ``kind`` (every job), with the ``job`` partition column."""
         folder = self.root / kind
         if not folder.is_dir():
-            schema = RUNS_SCHEMA if kind == "runs" else schema_for(kind)
+            schema = {"runs": RUNS_SCHEMA, "failures": FAILURES_SCHEMA}.get(kind) or schema_for(kind)
             return schema.empty_table()
         return ds.dataset(folder, format="parquet", partitioning=_JOB_PARTITIONING).to_table()

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from cluster.checkpoints import CheckpointError, file_sha256, load_checkpoint
+from cluster.checkpoints import CheckpointError, checkpoint_sha256, load_checkpoint
 from cluster.distributed import ShardedEvaluator, ShardedOperator
 from cluster.runners import ProbeContext, run_probe
 from cluster.spec import JobSpec, SpecError, import_factory, parse_spec
@@ -207,7 +207,7 @@ class ProbeWorker:
         return record
 
     def checkpoint_sha256(self, path: str) -> str:
-        return file_sha256(path)
+        return checkpoint_sha256(path)
 
     def shutdown(self) -> None:
         if dist.is_initialized():
