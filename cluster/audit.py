@@ -226,11 +226,11 @@ class Auditor:
         report.duration_s = time.perf_counter() - t0
         if self.metrics:
             m = self.metrics
-            m.audit_passes.labels(job=name, outcome="succeeded").inc()
-            m.audit_last_pass.labels(job=name).set(self.clock())
-            m.audit_last_success.labels(job=name).set(self.clock())
-            m.audit_checkpoints.labels(job=name).set(report.checkpoints)
-            m.audit_pending.labels(job=name).set(report.failed + report.backing_off)
+            m.audit_passes.labels(job_name=name, outcome="succeeded").inc()
+            m.audit_last_pass.labels(job_name=name).set(self.clock())
+            m.audit_last_success.labels(job_name=name).set(self.clock())
+            m.audit_checkpoints.labels(job_name=name).set(report.checkpoints)
+            m.audit_pending.labels(job_name=name).set(report.failed + report.backing_off)
         retry = ""
         if report.retry_at is not None:
             retry = f" (next retry in {max(report.retry_at - self.clock(), 0) / 60:.0f} min)"
@@ -300,8 +300,8 @@ class Auditor:
                     raise
                 errors_in_row += 1
                 if self.metrics:
-                    self.metrics.audit_passes.labels(job=self.spec.name, outcome="failed").inc()
-                    self.metrics.audit_last_pass.labels(job=self.spec.name).set(self.clock())
+                    self.metrics.audit_passes.labels(job_name=self.spec.name, outcome="failed").inc()
+                    self.metrics.audit_last_pass.labels(job_name=self.spec.name).set(self.clock())
                 wait = min(PASS_RETRY_BASE_S * 2 ** (errors_in_row - 1), every_s)
                 self.progress(f"[{self.spec.name}] audit pass failed ({errors_in_row} in a row): "
                               f"{type(exc).__name__}: {exc}; retrying in {wait:.0f} s")

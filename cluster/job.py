@@ -255,11 +255,11 @@ def run_job(
         f"{len(indices)} probe examples"
     )
     if metrics:
-        metrics.tasks_planned.labels(job=spec.name).set(len(todo))
-        metrics.tasks_done.labels(job=spec.name).set(0)
+        metrics.tasks_planned.labels(job_name=spec.name).set(len(todo))
+        metrics.tasks_done.labels(job_name=spec.name).set(0)
         for t in tasks:
             if pending[t.key] is None:
-                metrics.tasks.labels(job=spec.name, kind=t.kind, outcome="skipped").inc()
+                metrics.tasks.labels(job_name=spec.name, kind=t.kind, outcome="skipped").inc()
     lock = threading.Lock()
     work: queue.Queue[Task] = queue.Queue()
     for t in todo:
@@ -318,7 +318,7 @@ def run_job(
                             group = None
                         if decision == "restart":
                             if metrics:
-                                metrics.restarts.labels(job=spec.name).inc()
+                                metrics.restarts.labels(job_name=spec.name).inc()
                             with lock:
                                 summary.restarts += 1
                             progress(f"[{spec.name}] worker lost on {task.kind} @ {task.checkpoint}: {exc}; restarting (attempt {attempts + 1})")
@@ -330,7 +330,7 @@ def run_job(
                         _record_failure(task, str(exc), attempts)
                         if metrics:
                             metrics.task_failed(spec.name, task.kind, str(exc))
-                            metrics.tasks_done.labels(job=spec.name).inc()
+                            metrics.tasks_done.labels(job_name=spec.name).inc()
                         break
                     common = {**base_row(task), **{k: v for k, v in record.items() if k != "rows"},
                               "created_at": _now(), "attempts": attempts,
@@ -347,7 +347,7 @@ def run_job(
                     if metrics:
                         metrics.task_succeeded(spec.name, task.kind, rows, duration_s=record["duration_s"],
                                                num_matvecs=record.get("num_matvecs", 0), timestamp_s=time.time())
-                        metrics.tasks_done.labels(job=spec.name).inc()
+                        metrics.tasks_done.labels(job_name=spec.name).inc()
                     with lock:
                         summary.num_done += 1
                         summary.records.extend(rows)

@@ -1,9 +1,11 @@
 """Every Prometheus metric of the service, declared once.
 
 Names carry the ``probe_`` prefix and base units (seconds); counters end in
-``_total``. Labels stay bounded: ``job`` / ``series`` (names from specs), ``kind``
+``_total``. Labels stay bounded: ``job_name`` / ``series`` (names from specs), ``kind``
 (probe kinds), ``outcome`` and ``reason`` (fixed vocabularies). Checkpoint paths
-and hashes never become labels; they go to Parquet.
+and hashes never become labels; they go to Parquet. The spec's name is ``job_name``,
+not ``job``: Prometheus sets ``job`` (and ``instance``) on every scraped series
+itself and would rename ours to ``exported_job``.
 
 The driver and the audit service expose a private registry over HTTP with
 :func:`serve`, bound to loopback unless told otherwise.
@@ -42,28 +44,28 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.tasks = Counter("probe_tasks_total", "Probe tasks finished, by outcome.", ["job", "kind", "outcome"], registry=r)
-        self.tasks_planned = Gauge("probe_tasks_planned", "Tasks in the current job run.", ["job"], registry=r)
-        self.tasks_done = Gauge("probe_tasks_done", "Tasks of the current job run finished (any outcome).", ["job"], registry=r)
-        self.hvps = Counter("probe_hvp_total", "Hessian-vector products computed.", ["job", "kind"], registry=r)
+        self.tasks = Counter("probe_tasks_total", "Probe tasks finished, by outcome.", ["job_name", "kind", "outcome"], registry=r)
+        self.tasks_planned = Gauge("probe_tasks_planned", "Tasks in the current job run.", ["job_name"], registry=r)
+        self.tasks_done = Gauge("probe_tasks_done", "Tasks of the current job run finished (any outcome).", ["job_name"], registry=r)
+        self.hvps = Counter("probe_hvp_total", "Hessian-vector products computed.", ["job_name", "kind"], registry=r)
         self.duration = Histogram(
-            "probe_task_duration_seconds", "Wall time of one probe task.", ["job", "kind"], buckets=DURATION_BUCKETS_S, registry=r
+            "probe_task_duration_seconds", "Wall time of one probe task.", ["job_name", "kind"], buckets=DURATION_BUCKETS_S, registry=r
         )
-        self.failures = Counter("probe_failures_total", "Task failures, by reason.", ["job", "reason"], registry=r)
-        self.restarts = Counter("probe_worker_restarts_total", "Worker groups rebuilt after a worker died.", ["job"], registry=r)
+        self.failures = Counter("probe_failures_total", "Task failures, by reason.", ["job_name", "reason"], registry=r)
+        self.restarts = Counter("probe_worker_restarts_total", "Worker groups rebuilt after a worker died.", ["job_name"], registry=r)
         self.last_success = Gauge(
-            "probe_last_success_timestamp_seconds", "Unix time of the last successful task.", ["job", "kind"], registry=r
+            "probe_last_success_timestamp_seconds", "Unix time of the last successful task.", ["job_name", "kind"], registry=r
         )
-        self.audit_passes = Counter("probe_audit_passes_total", "Audit passes, by outcome.", ["job", "outcome"], registry=r)
+        self.audit_passes = Counter("probe_audit_passes_total", "Audit passes, by outcome.", ["job_name", "outcome"], registry=r)
         self.audit_last_pass = Gauge(
-            "probe_audit_last_pass_timestamp_seconds", "Unix time of the last completed audit pass.", ["job"], registry=r
+            "probe_audit_last_pass_timestamp_seconds", "Unix time of the last completed audit pass.", ["job_name"], registry=r
         )
         self.audit_last_success = Gauge(
-            "probe_audit_last_success_timestamp_seconds", "Unix time of the last audit pass that completed (its task failures count in probe_failures_total).", ["job"], registry=r
+            "probe_audit_last_success_timestamp_seconds", "Unix time of the last audit pass that completed (its task failures count in probe_failures_total).", ["job_name"], registry=r
         )
-        self.audit_checkpoints = Gauge("probe_audit_checkpoints", "Checkpoints found by the last audit pass.", ["job"], registry=r)
+        self.audit_checkpoints = Gauge("probe_audit_checkpoints", "Checkpoints found by the last audit pass.", ["job_name"], registry=r)
         self.audit_pending = Gauge(
-            "probe_audit_tasks_pending", "Tasks not yet stored after the last audit pass (failed or backing off).", ["job"], registry=r
+            "probe_audit_tasks_pending", "Tasks not yet stored after the last audit pass (failed or backing off).", ["job_name"], registry=r
         )
         self.lambda_max = Gauge("probe_lambda_max", "Latest top Hessian eigenvalue of the series.", ["series"], registry=r)
         self.trace = Gauge("probe_hessian_trace", "Latest Hessian trace estimate of the series.", ["series"], registry=r)
@@ -77,20 +79,20 @@ class Metrics:
 
     def failure(self, job: str, reason: str) -> None:
         """Count a failure; unknown reasons are folded into ``other`` to keep labels bounded."""
-        self.failures.labels(job=job, reason=reason if reason in FAILURE_REASONS else "other").inc()
+        self.failures.labels(job_name=job, reason=reason if reason in FAILURE_REASONS else "other").inc()
 
     def task_failed(self, job: str, kind: str, message: str) -> None:
         """Count a failed task, its reason classified from the message into :data:`FAILURE_REASONS`."""
-        self.tasks.labels(job=job, kind=kind, outcome="failed").inc()
+        self.tasks.labels(job_name=job, kind=kind, outcome="failed").inc()
         self.failure(job, failure_category(message))
 
     def task_succeeded(self, job: str, kind: str, rows: list[dict], *, duration_s: float, num_matvecs: int,
                        timestamp_s: float) -> None:
         """Count a finished task and set the headline gauges of the series (``job``) from its rows."""
-        self.tasks.labels(job=job, kind=kind, outcome="succeeded").inc()
-        self.hvps.labels(job=job, kind=kind).inc(max(int(num_matvecs or 0), 0))
-        self.duration.labels(job=job, kind=kind).observe(duration_s)
-        self.last_success.labels(job=job, kind=kind).set(timestamp_s)
+        self.tasks.labels(job_name=job, kind=kind, outcome="succeeded").inc()
+        self.hvps.labels(job_name=job, kind=kind).inc(max(int(num_matvecs or 0), 0))
+        self.duration.labels(job_name=job, kind=kind).observe(duration_s)
+        self.last_success.labels(job_name=job, kind=kind).set(timestamp_s)
         for row in rows:
             if kind == "eigenvalues" and row.get("which") == "largest" and row.get("eigenvalues"):
                 self.lambda_max.labels(series=job).set(row["eigenvalues"][0])

@@ -224,7 +224,7 @@ def test_headline_gauges_follow_the_latest_checkpoint_of_the_series(tmp_path):
     spec_path = write_spec(tmp_path, folder)
     metrics = Metrics()
     Auditor(load_spec(spec_path), metrics=metrics, **quiet).run_pass()
-    samples = {(s.name, s.labels.get("series") or s.labels.get("job")): s.value
+    samples = {(s.name, s.labels.get("series") or s.labels.get("job_name")): s.value
                for m in metrics.registry.collect() for s in m.samples}
     by = lambda kind: {Path(r["checkpoint"]).name: r for r in rows(spec_path, kind)}  # noqa: E731
     eig, tr, eos = by("eigenvalues"), by("trace"), by("eos")
@@ -248,7 +248,7 @@ def test_a_pass_that_cannot_run_is_counted_and_retried_with_backoff(tmp_path):
     metrics, messages = Metrics(), []
     auditor = Auditor(load_spec(spec_path), metrics=metrics, progress=messages.append)
     auditor.run(every_s=0.05, max_passes=3)
-    failed = metrics.audit_passes.labels(job="audited", outcome="failed")._value.get()
+    failed = metrics.audit_passes.labels(job_name="audited", outcome="failed")._value.get()
     assert failed == 3
     assert sum("audit pass failed" in m for m in messages) == 3
     assert any("(3 in a row)" in m and "retrying in 0 s" in m for m in messages)

@@ -47,18 +47,18 @@ def test_job_metrics_match_the_parquet_rows(make_spec, checkpoints, served):
     tr = store.read("trace").to_pylist()[0]
     assert samples[("probe_lambda_max", (("series", "metered"),))] == pytest.approx(eig["eigenvalues"][0], rel=1e-12)
     assert samples[("probe_hessian_trace", (("series", "metered"),))] == pytest.approx(tr["trace"], rel=1e-12)
-    ok = (("job", "metered"), ("kind", "eigenvalues"), ("outcome", "succeeded"))
+    ok = (("job_name", "metered"), ("kind", "eigenvalues"), ("outcome", "succeeded"))
     assert samples[("probe_tasks_total", ok)] == 1
-    hvps = samples[("probe_hvp_total", (("job", "metered"), ("kind", "eigenvalues")))]
+    hvps = samples[("probe_hvp_total", (("job_name", "metered"), ("kind", "eigenvalues")))]
     assert hvps == eig["num_matvecs"]
-    assert samples[("probe_tasks_planned", (("job", "metered"),))] == 2
-    assert samples[("probe_tasks_done", (("job", "metered"),))] == 2
+    assert samples[("probe_tasks_planned", (("job_name", "metered"),))] == 2
+    assert samples[("probe_tasks_done", (("job_name", "metered"),))] == 2
     # labels stay bounded: no path or hash ever becomes a label value
     values = {v for (_, labels), _ in samples.items() for _, v in labels}
     assert not any("/" in v or len(v) >= 40 for v in values)
     # a re-run counts the stored tasks as skipped
     run_job(spec, backend="local", progress=lambda m: None, metrics=metrics)
-    skipped = (("job", "metered"), ("kind", "trace"), ("outcome", "skipped"))
+    skipped = (("job_name", "metered"), ("kind", "trace"), ("outcome", "skipped"))
     assert scrape(server.server_port)[("probe_tasks_total", skipped)] == 1
 
 
@@ -68,7 +68,7 @@ def test_failures_are_counted_by_a_bounded_reason(served):
     metrics.task_failed("j", "trace", "something unexpected")
     metrics.failure("j", "a reason nobody declared")
     samples = scrape(server.server_port)
-    assert samples[("probe_failures_total", (("job", "j"), ("reason", "bad_checkpoint")))] == 1
-    assert samples[("probe_failures_total", (("job", "j"), ("reason", "other")))] == 2
+    assert samples[("probe_failures_total", (("job_name", "j"), ("reason", "bad_checkpoint")))] == 1
+    assert samples[("probe_failures_total", (("job_name", "j"), ("reason", "other")))] == 2
     reasons = {dict(labels).get("reason") for (name, labels) in samples if name == "probe_failures_total"}
     assert reasons <= set(FAILURE_REASONS)
