@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the embedded default job on the digits data")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--workers", type=int, default=2, help="Ray workers in the local instance (default: 2)")
+    demo.add_argument("--metrics-port", type=int, default=9464,
+                      help="loopback port for the metrics endpoint while the demo runs (default 9464; a free one if taken)")
     return parser
 
 
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "demo":
             from cluster.demo import run_demo
 
-            run_demo(args.out, seed=args.seed)
+            run_demo(args.out, seed=args.seed, num_workers=args.workers, metrics_port=args.metrics_port)
         return 0
     except (SpecError, CheckpointError, FileNotFoundError) as exc:
         print(f"probe {args.verb}: {exc}", file=sys.stderr)

@@ -1,124 +1,234 @@
-"""The embedded default job: curvature of a small digits network, single process.
+"""The embedded default job: the whole product on scikit-learn's digits, in minutes on a laptop.
 
-Trains ``probe.models.digits_mlp`` on scikit-learn's digits (bundled with the
-package, no download), then measures on a fixed probe set of training examples:
-the top-5 Hessian eigenvalues, λ_min, the trace (Hutch++) and the SLQ spectral
-density, and writes a density plot and a JSON summary.
+``probe demo`` trains two small digits networks by full-batch gradient descent
+(safetensors checkpoints carrying their learning rate and step), writes two job
+specs, starts a local Ray instance with two workers, serves Prometheus metrics
+while it works, and runs every probe kind through the same job driver as
+``probe run``:
+
+- ``geometry`` (the two final checkpoints): top-5 and bottom eigenvalues, trace
+  (Hutch++), SLQ spectral density, sharpness (λ_max, Keskar, SAM, adaptive), a 2-D
+  filter-normalized loss surface, and the barrier between the two solutions along a
+  straight line and a trained Bézier curve;
+- ``trajectory`` (run A's checkpoints along training): the edge-of-stability series
+  λ_max against 2/η.
+
+Results land in Parquet under ``OUT/results``; ``probe report`` renders them into
+``OUT/results/report/index.html``. Checkpoints already under ``OUT`` are reused,
+so a second ``probe demo`` finds every result stored and runs nothing.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import TextIO
 
 import torch
 import torch.nn.functional as F
+import yaml
+from safetensors.torch import save_file
 
 from cluster.data import digits_tensors
-from cluster.figures import plot_density
-from probe.eigen import eigenvalues
-from probe.hessian import HessianOperator
 from probe.models import digits_mlp
-from probe.slq import spectral_density
-from probe.trace import hutchpp
 
-__all__ = ["train_digits", "run_demo"]
+__all__ = ["train_series", "run_demo", "DEMO_LR", "DEMO_STEPS"]
+
+DEMO_HIDDEN = 32
+DEMO_LR = 1.0  # full-batch GD; λ_max climbs to ≈ 2/η within 200 steps (progressive sharpening, Cohen et al. 2021)
+DEMO_STEPS = (0, 25, 50, 100, 200, 400, 800)
 
 
-def train_digits(*, seed: int = 0, steps: int = 300, lr: float = 0.01, hidden: int = 32) -> torch.nn.Module:
-    """Train a digits MLP by full-batch Adam; returns the model (float32)."""
+def train_series(folder: Path, *, seed: int, lr: float = DEMO_LR, save_at=DEMO_STEPS) -> list[Path]:
+    """Train ``digits_mlp`` by full-batch GD and save safetensors checkpoints at the steps in ``save_at``.
+
+    Checkpoints already in ``folder`` are kept: safetensors writes its metadata in
+    a per-process order, so re-saving equal weights would give new bytes, a new
+    content hash, and results measured again.
+    """
+    wanted = [folder / f"step-{step}.safetensors" for step in sorted(save_at)]
+    if all(p.is_file() for p in wanted):
+        return wanted
+    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     x, y = digits_tensors(split="train")
-    model = digits_mlp(hidden=hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
+    model = digits_mlp(hidden=DEMO_HIDDEN)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    paths = []
+    for step in range(max(save_at) + 1):
+        if step in save_at:
+            path = folder / f"step-{step}.safetensors"
+            meta = {"lr": repr(lr), "step": str(step), "seed": str(seed), "optimizer": "gd"}
+            tmp = path.with_name(f".{path.name}.tmp")  # never leave a half-written checkpoint under its name
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+            tmp.replace(path)
+            paths.append(path)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    return model
+    return paths
 
 
-def _accuracy(model: torch.nn.Module, split: str) -> float:
+def _accuracy(path: Path, split: str) -> float:
+    from safetensors.torch import load_file
+
+    model = digits_mlp(hidden=DEMO_HIDDEN)
+    model.load_state_dict(load_file(str(path)))
     x, y = digits_tensors(split=split)
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def run_demo(out_dir: str | Path = "out/demo", *, seed: int = 0, num_examples: int = 512, batch_size: int = 128,
+def _specs(out: Path, a: list[Path], b: list[Path], num_workers: int, seed: int) -> dict[str, Path]:
+    """Write the two demo specs under ``out/specs`` (paths relative to the spec files)."""
+    folder = out / "specs"
+    folder.mkdir(parents=True, exist_ok=True)
+    rel = lambda p: str(Path("..") / p.relative_to(out))  # noqa: E731
+    a_final, b_final = rel(a[-1]), rel(b[-1])
+    common = {
+        "model": {"factory": "probe.models:digits_mlp", "kwargs": {"hidden": DEMO_HIDDEN}},
+        "data": {"factory": "cluster.data:digits", "num_examples": 512, "batch_size": 128,
+                 "eval_sets": {"test": {"factory": "cluster.data:digits", "kwargs": {"split": "test"},
+                                        "num_examples": 256}}},
+        "loss": "cross_entropy",
+        "precision": "float64",
+        "mode": "eval",
+        "cluster": {"num_workers": num_workers},
+        "output": {"path": "../results"},
+        "seed": seed,
+    }
+    geometry = {
+        "name": "geometry",
+        **common,
+        "model": {**common["model"], "checkpoints": [a_final, b_final]},
+        "probes": [
+            {"kind": "eigenvalues", "k": 5, "which": "largest"},
+            {"kind": "eigenvalues", "k": 1, "which": "smallest"},
+            {"kind": "trace", "method": "hutch++", "matvecs": 99},
+            {"kind": "spectrum", "runs": 10, "steps": 80},
+            {"kind": "sharpness", "measures": ["lambda_max", "keskar", "sam", "adaptive"], "steps": 10},
+            {"kind": "surface", "dims": 2, "resolution": 21, "span": 1.0},
+            {"kind": "barrier", "between": [a_final, b_final], "path": ["linear", "bezier"], "points": 25,
+             "train_steps": 200, "eval_sets": ["probe", "test"]},
+        ],
+    }
+    trajectory = {
+        "name": "trajectory",
+        **common,
+        "model": {**common["model"], "checkpoints": [str(Path("..") / a[0].parent.relative_to(out))]},
+        "probes": [{"kind": "eos", "optimizer": "gd"}],
+    }
+    paths = {}
+    for spec in (geometry, trajectory):
+        path = folder / f"{spec['name']}.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        paths[spec["name"]] = path
+    return paths
+
+
+def _serve_metrics(metrics, port: int | None):
+    from cluster.metrics import serve
+
+    for candidate in (port, 0) if port else (0,):
+        try:
+            server, _ = serve(metrics, port=candidate)
+            return server
+        except OSError:
+            continue
+    return None
+
+
+def run_demo(out_dir: str | Path = "out/demo", *, seed: int = 0, num_workers: int = 2, metrics_port: int | None = 9464,
              stream: TextIO = sys.stdout) -> dict:
-    """Run the demo and write ``density.png`` and ``summary.json`` under ``out_dir``; returns the summary."""
-    out_dir = Path(out_dir)
+    """Run the demo under ``out_dir``; returns where everything is and the headline values."""
+    from cluster.job import run_job
+    from cluster.metrics import Metrics
+    from cluster.raytools import connect
+    from cluster.report import write_report
+    from cluster.spec import load_spec
+    from cluster.store import ResultStore
+
+    out = Path(out_dir)
     say = lambda msg: print(msg, file=stream, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    say("[1/5] training a digits MLP (64-32-32-10, tanh) by full-batch Adam, 300 steps ...")
-    model = train_digits(seed=seed).double()
-    say(f"      train accuracy {_accuracy(model.float(), 'train'):.3f}, test accuracy {_accuracy(model.float(), 'test'):.3f}")
-    model = model.double()
-    x, y = digits_tensors(split="train")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(y), generator=g)[:num_examples]
-    batches = [(x[idx[i:i + batch_size]], y[idx[i:i + batch_size]]) for i in range(0, len(idx), batch_size)]
-    H = HessianOperator(model, F.cross_entropy, batches)
-    say(f"      probe set: {H.num_examples} training examples in {len(batches)} batches; "
-        f"{H.dim:,} parameters; float64; mode={H.mode}; graphs kept for {H.num_cached_batches}/{len(batches)} batches")
 
-    timings = {}
-    t = time.perf_counter()
-    say("[2/5] top-5 eigenvalues (Lanczos, full reorthogonalization) ...")
-    top = eigenvalues(H, 5, which="largest", generator=g)
-    timings["top5_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    say("[3/5] smallest eigenvalue ...")
-    bottom = eigenvalues(H, 1, which="smallest", generator=g)
-    timings["lambda_min_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    say("[4/5] trace (Hutch++, 99 products) ...")
-    tr = hutchpp(H, 99, generator=g)
-    timings["trace_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    say("[5/5] spectral density (SLQ, 10 runs × 80 steps) ...")
-    spec = spectral_density(H, runs=10, steps=80, generator=g)
-    timings["density_s"] = time.perf_counter() - t
-    neg, neg_err = spec.negative_mass()
-    frac, frac_err = spec.negative_fraction()
-    png = plot_density(spec, out_dir / "density.png", title=f"Hessian spectral density, digits MLP ({H.dim:,} parameters)")
+    say(f"[1/5] training two digits MLPs (64-{DEMO_HIDDEN}-{DEMO_HIDDEN}-10, tanh) by full-batch GD, η = {DEMO_LR:g}, "
+        f"{max(DEMO_STEPS)} steps ...")
+    a = train_series(out / "checkpoints" / "run-a", seed=seed)
+    b = train_series(out / "checkpoints" / "run-b", seed=seed + 1, save_at=(max(DEMO_STEPS),))
+    for name, path in (("A", a[-1]), ("B", b[-1])):
+        say(f"      run {name}: train accuracy {_accuracy(path, 'train'):.3f}, test accuracy {_accuracy(path, 'test'):.3f}"
+            f"  ({path.relative_to(out)})")
+    specs = _specs(out, a, b, num_workers, seed)
 
-    summary = {
-        "parameters": H.dim,
-        "probe_examples": H.num_examples,
-        "top_eigenvalues": top.eigenvalues.tolist(),
-        "top_residuals": top.residuals.tolist(),
-        "lambda_min": float(bottom.eigenvalues[0]),
-        "trace": tr.trace,
-        "trace_stderr": tr.trace_stderr,
-        "negative_mass": neg,
-        "negative_mass_stderr": neg_err,
-        "negative_fraction": frac,
-        "negative_fraction_stderr": frac_err,
-        "sigma": spec.sigma,
-        "num_matvecs": top.num_matvecs + bottom.num_matvecs + tr.num_matvecs + spec.num_matvecs,
-        "timings_s": timings,
-        "total_s": time.perf_counter() - t0,
-        "density_png": str(png),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out_dir / "summary.json")
+    say(f"[2/5] starting a local Ray instance with {num_workers} workers and the metrics endpoint ...")
+    connect(None, num_cpus=num_workers)
+    metrics = Metrics()
+    server = _serve_metrics(metrics, metrics_port)
+    url = f"http://127.0.0.1:{server.server_port}/metrics" if server else None
+    say(f"      metrics at {url}" if url else "      metrics: no free loopback port; skipped")
+
+    summaries = {}
+    try:
+        for i, (name, spec_path) in enumerate(specs.items(), start=3):
+            spec = load_spec(spec_path)
+            say(f"[{i}/5] job {name!r} ({spec_path.relative_to(out)}): "
+                f"{len(spec.probes)} probe(s) on a group of {num_workers} Ray workers ...")
+            summaries[name] = run_job(spec, backend="ray", metrics=metrics, progress=lambda m: say("      " + m))
+        exposition = urllib.request.urlopen(url, timeout=10).read().decode() if url else ""
+    finally:
+        if server is not None:
+            server.shutdown()
+    say("[5/5] writing the report ...")
+    results = out / "results"
+    html = write_report(results)
+
+    store = ResultStore(results)
+    rows = {k: store.read(k).to_pylist() for k in ("eigenvalues", "trace", "sharpness", "barrier", "eos", "spectrum")}
+    a_name, b_name = a[-1].relative_to(out).as_posix(), b[-1].relative_to(out).as_posix()
+
+    def of(kind, ckpt_suffix, **match):
+        return [r for r in rows[kind] if r["checkpoint"].endswith(ckpt_suffix) and all(r[k] == v for k, v in match.items())]
 
     say("")
-    say("Hessian of the mean cross-entropy over the probe set")
-    say(f"  λ_max .............. {top.eigenvalues[0]:.6g}   (residual {top.residuals[0]:.1e}, {top.num_steps} Lanczos steps)")
-    say("  top-5 .............. " + ", ".join(f"{v:.5g}" for v in top.eigenvalues.tolist()))
-    say(f"  λ_min .............. {bottom.eigenvalues[0]:.6g}   (residual {bottom.residuals[0]:.1e})")
-    say(f"  |λ_min|/λ_max ...... {abs(float(bottom.eigenvalues[0])) / float(top.eigenvalues[0]):.3g}")
-    say(f"  trace .............. {tr.trace:.6g} ± {tr.trace_stderr:.2g} (1 s.e., Hutch++, {tr.num_matvecs} products)")
-    say(f"  negative mass ...... {neg:.3g} ± {neg_err:.2g}   (tr(H₋)/tr|H|)")
-    say(f"  eigenvalues < −1e-3·λ_max: {frac:.3g} ± {frac_err:.2g} of the spectrum (≈ {frac * H.dim:.0f} of {H.dim:,})")
-    say(f"  Hessian-vector products: {summary['num_matvecs']}, total time {summary['total_s']:.1f} s")
-    say(f"  density plot ....... {png}")
-    say(f"  summary ............ {out_dir / 'summary.json'}")
-    return summary
+    say("Hessian of the mean cross-entropy over 512 probe examples (float64, eval mode)")
+    say(f"  {'':26s} {'run A':>12s} {'run B':>12s}")
+    for label, kind, col, match in [
+        ("λ_max", "eigenvalues", "eigenvalues", {"which": "largest"}),
+        ("λ_min", "eigenvalues", "eigenvalues", {"which": "smallest"}),
+        ("trace (Hutch++)", "trace", "trace", {}),
+        ("Keskar ε-sharpness", "sharpness", "value", {"measure": "keskar"}),
+        ("SAM ρ-sharpness", "sharpness", "value", {"measure": "sam"}),
+        ("adaptive sharpness", "sharpness", "value", {"measure": "adaptive"}),
+    ]:
+        vals = []
+        for ckpt in (a_name, b_name):
+            got = of(kind, ckpt, **match)
+            v = got[0][col] if got else None
+            vals.append(f"{(v[0] if isinstance(v, list) else v):12.5g}" if v is not None else f"{'—':>12s}")
+        say(f"  {label:26s} {vals[0]} {vals[1]}")
+    for r in of("trace", a_name):
+        say(f"  trace of run A: {r['trace']:.5g} ± {r['trace_stderr']:.2g} (1 s.e., {r['num_matvecs']} products)")
+    for r in sorted(rows["barrier"], key=lambda r: (r["path"], r["eval_set"])):
+        say(f"  barrier A ↔ B, {r['path']:6s} path, {r['eval_set']:5s} set: {r['barrier_height']:.4g}")
+    eos = sorted(rows["eos"], key=lambda r: r["step"])
+    if eos:
+        say("  edge of stability, run A (λ_max · η / 2 by step): "
+            + ", ".join(f"{r['step']}: {r['ratio']:.2f}" for r in eos))
+    hvps = sum(r.get("num_matvecs") or 0 for k in rows for r in rows[k])
+    say("")
+    say(f"done in {time.perf_counter() - t0:.0f} s; {hvps:,} Hessian-vector products stored")
+    say(f"  checkpoints ... {out / 'checkpoints'}")
+    say(f"  job specs ..... {', '.join(str(p) for p in specs.values())}   (re-run: probe run SPEC)")
+    say(f"  Parquet ....... {results}/<kind>/job=<name>/   (pyarrow.dataset.dataset(path, partitioning='hive'))")
+    say(f"  report ........ {html}")
+    if url:
+        lines = [ln for ln in exposition.splitlines()
+                 if ln.startswith(("probe_lambda_max{", "probe_eos_ratio{", 'probe_hvp_total{job_name="geometry",kind="spectrum"'))]
+        say(f"  metrics ....... served at {url} while the jobs ran, e.g.")
+        for ln in lines[:4]:
+            say(f"                  {ln}")
+    return {"out": str(out), "specs": {k: str(v) for k, v in specs.items()}, "results": str(results), "report": str(html),
+            "metrics_url": url, "summaries": {k: vars(v) for k, v in summaries.items()}, "total_s": time.perf_counter() - t0}

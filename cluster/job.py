@@ -185,6 +185,12 @@ def _make_group(spec: JobSpec, size: int, backend: str, name: str):
     )
 
 
+def _short(path: str) -> str:
+    """A checkpoint's folder and file name, for progress lines."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
 def choose_backend(spec: JobSpec) -> str:
     """``cluster.backend``, with ``auto`` resolved: one worker and no address runs in-process, else Ray."""
     if spec.cluster.backend != "auto":
@@ -353,7 +359,7 @@ def run_job(
                         summary.records.extend(rows)
                         n = summary.num_done + summary.num_failed
                     progress(
-                        f"[{spec.name}] {n}/{len(todo)} {task.kind} @ {task.checkpoint.rsplit('/', 1)[-1]}: "
+                        f"[{spec.name}] {n}/{len(todo)} {task.kind} @ {_short(task.checkpoint)}: "
                         f"{record['duration_s']:.1f} s, {record.get('num_matvecs', 0)} HVPs"
                         f"{f', attempt {attempts}' if attempts > 1 else ''}; elapsed {time.perf_counter() - t_start:.0f} s"
                     )

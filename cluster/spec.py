@@ -10,6 +10,7 @@ and ``--set key.path=value`` overrides any value before validation.
 from __future__ import annotations
 
 import dataclasses
+import os
 import importlib
 import re
 from dataclasses import dataclass, field
@@ -484,12 +485,16 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     raw = apply_overrides(raw if isinstance(raw, dict) else raw, overrides or [])
     spec = parse_spec(raw)
     base = path.resolve().parent
-    checkpoints = tuple(c if Path(c).is_absolute() else str(base / c) for c in spec.model.checkpoints)
-    out = spec.output.path if Path(spec.output.path).is_absolute() else str(base / spec.output.path)
+
+    def near(p: str) -> str:  # relative to the spec's folder, '..' collapsed so paths read (and hash) the same
+        return p if Path(p).is_absolute() else os.path.normpath(base / p)
+
+    checkpoints = tuple(near(c) for c in spec.model.checkpoints)
+    out = near(spec.output.path)
     probes = []
     for p in spec.probes:
         if p.kind == "barrier":
-            ends = [e if e == "init" or Path(e).is_absolute() else str(base / e) for e in p.options["between"]]
+            ends = [e if e == "init" else near(e) for e in p.options["between"]]
             p = ProbeSpec(p.kind, {**p.options, "between": ends})
         probes.append(p)
     return dataclasses.replace(
