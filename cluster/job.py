@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cluster.checkpoints import CheckpointError, checkpoint_sha256, expand_checkpoints
 from cluster.groups import LocalGroup, ProcessGroup, RayGroup, TaskError, WorkerLost
-from cluster.metrics import Metrics, failure_category
+from cluster.metrics import FAILURE_REASONS, Metrics, failure_category
 from cluster.schema import SCHEMA_VERSION
 from cluster.spec import JobSpec
 from cluster.store import ResultStore
@@ -261,6 +261,8 @@ def run_job(
         f"{len(indices)} probe examples"
     )
     if metrics:
+        for reason in FAILURE_REASONS:  # every reason exported from 0, so increase() sees the first failure
+            metrics.failures.labels(job_name=spec.name, reason=reason)
         metrics.tasks_planned.labels(job_name=spec.name).set(len(todo))
         metrics.tasks_done.labels(job_name=spec.name).set(0)
         for t in tasks:
