@@ -33,6 +33,46 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 OPTIMIZER_PREFIX = "optimizer."
 
 
+class _RayWorkerMetrics:
+    """A worker's own metrics through ``ray.util.metrics``: each node's Ray metrics agent
+    exports them (``ray_probe_worker_hvps_total``, ``ray_probe_worker_task_seconds``) on
+    the node's metrics export port, with Ray's worker and node labels added."""
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Histogram
+
+        from cluster.metrics import DURATION_BUCKETS_S
+
+        tags = ("job_name", "kind")
+        self.hvps = Counter("probe_worker_hvps", description="Hessian-vector products this worker took part in.",
+                            tag_keys=tags)
+        self.seconds = Histogram("probe_worker_task_seconds", description="Wall time of probe tasks on this worker.",
+                                 boundaries=list(DURATION_BUCKETS_S), tag_keys=tags)
+
+    def record(self, job_name: str, kind: str, num_matvecs: int, duration_s: float) -> None:
+        tags = {"job_name": job_name, "kind": kind}
+        if num_matvecs:
+            self.hvps.inc(float(num_matvecs), tags=tags)
+        self.seconds.observe(duration_s, tags=tags)
+
+
+def _ray_worker_metrics() -> _RayWorkerMetrics | None:
+    """Metrics for a worker running as a Ray actor; None in-process, under
+    torch.multiprocessing, or where Ray is not installed (the worker runs without it)."""
+    import sys
+
+    if "ray" not in sys.modules:  # a Ray actor has imported ray before it builds us
+        return None
+    import ray
+
+    try:
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+            return None
+    except Exception:  # noqa: BLE001 - no runtime context: not a Ray worker
+        return None
+    return _RayWorkerMetrics()
+
+
 def build_loss(loss: str | dict):
     """The loss callable named by a spec's ``loss`` entry (mean reduction)."""
     if loss == "cross_entropy":
@@ -105,6 +145,7 @@ class ProbeWorker:
         self.backend = "nccl" if use_gpu else "gloo"
         self.batches: list = []
         self.data_sha256 = ""
+        self._ray_metrics = _ray_worker_metrics()
 
     def rendezvous(self) -> str:
         """A ``tcp://HOST:PORT`` address on this worker's host with a free port (called on rank 0)."""
@@ -204,6 +245,8 @@ class ProbeWorker:
         record["duration_s"] = time.perf_counter() - t0
         record["world_size"] = self.world_size
         record["checkpoint_metadata"] = {k: str(v) for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
+        if self._ray_metrics is not None:
+            self._ray_metrics.record(self.spec.name, task["kind"], record.get("num_matvecs", 0), record["duration_s"])
         return record
 
     def checkpoint_sha256(self, path: str) -> str:

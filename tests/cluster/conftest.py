@@ -83,7 +83,7 @@ def ray_head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray")
     token_file = tmp / "auth_token"
     token_file.write_text(secrets.token_hex(16))
-    gcs_port, dash_port = free_port(), free_port()
+    gcs_port, dash_port, metrics_port = free_port(), free_port(), free_port()
     bin_dir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
@@ -96,7 +96,7 @@ def ray_head(tmp_path_factory):
     log = open(tmp / "head.log", "w")
     head = subprocess.Popen(
         [ray_exe, "start", "--head", "--block", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash_port}", "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={tmp / 't'}"],
+         f"--dashboard-port={dash_port}", f"--metrics-export-port={metrics_port}", "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={tmp / 't'}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     import ray
@@ -112,7 +112,8 @@ def ray_head(tmp_path_factory):
                 os.killpg(head.pid, signal.SIGKILL)
                 raise RuntimeError(f"the Ray head did not start; see {tmp / 'head.log'}")
             time.sleep(1)
-    yield {"address": address, "dashboard": f"http://127.0.0.1:{dash_port}", "env": env}
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{dash_port}", "env": env,
+           "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     ray.shutdown()
     os.killpg(head.pid, signal.SIGTERM)
     try:

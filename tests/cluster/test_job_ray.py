@@ -126,3 +126,33 @@ def test_probe_submit_runs_a_ray_job_and_results_are_readable(make_spec, ray_hea
     again = subprocess.run(cmd, capture_output=True, text=True, env=ray_head["env"], timeout=400)
     assert again.returncode == 0 and "already submitted" in again.stderr
     assert ResultStore(out).read("eigenvalues").num_rows == 2
+
+
+def test_workers_report_their_metrics_through_ray(make_spec, ray_head, tmp_path):
+    """Each actor counts its share of HVPs with ray.util.metrics; the node's metrics agent exports it."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    spec = load_spec(make_spec(name="ray-metered", output=tmp_path / "m", cluster={"num_workers": 2},
+                               probes=[{"kind": "eigenvalues", "k": 2}, {"kind": "trace", "matvecs": 12}]))
+    summary = run_job(spec, backend="ray", progress=lambda m: None)
+    store = ResultStore(tmp_path / "m")
+    expected = {kind: 2 * sum(store.read(kind).column("num_matvecs").to_pylist()) for kind in ("eigenvalues", "trace")}
+    assert summary.num_done == 4
+
+    def exported() -> dict[str, float]:
+        text = urllib.request.urlopen(ray_head["metrics"], timeout=10).read().decode()
+        got: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "ray_probe_worker_hvps_total" and s.labels.get("job_name") == "ray-metered":
+                    got[s.labels["kind"]] = got.get(s.labels["kind"], 0.0) + s.value
+        return got
+
+    deadline = time.monotonic() + 90  # the agent exports on its own reporting interval
+    got = exported()
+    while got != expected and time.monotonic() < deadline:
+        time.sleep(2)
+        got = exported()
+    assert got == expected  # both workers take part in every product
