@@ -221,7 +221,8 @@ def test_cli_run_exits_0_and_prints_progress(make_spec, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("[digits-test] 2 checkpoint(s) × 1 probe(s) = 2 task(s); 0 already stored; ")
     assert "(local)" in lines[0]
-    assert any(line.startswith("[digits-test] 2/2 trace @ mlp-seed") for line in lines)
+    # progress names the checkpoint by folder and file
+    assert any(line.startswith("[digits-test] 2/2 trace @ ") and "/mlp-seed" in line for line in lines)
     assert lines[-1].startswith("[digits-test] done: 2 run, 0 skipped, 0 failed")
     assert read(tmp_path / "results", "trace").num_rows == 2
 
