@@ -31,17 +31,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
-import torch
 
 from cluster.figures import plot_density, plt, save_png
 from cluster.plot_barrier import plot_barriers
 from cluster.plot_eos import plot_eos
 from cluster.plot_surface import plot_surface
+from cluster.records import barrier_from_row, eos_series_from_rows, floats, spectrum_from_row, surface_from_row
 from cluster.store import ResultStore
-from probe.barrier import BarrierResult
-from probe.eos import EosPoint, EosSeries
-from probe.slq import SpectrumResult
-from probe.surface import SurfaceResult
 
 __all__ = ["write_report", "REPORT_KINDS"]
 
@@ -144,18 +140,6 @@ def _slug(*parts) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60].strip("._-") or "x"
 
 
-def _floats(xs) -> list[float]:
-    return [math.nan if x is None else float(x) for x in (xs or [])]
-
-
-def _vec(xs) -> torch.Tensor:
-    return torch.tensor(_floats(xs), dtype=torch.float64)
-
-
-def _f(x) -> float:
-    return math.nan if x is None else float(x)
-
-
 # ---------------------------------------------------------------- reading
 
 
@@ -245,72 +229,27 @@ class _Figures:
 
 
 def _spectrum_png(row: dict, title: str, path: Path) -> Path:
-    values = [_vec(v) for v in row.get("ritz_values") or [] if v]
-    weights = [_vec(w) for w in row.get("ritz_weights") or [] if w]
-    if values and len(values) == len(weights):
-        config = json.loads(row.get("probe_config") or "{}")
-        grid = _vec(row["grid"])
-        result = SpectrumResult(
-            ritz_values=values, ritz_weights=weights, grid=grid, density=_vec(row["density"]),
-            density_stderr=_vec(row.get("density_stderr") or [None] * len(grid)), sigma=_f(row.get("sigma")),
-            runs=len(values), steps=int(config.get("steps") or max(len(v) for v in values)),
-            reorth=str(row.get("reorth") or config.get("reorth") or "?"), num_matvecs=int(row.get("num_matvecs") or 0),
-            orthogonality_loss=_vec(row.get("orthogonality_loss")),
-            breakdown=torch.tensor([bool(b) for b in row.get("breakdown") or []], dtype=torch.bool),
-            dim=0,  # not stored; the figure does not use it
-        )
+    result = spectrum_from_row(row)
+    if result is not None:
         return plot_density(result, path, title=_mpl(title))
     # No Ritz data: the stored density alone, on a log y axis as plot_density draws it.
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(_floats(row["grid"]), _floats(row["density"]), color="C0", lw=1.2)
+    ax.plot(floats(row["grid"]), floats(row["density"]), color="C0", lw=1.2)
     ax.set(yscale="log", xlabel="eigenvalue λ", ylabel="density (log scale)", title=_mpl(title))
     return save_png(fig, path)
 
 
 def _barrier_png(rows: list[dict], title: str, path: Path) -> Path:
-    results = {}
-    for r in rows:
-        t, loss = _vec(r["t"]), _vec(r["loss"])
-        bad = ~torch.isfinite(loss)
-        results[f"{r.get('path')} · {r.get('eval_set')}"] = BarrierResult(
-            eval_set=str(r.get("eval_set")), path=str(r.get("path")), mode=str(r.get("mode") or ""),
-            num_examples=int(r.get("num_examples") or 0), t=t, loss=loss,
-            error=_vec(r.get("error") or [None] * len(t)), loss_a=_f(r.get("loss_a")), loss_b=_f(r.get("loss_b")),
-            barrier_height=_f(r.get("barrier_height")), barrier_above_line=_f(r.get("barrier_above_line")),
-            path_integral=_f(r.get("path_integral")), integration_rule="",
-            argmax_t=float(t[loss.nan_to_num(nan=-math.inf).argmax()]) if len(t) else math.nan,
-            error_barrier_height=_f(r.get("error_barrier_height")), num_nonfinite=int(bad.sum()),
-            first_nonfinite_t=float(t[bad][0]) if bool(bad.any()) else None,
-        )
+    results = {f"{r.get('path')} · {r.get('eval_set')}": barrier_from_row(r) for r in rows}
     return plot_barriers(results, path, title=_mpl(title))
 
 
 def _surface_png(row: dict, title: str, path: Path) -> Path:
-    alphas, betas = tuple(_floats(row["alpha"])), tuple(_floats(row.get("beta")))
-    shape = (len(alphas), len(betas)) if betas else (len(alphas),)  # the loss is stored alpha-major
-    loss = _vec(row["loss"]).reshape(shape)
-    result = SurfaceResult(
-        directions=str(row.get("directions") or "random"), normalization=str(row.get("normalization") or "none"),
-        ignore_1d=bool(row.get("ignore_1d")), mode=str(row.get("mode") or ""), alphas=alphas, betas=betas,
-        loss=loss, error=_vec(row.get("error") or [None] * loss.numel()).reshape(shape),
-        num_evaluations=int(row.get("num_evaluations") or 0), num_nonfinite=int(row.get("num_nonfinite") or 0),
-        direction_norms=tuple(_floats(row.get("direction_norms"))), direction_cosine=_f(row.get("direction_cosine")),
-        eigenvalues=tuple(_floats(row.get("eigenvalues"))), note=str(row.get("note") or ""),
-    )
-    return plot_surface(result, path, title=_mpl(title))
+    return plot_surface(surface_from_row(row), path, title=_mpl(title))
 
 
 def _eos_png(rows: list[dict], title: str, path: Path) -> Path:
-    optimizer, momentum = str(rows[0].get("optimizer") or "gd"), _f(rows[0].get("momentum") or 0.0)
-    points = tuple(
-        EosPoint(step=int(r.get("step") or 0), lr=_f(r.get("lr")), optimizer=optimizer, momentum=momentum,
-                 lambda_max=_f(r.get("lambda_max")), threshold=_f(r.get("threshold")), ratio=_f(r.get("ratio")),
-                 num_matvecs=int(r.get("num_matvecs") or 0), residual=_f(r.get("residual")),
-                 converged=bool(r.get("converged")), warm_started=bool(r.get("warm_started")),
-                 sharpness="preconditioned" if optimizer == "adam" else "hessian", note=str(r.get("note") or ""))
-        for r in rows
-    )
-    return plot_eos(EosSeries(points, optimizer, momentum), path, title=_mpl(title))
+    return plot_eos(eos_series_from_rows(rows), path, title=_mpl(title))
 
 
 # ---------------------------------------------------------------- sections
@@ -386,7 +325,7 @@ def _section_barrier(rows, figs: _Figures) -> str:
 
 def _section_surface(rows, figs: _Figures) -> str:
     def min_loss(r):
-        finite = [x for x in _floats(r.get("loss")) if math.isfinite(x)]
+        finite = [x for x in floats(r.get("loss")) if math.isfinite(x)]
         return min(finite) if finite else None
 
     table = _table(
