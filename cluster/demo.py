@@ -8,8 +8,9 @@ while it works, and runs every probe kind through the same job driver as
 
 - ``geometry`` (the two final checkpoints): top-5 and bottom eigenvalues, trace
   (Hutch++), SLQ spectral density, sharpness (λ_max, Keskar, SAM, adaptive), a 2-D
-  filter-normalized loss surface, and the barrier between the two solutions along a
-  straight line and a trained Bézier curve;
+  filter-normalized loss surface, the barrier between the two solutions along a
+  straight line and a trained Bézier curve, PAC-Bayes σ* and bound, gradient noise,
+  and the critical-point label;
 - ``trajectory`` (run A's checkpoints along training): the edge-of-stability series
   λ_max against 2/η.
 
@@ -60,7 +61,8 @@ def train_series(folder: Path, *, seed: int, lr: float = DEMO_LR, save_at=DEMO_S
     for step in range(max(save_at) + 1):
         if step in save_at:
             path = folder / f"step-{step}.safetensors"
-            meta = {"lr": repr(lr), "step": str(step), "seed": str(seed), "optimizer": "gd"}
+            meta = {"lr": repr(lr), "step": str(step), "seed": str(seed), "optimizer": "gd",
+                    "batch_size": str(len(y))}  # full batch
             tmp = path.with_name(f".{path.name}.tmp")  # never leave a half-written checkpoint under its name
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
             tmp.replace(path)
@@ -112,6 +114,9 @@ def _specs(out: Path, a: list[Path], b: list[Path], num_workers: int, seed: int)
             {"kind": "surface", "dims": 2, "resolution": 21, "span": 1.0},
             {"kind": "barrier", "between": [a_final, b_final], "path": ["linear", "bezier"], "points": 25,
              "train_steps": 200, "eval_sets": ["probe", "test"]},
+            {"kind": "pacbayes", "target": 0.1, "samples": 32},
+            {"kind": "noise"},
+            {"kind": "critical"},
         ],
     }
     trajectory = {
@@ -186,7 +191,8 @@ def run_demo(out_dir: str | Path = "out/demo", *, seed: int = 0, num_workers: in
     html = write_report(results)
 
     store = ResultStore(results)
-    rows = {k: store.read(k).to_pylist() for k in ("eigenvalues", "trace", "sharpness", "barrier", "eos", "spectrum")}
+    rows = {k: store.read(k).to_pylist()
+            for k in ("eigenvalues", "trace", "sharpness", "barrier", "eos", "spectrum", "pacbayes", "noise", "critical")}
     a_name, b_name = a[-1].relative_to(out).as_posix(), b[-1].relative_to(out).as_posix()
 
     def of(kind, ckpt_suffix, **match):
@@ -202,12 +208,17 @@ def run_demo(out_dir: str | Path = "out/demo", *, seed: int = 0, num_workers: in
         ("Keskar ε-sharpness", "sharpness", "value", {"measure": "keskar"}),
         ("SAM ρ-sharpness", "sharpness", "value", {"measure": "sam"}),
         ("adaptive sharpness", "sharpness", "value", {"measure": "adaptive"}),
+        ("PAC-Bayes σ* (ΔL ≤ 0.1)", "pacbayes", "sigma", {}),
+        ("‖∇L‖", "noise", "grad_norm", {}),
+        ("gradient noise scale", "noise", "noise_scale", {}),
+        ("critical point (‖∇L‖ ≤ 1e-3?)", "critical", "label", {}),
     ]:
         vals = []
         for ckpt in (a_name, b_name):
             got = of(kind, ckpt, **match)
             v = got[0][col] if got else None
-            vals.append(f"{(v[0] if isinstance(v, list) else v):12.5g}" if v is not None else f"{'—':>12s}")
+            v = v[0] if isinstance(v, list) else v
+            vals.append(f"{'—':>12s}" if v is None else f"{v:>12s}" if isinstance(v, str) else f"{v:12.5g}")
         say(f"  {label:26s} {vals[0]} {vals[1]}")
     for r in of("trace", a_name):
         say(f"  trace of run A: {r['trace']:.5g} ± {r['trace_stderr']:.2g} (1 s.e., {r['num_matvecs']} products)")

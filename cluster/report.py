@@ -42,7 +42,8 @@ from cluster.store import ResultStore
 __all__ = ["write_report", "REPORT_KINDS"]
 
 # Sections in page order (the probe kinds the job runners write).
-REPORT_KINDS = ("eigenvalues", "trace", "sharpness", "spectrum", "barrier", "surface", "eos")
+REPORT_KINDS = ("eigenvalues", "trace", "sharpness", "spectrum", "barrier", "surface", "eos", "pacbayes", "noise",
+                "critical")
 MAX_LIST_ITEMS = 8  # list cells (eigenvalues, residuals) show this many entries, then "+N more"
 _FIGURE_NAME = re.compile(r"^(spectrum|barrier|surface|eos)-\d{3}-[A-Za-z0-9._-]*\.png$")
 _JOB_PARTITIONING = ds.partitioning(pa.schema([("job", pa.string())]), flavor="hive")
@@ -291,6 +292,42 @@ def _section_sharpness(rows, _figs) -> str:
     )
 
 
+def _section_pacbayes(rows, _figs) -> str:
+    return _table(
+        ["job", "checkpoint", "variant", "σ* ± stderr", "target", "E ΔL ± stderr", "E error", "KL", "prior", "δ",
+         "bound (kl⁻¹)", "bound (√)", "note"],
+        [[r["job"], _ckpt(r["checkpoint"]), r.get("variant"), _pm(r.get("sigma"), r.get("sigma_stderr")),
+          _num(r.get("target")), _pm(r.get("expected_loss_increase"), r.get("expected_loss_increase_stderr")),
+          _pm(r.get("expected_error"), r.get("expected_error_stderr")), _num(r.get("kl")), r.get("prior") or "",
+          _num(r.get("delta")), _num(r.get("bound")), _num(r.get("bound_sqrt")), r.get("note") or ""] for r in rows],
+        numeric=[3, 4, 5, 6, 7, 9, 10, 11],
+    )
+
+
+def _section_noise(rows, _figs) -> str:
+    return _table(
+        ["job", "checkpoint", "‖∇L‖", "tr(Σ)", "noise scale", "η", "B", "temperature η/2B", "(η/4)‖∇L‖²",
+         "(η/4B) tr(Σ)", "note"],
+        [[r["job"], _ckpt(r["checkpoint"]), _num(r.get("grad_norm")), _num(r.get("noise_trace")),
+          _num(r.get("noise_scale")), _num(r.get("lr")), r.get("batch_size"), _num(r.get("temperature")),
+          _num(r.get("gd_regularizer")), _num(r.get("sgd_regularizer")), r.get("note") or ""] for r in rows],
+        numeric=[2, 3, 4, 5, 6, 7, 8, 9],
+    )
+
+
+def _section_critical(rows, _figs) -> str:
+    return _table(
+        ["job", "checkpoint", "label", "‖∇L‖ (threshold)", "λ_min", "λ_max", "negative mass ± stderr (threshold)",
+         "matvecs", "rule"],
+        [[r["job"], _ckpt(r["checkpoint"]), r.get("label"),
+          f"{_num(r.get('grad_norm'))} ({_num(r.get('grad_norm_threshold'))})", _num(r.get("lambda_min")),
+          _num(r.get("lambda_max")),
+          f"{_pm(r.get('negative_mass'), r.get('negative_mass_stderr'))} ({_num(r.get('negative_mass_threshold'))})",
+          r.get("num_matvecs"), r.get("rule") or ""] for r in rows],
+        numeric=[3, 4, 5, 6, 7],
+    )
+
+
 def _section_spectrum(rows, figs: _Figures) -> str:
     table = _table(
         ["job", "checkpoint", "runs", "σ", "λ_min (Ritz)", "λ_max (Ritz)", "negative mass", "reorth", "matvecs"],
@@ -370,6 +407,9 @@ _SECTIONS = {
     "barrier": ("Interpolation barriers", _section_barrier),
     "surface": ("Loss surfaces", _section_surface),
     "eos": ("Edge of stability", _section_eos),
+    "pacbayes": ("PAC-Bayes flatness and bound", _section_pacbayes),
+    "noise": ("Gradient noise", _section_noise),
+    "critical": ("Critical points", _section_critical),
 }
 
 

@@ -20,6 +20,9 @@ import torch
 
 from cluster.checkpoints import checkpoint_sha256
 from probe.barrier import barrier
+from probe.critical import classify_critical_point
+from probe.noise import gradient_moments, noise_statistics
+from probe.pacbayes import pacbayes
 from probe.directions import Directions, pca_directions, random_directions
 from probe.eos import adam_preconditioner, eos_point
 from probe.surface import surface
@@ -315,6 +318,71 @@ def _eos(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
     return {"rows": rows, "num_matvecs": total}
 
 
+def _pacbayes(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    r = pacbayes(ctx.evaluator(), target=o["target"], variant=o["variant"], samples=o["samples"],
+                 prior_sigma=o["prior_sigma"], delta=o["delta"], rtol=o["rtol"], generator=g)
+    return {
+        "variant": r.variant, "sigma": r.sigma, "sigma_stderr": _finite(r.sigma_stderr), "target": r.target,
+        "expected_loss_increase": r.expected_loss_increase,
+        "expected_loss_increase_stderr": _finite(r.expected_loss_increase_stderr),
+        "base_loss": r.base_loss, "base_error": _finite(r.base_error), "expected_error": _finite(r.expected_error),
+        "expected_error_stderr": _finite(r.expected_error_stderr), "kl": _finite(r.kl),
+        "prior_sigma": _finite(r.prior_sigma), "prior": r.prior, "delta": r.delta, "bound": _finite(r.bound),
+        "bound_sqrt": _finite(r.bound_sqrt), "samples": r.samples, "num_evaluations": r.num_evaluations,
+        "bisection_steps": r.bisection_steps, "note": r.note, "num_matvecs": 0,
+    }
+
+
+def _from_metadata(option, meta: dict, key: str, cast):
+    """An option, else the checkpoint metadata's value, and where it came from."""
+    if option is not None:
+        return cast(option), "spec"
+    if key in meta:
+        return cast(float(meta[key])), "metadata"
+    return None, "none"
+
+
+def _noise(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    w = ctx.worker
+    moments = gradient_moments(ctx.model, w.loss_fn, w.batches, chunk_size=o["chunk_size"])
+    if w.world_size > 1:
+        def total(t: torch.Tensor) -> torch.Tensor:
+            torch.distributed.all_reduce(t)
+            return t
+
+        moments = moments.all_reduced(total)
+    lr, lr_source = _from_metadata(o["lr"], ctx.metadata, "lr", float)
+    batch_size, bs_source = _from_metadata(o["batch_size"], ctx.metadata, "batch_size", int)
+    r = noise_statistics(moments, lr=lr, batch_size=batch_size)
+    missing = [name for name, v in (("lr", lr), ("batch_size", batch_size)) if v is None]
+    note = (f"no {' or '.join(missing)}: set probes[noise].{missing[0]} or save '{missing[0]}' in the checkpoint's "
+            "metadata for the temperature and the implicit-regularization terms") if missing else ""
+    return {
+        "grad_norm": r.grad_norm, "noise_trace": r.noise_trace, "noise_scale": _finite(r.noise_scale),
+        "noise_scale_debiased": _finite(r.noise_scale_debiased), "mean_sq_grad_norm": r.mean_sq_grad_norm,
+        "loss": r.loss, "temperature": _finite(r.temperature), "batch_size": r.batch_size, "lr": _finite(r.lr),
+        "lr_source": lr_source, "batch_size_source": bs_source, "gd_regularizer": _finite(r.gd_regularizer),
+        "sgd_regularizer": _finite(r.sgd_regularizer), "modified_loss_term": _finite(r.modified_loss_term),
+        "noise_trace_clamped": r.noise_trace_clamped, "num_nonfinite": r.num_nonfinite,
+        "chunk_size": r.chunk_size, "note": note, "num_matvecs": 0,
+    }
+
+
+def _critical(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    ev = ctx.evaluator()
+    theta = ev.center().detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(ev.loss_with_grad(theta), theta)  # summed over workers by the evaluator
+    r = classify_critical_point(ctx.operator(), grad, grad_norm_threshold=o["grad_norm"],
+                                negative_mass_threshold=o["negative_mass"], runs=o["runs"], steps=o["steps"],
+                                tol=o["tol"], generator=g)
+    return {
+        "label": r.label, "grad_norm": r.grad_norm, "lambda_min": r.lambda_min, "lambda_max": r.lambda_max,
+        "negative_mass": r.negative_mass, "negative_mass_stderr": _finite(r.negative_mass_stderr),
+        "grad_norm_threshold": r.grad_norm_threshold, "negative_mass_threshold": r.negative_mass_threshold,
+        "rule": r.rule, "num_matvecs": r.num_matvecs, "note": r.note,
+    }
+
+
 RUNNERS: dict[str, Callable[[ProbeContext, dict, torch.Generator], dict]] = {
     "eigenvalues": _eigenvalues,
     "trace": _trace,
@@ -323,6 +391,9 @@ RUNNERS: dict[str, Callable[[ProbeContext, dict, torch.Generator], dict]] = {
     "barrier": _barrier,
     "surface": _surface,
     "eos": _eos,
+    "pacbayes": _pacbayes,
+    "noise": _noise,
+    "critical": _critical,
 }
 
 

@@ -140,6 +140,63 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("num_matvecs", pa.int64()),
         pa.field("note", pa.string()),
     ],
+    "pacbayes": [
+        pa.field("variant", pa.string()),
+        pa.field("sigma", _f64),  # σ*
+        pa.field("sigma_stderr", _f64),
+        pa.field("target", _f64),
+        pa.field("expected_loss_increase", _f64),
+        pa.field("expected_loss_increase_stderr", _f64),
+        pa.field("base_loss", _f64),
+        pa.field("base_error", _f64),
+        pa.field("expected_error", _f64),
+        pa.field("expected_error_stderr", _f64),
+        pa.field("kl", _f64),
+        pa.field("prior_sigma", _f64),  # null: the posterior's scale per coordinate
+        pa.field("prior", pa.string()),
+        pa.field("delta", _f64),
+        pa.field("bound", _f64),  # kl-inverse bound on the expected 0-1 error
+        pa.field("bound_sqrt", _f64),
+        pa.field("samples", pa.int64()),
+        pa.field("num_evaluations", pa.int64()),
+        pa.field("bisection_steps", pa.int64()),
+        pa.field("num_matvecs", pa.int64()),
+        pa.field("note", pa.string()),
+    ],
+    "noise": [
+        pa.field("grad_norm", _f64),
+        pa.field("noise_trace", _f64),  # tr(Σ), population covariance of per-example gradients
+        pa.field("noise_scale", _f64),  # tr(Σ)/‖∇L‖²
+        pa.field("noise_scale_debiased", _f64),
+        pa.field("mean_sq_grad_norm", _f64),
+        pa.field("loss", _f64),
+        pa.field("temperature", _f64),  # η/(2B)
+        pa.field("batch_size", pa.int64()),
+        pa.field("lr", _f64),
+        pa.field("lr_source", pa.string()),  # spec | metadata | none
+        pa.field("batch_size_source", pa.string()),
+        pa.field("gd_regularizer", _f64),  # (η/4)‖∇L‖²
+        pa.field("sgd_regularizer", _f64),  # (η/4B) tr(Σ)
+        pa.field("modified_loss_term", _f64),
+        pa.field("noise_trace_clamped", pa.bool_()),
+        pa.field("num_nonfinite", pa.int64()),
+        pa.field("chunk_size", pa.int64()),
+        pa.field("num_matvecs", pa.int64()),
+        pa.field("note", pa.string()),
+    ],
+    "critical": [
+        pa.field("label", pa.string()),  # near_minimum | saddle | not_critical
+        pa.field("grad_norm", _f64),
+        pa.field("lambda_min", _f64),
+        pa.field("lambda_max", _f64),
+        pa.field("negative_mass", _f64),
+        pa.field("negative_mass_stderr", _f64),
+        pa.field("grad_norm_threshold", _f64),
+        pa.field("negative_mass_threshold", _f64),
+        pa.field("rule", pa.string()),
+        pa.field("num_matvecs", pa.int64()),
+        pa.field("note", pa.string()),
+    ],
 }
 
 RUNS_SCHEMA = pa.schema(

@@ -13,6 +13,7 @@ from cluster.schema import schema_for
 
 EXPECTED_ROWS = {  # 2 final checkpoints (A, B) for geometry (sharpness: 5 rows each, SAM at 1 and n steps); 7 of run A for eos
     "eigenvalues": 4, "trace": 2, "spectrum": 2, "sharpness": 10, "surface": 2, "barrier": 4, "eos": 7,
+    "pacbayes": 2, "noise": 2, "critical": 2,
 }
 
 
@@ -51,6 +52,6 @@ def test_demo_prints_its_story_and_where_everything_is(demo):
 
 def test_a_second_demo_finds_everything_stored_and_runs_nothing(demo):
     _, _, second = demo
-    assert "13 task(s); 13 already stored" in second
+    assert "19 task(s); 19 already stored" in second
     assert "1 task(s); 1 already stored" in second
-    assert "done: 0 run, 13 skipped" in second
+    assert "done: 0 run, 19 skipped" in second

@@ -71,6 +71,9 @@ def results(tmp_path_factory, checkpoints):
         {"kind": "surface", "dims": 2, "resolution": 5},
         {"kind": "surface", "dims": 1, "resolution": 7},
         {"kind": "eos"},
+        {"kind": "pacbayes", "samples": 4},
+        {"kind": "noise", "batch_size": 16},
+        {"kind": "critical", "runs": 2, "steps": 10},
     ]
     main_job = run_job(load_spec(_spec(tmp, "report-test", checkpoints, probes, root)), backend="local",
                        progress=lambda m: None)
@@ -137,6 +140,9 @@ def test_a_section_per_kind_with_its_values(results):
     assert all(f"{r['barrier_height']:.6g}" in _section(html, "barrier") for r in rows["barrier"])
     eos = _section(html, "eos")
     assert all(f"{r['lambda_max']:.6g}" in eos for r in rows["eos"])
+    assert all(f"{r['sigma']:.6g} ± {r['sigma_stderr']:.2g}" in _section(html, "pacbayes") for r in rows["pacbayes"])
+    assert all(f"{r['noise_trace']:.6g}" in _section(html, "noise") for r in rows["noise"])
+    assert all(r["label"] in _section(html, "critical") for r in rows["critical"])
     runs = _section(html, "runs")
     assert "report-test" in runs and "succeeded" in runs and "failed" in runs
 

@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from cluster.spec import (
+    _OPTION_CHECKS,
+    ALL_KINDS,
     PROBE_OPTIONS,
     JobSpec,
     SpecError,
@@ -198,15 +200,11 @@ def test_unknown_probe_kind_lists_the_kinds():
         parse_spec(raw)
 
 
-UNBUILT = sorted({"sharpness", "barrier", "surface", "eos", "pacbayes", "noise", "critical"} - set(PROBE_OPTIONS))
-
-
-@pytest.mark.parametrize("kind", UNBUILT)
-def test_known_but_unbuilt_kind_is_not_available(kind):
-    raw = with_change(lambda r: r["probes"].append({"kind": kind}))
-    expected = f"probe kind '{kind}' is not available in this version; available: {', '.join(PROBE_OPTIONS)}"
-    with pytest.raises(SpecError, match=re.escape(expected)):
-        parse_spec(raw)
+def test_every_kind_of_the_design_is_available_with_options():
+    assert list(PROBE_OPTIONS) == list(ALL_KINDS)
+    assert set(_OPTION_CHECKS) == set(PROBE_OPTIONS)
+    for kind, options in PROBE_OPTIONS.items():
+        assert set(_OPTION_CHECKS[kind]) == set(options), kind  # every option is validated
 
 
 @pytest.mark.parametrize("probe", [{"kind": "eigenvalues", "k": 0}, {"kind": "eigenvalues", "which": "middle"},

@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.schema import KIND_FIELDS, RUNS_SCHEMA, SCHEMA_VERSION, schema_for
+from cluster.schema import FAILURES_SCHEMA, KIND_FIELDS, RUNS_SCHEMA, SCHEMA_VERSION, schema_for
 from cluster.store import ResultStore, StoreError
 
 KINDS = sorted(KIND_FIELDS)
@@ -87,6 +87,20 @@ def test_runs_row_reads_back(tmp_path):
     assert sorted(table.schema.names) == sorted(RUNS_SCHEMA.names)
     assert sorted(table.to_pylist(), key=lambda r: r["run_id"]) == rows
     assert sorted(p.name for p in (tmp_path / "runs" / "job=audit").glob("run-*.parquet")) == ["run-run0.parquet", "run-run1.parquet"]
+
+
+def test_failure_rows_read_back_one_file_per_task_and_run(tmp_path):
+    store = ResultStore(tmp_path)
+    rows = [make_row(FAILURES_SCHEMA, i=i) for i in range(2)]
+    for row in rows:
+        store.write_failure(row)
+    store.write_failure(rows[0])  # the same task and run again: the same file
+    table = read_plain(tmp_path / "failures")
+    assert sorted(table.schema.names) == sorted(FAILURES_SCHEMA.names)
+    assert sorted(table.to_pylist(), key=lambda r: r["run_id"]) == rows
+    assert store.read("failures").num_rows == 2
+    names = sorted(p.name for p in (tmp_path / "failures" / "job=audit").glob("fail-*.parquet"))
+    assert names == ["fail-task0-run0.parquet", "fail-task0-run1.parquet"]  # one task, failed in two runs
 
 
 def test_rows_of_several_tasks_and_jobs(tmp_path):

@@ -1,0 +1,103 @@
+"""The generalization and noise probes (pacbayes, noise, critical) through specs, worker
+groups and Parquet: one process and a 2-worker group agree, and the stored values equal
+the probe functions run directly on the whole probe set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from cluster.job import run_job
+from cluster.spec import load_spec
+from cluster.store import ResultStore
+from cluster.worker import probe_subset
+from compare import assert_close, by_task  # tests/cluster/compare.py
+from probe.models import digits_mlp
+from probe.noise import gradient_moments, noise_statistics
+
+PROBES = [
+    {"kind": "pacbayes", "samples": 8, "target": 0.05},
+    {"kind": "noise", "batch_size": 32, "chunk_size": 16},
+    {"kind": "critical", "runs": 4, "steps": 20},
+]
+COLUMNS = {
+    "pacbayes": ["sigma", "expected_loss_increase", "kl", "bound"],
+    "noise": ["grad_norm", "noise_trace", "noise_scale", "temperature"],
+    "critical": ["grad_norm", "lambda_min", "lambda_max", "negative_mass"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, checkpoints):
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("gen")
+    out = {}
+    for backend, workers in (("local", 1), ("process", 2)):
+        spec = {
+            "name": "generalization",
+            "model": {"factory": "probe.models:digits_mlp", "kwargs": {"hidden": 16},
+                      "checkpoints": [str(p) for p in checkpoints]},
+            "data": {"factory": "cluster.data:digits", "num_examples": 150, "batch_size": 40},
+            "precision": "float64",
+            "probes": PROBES,
+            "cluster": {"num_workers": workers},
+            "output": {"path": str(tmp / backend)},
+            "seed": 5,
+        }
+        path = tmp / f"{backend}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        summary = run_job(load_spec(path), backend=backend, progress=lambda m: None)
+        assert summary.num_done == 6 and summary.num_failed == 0, summary.failures
+        out[backend] = (load_spec(path), ResultStore(tmp / backend))
+    return out
+
+
+def test_two_workers_agree_with_one_process(runs):
+    (_, one), (_, two) = runs["local"], runs["process"]
+    for kind, cols in COLUMNS.items():
+        assert set(two.read(kind).column("world_size").to_pylist()) == {2}
+        assert_close(by_task(two.read(kind), cols), by_task(one.read(kind), cols), 1e-9)
+        assert [r["label"] for r in two.read("critical").to_pylist()] == [r["label"] for r in one.read("critical").to_pylist()]
+
+
+def test_noise_rows_equal_the_probe_function_on_the_whole_probe_set(runs, checkpoints):
+    spec, store = runs["process"]
+    dataset, indices, _ = probe_subset(spec)
+    batches = [torch.utils.data.default_collate([dataset[i] for i in indices[j: j + 40].tolist()])
+               for j in range(0, len(indices), 40)]
+    for path in checkpoints:
+        model = digits_mlp(hidden=16)
+        model.load_state_dict(load_file(str(path)))
+        direct = noise_statistics(gradient_moments(model.double(), F.cross_entropy, batches), lr=0.1, batch_size=32)
+        (row,) = [r for r in store.read("noise").to_pylist() if r["checkpoint"] == str(path)]
+        assert row["lr"] == 0.1 and row["lr_source"] == "metadata" and row["batch_size_source"] == "spec"
+        for col in ("grad_norm", "noise_trace", "noise_scale", "temperature", "sgd_regularizer"):
+            assert row[col] == pytest.approx(getattr(direct, col), rel=1e-10), col
+        assert row["temperature"] == pytest.approx(0.1 / 64, rel=1e-15)
+
+
+def test_pacbayes_and_critical_rows_state_their_conventions(runs):
+    _, store = runs["local"]
+    for r in store.read("pacbayes").to_pylist():
+        assert r["variant"] == "isotropic" and r["samples"] == 8 and r["target"] == 0.05
+        assert 0 < r["sigma"] and r["expected_loss_increase"] <= 0.05
+        assert r["expected_error"] <= r["bound"] <= 1 and "posterior's std" in r["prior"]
+        assert json.loads(r["probe_config"])["delta"] == 0.05
+    for r in store.read("critical").to_pylist():
+        assert r["label"] in ("near_minimum", "saddle", "not_critical")
+        assert r["grad_norm_threshold"] == 1e-3 and r["negative_mass_threshold"] == 0.01 and "saddle if" in r["rule"]
+        # the checkpoints are untrained initializations: the gradient is far from zero
+        assert r["grad_norm"] > 1e-2 and r["label"] == "not_critical"
+
+
+def test_noise_without_batch_size_says_how_to_give_it(tmp_path, checkpoints, make_spec):
+    spec = load_spec(make_spec(name="nobatch", probes=[{"kind": "noise"}]))
+    run_job(spec, backend="local", progress=lambda m: None)
+    row = ResultStore(spec.output.path).read("noise").to_pylist()[0]
+    assert row["temperature"] is None and row["lr"] == 0.1 and row["batch_size"] is None
+    assert "set probes[noise].batch_size or save 'batch_size' in the checkpoint's metadata" in row["note"]
