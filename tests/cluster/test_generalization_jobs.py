@@ -25,7 +25,7 @@ PROBES = [
     {"kind": "critical", "runs": 4, "steps": 20},
 ]
 COLUMNS = {
-    "pacbayes": ["sigma", "expected_loss_increase", "kl", "bound"],
+    "pacbayes": ["sigma", "expected_loss_increase", "kl"],  # the bound rests on 0-1 errors: see below
     "noise": ["grad_norm", "noise_trace", "noise_scale", "temperature"],
     "critical": ["grad_norm", "lambda_min", "lambda_max", "negative_mass"],
 }
@@ -63,6 +63,12 @@ def test_two_workers_agree_with_one_process(runs):
         assert set(two.read(kind).column("world_size").to_pylist()) == {2}
         assert_close(by_task(two.read(kind), cols), by_task(one.read(kind), cols), 1e-9)
         assert [r["label"] for r in two.read("critical").to_pylist()] == [r["label"] for r in one.read("critical").to_pylist()]
+    # 0-1 errors at perturbed points are discontinuous (a near-tie argmax may flip with the shards' summation
+    # order): the posterior error may differ by a few flips out of n × samples, not more
+    flip = 1 / (150 * 8)
+    errs = by_task(two.read("pacbayes"), ["expected_error"]), by_task(one.read("pacbayes"), ["expected_error"])
+    for key in errs[1]:
+        assert abs(errs[0][key]["expected_error"] - errs[1][key]["expected_error"]) <= 3 * flip
 
 
 def test_noise_rows_equal_the_probe_function_on_the_whole_probe_set(runs, checkpoints):

@@ -156,3 +156,18 @@ def test_workers_report_their_metrics_through_ray(make_spec, ray_head, tmp_path)
         time.sleep(2)
         got = exported()
     assert got == expected  # both workers take part in every product
+
+
+def test_generalization_probes_on_two_ray_workers_match_one_process(make_spec, tmp_path):
+    probes = [{"kind": "pacbayes", "samples": 4}, {"kind": "noise", "batch_size": 32}, {"kind": "critical", "runs": 3, "steps": 15}]
+    # (not the bound: it rests on 0-1 errors at perturbed points, where a near-tie argmax may flip with the
+    # summation order of the shards)
+    cols = {"pacbayes": ["sigma", "kl", "expected_loss_increase"], "noise": ["grad_norm", "noise_trace"],
+            "critical": ["lambda_min", "lambda_max", "negative_mass"]}
+    one = run_job(load_spec(make_spec(name="gen", probes=probes, output=tmp_path / "one")), backend="local",
+                  progress=lambda m: None)
+    two = run_job(load_spec(make_spec(name="gen", probes=probes, output=tmp_path / "two", cluster={"num_workers": 2})),
+                  backend="ray", progress=lambda m: None)
+    assert one.num_done == two.num_done == 6
+    for kind, c in cols.items():
+        assert_close(by_task(ResultStore(tmp_path / "two").read(kind), c), by_task(ResultStore(tmp_path / "one").read(kind), c), 1e-9)
