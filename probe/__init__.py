@@ -4,6 +4,7 @@ Pure torch: no Ray, Arrow, Prometheus, file I/O, logging or clocks (those live i
 """
 
 from probe.barrier import BarrierResult, barrier
+from probe.critical import CriticalPointResult, classify_critical_point
 from probe.curves import BezierPath, LinearPath, PolychainPath, train_bend
 from probe.directions import Directions, eigen_directions, pca_directions, random_directions
 from probe.eigen import EigenResult, eigenvalues, power_iteration
@@ -11,6 +12,8 @@ from probe.eos import EosPoint, PreconditionedOperator, eos_point, eos_series, l
 from probe.evaluate import Evaluator
 from probe.ggn import GGNOperator
 from probe.hessian import HessianOperator
+from probe.noise import GradientMoments, NoiseResult, gradient_moments, noise_statistics
+from probe.pacbayes import PacBayesResult, pacbayes
 from probe.lanczos import LanczosResult, lanczos
 from probe.operators import CurvatureOperator, DenseOperator
 from probe.params import ParameterSpace
@@ -27,6 +30,14 @@ from probe.trace import TraceResult, hutchinson, hutchpp, trace
 
 __all__ = [
     "BarrierResult",
+    "CriticalPointResult",
+    "GradientMoments",
+    "NoiseResult",
+    "PacBayesResult",
+    "classify_critical_point",
+    "gradient_moments",
+    "noise_statistics",
+    "pacbayes",
     "BezierPath",
     "Directions",
     "EosPoint",
