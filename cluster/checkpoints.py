@@ -32,7 +32,7 @@ import torch
 
 __all__ = [
     "CheckpointError", "expand_checkpoints", "file_sha256", "checkpoint_sha256", "load_checkpoint",
-    "is_index", "CHECKPOINT_SUFFIXES",
+    "is_index", "save_sharded", "ReadStats", "CHECKPOINT_SUFFIXES",
 ]
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -135,46 +135,86 @@ def checkpoint_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _load_sharded(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+class ReadStats:
+    """What a load read: files opened, tensors materialized and their bytes (for tests and estimates)."""
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+        self.tensors = 0
+        self.bytes = 0
+
+    def add(self, t: torch.Tensor) -> None:
+        self.tensors += 1
+        self.bytes += t.numel() * t.element_size()
+
+
+def _load_sharded(path: Path, keys, stats: ReadStats | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     weight_map = _read_index(path)
+    wanted = set(weight_map) if keys is None else set(keys)
+    unknown = sorted(wanted - set(weight_map))
+    if unknown:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no tensors {unknown[:5]} in its weight_map")
     state: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     for shard in _shards(path):
+        names = [n for n, f in weight_map.items() if f == shard.name and n in wanted]
         if not shard.is_file():
             raise CheckpointError(f"checkpoint index {str(path)!r} names shard {shard.name!r}, which does not exist")
-        tensors, shard_meta = load_checkpoint(shard)
+        if not names:
+            continue  # never opened: nothing of it is needed
+        tensors, shard_meta = load_checkpoint(shard, keys=names, stats=stats, missing_ok=True)
         meta.update(shard_meta)
-        for name, file in weight_map.items():
-            if file == shard.name:
-                if name not in tensors:
-                    raise CheckpointError(f"checkpoint {str(path)!r}: tensor {name!r} is not in its shard {shard.name!r}")
-                state[name] = tensors[name]
+        for name in names:
+            if name not in tensors:
+                raise CheckpointError(f"checkpoint {str(path)!r}: tensor {name!r} is not in its shard {shard.name!r}")
+            state[name] = tensors[name]
     index_meta = json.loads(path.read_text()).get("metadata") or {}
     meta.update({k: v for k, v in index_meta.items() if isinstance(v, (str, int, float, bool))})
     return state, meta
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, *, keys=None, stats: ReadStats | None = None, missing_ok: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load ``(state_dict, metadata)`` from a checkpoint file or sharded index without executing code.
 
+    Args:
+        keys: load only these tensors (a pipeline stage's parameters). Safetensors files
+            are memory-mapped and only the named tensors are read; a sharded index
+            opens only the shards that hold them. PyTorch files are read whole.
+        stats: records the files opened and the tensors and bytes read.
+        missing_ok: with ``keys``, skip names the file lacks instead of failing.
+
     Raises:
-        CheckpointError: naming the file when it is missing, truncated, corrupt, or a
-            pickle that would need code execution to load.
+        CheckpointError: naming the file when it is missing, truncated, corrupt, lacks
+            a requested tensor, or is a pickle that would need code execution to load.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if is_index(path):
-        return _load_sharded(path)
+        return _load_sharded(path, keys, stats)
+    if stats is not None:
+        stats.files.append(path.name)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                state = {k: f.get_tensor(k) for k in f.keys()}
+                present = set(f.keys())
+                names = list(f.keys()) if keys is None else [k for k in keys if k in present]
+                if keys is not None and not missing_ok and len(names) < len(set(keys)):
+                    lacking = sorted(set(keys) - present)
+                    raise CheckpointError(f"checkpoint {str(path)!r} has no tensors {lacking[:5]}")
+                state = {k: f.get_tensor(k) for k in names}
                 meta = dict(f.metadata() or {})
+        except CheckpointError:
+            raise
         except Exception as exc:  # safetensors raises several types for bad headers
             raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file: {exc}") from exc
+        if stats is not None:
+            for t in state.values():
+                stats.add(t)
         return state, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -195,4 +235,48 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"checkpoint {str(path)!r}: entries {bad[:5]} are not tensors")
+    if keys is not None:
+        lacking = sorted(set(keys) - set(state))
+        if lacking and not missing_ok:
+            raise CheckpointError(f"checkpoint {str(path)!r} has no tensors {lacking[:5]}")
+        state = {k: state[k] for k in keys if k in state}
+    if stats is not None:
+        for t in state.values():
+            stats.add(t)
     return state, meta
+
+
+def save_sharded(state: dict[str, torch.Tensor], folder: str | Path, *, max_shard_bytes: int = 1 << 30,
+                 metadata: dict[str, str] | None = None, prefix: str = "model") -> Path:
+    """Write ``state`` as safetensors shards of at most ``max_shard_bytes`` plus a Hugging Face style index.
+
+    Tensors keep their order; each shard is written under a temporary name and renamed,
+    and the index (``<prefix>.safetensors.index.json``) is written last, so a reader
+    never sees an index naming a missing or partial shard. Returns the index path.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    weight_map = {}
+    for i, names in enumerate(groups, start=1):
+        file = f"{prefix}-{i:05d}-of-{len(groups):05d}.safetensors"
+        tmp = folder / f".{file}.tmp"
+        save_file({n: state[n].contiguous() for n in names}, str(tmp), metadata=metadata)
+        tmp.replace(folder / file)
+        weight_map.update({n: file for n in names})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = folder / f"{prefix}.safetensors.index.json"
+    tmp = folder / f".{index.name}.tmp"
+    tmp.write_text(json.dumps({"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}, indent=1))
+    tmp.replace(index)
+    return index

@@ -287,3 +287,28 @@ def test_index_naming_a_tensor_its_shard_lacks_is_refused(tmp_path):
     index.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=re.escape("tensor 'ghost.weight' is not in its shard 'model-00001-of-00002.safetensors'")):
         load_checkpoint(index)
+
+
+def test_save_sharded_round_trips_a_gpt_and_a_stage_reads_only_its_shards(tmp_path):
+    from cluster.checkpoints import ReadStats, save_sharded
+    from cluster.pipeline import stage_bounds, stage_parameter_names
+    from probe.gpt import gpt
+
+    model = gpt(vocab=32, dim=16, layers=4, heads=2, max_len=8)
+    state = model.state_dict()
+    index = save_sharded(state, tmp_path, max_shard_bytes=12_000, metadata={"lr": "0.1"})
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and not list(tmp_path.glob(".*tmp"))
+    everything = ReadStats()
+    back, meta = load_checkpoint(index, stats=everything)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
+    assert meta["lr"] == "0.1" and sorted(everything.files) == shards
+    # the first of three pipeline stages asks for its own tensors: only the shards holding them are opened
+    names = stage_parameter_names(model, stage_bounds(model, 3)[0])
+    mine = ReadStats()
+    part, _ = load_checkpoint(index, keys=names, stats=mine)
+    assert sorted(part) == sorted(names) and all(torch.equal(part[k], state[k]) for k in names)
+    assert mine.tensors == len(names) and mine.bytes == sum(state[k].numel() * 4 for k in names)
+    assert mine.bytes < everything.bytes / 2 and len(mine.files) < len(shards)
+    with pytest.raises(CheckpointError, match=r"has no tensors \['ghost'\] in its weight_map"):
+        load_checkpoint(index, keys=["ghost"])
