@@ -28,7 +28,7 @@ per column. Point-to-point messages carry activation-sized tensors (a shape head
 then the payload); products are summed over data-parallel replicas of the same
 stage (``data_group``), inner products over the stages of one pipeline
 (``pipe_group``). The same code runs in-process workers under torch.multiprocessing,
-Ray actors, gloo or NCCL.
+Ray actors, gloo or NCCL (with gloo, CUDA activations travel through host memory).
 """
 
 from __future__ import annotations
@@ -85,21 +85,28 @@ def stage_parameter_names(model: nn.Sequential, bounds: tuple[int, int]) -> list
     return [f"{i}.{n}" for i in range(a, b) for n, _ in model[i].named_parameters()]
 
 
+def _wire(device: torch.device) -> torch.device:
+    """Where messages travel: on the device with NCCL, through host memory with gloo (no CUDA point-to-point)."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _send(t: Tensor, dst: int) -> None:
+    wire = _wire(t.device)
     header = torch.zeros(_HEADER, dtype=torch.long)
     header[0] = t.ndim
     header[1 : 1 + t.ndim] = torch.tensor(t.shape, dtype=torch.long)
-    dist.send(header.to(t.device), dst)
-    dist.send(t.contiguous(), dst)
+    dist.send(header.to(wire), dst)
+    dist.send(t.detach().to(wire).contiguous(), dst)
 
 
 def _recv(src: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    header = torch.zeros(_HEADER, dtype=torch.long, device=device)
+    wire = _wire(device)
+    header = torch.zeros(_HEADER, dtype=torch.long, device=wire)
     dist.recv(header, src)
     shape = header[1 : 1 + int(header[0])].tolist()
-    out = torch.empty(shape, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=wire)
     dist.recv(out, src)
-    return out
+    return out.to(device)
 
 
 class _BatchGraph:
