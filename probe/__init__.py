@@ -4,6 +4,7 @@ Pure torch: no Ray, Arrow, Prometheus, file I/O, logging or clocks (those live i
 """
 
 from probe.barrier import BarrierResult, barrier
+from probe.basis import BasisStore, DeviceBasis, HostBasis
 from probe.critical import CriticalPointResult, classify_critical_point
 from probe.curves import BezierPath, LinearPath, PolychainPath, train_bend
 from probe.directions import Directions, eigen_directions, pca_directions, random_directions
@@ -30,6 +31,9 @@ from probe.trace import TraceResult, hutchinson, hutchpp, trace
 
 __all__ = [
     "BarrierResult",
+    "BasisStore",
+    "DeviceBasis",
+    "HostBasis",
     "CriticalPointResult",
     "GradientMoments",
     "NoiseResult",

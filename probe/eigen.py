@@ -10,6 +10,11 @@ separated. Lanczos needs far fewer products than power iteration for the same
 accuracy (its convergence depends on the gap through Chebyshev polynomials,
 Kaniel-Paige-Saad theory). :func:`power_iteration` with deflation is kept for
 parity with PyHessian and hessian-eigenthings.
+
+The basis lives in a :mod:`probe.basis` store (``basis=``); under a
+``basis_memory_bytes`` budget the step cap is lowered to the number of vectors
+the store can hold within it (reorthogonalization stays full: dropping it would
+turn converged eigenvalues into repeated ghost copies among the ``k`` returned).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from probe.basis import BasisStore, resolve_basis
 from probe.lanczos import LanczosProcess
 from probe.operators import CurvatureOperator, inner, norm
 
@@ -45,7 +51,9 @@ class EigenResult:
         method: ``"lanczos"`` or ``"power"``.
         tol: the requested relative residual tolerance.
         note: why the result is short of what was asked (fewer than ``k`` values,
-            not converged), or ``""``.
+            not converged, steps capped by a memory budget), or ``""``.
+        basis_storage: where the Lanczos basis was kept (``"device"``, ``"host"``,
+            ``"disk"``, …; ``"none"`` for power iteration).
     """
 
     which: str
@@ -60,6 +68,7 @@ class EigenResult:
     tol: float
     eigenvectors: Tensor | None = None
     note: str = ""
+    basis_storage: str = "device"
 
 
 def _wanted(values: Tensor, k: int, which: str) -> Tensor:
@@ -77,6 +86,8 @@ def eigenvalues(
     generator: torch.Generator | None = None,
     start: Tensor | None = None,
     return_eigenvectors: bool = False,
+    basis: BasisStore | str = "device",
+    basis_memory_bytes: int | None = None,
 ) -> EigenResult:
     """The ``k`` largest or smallest eigenvalues of ``op`` by Lanczos.
 
@@ -92,10 +103,17 @@ def eigenvalues(
             previous checkpoint's top eigenvector).
         return_eigenvectors: form the Ritz vectors and measure true residuals
             (costs ``k`` more products).
+        basis: where the Lanczos basis lives: ``"device"`` (default), ``"host"`` or a
+            :class:`probe.basis.BasisStore` such as ``cluster.basis.DiskBasis``.
+        basis_memory_bytes: the most bytes the store may hold for the basis
+            (``store.resident_bytes``; device or host memory); default None, no
+            limit. When ``max_steps+1`` vectors do not fit, ``max_steps`` is lowered
+            to what fits and ``note`` says so.
 
     Raises:
         ValueError: for ``k`` outside ``[1, dim]``, an unknown ``which``, a
-            non-positive ``tol``, or ``max_steps`` outside ``[k, dim]``.
+            non-positive ``tol``, ``max_steps`` outside ``[k, dim]``, an unknown
+            ``basis``, or a ``basis_memory_bytes`` too small for ``k+1`` vectors.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got which={which!r}")
@@ -109,11 +127,26 @@ def eigenvalues(
         raise ValueError(
             f"max_steps must be in [k={k}, dim={op.dim}], got max_steps={max_steps}; pass a value in that range or None"
         )
+    store = resolve_basis(basis)
+    budget_note = ""
+    if basis_memory_bytes is not None:
+        fits = _steps_within(store, op, basis_memory_bytes, max_steps)
+        if fits < k:
+            need = store.resident_bytes(1, k + 1, op.local_dim, op.dtype)
+            raise ValueError(
+                f"basis_memory_bytes={basis_memory_bytes} holds fewer than k+1={k + 1} basis vectors "
+                f"(needs {need} bytes in the {store.name} store); raise basis_memory_bytes or pass "
+                "basis='host' or a cluster.basis.DiskBasis"
+            )
+        if fits < max_steps:
+            budget_note = (f"max_steps lowered from {max_steps} to {fits}: {max_steps + 1} basis vectors exceed "
+                           f"basis_memory_bytes={basis_memory_bytes} in the {store.name} store")
+            max_steps = fits
     if start is None:
         start = op.random_vectors(1, generator=generator, kind="gaussian")
     else:
         start = start.reshape(-1, 1)
-    process = LanczosProcess(op, start, reorth="full")
+    process = LanczosProcess(op, start, reorth="full", basis=store, max_steps=max_steps)
     converged = False
     while process.steps_done < max_steps:
         process.step()
@@ -136,9 +169,7 @@ def eigenvalues(
     vectors = None
     exact = False
     if return_eigenvectors:
-        n = int(result.num_steps[0])
-        basis = result.basis[:n, :, 0]  # (n, local_dim)
-        vectors = basis.T @ ritz.vectors[:, idx].to(basis.device, basis.dtype)  # (local_dim, k)
+        vectors = process.ritz_vectors(ritz.vectors[:, idx].to(op.device, op.dtype))  # (local_dim, k)
         vectors = vectors / norm(op, vectors)
         av = op.matmat(vectors)
         residuals = norm(op, av - vectors * values.to(vectors.device, vectors.dtype)).to("cpu", torch.float64)
@@ -152,6 +183,7 @@ def eigenvalues(
         worst = float((ritz.residual_bounds[idx] / scale).max())
         note = (f"not converged after max_steps={max_steps}: largest relative residual {worst:.2g} > tol={tol:g}; "
                 "raise max_steps or tol")
+    note = "; ".join(x for x in (note, budget_note) if x)
     return EigenResult(
         which=which,
         eigenvalues=values,
@@ -165,7 +197,22 @@ def eigenvalues(
         tol=tol,
         eigenvectors=vectors,
         note=note,
+        basis_storage=result.basis_storage,
     )
+
+
+def _steps_within(store: BasisStore, op: CurvatureOperator, budget_bytes: int, max_steps: int) -> int:
+    """The most steps ``m ≤ max_steps`` whose ``m+1`` basis vectors fit ``budget_bytes`` in ``store`` (0 if none)."""
+    def fits(m: int) -> bool:
+        return store.resident_bytes(1, m + 1, op.local_dim, op.dtype) <= budget_bytes
+
+    if fits(max_steps):
+        return max_steps
+    lo, hi = 0, max_steps  # fits(lo) or lo == 0; not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def power_iteration(
@@ -237,4 +284,5 @@ def power_iteration(
         method="power",
         tol=tol,
         eigenvectors=torch.stack([found[i] for i in order], dim=1),
+        basis_storage="none",
     )

@@ -23,6 +23,12 @@ Reorthogonalization (``reorth``):
     converge. The quadrature moments stay accurate (Paige 1976; Meurant &
     Strakoš 2006), so SLQ remains usable when the basis cannot be stored.
 
+Where the basis lives is a :mod:`probe.basis` store (``basis=``): on the device
+(default), in host memory, or on disk (``cluster.basis.DiskBasis``). The
+projections read it in blocks of at most ``block_size`` vectors per run, so the
+device holds ``runs × block_size × local_dim`` basis entries at a time; the
+results do not depend on the store beyond rounding.
+
 The tridiagonal and its eigendecomposition are always float64 and ``eigh``
 (symmetric; never a general ``eig``). Breakdown (``β_j ≈ 0``: the Krylov space is
 invariant and the Ritz values are exact) ends a run early and is reported, as is
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from probe.basis import BasisStore, resolve_basis
 from probe.operators import CurvatureOperator, inner, norm
 
 __all__ = ["LanczosProcess", "LanczosResult", "RitzPairs", "lanczos", "REORTH_MODES"]
@@ -75,7 +82,11 @@ class LanczosResult:
             ``vᵀf(A)v`` is ``start_norms² · Σ wᵢ f(θᵢ)``).
         reorth: the reorthogonalization mode used.
         num_matvecs: operator applications (columns) spent.
-        basis: ``(m+1, local_dim, k)`` orthonormal basis shard when kept, else None.
+        basis: ``(m+1, local_dim, k)`` orthonormal basis shard when kept, else None; a
+            view where the store keeps it (device, host memory or a disk store's
+            mapped file; on POSIX a mapping stays readable after its file is removed).
+        basis_storage: where the basis was kept: the store's name (``"device"``,
+            ``"host"``, ``"disk"``), or ``"none"`` when it was not kept.
     """
 
     alphas: Tensor
@@ -87,6 +98,7 @@ class LanczosResult:
     reorth: str
     num_matvecs: int
     basis: Tensor | None = None
+    basis_storage: str = "device"
 
     @property
     def num_runs(self) -> int:
@@ -126,13 +138,18 @@ class LanczosProcess:
         reorth: ``"full"``, ``"selective"`` or ``"none"``.
         keep_basis: keep every basis vector (needed for eigenvectors and to measure
             orthogonality). Defaults to True except for ``reorth="none"``.
+        basis: where the kept basis lives: ``"device"`` (default), ``"host"`` or a
+            :class:`probe.basis.BasisStore` (e.g. ``cluster.basis.DiskBasis``). Ignored
+            when the basis is not kept. The caller owns a store it passes (and closes it).
+        max_steps: the most steps expected, so a store can reserve ``max_steps+1``
+            vectors per run at once; None lets it grow.
         breakdown_tol: a run breaks down when ``β_j ≤ breakdown_tol · max_j(|α_j| + β_j)``;
             default ``min(100·eps·sqrt(dim), eps^(2/3))`` of the operator's dtype.
 
     Raises:
         ValueError: for an unknown ``reorth``, ``keep_basis=False`` with a
-            reorthogonalizing mode, a start block of the wrong shape, or a zero
-            start vector.
+            reorthogonalizing mode, a start block of the wrong shape, a zero
+            start vector, or an unknown ``basis``.
     """
 
     def __init__(
@@ -143,6 +160,8 @@ class LanczosProcess:
         reorth: str = "full",
         keep_basis: bool | None = None,
         breakdown_tol: float | None = None,
+        basis: BasisStore | str = "device",
+        max_steps: int | None = None,
     ) -> None:
         if reorth not in REORTH_MODES:
             raise ValueError(f"reorth must be one of {REORTH_MODES}, got reorth={reorth!r}")
@@ -171,11 +190,18 @@ class LanczosProcess:
             zero = torch.nonzero(self.start_norms == 0).flatten().tolist()
             raise ValueError(f"a start vector is zero; draw start vectors with op.random_vectors (zero columns: {zero})")
         q = start / self.start_norms.to(start.device, start.dtype)
-        # Run-major basis buffer (k, capacity, local_dim): projections become batched
-        # matrix products. Without keep_basis it holds only the last two vectors.
-        self._buf = torch.empty(self.k, 2 if not keep_basis else 16, op.local_dim, dtype=op.dtype, device=op.device)
-        self._buf[:, 0, :] = q.T
-        self._n = 1  # vectors stored
+        # The recurrence's last two vectors stay on the device, run-major (k, local_dim);
+        # the whole basis, when kept, goes to the store (projections are batched
+        # products over its blocks).
+        self._q = q.T.contiguous()
+        self._q_prev: Tensor | None = None
+        self._store = resolve_basis(basis) if keep_basis else None
+        self.basis_storage = self._store.name if keep_basis else "none"
+        if self._store is not None:
+            capacity = None if max_steps is None else max_steps + 1
+            self._store.allocate(self.k, op.local_dim, op.dtype, op.device, capacity)
+            self._store.put(0, self._q)
+        self._n = 1  # vectors produced (and stored, when keep_basis)
         self.alphas: list[Tensor] = []  # each (k,) float64
         self.betas: list[Tensor] = []
         self.active = torch.ones(self.k, dtype=torch.bool)
@@ -188,38 +214,40 @@ class LanczosProcess:
         return len(self.alphas)
 
     @property
-    def basis(self) -> Tensor:
-        """The stored basis vectors, run-major: ``(k, n, local_dim)`` (a view)."""
-        return self._buf[:, : self._n, :]
+    def basis(self) -> Tensor | None:
+        """The stored basis vectors, run-major ``(k, n, local_dim)``, a view where the store keeps them (None if not kept)."""
+        return self._store.view(self._n) if self._store is not None else None
+
+    def _blocks(self, n: int) -> list[tuple[int, int]]:
+        """``[start, stop)`` ranges of at most ``block_size`` vectors covering the first ``n``."""
+        size = self._store.block_size
+        if size is None or size >= n:
+            return [(0, n)]
+        return [(a, min(a + size, n)) for a in range(0, n, size)]
 
     def _push(self, q_next: Tensor) -> None:
-        if not self.keep_basis and self._n == 2:
-            self._buf[:, 0, :] = self._buf[:, 1, :]
-            self._n = 1
-        elif self._n == self._buf.shape[1]:
-            grown = torch.empty(self.k, 2 * self._n, self.op.local_dim, dtype=self._buf.dtype, device=self._buf.device)
-            grown[:, : self._n] = self._buf
-            self._buf = grown
-        self._buf[:, self._n, :] = q_next.T
+        self._q_prev, self._q = self._q, q_next.T.contiguous()
+        if self._store is not None:
+            self._store.put(self._n, self._q)
         self._n += 1
 
     def step(self) -> None:
         """One Lanczos step for every run that has not broken down."""
         op = self.op
-        q = self._buf[:, self._n - 1, :].T  # (local_dim, k)
+        q = self._q.T  # (local_dim, k)
         w = op.matmat(q.contiguous())
         self.num_matvecs += self.k
         alpha_dev = inner(op, q, w)
         w = w - q * alpha_dev
         if self.betas:
-            w = w - self._buf[:, self._n - 2, :].T * self.betas[-1].to(w.device, w.dtype)
+            w = w - self._q_prev.T * self.betas[-1].to(w.device, w.dtype)
         if self.reorth == "full":
             before = norm(op, w)
-            w = self._project_out(w, self.basis)
+            w = self._project_out(w)
             # A second pass only when the first removed much of w (Kahan-Parlett
             # "twice is enough": ‖w'‖ < ‖w‖/√2 signals cancellation).
             if bool((norm(op, w) < before / math.sqrt(2)).any()):
-                w = self._project_out(w, self.basis)
+                w = self._project_out(w)
         # The recurrence coefficients live on the CPU in float64, whatever the device.
         alpha = alpha_dev.to("cpu", torch.float64)
         if self.reorth == "selective":
@@ -244,14 +272,41 @@ class LanczosProcess:
         last_beta = float(self.betas[n - 1][run]) if bool(self.active[run]) else 0.0
         return RitzPairs(values, vectors[0] ** 2, (last_beta * vectors[-1]).abs(), vectors)
 
-    def _project_out(self, w: Tensor, basis: Tensor) -> Tensor:
-        """Classical Gram-Schmidt of each column of ``w`` against its run's basis ``(k, n, local_dim)``."""
-        coeff = self.op.allreduce(torch.bmm(basis, w.T.unsqueeze(2)))  # (k, n, 1)
-        return w - torch.bmm(basis.transpose(1, 2), coeff).squeeze(2).T
+    def _project_out(self, w: Tensor) -> Tensor:
+        """Classical Gram-Schmidt of each column of ``w`` (``(local_dim, k)``) against its run's basis.
+
+        Two passes over the store's blocks: all coefficients ``Qᵀw`` from the same
+        ``w`` (one allreduce), then ``w − Q·coeff`` summed block by block.
+        """
+        blocks = self._blocks(self._n)
+        w_runs = w.T.unsqueeze(2)  # (k, local_dim, 1)
+        parts = [torch.bmm(self._store.get(a, b), w_runs) for a, b in blocks]  # each (k, b-a, 1)
+        coeff = self.op.allreduce(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))  # (k, n, 1)
+        update = None
+        for a, b in blocks:
+            part = torch.bmm(self._store.get(a, b).transpose(1, 2), coeff[:, a:b])  # (k, local_dim, 1)
+            update = part if update is None else update + part
+        return w - update.squeeze(2).T
+
+    def ritz_vectors(self, coeffs: Tensor, run: int = 0) -> Tensor:
+        """``Q_n @ coeffs``: combinations of run ``run``'s first ``n`` basis vectors, ``(local_dim, c)``.
+
+        ``coeffs`` is ``(n, c)`` in the operator's dtype and device, e.g. eigenvectors
+        of ``T`` (Ritz vectors). Formed block by block from the store.
+
+        Raises:
+            ValueError: if the basis was not kept.
+        """
+        if self._store is None:
+            raise ValueError("Ritz vectors need the basis; pass keep_basis=True")
+        out = None
+        for a, b in self._blocks(coeffs.shape[0]):
+            part = self._store.get(a, b, run=run).T @ coeffs[a:b]
+            out = part if out is None else out + part
+        return out
 
     def _selective(self, w: Tensor, alpha: Tensor) -> Tensor:
         """Orthogonalize against Ritz vectors whose residual bound says they have converged."""
-        basis = self.basis  # (k, j+1, local_dim)
         alphas = self.alphas + [alpha]
         beta_next = norm(self.op, w).to("cpu", torch.float64)
         for col in range(self.k):
@@ -264,7 +319,7 @@ class LanczosProcess:
             if not bool(good.any()):
                 continue
             s = vectors[:, good].to(w.device, w.dtype)  # (j+1, c)
-            ritz_vectors = basis[col].T @ s  # (local_dim, c)
+            ritz_vectors = self.ritz_vectors(s, col)  # (local_dim, c): the basis has j+1 vectors
             for _ in range(2):
                 coeff = self.op.allreduce(ritz_vectors.T @ w[:, col])
                 w[:, col] = w[:, col] - ritz_vectors @ coeff
@@ -278,7 +333,7 @@ class LanczosProcess:
         basis = self.basis.permute(1, 2, 0) if self.keep_basis else None  # (m+1, local_dim, k) view
         if basis is not None:
             n = self._n
-            gram = self.op.allreduce(torch.bmm(self.basis, self.basis.transpose(1, 2))).to("cpu", torch.float64)
+            gram = self.op.allreduce(self._gram(n)).to("cpu", torch.float64)
             # Only pairs inside each run's completed steps (later vectors are zero).
             mask = torch.zeros(self.k, n, n, dtype=torch.bool)
             for r in range(self.k):
@@ -298,7 +353,26 @@ class LanczosProcess:
             reorth=self.reorth,
             num_matvecs=self.num_matvecs,
             basis=basis,
+            basis_storage=self.basis_storage,
         )
+
+    def _gram(self, n: int) -> Tensor:
+        """Local ``(k, n, n)`` Gram matrices of the first ``n`` basis vectors, two blocks on the device at a time."""
+        blocks = self._blocks(n)
+        if len(blocks) == 1:
+            q = self._store.get(0, n)
+            return torch.bmm(q, q.transpose(1, 2))
+        gram = None
+        for i, (a, b) in enumerate(blocks):
+            left = self._store.get(a, b)
+            for c, d in blocks[: i + 1]:
+                right = left if c == a else self._store.get(c, d)
+                g = torch.bmm(left, right.transpose(1, 2))  # (k, b-a, d-c)
+                if gram is None:
+                    gram = torch.empty(self.k, n, n, dtype=g.dtype, device=g.device)
+                gram[:, a:b, c:d] = g
+                gram[:, c:d, a:b] = g.transpose(1, 2)
+        return gram
 
 
 def lanczos(
@@ -308,11 +382,13 @@ def lanczos(
     *,
     reorth: str = "full",
     keep_basis: bool | None = None,
+    basis: BasisStore | str = "device",
 ) -> LanczosResult:
     """Run ``num_steps`` Lanczos steps from each column of ``start`` (``(local_dim, k)``).
 
     Runs that break down stop early (see :class:`LanczosResult`). See
-    :class:`LanczosProcess` for the arguments.
+    :class:`LanczosProcess` for the arguments; ``basis`` says where the kept basis
+    lives (:mod:`probe.basis`), and the result records it in ``basis_storage``.
 
     Raises:
         ValueError: if ``num_steps`` is not in ``[1, dim]``, or as :class:`LanczosProcess`.
@@ -321,7 +397,7 @@ def lanczos(
         raise ValueError(
             f"num_steps must be in [1, dim={op.dim}], got num_steps={num_steps}; choose a step count in that range"
         )
-    process = LanczosProcess(op, start, reorth=reorth, keep_basis=keep_basis)
+    process = LanczosProcess(op, start, reorth=reorth, keep_basis=keep_basis, basis=basis, max_steps=num_steps)
     for _ in range(num_steps):
         process.step()
         if not bool(process.active.any()):

@@ -14,6 +14,12 @@ Every run advances in the same ``matmat``, so a step costs one pass over the
 probe data for all runs. The run-to-run spread of the density is its uncertainty
 (``density_stderr``), and the quadrature moments ``Σⱼ wⱼ θⱼ^q`` are unbiased
 estimates of ``tr(H^q)/p`` for ``q < 2m``.
+
+Memory: full or selective reorthogonalization keeps ``runs × (steps+1)`` vectors
+of ``local_dim`` entries in a :mod:`probe.basis` store (``basis=``). Under a
+``basis_memory_bytes`` budget that the store cannot meet, the runs go without
+reorthogonalization (:func:`reorth_within_budget`), which costs ghosts but keeps
+the moments; the result's ``reorth`` and ``note`` say so.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from probe.lanczos import LanczosResult, lanczos
+from probe.basis import BasisStore, resolve_basis
+from probe.lanczos import REORTH_MODES, LanczosResult, lanczos
 from probe.operators import CurvatureOperator
 
-__all__ = ["SpectrumResult", "spectral_density", "density_from_ritz", "SIGMA_FRACTION"]
+__all__ = ["SpectrumResult", "spectral_density", "density_from_ritz", "reorth_within_budget", "SIGMA_FRACTION"]
 
 # Papyan (2020, "Traces of class/cross-class structure pervade deep learning
 # spectra", §D.2) smooths with 0.05 on a spectrum rescaled to [-1, 1]; on the raw
@@ -52,6 +59,10 @@ class SpectrumResult:
         orthogonality_loss: ``(runs,)`` achieved loss of orthogonality (NaN if the basis was not kept).
         breakdown: ``(runs,)`` runs whose Krylov space became invariant (their quadrature is exact).
         dim: dimension of the operator.
+        note: why the estimator ran other than asked (reorthogonalization dropped
+            to fit ``basis_memory_bytes``, and its effect), or ``""``.
+        basis_storage: where the Lanczos basis was kept (``"device"``, ``"host"``,
+            ``"disk"``, …), ``"none"`` when it was not kept (``reorth="none"``).
     """
 
     ritz_values: list[Tensor]
@@ -67,6 +78,8 @@ class SpectrumResult:
     orthogonality_loss: Tensor
     breakdown: Tensor
     dim: int
+    note: str = ""
+    basis_storage: str = "device"
 
     def moment(self, q: int) -> tuple[float, float]:
         """``(estimate, stderr)`` of ``tr(H^q)/p`` from the quadrature (exact per run for q < 2·steps)."""
@@ -162,6 +175,8 @@ def spectral_density(
     reorth: str = "full",
     grid_points: int = 1000,
     generator: torch.Generator | None = None,
+    basis: BasisStore | str = "device",
+    basis_memory_bytes: int | None = None,
 ) -> SpectrumResult:
     """Estimate the spectral density of ``op`` by SLQ.
 
@@ -175,10 +190,17 @@ def spectral_density(
         reorth: ``"full"`` (default), ``"selective"`` or ``"none"``; see :mod:`probe.lanczos`.
         grid_points: density evaluation points, spanning the Ritz extremes ± 3σ.
         generator: randomness of the Rademacher start vectors.
+        basis: where the Lanczos basis lives: ``"device"`` (default), ``"host"`` or a
+            :class:`probe.basis.BasisStore` such as ``cluster.basis.DiskBasis``.
+        basis_memory_bytes: the most bytes the store may hold for the basis
+            (``store.resident_bytes``: device memory for ``"device"``, host memory for
+            ``"host"``, one block for a disk store); default None, no limit. When a
+            reorthogonalizing ``reorth`` needs more, the runs use ``reorth="none"``
+            and ``note`` says so (see :func:`reorth_within_budget`).
 
     Raises:
-        ValueError: if ``runs < 1``, ``steps`` outside ``[1, dim]``, ``sigma ≤ 0``
-            or ``grid_points < 2``.
+        ValueError: if ``runs < 1``, ``steps`` outside ``[1, dim]``, ``sigma ≤ 0``,
+            ``grid_points < 2``, a negative ``basis_memory_bytes`` or an unknown ``basis``.
     """
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got runs={runs}; use 2 or more for standard errors")
@@ -188,12 +210,53 @@ def spectral_density(
         raise ValueError(f"sigma must be positive (eigenvalue units), got sigma={sigma}")
     if grid_points < 2:
         raise ValueError(f"grid_points must be at least 2, got grid_points={grid_points}")
+    if reorth not in REORTH_MODES:
+        raise ValueError(f"reorth must be one of {REORTH_MODES}, got reorth={reorth!r}")
+    if basis_memory_bytes is not None and basis_memory_bytes < 0:
+        raise ValueError(f"basis_memory_bytes must be non-negative or None, got basis_memory_bytes={basis_memory_bytes}")
+    store = resolve_basis(basis)
+    note = ""
+    if basis_memory_bytes is not None:
+        required = store.resident_bytes(runs, steps + 1, op.local_dim, op.dtype)
+        reorth, note = reorth_within_budget(reorth, required, basis_memory_bytes, store.name)
     start = op.random_vectors(runs, generator=generator, kind="rademacher")
-    result = lanczos(op, start, steps, reorth=reorth)
-    return _density(result, op.dim, steps, sigma, grid_points)
+    result = lanczos(op, start, steps, reorth=reorth, basis=store)
+    return _density(result, op.dim, steps, sigma, grid_points, note)
 
 
-def _density(result: LanczosResult, dim: int, steps: int, sigma: float | None, grid_points: int) -> SpectrumResult:
+def reorth_within_budget(reorth: str, required_bytes: int, budget_bytes: int, storage: str) -> tuple[str, str]:
+    """The reorthogonalization SLQ can afford, and a note when it is not the one asked for.
+
+    ``"full"`` and ``"selective"`` keep the basis (``required_bytes`` in the store
+    named ``storage``); above ``budget_bytes`` they fall back to ``"none"``. Without
+    reorthogonalization Lanczos loses orthogonality as Ritz values converge (Paige
+    1971), producing spurious copies ("ghosts") of extreme eigenvalues whose Gauss
+    weights are split among the copies. The SLQ moments of low order and the density
+    remain accurate: the quadrature is still exact for polynomials of degree
+    < 2·steps in exact arithmetic and the ghosts' weights sum to the true weight
+    (Golub & Meurant 2010; Ubaru, Chen & Saad 2017, SIAM J. Matrix Anal. Appl. 38(3)).
+    Ritz values as eigenvalue estimates and counts of Ritz values are what suffer.
+
+    Returns:
+        ``(reorth_used, note)``; ``note`` is ``""`` when ``reorth`` is kept.
+    """
+    if reorth == "none" or required_bytes <= budget_bytes:
+        return reorth, ""
+    note = (
+        f"reorth={reorth!r} needs {required_bytes} bytes for the Lanczos basis in the {storage} store, above "
+        f"basis_memory_bytes={budget_bytes}; ran reorth='none' instead. Without reorthogonalization Lanczos loses "
+        "orthogonality as Ritz values converge, producing spurious copies (ghosts) of extreme eigenvalues whose "
+        "Gauss weights are split among the copies; low-order moments and the density remain accurate, since the "
+        "quadrature is still exact for polynomials of degree < 2*steps in exact arithmetic and the ghosts' weights "
+        "sum to the true weight (Golub & Meurant 2010; Ubaru, Chen & Saad 2017). To keep reorthogonalization, raise "
+        "basis_memory_bytes or pass basis='host' or a cluster.basis.DiskBasis"
+    )
+    return "none", note
+
+
+def _density(
+    result: LanczosResult, dim: int, steps: int, sigma: float | None, grid_points: int, note: str = ""
+) -> SpectrumResult:
     pairs = [result.ritz(r) for r in range(result.num_runs)]
     values = [p.values for p in pairs]
     weights = [p.weights for p in pairs]
@@ -218,4 +281,6 @@ def _density(result: LanczosResult, dim: int, steps: int, sigma: float | None, g
         orthogonality_loss=result.orthogonality_loss,
         breakdown=result.breakdown,
         dim=dim,
+        note=note,
+        basis_storage=result.basis_storage,
     )
