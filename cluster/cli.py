@@ -4,7 +4,8 @@ Verbs: ``run SPEC``, ``submit SPEC --address URL``, ``audit SPEC --every DURATIO
 ``report RESULTS_DIR``, ``demo``. Every verb exits 0
 on success; on failure it prints a one-line reason on stderr and exits non-zero
 (2 for bad input: spec, checkpoint, data; 3 when the cluster cannot place the
-workers or cannot be reached; 1 for anything else).
+workers, cannot be reached, or the job would not fit this host's memory; 1 for
+anything else).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def _submit(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from cluster.checkpoints import CheckpointError
+    from cluster.estimate import ResourceError
     from cluster.groups import PlacementError
     from cluster.spec import SpecError
 
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, CheckpointError, FileNotFoundError) as exc:
         print(f"probe {args.verb}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (PlacementError, ConnectionError) as exc:
+    except (PlacementError, ConnectionError, ResourceError) as exc:
         print(f"probe {args.verb}: {exc}", file=sys.stderr)
         return EXIT_CLUSTER
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from typing import Callable
 from pathlib import Path
 
 from cluster.checkpoints import CheckpointError, checkpoint_sha256, expand_checkpoints
+from cluster.estimate import check_fits, estimate
 from cluster.groups import LocalGroup, ProcessGroup, RayGroup, TaskError, WorkerLost
 from cluster.metrics import FAILURE_REASONS, Metrics, failure_category
 from cluster.schema import SCHEMA_VERSION
@@ -232,6 +233,8 @@ def run_job(
         SpecError, CheckpointError: before any work starts, for a bad spec,
             missing checkpoints or an unusable probe set.
         PlacementError: when Ray cannot place the worker groups.
+        ResourceError: when the workers on this host would not fit its memory (the
+            estimate is printed first; nothing is written).
     """
     policy = policy or FailurePolicy(spec.cluster.max_restarts)
     t_start = time.perf_counter()
@@ -242,6 +245,13 @@ def run_job(
     if checkpoints is None:
         checkpoints = [(p, checkpoint_sha256(p)) for p in expand_checkpoints(spec.model.checkpoints)]
     paths = [p for p, _ in checkpoints]
+    est = None
+    if checkpoints:
+        # workers on this host: all of them unless they go to a cluster at an address
+        here = spec.cluster.num_workers if backend in ("local", "process") or not spec.cluster.address else 0
+        est = estimate(spec, checkpoints[0][0], workers_here=here)
+        if here:
+            check_fits(est)
     _, indices, data_sha = probe_subset(spec)
     tasks = plan_tasks(spec, checkpoints, data_sha)
     if exclude is not None:
@@ -260,6 +270,8 @@ def run_job(
         f"{summary.num_skipped} already stored; {num_groups} group(s) of {group_size} worker(s) ({backend}); "
         f"{len(indices)} probe examples"
     )
+    if est is not None:
+        progress(f"[{spec.name}] {est.summary()}")
     if metrics:
         for reason in FAILURE_REASONS:  # every reason exported from 0, so increase() sees the first failure
             metrics.failures.labels(job_name=spec.name, reason=reason)

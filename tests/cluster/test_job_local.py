@@ -57,8 +57,9 @@ def test_local_job_writes_rows_per_kind_reports_progress_and_reruns_as_no_op(mak
     assert summary.ok and summary.restarts == 0 and summary.output == str(out)
     assert messages[0] == ("[digits-test] 2 checkpoint(s) × 3 probe(s) = 6 task(s); 0 already stored; "
                            "1 group(s) of 1 worker(s) (local); 192 probe examples")
-    assert [m.split(" ")[1] for m in messages[1:7]] == [f"{i}/6" for i in range(1, 7)]
-    assert all(" HVPs" in m and "elapsed" in m for m in messages[1:7])
+    assert messages[1].startswith("[digits-test] size: ") and "per worker: parameters" in messages[1]
+    assert [m.split(" ")[1] for m in messages[2:8]] == [f"{i}/6" for i in range(1, 7)]
+    assert all(" HVPs" in m and "elapsed" in m for m in messages[2:8])
     assert messages[-1].startswith("[digits-test] done: 6 run, 0 skipped, 0 failed, 0 restart(s) in ")
     assert messages[-1].endswith(f"results in {out}")
 
@@ -87,7 +88,7 @@ def test_local_job_writes_rows_per_kind_reports_progress_and_reruns_as_no_op(mak
     again: list[str] = []
     rerun = run_job(load_spec(make_spec()), backend="local", progress=again.append)
     assert (rerun.num_done, rerun.num_skipped, rerun.num_failed) == (0, 6, 0)
-    assert "6 already stored" in again[0] and len(again) == 2
+    assert "6 already stored" in again[0] and "size:" in again[1] and len(again) == 3
     for kind in KINDS:
         assert read(out, kind).to_pylist() == first[kind].to_pylist()
 
@@ -242,7 +243,7 @@ def test_cli_run_rejects_an_unknown_key_with_exit_2_and_one_line(make_spec, tmp_
         (["--set", "data.num_exmples=3"], "probe run: unknown key 'data.num_exmples'; valid keys of data: "),
         (["--set", "cluster.num_workers=0"], "probe run: cluster.num_workers must be a positive integer, got 0"),
         (["--set", "model.checkpoints=[nowhere/*.pt]"], "probe run: checkpoint entry "),
-        (["--set", "probes.0.kind=pacbayes"], "probe run: probe kind 'pacbayes' is not available in this version"),
+        (["--set", "probes.0.kind=hessian"], "probe run: unknown probe kind 'hessian'; valid kinds: eigenvalues, "),
     ],
 )
 def test_cli_bad_input_exits_2_with_the_reason(make_spec, capsys, args, message):
