@@ -7,9 +7,16 @@ module with the given tensors, and :meth:`Evaluator.losses` evaluates a block of
 points at once with ``torch.vmap`` (one batched forward per data batch instead of
 one forward per point), falling back to a loop in chunks where vmap cannot run.
 
-Batches of unequal size are weighted by their example counts, as in
-:mod:`probe.model_operator`. Parameters outside the :class:`ParameterSpace`
-(frozen ones) and buffers keep the model's values.
+Batches of unequal size are weighted by their example counts, or by their token
+counts with ``weighting="tokens"`` (then the error rate is per token, over targets
+``!= ignore_index``), as in :mod:`probe.batches`, whose batch layouts (pairs, dict
+inputs, ``"labels"`` dicts) the evaluator accepts. Parameters outside the
+:class:`ParameterSpace` (frozen ones) and buffers keep the model's values.
+
+Points are flat vectors in the evaluator's ``dtype``: the parameters' dtype, or
+float32 for a bfloat16/float16 model (as :func:`probe.model_operator.vector_dtype`),
+so directions and perturbations are formed in float32 and rounded to the model's
+dtype only when the model runs; losses are summed in float64.
 
 BatchNorm: statistics estimated at one point are wrong at another (interpolated or
 perturbed weights change every layer's activation statistics). With
@@ -25,9 +32,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from probe.model_operator import Batch, LossFn, prepare_batches
+from probe.batches import IGNORE_INDEX, Batch, LossFn, call_model, split_batch, weigh_batches
+from probe.model_operator import vector_dtype
 from probe.params import ParameterSpace
 
 __all__ = ["Evaluator", "has_batchnorm"]
@@ -45,8 +52,9 @@ class Evaluator:
 
     Args:
         model: the network (its parameters are never modified).
-        loss_fn: ``loss_fn(outputs, targets)`` returning the batch-mean loss.
-        batches: ``(inputs, targets)`` pairs.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch-mean loss (over
+            examples, or over counted tokens for ``weighting="tokens"``).
+        batches: ``(inputs, targets)`` pairs or dicts with ``"labels"`` (see :mod:`probe.batches`).
         params: parameter selection (see :class:`ParameterSpace`).
         recompute_bn: re-estimate BatchNorm statistics at each evaluated point
             (default: True when the model has BatchNorm).
@@ -56,9 +64,13 @@ class Evaluator:
         total_examples: the global example count when ``batches`` is one worker's
             shard (losses are then this shard's weighted share; sum them over
             workers); default: the local count.
+        weighting: ``"examples"`` (default) or ``"tokens"`` (see :mod:`probe.batches`).
+        total_tokens: the global token count when ``batches`` is a shard (``weighting="tokens"``).
+        ignore_index: the target value that is not a token (default -100).
+        accumulate_dtype: dtype of the points (float32 or float64); default as above.
 
     Raises:
-        ValueError: for an empty probe set.
+        ValueError: for an empty probe set, an unknown ``weighting`` or a bad ``accumulate_dtype``.
     """
 
     def __init__(
@@ -72,16 +84,28 @@ class Evaluator:
         classification: bool | None = None,
         chunk_size: int = 16,
         total_examples: int | None = None,
+        weighting: str = "examples",
+        total_tokens: int | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        accumulate_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.space = ParameterSpace.of(model, params)
         first = self.space.parameters(model)[0]
-        self.dtype, self.device = first.dtype, first.device
-        self.batches, sizes, self.weights = prepare_batches(batches, self.dtype, self.device, total_examples)
-        self.num_examples = sum(sizes)
+        self.param_dtype, self.device = first.dtype, first.device
+        self.dtype = vector_dtype(self.param_dtype, accumulate_dtype)
+        batches = list(batches)
+        prepared = weigh_batches(batches, self.param_dtype, self.device, weighting=weighting,
+                                 total_examples=total_examples, total_tokens=total_tokens, ignore_index=ignore_index)
+        self.batches, self.weights = prepared.batches, prepared.weights
+        self.num_examples = sum(prepared.sizes)
+        self.weighting = weighting
+        self.ignore_index = ignore_index
+        self.num_tokens = sum(prepared.tokens) if prepared.tokens is not None else None
+        self._tokens = prepared.tokens
         self.recompute_bn = has_batchnorm(model) if recompute_bn is None else recompute_bn
-        y0 = self.batches[0][1]
+        y0 = split_batch(batches[0])[1]  # before token weighting may drop batches without tokens
         self.classification = (
             isinstance(y0, Tensor) and not y0.is_floating_point() if classification is None else classification
         )
@@ -94,11 +118,25 @@ class Evaluator:
         return self.space.dim
 
     def center(self) -> Tensor:
-        """The model's own parameters as a flat vector."""
-        return self.space.get_flat(self.model)
+        """The model's own parameters as a flat vector in ``dtype``."""
+        return self.space.get_flat(self.model).to(self.dtype)
 
     def _state(self, flat: Tensor) -> dict[str, Tensor]:
-        return dict(zip(self.space.names, self.space.unflatten(flat)))
+        """Parameters at ``flat`` (a vector, or a block ``(dim, k)`` giving ``(k, *shape)``) in the model's dtype."""
+        return {n: t.to(self.param_dtype) for n, t in zip(self.space.names, self.space.unflatten(flat))}
+
+    def _errors(self, out: Tensor, y: Tensor, b: int) -> Tensor:
+        """Error rate of batch ``b`` from outputs ``(..., *y.shape, classes)``; leading dims kept.
+
+        Per example (``argmax != target``, averaged over every target entry) or, with
+        token weighting, per counted token.
+        """
+        wrong = out.argmax(-1) != y  # (..., *y.shape)
+        lead = wrong.shape[: wrong.ndim - y.ndim]
+        if self._tokens is None:
+            return wrong.to(torch.float64).reshape(*lead, -1).mean(-1)
+        wrong = wrong & (y != self.ignore_index)
+        return wrong.to(torch.float64).reshape(*lead, -1).sum(-1) / self._tokens[b]
 
     def _bn_buffers(self, flat: Tensor) -> dict[str, Tensor]:
         """Running statistics re-estimated at ``flat``: one pass over the probe data."""
@@ -118,7 +156,7 @@ class Evaluator:
         try:
             with torch.no_grad():
                 for x, _ in self.batches:
-                    functional_call(self.model, {**buffers, **state}, (x,))
+                    call_model(self.model, x, {**buffers, **state})
         finally:
             self.model.train(previous)
             for name, m in modules:
@@ -134,11 +172,11 @@ class Evaluator:
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         err = torch.zeros((), dtype=torch.float64, device=self.device)
         try:
-            for (x, y), w in zip(self.batches, self.weights):
-                out = functional_call(self.model, state, (x,))
+            for b, ((x, y), w) in enumerate(zip(self.batches, self.weights)):
+                out = call_model(self.model, x, state)
                 loss = loss + w * self.loss_fn(out, y).to(torch.float64)
                 if self.classification:
-                    err = err + w * (out.argmax(-1) != y).to(torch.float64).mean()
+                    err = err + w * self._errors(out, y, b)
         finally:
             self.model.train(previous)
         self.num_evaluations += 1
@@ -177,14 +215,14 @@ class Evaluator:
         try:
             for start in range(0, points.shape[0], self.chunk_size):
                 chunk = points[start : start + self.chunk_size]
-                stacked = dict(zip(self.space.names, self.space.unflatten(chunk.T)))  # each (c, *shape)
+                stacked = self._state(chunk.T)  # each (c, *shape)
                 loss = torch.zeros(chunk.shape[0], dtype=torch.float64, device=self.device)
                 err = torch.zeros_like(loss)
-                for (x, y), w in zip(self.batches, self.weights):
-                    out = torch.vmap(lambda s: functional_call(self.model, s, (x,)))(stacked)  # (c, n, ...)
+                for b, ((x, y), w) in enumerate(zip(self.batches, self.weights)):
+                    out = torch.vmap(lambda s: call_model(self.model, x, s))(stacked)  # (c, n, ...)
                     loss += w * torch.vmap(lambda o: self.loss_fn(o, y))(out).to(torch.float64)
                     if self.classification:
-                        err += w * (out.argmax(-1) != y).to(torch.float64).mean(-1)
+                        err += w * self._errors(out, y, b)
                 losses.append(loss)
                 errors.append(err)
                 self.num_evaluations += chunk.shape[0]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from probe.batches import call_model
 from probe.model_operator import Batch, ModelOperator
 
 __all__ = ["GGNOperator"]
@@ -37,7 +38,7 @@ class GGNOperator(ModelOperator):
 
     def _build(self, batch: Batch, weight: float) -> _GGNState:
         x, y = batch
-        outputs = self.model(x)
+        outputs = call_model(self.model, x)
         dummy = torch.zeros_like(outputs, requires_grad=True)
         jt_dummy = torch.autograd.grad(outputs, self.params, grad_outputs=dummy, create_graph=True)
         out_leaf = outputs.detach().requires_grad_(True)

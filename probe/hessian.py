@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from probe.batches import call_model
 from probe.model_operator import Batch, ModelOperator
 
 __all__ = ["HessianOperator"]
@@ -26,7 +27,7 @@ class HessianOperator(ModelOperator):
 
     def _build(self, batch: Batch, weight: float) -> tuple[Tensor, ...]:
         x, y = batch
-        loss = self.loss_fn(self.model(x), y) * weight
+        loss = self.loss_fn(call_model(self.model, x), y) * weight
         return torch.autograd.grad(loss, self.params, create_graph=True)
 
     def _apply(self, grads: tuple[Tensor, ...], vs: list[Tensor], k: int) -> tuple[Tensor, ...]:

@@ -49,9 +49,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from probe.evaluate import has_batchnorm
+from probe.batches import call_model
 from probe.model_operator import MODES, Batch, LossFn, batch_size_of, model_mode, prepare_batches
 from probe.params import ParameterSpace
 
@@ -224,9 +225,12 @@ def gradient_moments(
     Args:
         model: the network; its selected parameters define the flat space and dtype.
         loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
-        batches: ``(inputs, targets)`` pairs; inputs and targets are tensors or
-            dicts/lists/tuples of tensors whose first dimension indexes examples.
-            Batch sizes may differ: every example counts once.
+        batches: ``(inputs, targets)`` pairs or dicts with ``"labels"`` (see
+            :mod:`probe.batches`: dict inputs are passed as keywords); inputs and
+            targets are tensors or dicts/lists/tuples of tensors whose first
+            dimension indexes examples. Batch sizes may differ: every example counts
+            once (example weighting; a token-mean loss gives each example's own
+            token mean, not a token-weighted mean).
         params: ``None`` for all trainable parameters, or names/prefixes of a subset
             (see :class:`ParameterSpace`); the others are held fixed.
         chunk_size: examples per vectorized gradient computation, the memory bound:
@@ -262,7 +266,7 @@ def gradient_moments(
 
     def example_loss(theta: dict[str, Tensor], x: Any, y: Any) -> tuple[Tensor, Tensor]:
         unsqueeze = lambda t: t.unsqueeze(0)  # noqa: E731 - a batch of one
-        loss = loss_fn(functional_call(model, {**fixed, **theta}, (_map(unsqueeze, x),)), _map(unsqueeze, y))
+        loss = loss_fn(call_model(model, _map(unsqueeze, x), {**fixed, **theta}), _map(unsqueeze, y))
         return loss, loss.detach()
 
     per_example = vmap(

@@ -267,13 +267,16 @@ def test_dict_batches_match_tensor_batches(mlp64, digits64):
             super().__init__()
             self.inner = inner
 
-        def forward(self, batch: dict[str, Tensor]) -> Tensor:
-            return self.inner(batch["pixels"])
+        def forward(self, pixels: Tensor) -> Tensor:  # dict inputs arrive as keywords
+            return self.inner(pixels)
 
     wrapped = DictInput(mlp64)
     plain = gradient_moments(mlp64, F.cross_entropy, split(x, y), chunk_size=32)
     from_dicts = gradient_moments(wrapped, F.cross_entropy, [({"pixels": bx}, by) for bx, by in split(x, y)], chunk_size=32)
     assert_same_moments(from_dicts, plain)
+    labelled = gradient_moments(wrapped, F.cross_entropy, [{"pixels": bx, "labels": by} for bx, by in split(x, y)],
+                                chunk_size=32)
+    assert_same_moments(labelled, plain)
 
 
 def test_nonfinite_examples_are_counted_not_hidden(mlp64, digits64):
