@@ -152,11 +152,16 @@ class ShardedEvaluator(Evaluator):
     error rates and gradients are summed over the group, and BatchNorm statistics
     re-estimated at a point are pooled over every worker's batches, so every
     worker sees exactly what one process with all the data would. Arguments as
-    :class:`Evaluator`, plus ``group``; ``total_examples`` is required.
+    :class:`Evaluator`, plus ``group``; the global count is required: ``total_examples``,
+    or ``total_tokens`` with ``weighting="tokens"``.
     """
 
     def __init__(self, *args, group: dist.ProcessGroup | None = None, **kwargs) -> None:
-        if kwargs.get("total_examples") is None:
+        if kwargs.get("weighting", "examples") == "tokens":
+            if kwargs.get("total_tokens") is None:
+                raise ValueError("ShardedEvaluator with weighting='tokens' needs total_tokens, the token count "
+                                 "over every worker")
+        elif kwargs.get("total_examples") is None:
             raise ValueError("ShardedEvaluator needs total_examples, the example count over every worker")
         super().__init__(*args, **kwargs)
         self.group = group

@@ -212,9 +212,12 @@ _OPTION_CHECKS["critical"] = {
     "tol": (lambda v: _is_num(v) and v > 0, "a positive number"),
 }
 
-PRECISIONS = ("float32", "float64")
+PRECISIONS = ("float32", "float64", "bfloat16")  # bfloat16: products in bf16, vectors and sums in float32
 MODES = ("eval", "train")
-LOSSES = ("cross_entropy", "mse")
+LOSSES = ("cross_entropy", "mse", "lm_cross_entropy")  # lm_cross_entropy: token mean, -100 ignored
+WEIGHTINGS = ("examples", "tokens")
+# Kinds whose quantities are per-example statistics: no token-weighted definition.
+EXAMPLE_ONLY_KINDS = ("noise",)
 BACKENDS = ("auto", "ray", "process", "local")
 
 
@@ -371,6 +374,15 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class JobSpec:
+    """A whole job.
+
+    ``loss`` is a built-in name (``cross_entropy``, ``mse``: means over examples;
+    ``lm_cross_entropy``: next-token cross-entropy over logits ``(B, T, V)``, the mean
+    over targets ``!= -100``, weighted by tokens) or ``{factory, kwargs, weighting}``,
+    where ``weighting`` is ``examples`` (default) or ``tokens`` (the factory's loss
+    must then be a per-batch token mean; see :mod:`probe.batches`).
+    """
+
     name: str
     model: ModelSpec
     data: DataSpec
@@ -389,14 +401,34 @@ class JobSpec:
         if self.mode not in MODES:
             raise SpecError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.loss, dict):
-            _check_keys("loss", self.loss, ["factory", "kwargs"])
+            _check_keys("loss", self.loss, ["factory", "kwargs", "weighting"])
             _check_factory("loss.factory", self.loss.get("factory"))
+            if self.loss.get("weighting", "examples") not in WEIGHTINGS:
+                raise SpecError(
+                    f"loss.weighting must be one of {', '.join(WEIGHTINGS)} (tokens: the loss is a per-batch mean "
+                    f"over targets != -100), got {self.loss['weighting']!r}"
+                )
         elif self.loss not in LOSSES:
             raise SpecError(f"loss must be one of {', '.join(LOSSES)} or {{factory: 'pkg.module:callable'}}, got {self.loss!r}")
         if not self.probes:
             raise SpecError("probes is empty: list at least one probe, e.g. [{kind: eigenvalues}]")
+        if self.weighting == "tokens":
+            for p in self.probes:
+                if p.kind in EXAMPLE_ONLY_KINDS:
+                    raise SpecError(
+                        f"probes[{p.kind}] computes per-example gradient statistics and has no token-weighted "
+                        f"form; remove it from a job whose loss is weighted by tokens, or use weighting: examples"
+                    )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise SpecError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def weighting(self) -> str:
+        """How batches are weighted: ``"tokens"`` for ``lm_cross_entropy`` or ``loss.weighting: tokens``,
+        else ``"examples"``."""
+        if isinstance(self.loss, dict):
+            return self.loss.get("weighting", "examples")
+        return "tokens" if self.loss == "lm_cross_entropy" else "examples"
 
     def to_dict(self) -> dict:
         """Plain-data form (JSON/YAML serializable); ``parse_spec(to_dict())`` round-trips."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,12 +24,14 @@ from cluster.checkpoints import CheckpointError, checkpoint_sha256, load_checkpo
 from cluster.distributed import ShardedEvaluator, ShardedOperator
 from cluster.runners import ProbeContext, run_probe
 from cluster.spec import JobSpec, SpecError, import_factory, parse_spec
+from probe.batches import batch_size_of, split_batch, token_count
 from probe.evaluate import Evaluator
 from probe.hessian import HessianOperator
 
-__all__ = ["ProbeWorker", "probe_subset", "build_loss", "task_seed"]
+__all__ = ["ProbeWorker", "Shard", "probe_subset", "build_loss", "task_seed"]
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# bfloat16: the model and its products in bf16; operators and evaluators keep vectors in float32.
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 OPTIMIZER_PREFIX = "optimizer."
 
 
@@ -73,12 +75,38 @@ def _ray_worker_metrics() -> _RayWorkerMetrics | None:
     return _RayWorkerMetrics()
 
 
+class Shard(NamedTuple):
+    """One worker's batches of a data set and the set's global counts.
+
+    ``total_tokens`` (targets ``!= -100`` over the whole set) is counted only for a
+    job weighted by tokens, else ``None``.
+    """
+
+    batches: list
+    total_examples: int
+    total_tokens: int | None
+    sha256: str
+
+
+def _leaves(item: Any) -> list:
+    """The values of a dataset item in a fixed order: pairs and lists in order, dicts by sorted key."""
+    if isinstance(item, dict):
+        return [leaf for k in sorted(item) for leaf in _leaves(item[k])]
+    if isinstance(item, (tuple, list)):
+        return [leaf for v in item for leaf in _leaves(v)]
+    return [item]
+
+
 def build_loss(loss: str | dict):
     """The loss callable named by a spec's ``loss`` entry (mean reduction)."""
     if loss == "cross_entropy":
         return F.cross_entropy
     if loss == "mse":
         return F.mse_loss
+    if loss == "lm_cross_entropy":
+        from probe.gpt import lm_loss
+
+        return lm_loss
     factory = import_factory(loss["factory"], key="loss.factory")
     return factory(**loss.get("kwargs", {}))
 
@@ -115,8 +143,7 @@ def probe_subset(spec: JobSpec, eval_set: str = "probe") -> tuple[Any, torch.Ten
     h = hashlib.sha256()
     h.update(indices.numpy().tobytes())
     for i in indices.tolist():
-        x, y = dataset[i]
-        for t in (x, y):
+        for t in _leaves(dataset[i]):  # (x, y) pairs hash as they always did
             h.update(torch.as_tensor(t).detach().cpu().contiguous().numpy().tobytes())
     return dataset, indices, h.hexdigest()
 
@@ -167,30 +194,42 @@ class ProbeWorker:
             if init_method and init_method.startswith("tcp://127.0.0.1"):
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
             dist.init_process_group(self.backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
-        self.batches, self.total_examples, self.data_sha256 = self.shard("probe")
-        self._eval_shards: dict[str, tuple[list, int, str]] = {"probe": (self.batches, self.total_examples, self.data_sha256)}
+        probe = self.shard("probe")
+        self.batches, self.total_examples, self.total_tokens, self.data_sha256 = probe
+        self._eval_shards: dict[str, Shard] = {"probe": probe}
         self.loss_fn = build_loss(self.spec.loss)
-        return {"rank": self.rank, "examples": sum(len(y) for _, y in self.batches), "device": str(self.device),
-                "pid": os.getpid()}
+        examples = sum(batch_size_of(split_batch(b)[1]) for b in self.batches)
+        return {"rank": self.rank, "examples": examples, "device": str(self.device), "pid": os.getpid()}
 
-    def shard(self, eval_set: str) -> tuple[list, int, str]:
-        """This worker's batches of a data set, the set's global size and its hash."""
+    def shard(self, eval_set: str) -> Shard:
+        """This worker's batches of a data set (collated by ``default_collate``: dict items give
+        dict batches), the set's global counts and its hash."""
         if eval_set in getattr(self, "_eval_shards", {}):
             return self._eval_shards[eval_set]
         dataset, indices, sha = probe_subset(self.spec, eval_set)
         mine = indices.tensor_split(self.world_size)[self.rank]
         bs = self.spec.data.batch_size
         batches = [default_collate([dataset[i] for i in mine[j : j + bs].tolist()]) for j in range(0, len(mine), bs)]
+        tokens = None
+        if self.spec.weighting == "tokens":  # over the whole set, not this shard: no collective needed
+            tokens = sum(token_count(torch.as_tensor(split_batch(dataset[i])[1])) for i in indices.tolist())
+        shard = Shard(batches, len(indices), tokens, sha)
         if hasattr(self, "_eval_shards"):
-            self._eval_shards[eval_set] = (batches, len(indices), sha)
-        return batches, len(indices), sha
+            self._eval_shards[eval_set] = shard
+        return shard
+
+    def _weighting(self, shard: Shard) -> dict:
+        """Keyword arguments that weight a shard's batches as the spec says, by global counts."""
+        if self.spec.weighting == "tokens":
+            return {"weighting": "tokens", "total_tokens": shard.total_tokens}
+        return {"total_examples": shard.total_examples}
 
     def evaluator(self, model: torch.nn.Module, eval_set: str = "probe"):
         """Loss/error evaluator on a data set (whole-set means, also when data-parallel)."""
-        batches, total, _ = self.shard(eval_set)
+        shard = self.shard(eval_set)
         if self.world_size > 1:
-            return ShardedEvaluator(model, self.loss_fn, batches, total_examples=total)
-        return Evaluator(model, self.loss_fn, batches)
+            return ShardedEvaluator(model, self.loss_fn, shard.batches, **self._weighting(shard))
+        return Evaluator(model, self.loss_fn, shard.batches, **self._weighting(shard))
 
     def build_model(self, checkpoint: str) -> tuple[torch.nn.Module, dict]:
         """Model from the factory with the checkpoint's weights, in the spec's precision and on this device.
@@ -206,7 +245,9 @@ class ProbeWorker:
                 torch.manual_seed(self.spec.seed)
                 model = factory(**self.spec.model.kwargs)
             return model.to(device=self.device, dtype=self.dtype), {}
-        model = factory(**self.spec.model.kwargs)
+        # In the spec's precision before loading: a float64 checkpoint keeps its digits in a float64 job
+        # (loaded into the factory's float32 first, it would be rounded); float32 ones load exactly either way.
+        model = factory(**self.spec.model.kwargs).to(dtype=self.dtype)
         state, meta = load_checkpoint(checkpoint)
         # Optimizer state saved beside the weights (safetensors: "optimizer.<field>.<param>") is kept apart.
         optimizer_tensors = {k: state.pop(k) for k in [k for k in state if k.startswith(OPTIMIZER_PREFIX)]}
@@ -230,7 +271,9 @@ class ProbeWorker:
         return model.to(device=self.device, dtype=self.dtype), meta
 
     def operator(self, model: torch.nn.Module):
-        local = HessianOperator(model, self.loss_fn, self.batches, mode=self.spec.mode, total_examples=self.total_examples)
+        """The Hessian of the probe set's mean loss (over examples or tokens, as the spec weights it)."""
+        local = HessianOperator(model, self.loss_fn, self.batches, mode=self.spec.mode,
+                                **self._weighting(self._eval_shards["probe"]))
         return ShardedOperator(local) if self.world_size > 1 else local
 
     def run(self, task: dict) -> dict:

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from cluster.data import digits_tensors
-from cluster.distributed import ShardedOperator, shard_bounds
+from cluster.distributed import ShardedEvaluator, ShardedOperator, shard_bounds
 from probe.eigen import eigenvalues
 from probe.hessian import HessianOperator
 from probe.models import digits_mlp
@@ -71,6 +71,21 @@ def test_sharded_operator_needs_an_initialized_process_group():
     local = HessianOperator(model, F.cross_entropy, [(x, y)])
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized; call init_process_group first"):
         ShardedOperator(local)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "ShardedEvaluator needs total_examples, the example count over every worker"),
+        ({"weighting": "tokens", "total_examples": 10},
+         "ShardedEvaluator with weighting='tokens' needs total_tokens, the token count over every worker"),
+    ],
+)
+def test_sharded_evaluator_needs_the_global_count_of_its_weighting(kwargs, message):
+    model = digits_mlp(hidden=HIDDEN).to(torch.float64)
+    x, y = torch.randn(10, 64, dtype=torch.float64), torch.arange(10)
+    with pytest.raises(ValueError, match=message):
+        ShardedEvaluator(model, F.cross_entropy, [(x, y)], **kwargs)
 
 
 # --- parity with one process --------------------------------------------------------

@@ -120,8 +120,30 @@ def test_unknown_probe_option_lists_the_kinds_options():
         parse_spec(raw)
 
 
+@pytest.mark.parametrize(
+    ("loss", "weighting"),
+    [
+        ("cross_entropy", "examples"),
+        ("lm_cross_entropy", "tokens"),
+        ({"factory": "a.b:c"}, "examples"),
+        ({"factory": "a.b:c", "weighting": "tokens"}, "tokens"),
+        ({"factory": "a.b:c", "kwargs": {}, "weighting": "examples"}, "examples"),
+    ],
+    ids=str,
+)
+def test_loss_weighting(loss, weighting):
+    spec = parse_spec(raw_spec(loss=loss))
+    assert spec.weighting == weighting
+    assert parse_spec(spec.to_dict()).weighting == weighting
+
+
+def test_bfloat16_precision_and_example_weighted_noise_are_valid():
+    assert parse_spec(raw_spec(precision="bfloat16")).precision == "bfloat16"
+    assert parse_spec(raw_spec(probes=[{"kind": "noise"}])).weighting == "examples"
+
+
 def test_unknown_loss_factory_key_is_rejected():
-    with pytest.raises(SpecError, match=r"unknown key 'loss\.args'; valid keys of loss: factory, kwargs"):
+    with pytest.raises(SpecError, match=r"unknown key 'loss\.args'; valid keys of loss: factory, kwargs, weighting"):
         parse_spec(raw_spec(loss={"factory": "a.b:c", "args": 1}))
 
 
@@ -141,10 +163,16 @@ def test_unknown_loss_factory_key_is_rejected():
         (lambda r: r.update(cluster={"cpus_per_worker": -1}), "cluster.cpus_per_worker must be a non-negative number, got -1"),
         (lambda r: r.update(cluster={"gpus_per_worker": "one"}), "cluster.gpus_per_worker must be a non-negative number, got 'one'"),
         (lambda r: r.update(cluster={"backend": "slurm"}), "cluster.backend must be one of auto, ray, process, local, got 'slurm'"),
-        (lambda r: r.update(precision="float16"), "precision must be one of float32, float64, got 'float16'"),
+        (lambda r: r.update(precision="float16"), "precision must be one of float32, float64, bfloat16, got 'float16'"),
         (lambda r: r.update(mode="weird"), "mode must be one of eval, train, got 'weird'"),
-        (lambda r: r.update(loss="hinge"), "loss must be one of cross_entropy, mse or {factory: 'pkg.module:callable'}, got 'hinge'"),
+        (lambda r: r.update(loss="hinge"), "loss must be one of cross_entropy, mse, lm_cross_entropy or {factory: 'pkg.module:callable'}, got 'hinge'"),
         (lambda r: r.update(loss={"kwargs": {}}), "loss.factory must be 'package.module:callable', got None"),
+        (lambda r: r.update(loss={"factory": "a.b:c", "weighting": "sequences"}),
+         "loss.weighting must be one of examples, tokens (tokens: the loss is a per-batch mean over targets != -100), "
+         "got 'sequences'"),
+        (lambda r: r.update(loss="lm_cross_entropy", probes=[{"kind": "noise"}]),
+         "probes[noise] computes per-example gradient statistics and has no token-weighted form; remove it from a "
+         "job whose loss is weighted by tokens, or use weighting: examples"),
         (lambda r: r["model"].update(factory="no_colon"), "model.factory must be 'package.module:callable', got 'no_colon'"),
         (lambda r: r["model"].update(factory="a:b:c"), "model.factory must be 'package.module:callable', got 'a:b:c'"),
         (lambda r: r["data"].update(factory=":digits"), "data.factory must be 'package.module:callable', got ':digits'"),
