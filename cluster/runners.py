@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.basis import DiskBasis
 from cluster.checkpoints import checkpoint_sha256
 from probe.barrier import barrier
 from probe.critical import classify_critical_point
@@ -58,9 +60,25 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+@contextmanager
+def _basis(ctx: ProbeContext, o: dict):
+    """The Lanczos basis store the options ask for: on the device, in host memory, or on disk under
+    ``output.path/.scratch`` (removed after the probe)."""
+    if o.get("basis", "device") != "disk":
+        yield o.get("basis", "device")
+        return
+    folder = Path(ctx.worker.spec.output.path) / ".scratch"
+    folder.mkdir(parents=True, exist_ok=True)
+    with DiskBasis(folder) as store:
+        yield store
+
+
 def _eigenvalues(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
-    r = eigenvalues(ctx.operator(), o["k"], which=o["which"], tol=o["tol"], max_steps=o["max_steps"], generator=g)
+    with _basis(ctx, o) as basis:
+        r = eigenvalues(ctx.operator(), o["k"], which=o["which"], tol=o["tol"], max_steps=o["max_steps"],
+                        generator=g, basis=basis, basis_memory_bytes=o.get("basis_memory_bytes"))
     return {
+        "basis_storage": r.basis_storage,
         "which": r.which,
         "eigenvalues": r.eigenvalues.tolist(),
         "residuals": r.residuals.tolist(),
@@ -78,12 +96,15 @@ def _trace(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
 
 
 def _spectrum(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
-    r = spectral_density(
-        ctx.operator(), runs=o["runs"], steps=o["steps"], sigma=o["sigma"], reorth=o["reorth"],
-        grid_points=o["grid_points"], generator=g,
-    )
+    with _basis(ctx, o) as basis:
+        r = spectral_density(
+            ctx.operator(), runs=o["runs"], steps=o["steps"], sigma=o["sigma"], reorth=o["reorth"],
+            grid_points=o["grid_points"], generator=g, basis=basis, basis_memory_bytes=o.get("basis_memory_bytes"),
+        )
     neg, neg_err = r.negative_mass()
     return {
+        "basis_storage": r.basis_storage,
+        "note": r.note,
         "grid": r.grid.tolist(),
         "density": r.density.tolist(),
         "density_stderr": r.density_stderr.tolist(),

@@ -50,6 +50,7 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("orthogonality_loss", _f64),
         pa.field("num_matvecs", pa.int64()),
         pa.field("note", pa.string()),
+        pa.field("basis_storage", pa.string()),  # device | host | disk | none
     ],
     "trace": [
         pa.field("method", pa.string()),
@@ -72,6 +73,8 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("orthogonality_loss", _list),
         pa.field("breakdown", pa.list_(pa.bool_())),
         pa.field("num_matvecs", pa.int64()),
+        pa.field("basis_storage", pa.string()),  # device | host | disk | none (reorth none keeps no basis)
+        pa.field("note", pa.string()),  # e.g. the fallback to reorth none under basis_memory_bytes
     ],
     "sharpness": [  # one row per measure
         pa.field("measure", pa.string()),

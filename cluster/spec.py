@@ -63,9 +63,11 @@ def _yaml(text: str):
 
 # Options each probe kind accepts, with defaults (every kind of DESIGN.md).
 PROBE_OPTIONS: dict[str, dict[str, Any]] = {
-    "eigenvalues": {"k": 5, "which": "largest", "tol": 1e-6, "max_steps": None},
+    "eigenvalues": {"k": 5, "which": "largest", "tol": 1e-6, "max_steps": None, "basis": "device",
+                    "basis_memory_bytes": None},
     "trace": {"method": "hutch++", "matvecs": 102},
-    "spectrum": {"runs": 10, "steps": 80, "sigma": None, "reorth": "full", "grid_points": 1000},
+    "spectrum": {"runs": 10, "steps": 80, "sigma": None, "reorth": "full", "grid_points": 1000, "basis": "device",
+                 "basis_memory_bytes": None},
     "sharpness": {
         "measures": ["lambda_max", "keskar", "sam", "adaptive"],
         "epsilon": 1e-3,  # Keskar et al. 2017
@@ -128,6 +130,8 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+_BASIS = ("device", "host", "disk")
+
 # (check, what it expects) per option; the message reads "probes[KIND].OPTION must be WHAT, got VALUE".
 _OPTION_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "eigenvalues": {
@@ -135,6 +139,8 @@ _OPTION_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "which": (lambda v: v in ("largest", "smallest"), "'largest' or 'smallest'"),
         "tol": (lambda v: _is_num(v) and v > 0, "a positive number"),
         "max_steps": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null"),
+        "basis": (lambda v: v in _BASIS, "'device', 'host' or 'disk' (where the Lanczos vectors live)"),
+        "basis_memory_bytes": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer (bytes) or null"),
     },
     "trace": {
         "method": (lambda v: v in ("hutchinson", "hutch++"), "'hutchinson' or 'hutch++'"),
@@ -146,6 +152,9 @@ _OPTION_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "sigma": (lambda v: v is None or (_is_num(v) and v > 0), "a positive number (eigenvalue units) or null"),
         "reorth": (lambda v: v in ("full", "selective", "none"), "'full', 'selective' or 'none'"),
         "grid_points": (lambda v: _is_int(v) and v >= 2, "an integer of at least 2"),
+        "basis": (lambda v: v in _BASIS, "'device', 'host' or 'disk' (where the Lanczos vectors live)"),
+        "basis_memory_bytes": (lambda v: v is None or (_is_int(v) and v > 0),
+                               "a positive integer (bytes) or null; above it SLQ falls back to reorth none"),
     },
 }
 

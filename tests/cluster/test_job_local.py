@@ -3,6 +3,7 @@ backends end to end, re-runs, failures, the failure policy and the ``probe run``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -257,3 +258,30 @@ def test_cli_bad_input_exits_2_with_the_reason(make_spec, capsys, args, message)
 def test_cli_missing_spec_file_exits_2(tmp_path, capsys):
     assert cli_main(["run", str(tmp_path / "absent.yaml")]) == 2
     assert capsys.readouterr().err.strip() == f"probe run: spec file {str(tmp_path / 'absent.yaml')!r} not found"
+
+
+def test_basis_storage_is_chosen_in_the_spec_and_recorded(make_spec, tmp_path):
+    """Host and disk bases give the device basis's numbers; a budget too small for the basis falls back to
+    reorth none, and every row says where its basis lived."""
+    rows = {}
+    for name, options in [("device", {"basis": "device"}), ("host", {"basis": "host"}), ("disk", {"basis": "disk"}),
+                          ("budget", {"basis_memory_bytes": 1000})]:
+        out = tmp_path / name
+        eig_options = {"basis_memory_bytes": 6 * 1482 * 8} if name == "budget" else options  # 6 vectors of 1,482
+        probes = [{"kind": "spectrum", "runs": 2, "steps": 12, **options}, {"kind": "eigenvalues", "k": 2, **eig_options}]
+        spec = load_spec(make_spec(name="bases", probes=probes, output=out))
+        spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, checkpoints=spec.model.checkpoints[:1]))
+        summary = run_job(spec, backend="local", progress=lambda m: None)
+        assert summary.ok, summary.failures
+        rows[name] = (read(out, "spectrum").to_pylist()[0], read(out, "eigenvalues").to_pylist()[0])
+        if name == "disk":
+            assert not list((out / ".scratch").iterdir())  # the disk basis is removed after the probe
+    for name in ("device", "host", "disk"):
+        spectrum, eig = rows[name]
+        assert spectrum["basis_storage"] == eig["basis_storage"] == name
+        for a, b in zip(spectrum["ritz_values"], rows["device"][0]["ritz_values"]):
+            assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-12 * max(abs(y) for y in b)
+        assert eig["eigenvalues"] == pytest.approx(rows["device"][1]["eigenvalues"], rel=1e-12)
+    budget, eig = rows["budget"]
+    assert budget["reorth"] == "none" and budget["basis_storage"] == "none" and "ghost" in budget["note"]
+    assert eig["num_steps"] <= 5 and "max_steps" in eig["note"]  # eigenvalues shorten the run instead, and say so
