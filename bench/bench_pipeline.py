@@ -26,6 +26,7 @@ import socket
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.basis import DiskBasis  # noqa: E402
 from cluster.checkpoints import ReadStats, load_checkpoint, save_sharded  # noqa: E402
 from cluster.pipeline import PipelineHessian, build_stage, grid_groups, stage_bounds, stage_parameter_names  # noqa: E402
 from probe.eigen import eigenvalues  # noqa: E402
@@ -66,6 +68,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
+@contextmanager
+def basis_store(a):
+    """Where the Lanczos basis lives: ``disk`` (a memory-mapped file under ``--scratch``) keeps a
+    100M-parameter basis out of RAM; ``device``/``host`` keep it in memory."""
+    if a.basis != "disk":
+        yield a.basis
+        return
+    with DiskBasis(a.scratch) as store:
+        yield store
+
+
 def measure(op, a, rank_is_reporter: bool) -> dict:
     dtype = op.dtype
     g = torch.Generator().manual_seed(7)
@@ -78,17 +91,21 @@ def measure(op, a, rank_is_reporter: bool) -> dict:
         t = time.perf_counter()
         op.matmat(V)
         times.append(time.perf_counter() - t)
-    out = {"first_product_s": first, "product_s": min(times), "dtype": str(dtype)}
+    # peak RSS so far: parameters, data and graphs (before any Lanczos basis, which a disk store maps into RSS)
+    out = {"first_product_s": first, "product_s": min(times), "dtype": str(dtype), "rss_products_mb": peak_rss_mb()}
     if a.eig:
         t = time.perf_counter()
-        top = eigenvalues(op, 1, tol=1e-3, generator=torch.Generator().manual_seed(3))
+        with basis_store(a) as store:
+            top = eigenvalues(op, 1, tol=1e-3, max_steps=a.eig_max_steps, generator=torch.Generator().manual_seed(3),
+                              basis=store)
         out.update(top_s=time.perf_counter() - t, top_matvecs=top.num_matvecs, lambda_max=float(top.eigenvalues[0]),
                    top_residual=float(top.residuals[0]))
     if a.steps:
         t = time.perf_counter()
-        spec = spectral_density(op, runs=1, steps=a.steps, generator=torch.Generator().manual_seed(4))
+        with basis_store(a) as store:
+            spec = spectral_density(op, runs=1, steps=a.steps, generator=torch.Generator().manual_seed(4), basis=store)
         slq_s = time.perf_counter() - t
-        out.update(slq_s=slq_s, slq_steps=a.steps, slq_step_s=slq_s / a.steps, slq_lambda_max=spec.lambda_max,
+        out.update(basis=spec.basis_storage, slq_s=slq_s, slq_steps=a.steps, slq_step_s=slq_s / a.steps, slq_lambda_max=spec.lambda_max,
                    slq_lambda_min=spec.lambda_min)
     return out
 
@@ -136,8 +153,19 @@ def baseline(rank: int, a, index: str, out_dir: str) -> None:
     model.load_state_dict(state)
     del state
     model = model.to(getattr(torch, a.dtype))
-    op = HessianOperator(model, lm_loss, batches(a), graph_memory_bytes=a.graph_budget_mb * MB)
+    data = batches(a)
+    fwd, grad = [], []
+    for _ in range(3):  # forward and gradient of the same loss, for the HVP/forward ratio of the projection
+        t = time.perf_counter()
+        with torch.no_grad():
+            sum(lm_loss(model(x), y) for x, y in data)
+        fwd.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        torch.autograd.grad(sum(lm_loss(model(x), y) for x, y in data), list(model.parameters()))
+        grad.append(time.perf_counter() - t)
+    op = HessianOperator(model, lm_loss, data, graph_memory_bytes=a.graph_budget_mb * MB)
     res = measure(op, argparse.Namespace(**{**vars(a), "eig": False, "steps": 0}), True)
+    res.update(forward_s=min(fwd), gradient_s=min(grad))
     res.update(params=op.dim, graph_mb=op.graph_bytes / MB, peak_rss_mb=peak_rss_mb(), threads=a.baseline_threads)
     Path(out_dir, "baseline.json").write_text(json.dumps(res))
 
@@ -160,6 +188,10 @@ def main() -> None:
     p.add_argument("--eig", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--steps", type=int, default=32, help="SLQ Lanczos steps (0: skip)")
     p.add_argument("--graph-budget-mb", type=int, default=8192)
+    p.add_argument("--basis", default="disk", choices=["device", "host", "disk"],
+                   help="where Lanczos vectors live (default disk: 33 vectors of a 56M-parameter stage are 7.4 GB)")
+    p.add_argument("--scratch", default=None, help="folder for --basis disk (default: a temporary folder)")
+    p.add_argument("--eig-max-steps", type=int, default=40)
     p.add_argument("--json", default=None)
     a = p.parse_args()
     n = gpt_num_parameters(vocab=a.vocab, dim=a.dim, layers=a.layers, max_len=a.seq)
@@ -174,6 +206,9 @@ def main() -> None:
         print(f"wrote a sharded checkpoint in {time.perf_counter() - t:.1f} s", flush=True)
         out = Path(tmp) / "out"
         out.mkdir()
+        if a.scratch is None:
+            a.scratch = str(Path(tmp) / "scratch")
+            Path(a.scratch).mkdir()
         t = time.perf_counter()
         mp.start_processes(worker, args=(a.stages, free_port(), a, str(index), str(out)), nprocs=a.stages,
                            join=True, start_method="spawn")
@@ -186,10 +221,11 @@ def main() -> None:
     r0 = ranks[0]
     print(f"\npipeline over {a.stages} workers ({a.threads} thread(s) each), wall {wall:.0f} s")
     print(f"{'rank':>4} {'children':>9} {'params':>12} {'param MB':>9} {'graph MB':>9} {'read MB':>8} "
-          f"{'shards':>6} {'peak RSS MB':>11}")
+          f"{'shards':>6} {'RSS@products MB':>15} {'peak RSS MB':>11}")
     for r in ranks:
         print(f"{r['rank']:>4} {str(r['stage_children']):>9} {r['params']:>12,} {r['param_mb']:>9.0f} "
-              f"{r['graph_mb']:>9.0f} {r['read_mb']:>8.0f} {r['shards_opened']:>6} {r['peak_rss_mb']:>11.0f}")
+              f"{r['graph_mb']:>9.0f} {r['read_mb']:>8.0f} {r['shards_opened']:>6} {r['rss_products_mb']:>15.0f} "
+              f"{r['peak_rss_mb']:>11.0f}")
     print(f"product: {r0['product_s']:.2f} s (first, building graphs: {r0['first_product_s']:.2f} s)")
     if "top_s" in r0:
         print(f"top eigenvalue: {r0['lambda_max']:.6g} (residual {r0['top_residual']:.1e}) in {r0['top_s']:.1f} s, "
@@ -198,10 +234,14 @@ def main() -> None:
         print(f"SLQ 1 run × {r0['slq_steps']} steps: {r0['slq_s']:.1f} s = {r0['slq_step_s']:.2f} s per Lanczos step; "
               f"Ritz range [{r0['slq_lambda_min']:.3g}, {r0['slq_lambda_max']:.3g}]")
     if base:
-        print(f"\nsingle process ({base['threads']} threads): product {base['product_s']:.2f} s, "
+        print(f"\nsingle process ({base['threads']} threads): forward {base['forward_s']:.2f} s, gradient "
+              f"{base['gradient_s']:.2f} s, product {base['product_s']:.2f} s = {base['product_s'] / base['forward_s']:.1f}× "
+              f"forward = {base['product_s'] / base['gradient_s']:.2f}× gradient")
+        print(f"single process ({base['threads']} threads): product {base['product_s']:.2f} s, "
               f"peak RSS {base['peak_rss_mb']:.0f} MB, graph {base['graph_mb']:.0f} MB")
         print(f"ratios pipeline/single: product time {r0['product_s'] / base['product_s']:.2f}×, "
-              f"largest worker RSS {max(r['peak_rss_mb'] for r in ranks) / base['peak_rss_mb']:.2f}×")
+              f"largest worker RSS during products {max(r['rss_products_mb'] for r in ranks) / base['rss_products_mb']:.2f}×, "
+              f"parameters + graphs {max(r['param_mb'] + r['graph_mb'] for r in ranks) / (base['params'] * 4 / 2**20 + base['graph_mb']):.2f}×")
     if a.json:
         Path(a.json).write_text(json.dumps({
             "args": vars(a), "parameters": n, "ranks": ranks, "baseline": base, "wall_s": wall,

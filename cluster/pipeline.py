@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from probe.model_operator import SavedBytes, prepare_batches
+from probe.batches import weigh_batches
+from probe.model_operator import SavedBytes
 from probe.operators import CurvatureOperator
 
 __all__ = ["stage_bounds", "PipelineHessian", "stage_parameter_names"]
@@ -129,6 +130,8 @@ class PipelineHessian(CurvatureOperator):
             stages in order.
         offset, dim: where this stage's parameters start in the full flat vector, and its length.
         total_examples: example count over every data-parallel replica (weights ``n_b/N``).
+        weighting, total_tokens: ``"tokens"`` weights batches by their targets ``!= -100``
+            over ``total_tokens`` (language models), as :func:`probe.batches.weigh_batches`.
         pipe_group: the group of this pipeline's stages (inner products).
         data_group: the group of this stage's replicas (products summed), or None.
         graph_memory_bytes: keep the sweeps' graphs across products while their saved
@@ -138,7 +141,7 @@ class PipelineHessian(CurvatureOperator):
     def __init__(
         self, stage: nn.Module, loss_fn, batches: Sequence, *, stage_index: int, ranks: Sequence[int], offset: int,
         dim: int, total_examples: int | None = None, pipe_group=None, data_group=None,
-        graph_memory_bytes: int = 2 << 30,
+        graph_memory_bytes: int = 2 << 30, weighting: str = "examples", total_tokens: int | None = None,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized; call init_process_group first")
@@ -152,7 +155,9 @@ class PipelineHessian(CurvatureOperator):
         self.dim = dim
         self._slice = slice(offset, offset + self.local_dim)
         self.pipe_group, self.data_group = pipe_group, data_group
-        self.batches, self.sizes, self.weights = prepare_batches(batches, self.dtype, self.device, total_examples)
+        w = weigh_batches(batches, self.dtype, self.device, weighting=weighting, total_examples=total_examples,
+                          total_tokens=total_tokens)
+        self.batches, self.sizes, self.weights = w.batches, w.sizes, w.weights
         self.graph_memory_bytes = graph_memory_bytes
         self.graph_bytes = 0  # measured bytes of the kept graphs
         self.peak_graph_bytes = 0  # the largest set of graphs held at once

@@ -131,6 +131,8 @@ def _is_num(v: Any) -> bool:
 
 
 _BASIS = ("device", "host", "disk")
+# Probes that need only Hessian-vector products, so they run on a model split into pipeline stages.
+PIPELINE_KINDS = ("eigenvalues", "trace", "spectrum")
 
 # (check, what it expects) per option; the message reads "probes[KIND].OPTION must be WHAT, got VALUE".
 _OPTION_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
@@ -330,9 +332,17 @@ class ClusterSpec:
     group_size: int | None = None  # workers per SPMD group; default: all of them in one group
     max_restarts: int = 3  # group rebuilds per task after a worker dies
     backend: str = "auto"  # auto | ray | process | local
+    stages: int = 1  # pipeline stages per model replica (the model is split over this many workers)
 
     def __post_init__(self) -> None:
         _positive_int("cluster.num_workers", self.num_workers)
+        _positive_int("cluster.stages", self.stages)
+        group = self.group_size or self.num_workers
+        if group % self.stages:
+            raise SpecError(
+                f"cluster.stages={self.stages} must divide the workers of a group ({group}): each group is "
+                f"a grid of stages × data replicas"
+            )
         _positive_int("cluster.group_size", self.group_size, allow_none=True)
         if self.group_size is not None and self.num_workers % self.group_size:
             raise SpecError(
@@ -427,6 +437,14 @@ class JobSpec:
                     raise SpecError(
                         f"probes[{p.kind}] computes per-example gradient statistics and has no token-weighted "
                         f"form; remove it from a job whose loss is weighted by tokens, or use weighting: examples"
+                    )
+        if self.cluster.stages > 1:
+            for p in self.probes:
+                if p.kind not in PIPELINE_KINDS:
+                    raise SpecError(
+                        f"probes[{p.kind}] needs the whole model on every worker; with cluster.stages="
+                        f"{self.cluster.stages} (a model split over workers) use {', '.join(PIPELINE_KINDS)}, "
+                        "or set cluster.stages: 1"
                     )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise SpecError(f"seed must be an integer, got {self.seed!r}")

@@ -22,6 +22,7 @@ from torch.utils.data import default_collate
 
 from cluster.checkpoints import CheckpointError, checkpoint_sha256, load_checkpoint
 from cluster.distributed import ShardedEvaluator, ShardedOperator
+from cluster.pipeline import PipelineHessian, build_stage, grid_groups, stage_bounds
 from cluster.runners import ProbeContext, run_probe
 from cluster.spec import JobSpec, SpecError, import_factory, parse_spec
 from probe.batches import batch_size_of, split_batch, token_count
@@ -173,6 +174,11 @@ class ProbeWorker:
         self.batches: list = []
         self.data_sha256 = ""
         self._ray_metrics = _ray_worker_metrics()
+        # pipeline: this worker's place on the grid of stages × data replicas (set up in setup())
+        self.stages = self.spec.cluster.stages
+        self.stage, self.replica, self.replicas = 0, rank, world_size
+        self.pipe_ranks: list[int] = []
+        self.pipe_group = self.data_group = None
 
     def rendezvous(self) -> str:
         """A ``tcp://HOST:PORT`` address on this worker's host with a free port (called on rank 0)."""
@@ -194,6 +200,10 @@ class ProbeWorker:
             if init_method and init_method.startswith("tcp://127.0.0.1"):
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
             dist.init_process_group(self.backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
+        if self.stages > 1:
+            self.replicas = self.world_size // self.stages
+            self.pipe_ranks, self.pipe_group, self.data_group, self.stage, self.replica = grid_groups(
+                self.stages, self.replicas)
         probe = self.shard("probe")
         self.batches, self.total_examples, self.total_tokens, self.data_sha256 = probe
         self._eval_shards: dict[str, Shard] = {"probe": probe}
@@ -207,7 +217,8 @@ class ProbeWorker:
         if eval_set in getattr(self, "_eval_shards", {}):
             return self._eval_shards[eval_set]
         dataset, indices, sha = probe_subset(self.spec, eval_set)
-        mine = indices.tensor_split(self.world_size)[self.rank]
+        # data replicas split the set; the stages of one pipeline share their replica's part
+        mine = indices.tensor_split(self.replicas)[self.replica] if self.stages > 1 else indices.tensor_split(self.world_size)[self.rank]
         bs = self.spec.data.batch_size
         batches = [default_collate([dataset[i] for i in mine[j : j + bs].tolist()]) for j in range(0, len(mine), bs)]
         tokens = None
@@ -226,6 +237,8 @@ class ProbeWorker:
 
     def evaluator(self, model: torch.nn.Module, eval_set: str = "probe"):
         """Loss/error evaluator on a data set (whole-set means, also when data-parallel)."""
+        if self.stages > 1:
+            raise SpecError("loss evaluations need the whole model on each worker; they are not available with cluster.stages > 1")
         shard = self.shard(eval_set)
         if self.world_size > 1:
             return ShardedEvaluator(model, self.loss_fn, shard.batches, **self._weighting(shard))
@@ -240,6 +253,8 @@ class ProbeWorker:
             CheckpointError: for missing or unexpected keys or shape mismatches, naming them.
         """
         factory = import_factory(self.spec.model.factory, key="model.factory")
+        if self.stages > 1:
+            return self._build_stage(factory, checkpoint)
         if checkpoint == "init":
             with torch.random.fork_rng():
                 torch.manual_seed(self.spec.seed)
@@ -270,7 +285,40 @@ class ProbeWorker:
         model.load_state_dict(state)
         return model.to(device=self.device, dtype=self.dtype), meta
 
+    def _build_stage(self, factory, checkpoint: str) -> tuple[torch.nn.Module, dict]:
+        """This worker's pipeline stage: the model skeleton on the meta device, this stage's children
+        materialized, and only their tensors read from the checkpoint."""
+        if checkpoint == "init":
+            raise SpecError("checkpoint 'init' is not available with cluster.stages > 1; give a checkpoint file")
+        with torch.device("meta"):
+            skeleton = factory(**self.spec.model.kwargs)
+        if not isinstance(skeleton, torch.nn.Sequential):
+            raise SpecError(
+                f"cluster.stages={self.stages} needs model.factory {self.spec.model.factory!r} to return an "
+                f"nn.Sequential of stages (embedding, blocks, head), got {type(skeleton).__name__}"
+            )
+        bounds = stage_bounds(skeleton, self.stages)[self.stage]
+        part, self.stage_offset, self.stage_dim = build_stage(skeleton, self.stages, self.stage)
+        names = {f"{bounds[0] + int(k.split('.', 1)[0])}.{k.split('.', 1)[1]}": k for k in part.state_dict()}
+        state, meta = load_checkpoint(checkpoint, keys=list(names))
+        part = part.to_empty(device=self.device).to(dtype=self.dtype)
+        for full, local in names.items():
+            if state[full].shape != part.state_dict()[local].shape:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint!r}: tensor {full!r} has shape {tuple(state[full].shape)}, "
+                    f"the model expects {tuple(part.state_dict()[local].shape)}"
+                )
+        part.load_state_dict({local: state[full] for full, local in names.items()})
+        return part, meta
+
     def operator(self, model: torch.nn.Module):
+        if self.stages > 1:
+            shard = self.shard("probe")
+            return PipelineHessian(
+                model, self.loss_fn, self.batches, stage_index=self.stage, ranks=self.pipe_ranks,
+                offset=self.stage_offset, dim=self.stage_dim, pipe_group=self.pipe_group, data_group=self.data_group,
+                **self._weighting(shard),
+            )
         """The Hessian of the probe set's mean loss (over examples or tokens, as the spec weights it)."""
         local = HessianOperator(model, self.loss_fn, self.batches, mode=self.spec.mode,
                                 **self._weighting(self._eval_shards["probe"]))
