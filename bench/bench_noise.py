@@ -10,8 +10,9 @@ parameters), float32, on digits inputs. Two ways, in one process:
 - the plain loop: one forward and one ``torch.autograd.grad`` per example, adding
   each gradient into float32 running sums and its squared norm into a float64 total.
 
-The chunk size is picked as the fastest of ``--chunk-sizes`` on ``--sweep-examples``
-examples (one warm-up call, then the best of ``--repeats``). For each, the memory
+Each of ``--chunk-sizes`` is timed on ``--sweep-examples`` examples (one warm-up
+call, then the best of ``--repeats``), and the comparison runs at
+``default_chunk_size()`` (what a caller gets; ``--chunk-size`` overrides it). For each, the memory
 of the chunk's gradients is ``chunk_size × dim × 4`` bytes; next to it, the peak
 resident memory above the level before the call, from Linux's ``VmHWM`` (reset
 through ``/proc/self/clear_refs``): near 0 when the allocator reuses memory the
@@ -28,7 +29,9 @@ product ``δᵢ aᵢᵀ`` of the gradient at the layer's output and its input, s
 ``‖gᵢ‖² = ‖δᵢ‖²‖aᵢ‖²`` (plus ``‖δᵢ‖²`` for the bias) without forming it, and
 ``Σᵢ gᵢ`` is one ordinary batched backward. It applies only to models whose
 parameters all sit in such layers (as ``wide_mlp`` does); it is here to show what
-avoiding per-example gradients buys, and is checked against the loop as well.
+avoiding per-example gradients buys, and is checked against the loop as well. It
+runs after the comparison: its batched allocations fragment glibc's heap, after
+which the vmapped chunks' memory is returned to the system and faulted in again.
 
     python bench/bench_noise.py [--threads 1,2] [--examples 8192] [--repeats 3] [--json out.json]
 
@@ -114,7 +117,7 @@ def loop_moments(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def linear_identity_moments(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 256):
-    """Prototype (not in probe/): ``(Σᵢ gᵢ, Σᵢ ‖gᵢ‖²)`` from ``‖δᵢ aᵢᵀ‖² = ‖δᵢ‖²‖aᵢ‖²`` per nn.Linear layer.
+    """Prototype (not in probe/): ``(Σᵢ gᵢ, Σᵢ ‖gᵢ‖²)`` from ``‖δᵢaᵢᵀ‖² = ‖δᵢ‖²‖aᵢ‖²`` per nn.Linear.
 
     Valid when every parameter belongs to an nn.Linear layer called once per
     forward on 2-D inputs, and examples do not interact (eval mode)."""
@@ -181,12 +184,17 @@ def run(threads: int, args, model, x, y, device) -> dict:
             times.append((time.perf_counter() - t0) / args.sweep_examples)
             peak_mib = (_rss_kib("VmHWM") - base) / 1024 if peak_ok else float("nan")
         grads_mib = cs * dim * 4 / 2**20
-        tuning[cs] = {"s_per_example": min(times), "peak_rss_above_baseline_mib": peak_mib, "chunk_grads_mib": grads_mib}
+        tuning[cs] = {
+            "s_per_example": min(times),
+            "peak_rss_above_baseline_mib": peak_mib,
+            "chunk_grads_mib": grads_mib,
+        }
         print(f"  chunk_size {cs:4d}: {min(times) * 1e3:7.3f} ms/example on {args.sweep_examples}; "
               f"chunk gradients {grads_mib:6.0f} MiB, peak RSS +{peak_mib:6.0f} MiB")
-    best = min(tuning, key=lambda c: tuning[c]["s_per_example"])
+    fastest = min(tuning, key=lambda c: tuning[c]["s_per_example"])
     auto = default_chunk_size(ParameterSpace.of(model), next(model.parameters()).dtype, device)
-    print(f"  fastest chunk_size {best}; default_chunk_size() gives {auto}")
+    best = args.chunk_size or auto
+    print(f"  fastest chunk_size {fastest}; default_chunk_size() gives {auto}; comparing at {best}")
 
     loop_moments(model, x[:8], y[:8])  # warm-up
     linear_identity_moments(model, x[:8], y[:8])  # warm-up
@@ -202,12 +210,14 @@ def run(threads: int, args, model, x, y, device) -> dict:
         ref = loop_moments(model, x, y)
         _sync(device)
         loop_s.append((time.perf_counter() - t0) / len(y))
+        print(f"  repeat {r}: gradient_moments {vmap_s[-1] * 1e3:.3f} ms/example, "
+              f"loop {loop_s[-1] * 1e3:.3f} ms/example (loop total {loop_s[-1] * len(y):.1f} s; "
+              f"load average {os.getloadavg()[0]:.2f})")
+    for _ in range(args.repeats):  # after the comparison: its batched allocations fragment glibc's heap
         t0 = time.perf_counter()
         ident = linear_identity_moments(model, x, y)
         _sync(device)
         ident_s.append((time.perf_counter() - t0) / len(y))
-        print(f"  repeat {r}: gradient_moments {vmap_s[-1] * 1e3:.3f} ms/example, loop {loop_s[-1] * 1e3:.3f} ms/example "
-              f"(loop total {loop_s[-1] * len(y):.1f} s)")
     n = len(y)
     ref_grad, ref_sq = ref
     ref_trace = ref_sq / n - float((ref_grad / n).square().sum())
@@ -230,6 +240,7 @@ def run(threads: int, args, model, x, y, device) -> dict:
         "chunk_sweep": tuning,
         "chunk_size": best,
         "default_chunk_size": auto,
+        "fastest_chunk_size": fastest,
         "vmap_s_per_example": min(vmap_s),
         "loop_s_per_example": min(loop_s),
         "vmap_s_per_example_all": vmap_s,
@@ -249,9 +260,10 @@ def run(threads: int, args, model, x, y, device) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--examples", type=int, default=8192, help="examples in the timed comparison (loop ≥ 10 s on 1 CPU thread)")
+    ap.add_argument("--examples", type=int, default=8192, help="examples compared (loop ≥ 10 s on 1 CPU thread)")
     ap.add_argument("--sweep-examples", type=int, default=512, help="examples per chunk-size trial")
-    ap.add_argument("--chunk-sizes", default="4,7,8,16,32,64,128", help="candidates; the fastest is used")
+    ap.add_argument("--chunk-sizes", default="4,7,8,16,32,64,128", help="chunk sizes to time on the sweep examples")
+    ap.add_argument("--chunk-size", type=int, default=0, help="chunk size of the comparison (0: default_chunk_size())")
     ap.add_argument("--threads", default="1,2", help="comma-separated torch intra-op thread counts")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")

@@ -140,7 +140,9 @@ class GradientMoments:
         return torch.cat([self.sum_grad, scalars])
 
     @classmethod
-    def from_tensor(cls, packed: Tensor, *, dtype: str | torch.dtype, chunk_size: int, mode: str = "eval") -> "GradientMoments":
+    def from_tensor(
+        cls, packed: Tensor, *, dtype: str | torch.dtype, chunk_size: int, mode: str = "eval"
+    ) -> "GradientMoments":
         """Inverse of :meth:`to_tensor` (typically after summing it over shards).
 
         Raises:
@@ -196,8 +198,12 @@ def default_chunk_size(space: ParameterSpace, dtype: torch.dtype, device: torch.
     mappings, so every chunk's gradients are page-faulted anew: on this project's
     reference CPU (2-core Xeon, 1 thread, ``wide_mlp()``, 4 MiB per example for the
     1024×1024 weight) chunks of 16 to 128 took 2.2 to 2.9 ms per example against
-    1.2 at 7, the cap's choice (bench/bench_noise.py). Other allocators (CUDA's
-    caching allocator) keep their blocks, and there the default stays 64.
+    1.2 at 7, the cap's choice (bench/bench_noise.py). Below the threshold glibc
+    may still return the freed blocks to the system when other allocations have
+    fragmented its heap (seen after batched forward passes: 2.3 ms per example
+    again); ``MALLOC_TRIM_THRESHOLD_`` set high in the environment prevents that.
+    Other allocators (CUDA's caching allocator) keep their blocks, and there the
+    default stays 64.
     """
     if torch.device(device).type != "cpu":
         return DEFAULT_CHUNK_SIZE
@@ -366,7 +372,9 @@ def _ratio(num: float, den: float) -> float:
     return math.inf if num > 0 else math.nan
 
 
-def noise_statistics(moments: GradientMoments, *, lr: float | None = None, batch_size: int | None = None) -> NoiseResult:
+def noise_statistics(
+    moments: GradientMoments, *, lr: float | None = None, batch_size: int | None = None
+) -> NoiseResult:
     """Noise trace, noise scale and SGD's implicit-regularization terms from gradient moments.
 
     With ``ḡ = Σgᵢ/n`` and ``tr(Σ) = Σ‖gᵢ‖²/n − ‖ḡ‖²`` (float64; the difference

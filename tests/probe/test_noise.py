@@ -272,7 +272,8 @@ def test_dict_batches_match_tensor_batches(mlp64, digits64):
 
     wrapped = DictInput(mlp64)
     plain = gradient_moments(mlp64, F.cross_entropy, split(x, y), chunk_size=32)
-    from_dicts = gradient_moments(wrapped, F.cross_entropy, [({"pixels": bx}, by) for bx, by in split(x, y)], chunk_size=32)
+    dict_batches = [({"pixels": bx}, by) for bx, by in split(x, y)]
+    from_dicts = gradient_moments(wrapped, F.cross_entropy, dict_batches, chunk_size=32)
     assert_same_moments(from_dicts, plain)
     labelled = gradient_moments(wrapped, F.cross_entropy, [{"pixels": bx, "labels": by} for bx, by in split(x, y)],
                                 chunk_size=32)
@@ -367,7 +368,8 @@ def test_bad_arguments_are_rejected(mlp64, digits64):
 def moments_of(G: Tensor, losses: Tensor | None = None) -> GradientMoments:
     """Moments of explicit per-example gradient rows ``G`` (``(n, dim)``)."""
     losses = torch.zeros(G.shape[0], dtype=torch.float64) if losses is None else losses
-    packed = torch.cat([G.sum(0), torch.stack([losses.sum(), G.square().sum(), torch.tensor(float(G.shape[0])).double(), torch.tensor(0.0).double()])])
+    scalars = [losses.sum(), G.square().sum(), G.new_tensor(float(G.shape[0])), G.new_tensor(0.0)]
+    packed = torch.cat([G.sum(0), torch.stack(scalars)])  # the to_tensor() layout
     return GradientMoments.from_tensor(packed, dtype=torch.float64, chunk_size=1)
 
 
@@ -379,7 +381,8 @@ def test_noise_statistics_formulas():
     trace = float(two_pass_trace(G))  # (1 + 1 + 0 + 0)/4 + (1 + 1 + 4 + 4)/4 = 3
     assert (grad_sq, trace) == (5.0, 3.0)
     lr, batch = 0.2, 8
-    r = noise_statistics(moments_of(G, torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)), lr=lr, batch_size=batch)
+    losses = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
+    r = noise_statistics(moments_of(G, losses), lr=lr, batch_size=batch)
     assert r.loss == pytest.approx(3.0, rel=1e-15)
     assert r.grad_norm == pytest.approx(math.sqrt(5.0), rel=1e-15)
     assert r.mean_sq_grad_norm == pytest.approx(8.0, rel=1e-15)
