@@ -5,7 +5,8 @@ a GPU and messages go over NCCL; with one GPU the stages share it and messages g
 over gloo through host memory (NCCL refuses two ranks on one device). Checks, in
 float64 on a small GPT-style model, that the pipeline product equals the
 single-process product on the GPU (and on the CPU) to 1e-10 relative, over 2 and 3
-stages; then times float32 products of a ~110M-parameter model over 2 stages.
+stages; checks that a host-memory Lanczos basis bounds peak device memory; then
+times float32 products of a ~110M-parameter model over 2 stages.
 Prints one line per check and a JSON summary (``--json PATH``).
 
     python bench/gpu_pipeline_check.py [--json out.json] [--quick]
@@ -89,6 +90,45 @@ def pipeline(world: int, cfg: dict, dtype: str, n: int, V, products: int, out: s
     return sorted((torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)), key=lambda p: p["slice"])
 
 
+def host_basis_peak_check() -> dict:
+    """A host-memory Lanczos basis bounds peak device memory (moved here from the CPU test suite: it needs CUDA).
+
+    A diagonal operator with 2²¹ float64 entries (16 MiB a vector), 2 runs × 40 steps: the device basis holds
+    2 × 41 vectors; the host basis, read in blocks of 4, should keep the device at blocks plus the recurrence.
+    """
+    from probe.basis import DeviceBasis, HostBasis
+    from probe.lanczos import lanczos
+    from probe.operators import CurvatureOperator
+
+    dim, runs, steps = 2**21, 2, 40
+    diag = torch.linspace(0.1, 2.0, dim, dtype=torch.float64, device="cuda")
+
+    class Diagonal(CurvatureOperator):
+        def __init__(self):
+            self.dim = self.local_dim = dim
+            self.dtype, self.device = diag.dtype, diag.device
+
+        def _matmat(self, V):
+            return diag[:, None] * V
+
+    op = Diagonal()
+    start = op.random_vectors(runs, generator=torch.Generator().manual_seed(13))
+
+    def peak(store) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        lanczos(op, start, steps, basis=store)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    vector = dim * 8
+    host = HostBasis(block_size=4)
+    device_peak, host_peak = peak(DeviceBasis()), peak(host)
+    ok = device_peak >= runs * (steps + 1) * vector and host_peak <= runs * (2 * 4 + 12) * vector and host.view(1).is_pinned()
+    return {"device_peak_vectors": device_peak / vector, "host_peak_vectors": host_peak / vector, "pass": bool(ok)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=None)
@@ -118,6 +158,11 @@ def main() -> None:
         summary[f"pipeline{world}_backend"] = parts[0]["backend"]
         ok &= rel < 1e-10
         print(f"pipeline HVP over {world} stages ({parts[0]['backend']}) vs single process: {rel:.2e} relative", flush=True)
+    basis = host_basis_peak_check()
+    summary["host_basis"] = basis
+    ok &= basis["pass"]
+    print(f"host Lanczos basis: peak device memory {basis['host_peak_vectors']:.0f} vectors vs "
+          f"{basis['device_peak_vectors']:.0f} with the device basis ({'ok' if basis['pass'] else 'FAIL'})", flush=True)
     if not a.quick:
         parts = pipeline(2, LARGE, "float32", 8, None, 3, str(out))
         summary["large"] = [{k: q[k] for k in ("params", "product_s", "peak_mem_mb", "backend")} for q in parts]

@@ -180,20 +180,9 @@ def test_missing_folder_and_a_file_are_rejected(tmp_path):
         DiskBasis(a_file)
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="permission bits do not bind root")
-def test_unwritable_folder_is_rejected_naming_it(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        with pytest.raises(PermissionError, match=rf"DiskBasis folder {locked} is not writable"):
-            DiskBasis(locked)
-    finally:
-        locked.chmod(0o755)
-
-
-def test_unwritable_folder_is_rejected_naming_it_as_root_too(tmp_path, monkeypatch):
-    """Root ignores permission bits, so the refusal is simulated where the file is created."""
+def test_unwritable_folder_is_rejected_naming_it(tmp_path, monkeypatch):
+    """The refusal comes from the file system where the file is created (simulated: CI runs as root,
+    which permission bits do not bind)."""
 
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")

@@ -5,6 +5,7 @@ torch.distributed (gloo on loopback) in separate processes."""
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -12,12 +13,18 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from cluster.pipeline import build_stage, grid_groups, stage_bounds, PipelineHessian
-from conftest import free_port  # tests/cluster/conftest.py
 from probe.eigen import eigenvalues
 from probe.gpt import gpt, lm_loss
 from probe.hessian import HessianOperator
 
 CONFIG = dict(vocab=16, dim=8, layers=3, heads=2, max_len=6)
+
+
+def free_port() -> int:
+    # not from conftest: the forkserver re-imports this module where a different conftest comes first on sys.path
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def model():
