@@ -42,6 +42,7 @@ statistics over a single example are undefined.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,8 +76,10 @@ class GradientMoments:
         num_nonfinite: examples whose loss or gradient was not finite (they are
             included in the sums, which are then not finite either).
         dtype: the model's dtype, in which the gradients were computed (``"float32"``).
-        chunk_size: the largest number of examples whose gradients were held at once.
+        chunk_size: the largest number of examples whose gradients were held at once
+            (``method="linear"``: the largest batch, whose per-example gradients are never formed).
         mode: ``"eval"`` or ``"train"`` (see the module docstring).
+        method: how they were computed (see :func:`gradient_moments`).
     """
 
     sum_grad: Tensor
@@ -87,6 +90,7 @@ class GradientMoments:
     dtype: str
     chunk_size: int
     mode: str
+    method: str = "vmap"  # "linear" (layer identity) or "vmap" (per-example gradients formed in chunks)
 
     @property
     def dim(self) -> int:
@@ -121,6 +125,7 @@ class GradientMoments:
             dtype=self.dtype,
             chunk_size=max(self.chunk_size, other.chunk_size),
             mode=self.mode,
+            method=self.method if self.method == other.method else "mixed",
         )
 
     __add__ = merge
@@ -169,9 +174,10 @@ class GradientMoments:
     def all_reduced(self, reduce: Callable[[Tensor], Tensor]) -> "GradientMoments":
         """The moments summed over shards: ``reduce`` sums a tensor over every shard and
         returns the result (e.g. an operator's ``allreduce``)."""
-        return GradientMoments.from_tensor(
+        out = GradientMoments.from_tensor(
             reduce(self.to_tensor()), dtype=self.dtype, chunk_size=self.chunk_size, mode=self.mode
         )
+        return dataclasses.replace(out, method=self.method)
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
@@ -219,6 +225,7 @@ def gradient_moments(
     params: Sequence[str] | None = None,
     chunk_size: int | None = None,
     mode: str = "eval",
+    method: str = "auto",
 ) -> GradientMoments:
     """Per-example gradient moments over a probe set, in one pass.
 
@@ -243,9 +250,16 @@ def gradient_moments(
             ``chunk_size × dim`` gradient entries in the model's dtype. Default
             (``None``): :func:`default_chunk_size`, 64 or less on CPU.
         mode: ``"eval"`` (default) or ``"train"``; see the module docstring.
-
-    Returns:
-        :class:`GradientMoments` of the local examples (sum them over shards).
+        method: ``"linear"`` uses the layer identity for ``nn.Linear`` (Goodfellow 2015):
+            with ``aᵢ`` a layer's input and ``δᵢ = ∂ℓᵢ/∂yᵢ`` its output's gradient for
+            example ``i``, ``‖∂ℓᵢ/∂W‖² = ‖δᵢ‖²‖aᵢ‖²`` and ``‖∂ℓᵢ/∂b‖² = ‖δᵢ‖²``, so one
+            ordinary forward and backward of ``Σᵢ ℓᵢ`` gives every per-example norm and
+            the gradient sum without forming a per-example gradient. It applies when
+            every selected parameter belongs to an ``nn.Linear`` called once per
+            forward on ``(batch, features)`` inputs, in eval mode. ``"vmap"`` forms
+            the per-example gradients with ``torch.func`` in chunks (any model).
+            ``"auto"`` (default) takes ``"linear"`` where it applies, else ``"vmap"``;
+            the result's ``method`` says which ran.
 
     Raises:
         ValueError: for ``chunk_size < 1``, an unknown ``mode``, ``mode="train"`` on a
@@ -260,12 +274,25 @@ def gradient_moments(
             "mode='train' is undefined for per-example gradients of a model with BatchNorm "
             "(batch statistics of a single example); use mode='eval' (running statistics)"
         )
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
     space = ParameterSpace.of(model, params)
     selected = space.parameters(model)
     dtype, device = selected[0].dtype, selected[0].device
+    moved, _, _ = prepare_batches(batches, dtype, device, None)
+    if method != "vmap":
+        owners = _linear_owners(model, space.names) if mode == "eval" else None
+        if owners is not None:
+            try:
+                return _linear_moments(model, loss_fn, moved, space, owners, chunk_size)
+            except _NotLinear as exc:
+                if method == "linear":
+                    raise ValueError(f"method='linear' does not apply: {exc}; use method='vmap' or 'auto'") from None
+        elif method == "linear":
+            raise ValueError("method='linear' needs every selected parameter in an nn.Linear, in eval mode; "
+                             "use method='vmap' or 'auto'")
     if chunk_size is None:
         chunk_size = default_chunk_size(space, dtype, device)
-    moved, _, _ = prepare_batches(batches, dtype, device, None)
     chosen = set(space.names)
     fixed = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in chosen}
     theta = {n: p.detach() for n, p in zip(space.names, selected)}
@@ -313,7 +340,85 @@ def gradient_moments(
         dtype=_dtype_name(dtype),
         chunk_size=chunk_size,
         mode=mode,
+        method="vmap",
     )
+
+
+METHODS = ("auto", "linear", "vmap")
+
+
+class _NotLinear(Exception):
+    """The model's forward breaks the layer identity (a layer reused, or a non-matrix input)."""
+
+
+def _linear_owners(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[nn.Linear, str]] | None:
+    """``{parameter name: (its nn.Linear, "weight" | "bias")}``, or None when some parameter is not a Linear's."""
+    modules = dict(model.named_modules())
+    owners = {}
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        module = modules.get(prefix)
+        if not isinstance(module, nn.Linear) or leaf not in ("weight", "bias"):
+            return None
+        owners[name] = (module, leaf)
+    return owners
+
+
+def _linear_moments(model, loss_fn, moved, space: ParameterSpace, owners, chunk_size) -> GradientMoments:
+    """Moments from the layer identity: one forward and backward of ``Σᵢ ℓᵢ`` per batch (see ``method``)."""
+    layers = list(dict.fromkeys(m for m, _ in owners.values()))
+    selected = space.parameters(model)
+    dtype, device = selected[0].dtype, selected[0].device
+    seen: dict[nn.Linear, list] = {}
+
+    def capture(module, inputs, output):
+        if module in seen:
+            raise _NotLinear(f"an nn.Linear is called more than once per forward (shared weights)")
+        if inputs[0].ndim != 2:
+            raise _NotLinear(f"an nn.Linear gets inputs of shape {tuple(inputs[0].shape)}, not (batch, features)")
+        seen[module] = [inputs[0].detach(), output]
+
+    sum_grad = torch.zeros(space.dim, dtype=torch.float64, device=device)
+    sum_sq_norm = torch.zeros((), dtype=torch.float64, device=device)
+    sum_loss = torch.zeros((), dtype=torch.float64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+    count, largest = 0, 0
+    handles = [m.register_forward_hook(capture) for m in layers]
+    try:
+        with model_mode(model, "eval"), torch.enable_grad():
+            for x, y in moved:
+                seen.clear()
+                out = call_model(model, x)
+                # per-example losses (exact per example whatever the loss's batch reduction)
+                losses = vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, y)
+                if set(seen) != set(layers):
+                    raise _NotLinear("an nn.Linear holding selected parameters is not called in the forward")
+                outputs = [seen[m][1] for m in layers]
+                grads = torch.autograd.grad(losses.sum(), outputs + selected, allow_unused=True)
+                deltas = dict(zip(layers, grads[: len(layers)]))
+                param_grads = grads[len(layers):]
+                c = losses.shape[0]
+                sq = torch.zeros(c, dtype=torch.float64, device=device)
+                for name, g_sum in zip(space.names, param_grads):
+                    module, leaf = owners[name]
+                    d2 = deltas[module].to(torch.float64).pow(2).sum(1)  # ‖δᵢ‖²
+                    sq += d2 * seen[module][0].to(torch.float64).pow(2).sum(1) if leaf == "weight" else d2
+                flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                  for g, p in zip(param_grads, selected)])
+                sum_grad += flat.to(torch.float64)
+                sum_sq_norm += sq.sum()
+                losses = losses.detach().to(torch.float64)
+                sum_loss += losses.sum()
+                nonfinite += (~torch.isfinite(sq) | ~torch.isfinite(losses)).sum()
+                count += c
+                largest = max(largest, c)
+    finally:
+        for h in handles:
+            h.remove()
+        seen.clear()
+    return GradientMoments(sum_grad=sum_grad, sum_sq_norm=sum_sq_norm, sum_loss=sum_loss, count=count,
+                           num_nonfinite=int(nonfinite), dtype=_dtype_name(dtype), chunk_size=largest, mode="eval",
+                           method="linear")
 
 
 @dataclass(frozen=True)

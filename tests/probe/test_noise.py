@@ -127,17 +127,20 @@ def test_linear_least_squares_matches_the_closed_form(bias):
 # --------------------------------------------------------------------------- digits MLP
 
 
-def test_digits_moments_match_a_per_example_loop(mlp64, digits64, mlp_reference):
+@pytest.mark.parametrize("method", ["vmap", "linear"])
+def test_digits_moments_match_a_per_example_loop(mlp64, digits64, mlp_reference, method):
     x, y = digits64
     G, losses = mlp_reference
-    moments = gradient_moments(mlp64, F.cross_entropy, split(x, y))
+    moments = gradient_moments(mlp64, F.cross_entropy, split(x, y), method=method)
+    assert moments.method == method
     result = noise_statistics(moments)
     assert result.num_examples == NUM_EXAMPLES
     assert rel(result.noise_trace, two_pass_trace(G)) < 1e-10
     assert rel(result.mean_sq_grad_norm, G.square().sum(1).mean()) < 1e-10
     assert rel(result.loss, losses.mean()) < 1e-12
     assert result.noise_trace > 0.5 * result.mean_sq_grad_norm  # not a degenerate case: noise dominates
-    assert (result.dtype, result.chunk_size, result.mode) == ("float64", 64, "eval")
+    assert (result.dtype, result.mode) == ("float64", "eval")
+    assert result.chunk_size == (64 if method == "vmap" else max(len(b[1]) for b in split(x, y)))
 
 
 def test_digits_mean_gradient_is_the_full_batch_gradient(mlp64, digits64):
@@ -167,7 +170,7 @@ def test_default_chunk_size_keeps_cpu_blocks_within_30_mib(width, dtype, device,
 def test_default_chunk_size_is_used_and_recorded(digits64):
     x, y = digits64
     model = nn.Sequential(nn.Linear(64, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 10))
-    moments = gradient_moments(model, F.cross_entropy, [(x[:10].float(), y[:10])])
+    moments = gradient_moments(model, F.cross_entropy, [(x[:10].float(), y[:10])], method="vmap")
     assert moments.chunk_size == 7 and moments.count == 10
 
 
@@ -188,8 +191,8 @@ def test_model_is_left_untouched(mlp64, digits64):
 @pytest.mark.parametrize("split_at", [1, 73, SPLIT_AT])
 def test_moments_do_not_depend_on_chunks_or_batches(mlp64, digits64, chunk_size, split_at):
     x, y = digits64
-    whole = gradient_moments(mlp64, F.cross_entropy, [(x, y)], chunk_size=NUM_EXAMPLES)
-    other = gradient_moments(mlp64, F.cross_entropy, split(x, y, split_at), chunk_size=chunk_size)
+    whole = gradient_moments(mlp64, F.cross_entropy, [(x, y)], chunk_size=NUM_EXAMPLES, method="vmap")
+    other = gradient_moments(mlp64, F.cross_entropy, split(x, y, split_at), chunk_size=chunk_size, method="vmap")
     assert_same_moments(other, whole)
     assert other.chunk_size == chunk_size
 
@@ -197,8 +200,8 @@ def test_moments_do_not_depend_on_chunks_or_batches(mlp64, digits64, chunk_size,
 def test_merging_shards_equals_the_whole(mlp64, digits64):
     x, y = digits64
     whole = gradient_moments(mlp64, F.cross_entropy, [(x, y)])
-    a = gradient_moments(mlp64, F.cross_entropy, [(x[:SPLIT_AT], y[:SPLIT_AT])], chunk_size=16)
-    b = gradient_moments(mlp64, F.cross_entropy, [(x[SPLIT_AT:], y[SPLIT_AT:])], chunk_size=64)
+    a = gradient_moments(mlp64, F.cross_entropy, [(x[:SPLIT_AT], y[:SPLIT_AT])], chunk_size=16, method="vmap")
+    b = gradient_moments(mlp64, F.cross_entropy, [(x[SPLIT_AT:], y[SPLIT_AT:])], chunk_size=64, method="vmap")
     assert_same_moments(a.merge(b), whole)
     assert_same_moments(a + b, whole)
     assert (a + b).chunk_size == 64
@@ -441,3 +444,56 @@ def test_noise_statistics_rejects_bad_arguments():
     empty = GradientMoments.from_tensor(torch.zeros(6, dtype=torch.float64), dtype=torch.float64, chunk_size=1)
     with pytest.raises(ValueError, match=r"moments hold no examples \(count=0\)"):
         noise_statistics(empty)
+
+
+# --- the layer identity for nn.Linear (method="linear") ---------------------------------
+
+
+def _digits_batches(n: int = 120, sizes=(50, 40, 30)):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data[:n] / 16.0, dtype=torch.float64)
+    y = torch.tensor(bunch.target[:n], dtype=torch.long)
+    out, start = [], 0
+    for s in sizes:
+        out.append((x[start:start + s], y[start:start + s]))
+        start += s
+    return out
+
+
+def test_layer_identity_equals_formed_per_example_gradients_on_an_mlp():
+    from probe.models import digits_mlp
+
+    torch.manual_seed(0)
+    model = digits_mlp(hidden=16).double()
+    batches = _digits_batches()
+    fast = gradient_moments(model, F.cross_entropy, batches)  # auto picks the identity for an all-Linear MLP
+    slow = gradient_moments(model, F.cross_entropy, batches, method="vmap")
+    assert (fast.method, slow.method) == ("linear", "vmap")
+    assert fast.count == slow.count == 120
+    torch.testing.assert_close(fast.sum_grad, slow.sum_grad, rtol=1e-12, atol=1e-14)
+    assert float(fast.sum_sq_norm) == pytest.approx(float(slow.sum_sq_norm), rel=1e-12)
+    assert float(fast.sum_loss) == pytest.approx(float(slow.sum_loss), rel=1e-13)
+    # a parameter subset: only the selected layers' norms and gradient
+    sub_fast = gradient_moments(model, F.cross_entropy, batches, params=["3"])
+    sub_slow = gradient_moments(model, F.cross_entropy, batches, params=["3"], method="vmap")
+    assert sub_fast.method == "linear"
+    assert float(sub_fast.sum_sq_norm) == pytest.approx(float(sub_slow.sum_sq_norm), rel=1e-12)
+    torch.testing.assert_close(sub_fast.sum_grad, sub_slow.sum_grad, rtol=1e-12, atol=1e-14)
+
+
+def test_layer_identity_falls_back_where_it_does_not_apply():
+    from probe.models import digits_cnn
+
+    torch.manual_seed(0)
+    cnn = digits_cnn().double()  # convolutions: not Linear
+    assert gradient_moments(cnn, F.cross_entropy, _digits_batches(20, (20,))).method == "vmap"
+    shared = torch.nn.Linear(64, 64).double()  # one Linear called twice: shared weights break the identity
+    reused = torch.nn.Sequential(shared, torch.nn.Tanh(), shared, torch.nn.Linear(64, 10).double())
+    r = gradient_moments(reused, F.cross_entropy, _digits_batches(20, (20,)))
+    assert r.method == "vmap"
+    with pytest.raises(ValueError, match="called more than once per forward"):
+        gradient_moments(reused, F.cross_entropy, _digits_batches(20, (20,)), method="linear")
+    with pytest.raises(ValueError, match="method must be one of"):
+        gradient_moments(cnn, F.cross_entropy, _digits_batches(20, (20,)), method="fast")
