@@ -385,7 +385,7 @@ def _noise(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
         "lr_source": lr_source, "batch_size_source": bs_source, "gd_regularizer": _finite(r.gd_regularizer),
         "sgd_regularizer": _finite(r.sgd_regularizer), "modified_loss_term": _finite(r.modified_loss_term),
         "noise_trace_clamped": r.noise_trace_clamped, "num_nonfinite": r.num_nonfinite,
-        "chunk_size": r.chunk_size, "note": note, "num_matvecs": 0,
+        "chunk_size": r.chunk_size, "method": moments.method, "note": note, "num_matvecs": 0,
     }
 
 

@@ -184,6 +184,7 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("noise_trace_clamped", pa.bool_()),
         pa.field("num_nonfinite", pa.int64()),
         pa.field("chunk_size", pa.int64()),
+        pa.field("method", pa.string()),  # linear (layer identity) | vmap (formed per-example gradients)
         pa.field("num_matvecs", pa.int64()),
         pa.field("note", pa.string()),
     ],

@@ -85,6 +85,7 @@ def test_noise_rows_equal_the_probe_function_on_the_whole_probe_set(runs, checkp
         for col in ("grad_norm", "noise_trace", "noise_scale", "temperature", "sgd_regularizer"):
             assert row[col] == pytest.approx(getattr(direct, col), rel=1e-10), col
         assert row["temperature"] == pytest.approx(0.1 / 64, rel=1e-15)
+        assert row["method"] == "linear"  # an all-Linear MLP: the layer identity
 
 
 def test_pacbayes_and_critical_rows_state_their_conventions(runs):
