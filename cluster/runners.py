@@ -76,7 +76,8 @@ def _basis(ctx: ProbeContext, o: dict):
 def _eigenvalues(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
     with _basis(ctx, o) as basis:
         r = eigenvalues(ctx.operator(), o["k"], which=o["which"], tol=o["tol"], max_steps=o["max_steps"],
-                        generator=g, basis=basis, basis_memory_bytes=o.get("basis_memory_bytes"))
+                        generator=g, basis=basis, basis_memory_bytes=o.get("basis_memory_bytes"),
+                        reorth=o.get("reorth", "full"))
     return {
         "basis_storage": r.basis_storage,
         "which": r.which,

@@ -63,7 +63,7 @@ def _yaml(text: str):
 
 # Options each probe kind accepts, with defaults (every kind of DESIGN.md).
 PROBE_OPTIONS: dict[str, dict[str, Any]] = {
-    "eigenvalues": {"k": 5, "which": "largest", "tol": 1e-6, "max_steps": None, "basis": "device",
+    "eigenvalues": {"k": 5, "which": "largest", "tol": 1e-6, "max_steps": None, "reorth": "full", "basis": "device",
                     "basis_memory_bytes": None},
     "trace": {"method": "hutch++", "matvecs": 102},
     "spectrum": {"runs": 10, "steps": 80, "sigma": None, "reorth": "full", "grid_points": 1000, "basis": "device",
@@ -141,6 +141,7 @@ _OPTION_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "which": (lambda v: v in ("largest", "smallest"), "'largest' or 'smallest'"),
         "tol": (lambda v: _is_num(v) and v > 0, "a positive number"),
         "max_steps": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null"),
+        "reorth": (lambda v: v in ("full", "selective"), "'full' or 'selective'"),
         "basis": (lambda v: v in _BASIS, "'device', 'host' or 'disk' (where the Lanczos vectors live)"),
         "basis_memory_bytes": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer (bytes) or null"),
     },

@@ -88,6 +88,7 @@ def eigenvalues(
     return_eigenvectors: bool = False,
     basis: BasisStore | str = "device",
     basis_memory_bytes: int | None = None,
+    reorth: str = "full",
 ) -> EigenResult:
     """The ``k`` largest or smallest eigenvalues of ``op`` by Lanczos.
 
@@ -109,6 +110,11 @@ def eigenvalues(
             (``store.resident_bytes``; device or host memory); default None, no
             limit. When ``max_steps+1`` vectors do not fit, ``max_steps`` is lowered
             to what fits and ``note`` says so.
+        reorth: ``"full"`` (default) or ``"selective"``: orthogonalize each new vector
+            only against Ritz vectors that have converged (Parlett & Scott 1979), which
+            keeps the extreme eigenvalues free of ghost copies at a fraction of full
+            reorthogonalization's projections; the basis is still stored (the
+            converged Ritz vectors are formed from it).
 
     Raises:
         ValueError: for ``k`` outside ``[1, dim]``, an unknown ``which``, a
@@ -117,6 +123,11 @@ def eigenvalues(
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got which={which!r}")
+    if reorth not in ("full", "selective"):
+        raise ValueError(
+            f"reorth must be 'full' or 'selective' for eigenvalues, got reorth={reorth!r} (without "
+            "reorthogonalization converged Ritz values repeat as ghosts among the k returned)"
+        )
     if not 1 <= k <= op.dim:
         raise ValueError(f"k must be in [1, dim={op.dim}], got k={k}; lower k")
     if tol <= 0:
@@ -146,7 +157,7 @@ def eigenvalues(
         start = op.random_vectors(1, generator=generator, kind="gaussian")
     else:
         start = start.reshape(-1, 1)
-    process = LanczosProcess(op, start, reorth="full", basis=store, max_steps=max_steps)
+    process = LanczosProcess(op, start, reorth=reorth, basis=store, max_steps=max_steps)
     converged = False
     while process.steps_done < max_steps:
         process.step()

@@ -191,3 +191,16 @@ def test_power_iteration_rejects_bad_arguments(kwargs, match):
     op = DenseOperator(torch.eye(30, dtype=torch.float64))
     with pytest.raises(ValueError, match=match):
         power_iteration(op, **kwargs)
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_selective_reorthogonalization_finds_the_same_extreme_eigenvalues(mlp_problem, which):
+    op = mlp_problem.operators[torch.float64]
+    exact = mlp_problem.eigenvalues
+    want = exact[-4:].flip(0) if which == "largest" else exact[:4]
+    r = eigenvalues(op, 4, which=which, reorth="selective", max_steps=400, generator=torch.Generator().manual_seed(5))
+    assert r.converged
+    scale = float(exact.abs().max())
+    assert torch.allclose(r.eigenvalues, want, rtol=0, atol=1e-8 * scale)
+    with pytest.raises(ValueError, match="reorth must be 'full' or 'selective' for eigenvalues"):
+        eigenvalues(op, 1, reorth="none")
