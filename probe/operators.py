@@ -20,7 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CurvatureOperator", "DenseOperator", "inner", "norm"]
+__all__ = ["CurvatureOperator", "DenseOperator", "inner", "norm", "RANDOM_CHUNK_ROWS"]
+
+# Rows of random vectors drawn at once (a multiple of 16: torch's CPU sampler works in groups of 16).
+RANDOM_CHUNK_ROWS = 1 << 22
 
 
 class CurvatureOperator:
@@ -102,18 +105,32 @@ class CurvatureOperator:
 
         The full vectors are drawn on the CPU from ``generator``, in the operator's
         dtype, and then sliced, so the same seed gives the same vectors however the
-        dimension is sharded.
+        dimension is sharded. Above ``RANDOM_CHUNK_ROWS`` rows they are drawn in
+        blocks of that many rows (the same blocks on every process) and only this
+        shard's rows are kept: memory O(block + local_dim), not O(dim), on a
+        pipeline stage of a large model.
 
         Args:
             kind: ``"rademacher"`` (entries ±1) or ``"gaussian"`` (standard normal).
         """
         if kind == "rademacher":
-            full = torch.randint(0, 2, (self.dim, k), generator=generator, dtype=self.dtype).mul_(2).sub_(1)
+            def draw(rows: int) -> Tensor:
+                return torch.randint(0, 2, (rows, k), generator=generator, dtype=self.dtype).mul_(2).sub_(1)
         elif kind == "gaussian":
-            full = torch.randn(self.dim, k, generator=generator, dtype=self.dtype)
+            def draw(rows: int) -> Tensor:
+                return torch.randn(rows, k, generator=generator, dtype=self.dtype)
         else:
             raise ValueError(f"kind must be 'rademacher' or 'gaussian', got kind={kind!r}")
-        return full[self.local_slice].to(dtype=self.dtype, device=self.device)
+        if self.dim <= RANDOM_CHUNK_ROWS:
+            return draw(self.dim)[self.local_slice].to(dtype=self.dtype, device=self.device)
+        lo, hi = self.local_slice.start, self.local_slice.stop
+        parts = []
+        for start in range(0, self.dim, RANDOM_CHUNK_ROWS):
+            block = draw(min(RANDOM_CHUNK_ROWS, self.dim - start))  # drawn by every process: the stream stays shared
+            a, b = max(lo, start), min(hi, start + block.shape[0])
+            if a < b:
+                parts.append(block[a - start : b - start])
+        return torch.cat(parts).to(dtype=self.dtype, device=self.device)
 
     def check_determinism(self, *, generator: torch.Generator | None = None) -> float:
         """Apply the operator twice to one random vector; return the relative difference.

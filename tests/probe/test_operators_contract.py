@@ -233,3 +233,28 @@ class TestDenseOperatorConstruction:
         b = op.random_vectors(4, generator=torch.Generator().manual_seed(1))
         assert a.shape == (50, 4) and torch.equal(a, b)
         assert set(a.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_random_vectors_of_a_large_dimension_are_drawn_in_blocks_identically_for_every_shard(monkeypatch):
+    """Above RANDOM_CHUNK_ROWS the draw is blockwise (memory O(block + shard)); every sharding sees the same vectors."""
+    import probe.operators as ops
+
+    monkeypatch.setattr(ops, "RANDOM_CHUNK_ROWS", 64)  # small blocks, so a small operator exercises the path
+
+    class Slice(ops.CurvatureOperator):
+        def __init__(self, dim, lo, hi):
+            self.dim, self.local_dim, self.dtype, self.device = dim, hi - lo, torch.float64, torch.device("cpu")
+            self._s = slice(lo, hi)
+
+        @property
+        def local_slice(self):
+            return self._s
+
+    dim = 64 * 5 + 7  # a tail shorter than one block
+    for kind in ("gaussian", "rademacher"):
+        whole = Slice(dim, 0, dim).random_vectors(3, generator=torch.Generator().manual_seed(1), kind=kind)
+        bounds = [0, 50, 64, 200, dim]
+        parts = [Slice(dim, a, b).random_vectors(3, generator=torch.Generator().manual_seed(1), kind=kind)
+                 for a, b in zip(bounds[:-1], bounds[1:])]
+        assert torch.equal(torch.cat(parts), whole)
+        assert whole.shape == (dim, 3) and whole.std() > 0.5
