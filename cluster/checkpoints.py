@@ -148,6 +148,69 @@ class ReadStats:
         self.bytes += t.numel() * t.element_size()
 
 
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), without reading tensors.
+
+    Raises:
+        CheckpointError: naming the file when the header is missing, implausible or not JSON.
+    """
+    import struct
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file: shorter than its 8-byte header length")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(100 << 20, path.stat().st_size):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is not a valid safetensors file: header length {length} exceeds the file"
+            )
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file: unreadable header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file: the header is not a JSON object")
+    return header
+
+
+def _check_safetensors_layout(path: Path) -> None:
+    """Refuse a header that lies: data past the end of the file, or a byte span that does not match
+    the declared shape and dtype, naming the tensor (before any tensor is mapped)."""
+    import struct
+
+    header = safetensors_header(path)
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+    body = path.stat().st_size - 8 - length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        bad = f"checkpoint {str(path)!r} is not a valid safetensors file: tensor {name!r}"
+        try:
+            dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{bad} has no dtype, shape and data_offsets in the header") from None
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        if dtype in _ST_ITEMSIZE and end - start != numel * _ST_ITEMSIZE[dtype]:
+            raise CheckpointError(
+                f"{bad} declares shape {shape} of {dtype} ({numel * _ST_ITEMSIZE[dtype]} bytes) but its data_offsets "
+                f"span {end - start} bytes"
+            )
+        if not 0 <= start <= end <= body:
+            raise CheckpointError(
+                f"{bad} has data_offsets [{start}, {end}] past the end of the data ({body} bytes): "
+                "the file is truncated or its header lies"
+            )
+
+
 def _load_sharded(path: Path, keys, stats: ReadStats | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     weight_map = _read_index(path)
     wanted = set(weight_map) if keys is None else set(keys)
@@ -199,6 +262,7 @@ def load_checkpoint(
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
+        _check_safetensors_layout(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 present = set(f.keys())

@@ -85,7 +85,12 @@ def _run(args) -> int:
     finally:
         if server is not None:
             server.shutdown()
-    return 0 if summary.ok else EXIT_OTHER
+    if not summary.ok:
+        first = summary.failures[0]
+        print(f"probe run: {summary.num_failed} of {summary.num_tasks} task(s) failed; first: {first['kind']} @ "
+              f"{first['checkpoint']}: {str(first['reason']).splitlines()[0]}", file=sys.stderr)
+        return EXIT_OTHER
+    return 0
 
 
 def _submit(args) -> int:

@@ -27,7 +27,7 @@ from cluster.estimate import check_fits, estimate
 from cluster.groups import LocalGroup, ProcessGroup, RayGroup, TaskError, WorkerLost
 from cluster.metrics import FAILURE_REASONS, Metrics, failure_category
 from cluster.schema import SCHEMA_VERSION
-from cluster.spec import JobSpec
+from cluster.spec import JobSpec, import_factory
 from cluster.store import ResultStore
 from cluster.worker import probe_subset, task_seed
 
@@ -242,6 +242,10 @@ def run_job(
     run_id = uuid.uuid4().hex[:16]
     store = ResultStore(spec.output.path)
     versions = library_versions()
+    # factories that do not import fail here, before any worker starts, naming the spec key
+    import_factory(spec.model.factory, key="model.factory")
+    if isinstance(spec.loss, dict):
+        import_factory(spec.loss["factory"], key="loss.factory")
     if checkpoints is None:
         checkpoints = [(p, checkpoint_sha256(p)) for p in expand_checkpoints(spec.model.checkpoints)]
     paths = [p for p, _ in checkpoints]

@@ -41,6 +41,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if address:
+        _reachable(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError or its own types
@@ -51,6 +52,30 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
         return
     # address="local" starts a new instance even when a stale one is recorded under /tmp/ray.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+def _reachable(address: str, *, timeout_s: float = 5.0) -> None:
+    """Fail fast when ``host:port`` (or ``ray://host:port``) does not accept TCP connections:
+    ``ray.init`` would otherwise retry for minutes. ``auto`` and addresses without a port are
+    left to Ray.
+
+    Raises:
+        ConnectionError: naming the address.
+    """
+    import socket
+
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConnectionError(
+            f"cannot reach the Ray cluster at cluster.address={address!r}: {exc.strerror or exc} "
+            f"(no answer on {host}:{port} within {timeout_s:g} s); check the address and that the head node is running"
+        ) from None
 
 
 def submission_id(spec_path: str | Path, overrides: list[str]) -> str:

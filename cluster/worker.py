@@ -11,6 +11,7 @@ with its peers. Methods return only small records.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from typing import Any, NamedTuple
@@ -96,6 +97,17 @@ def _leaves(item: Any) -> list:
     if isinstance(item, (tuple, list)):
         return [leaf for v in item for leaf in _leaves(v)]
     return [item]
+
+
+def _check_finite(state: dict, checkpoint: str) -> None:
+    """Refuse NaN or Inf weights, naming the first tensor that holds them."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"checkpoint {checkpoint!r}: tensor {name!r} holds {bad} non-finite value(s) (NaN or Inf) of "
+                f"{t.numel()}; the checkpoint is corrupt or training diverged"
+            )
 
 
 def build_loss(loss: str | dict):
@@ -282,6 +294,7 @@ class ProbeWorker:
                     f"checkpoint {checkpoint!r}: tensor {k!r} has shape {tuple(v.shape)}, "
                     f"the model expects {tuple(expected[k].shape)}"
                 )
+        _check_finite(state, checkpoint)
         model.load_state_dict(state)
         return model.to(device=self.device, dtype=self.dtype), meta
 
@@ -308,6 +321,7 @@ class ProbeWorker:
                     f"checkpoint {checkpoint!r}: tensor {full!r} has shape {tuple(state[full].shape)}, "
                     f"the model expects {tuple(part.state_dict()[local].shape)}"
                 )
+        _check_finite(state, checkpoint)
         part.load_state_dict({local: state[full] for full, local in names.items()})
         return part, meta
 
@@ -331,6 +345,15 @@ class ProbeWorker:
         """
         t0 = time.perf_counter()
         model, meta = self.build_model(task["checkpoint"])
+        if self.stages == 1 and task["checkpoint"] != "init":
+            # a loss that is not finite at the checkpoint makes every probe meaningless: say so, naming it
+            ev = self.evaluator(model)
+            loss = ev.loss(ev.center())
+            if not math.isfinite(loss):
+                raise ValueError(
+                    f"non-finite loss ({loss}) at checkpoint {task['checkpoint']!r} on the probe set: check the "
+                    "probe data for NaN/Inf and the loss function"
+                )
         ctx = ProbeContext(self, model, task["checkpoint"], meta)
         record = run_probe(task["kind"], ctx, task["options"], task_seed(self.spec.seed, task["probe_index"]))
         record["duration_s"] = time.perf_counter() - t0
