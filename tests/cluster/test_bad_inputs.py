@@ -119,3 +119,19 @@ def test_bad_specs_and_addresses_exit_non_zero_with_one_line(tmp_path, checkpoin
     err = one_line_error(capsys)
     assert err.startswith(message), err
     assert not (tmp_path / "results").exists()
+
+
+def test_every_http_endpoint_defaults_to_loopback():
+    """run/audit serve metrics on 127.0.0.1 unless --metrics-addr says otherwise; the demo and serve() too."""
+    import inspect
+
+    from cluster.cli import _parser
+    from cluster.demo import _serve_metrics
+    from cluster.metrics import serve
+
+    p = _parser()
+    assert p.parse_args(["run", "s.yaml"]).metrics_addr == "127.0.0.1"
+    assert p.parse_args(["audit", "s.yaml", "--once"]).metrics_addr == "127.0.0.1"
+    assert p.parse_args(["run", "s.yaml", "--metrics-addr", "0.0.0.0"]).metrics_addr == "0.0.0.0"  # configurable
+    assert inspect.signature(serve).parameters["addr"].default == "127.0.0.1"
+    assert "addr=" not in inspect.getsource(_serve_metrics)  # the demo keeps serve()'s loopback default
