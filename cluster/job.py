@@ -28,7 +28,7 @@ from cluster.groups import LocalGroup, ProcessGroup, RayGroup, TaskError, Worker
 from cluster.metrics import FAILURE_REASONS, Metrics, failure_category
 from cluster.schema import SCHEMA_VERSION
 from cluster.spec import JobSpec, import_factory
-from cluster.store import ResultStore
+from cluster.store import ResultStore, StoreError
 from cluster.worker import probe_subset, task_seed
 
 __all__ = ["Task", "FailurePolicy", "JobSummary", "plan_tasks", "run_job", "choose_backend", "library_versions"]
@@ -400,8 +400,8 @@ def run_job(
     for th in threads:
         th.join()
     status = "failed" if errors or summary.num_failed else "succeeded"
-    store.write_run(
-        {
+    try:
+        store.write_run({
             "run_id": run_id,
             "job": spec.name,
             "started_at": started_at,
@@ -416,8 +416,11 @@ def run_job(
             "spec": json.dumps(spec.to_dict(), sort_keys=True, default=str),
             "versions": json.dumps(versions, sort_keys=True),
             "schema_version": SCHEMA_VERSION,
-        }
-    )
+        })
+    except StoreError:
+        if errors:  # the first error (e.g. the result write that failed) is the one to report
+            raise errors[0] from None
+        raise
     if errors:
         raise errors[0]
     progress(
