@@ -36,12 +36,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
         # Keep a local instance on loopback: Ray otherwise replaces 127.0.0.1 with the
         # host's network address. Read by Ray at import, so set before importing it.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    else:
+        # Before importing Ray: an import reads settings (RAY_AUTH_MODE, ...) once, for the process.
+        _reachable(address)
     import ray
 
     if ray.is_initialized():
         return
     if address:
-        _reachable(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError or its own types
