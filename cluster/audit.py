@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from cluster.checkpoints import CheckpointError, checkpoint_sha256, expand_checkpoints
+from cluster.checkpoints import CheckpointError, checkpoint_sha256, expand_checkpoints, is_index, shard_files
 from cluster.job import Task, choose_backend, run_job
 from cluster.metrics import Metrics
 from cluster.spec import JobSpec
@@ -166,6 +166,18 @@ class Auditor:
         self.backoff_cap_s = backoff_cap_s
         self.store = ResultStore(spec.output.path)
         self.passes = 0
+        self._hashes: dict[str, tuple[tuple, str]] = {}  # path -> ((size, mtime_ns) per file, sha256)
+
+    def _content_hash(self, path: str) -> str:
+        """``checkpoint_sha256``, computed again only when the file's (or an index's shards')
+        size or modification time changed: a pass over a folder of large checkpoints does not
+        reread every one of them."""
+        files = [Path(path)] + (shard_files(path) if is_index(path) else [])
+        stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        cached = self._hashes.get(path)
+        if cached is None or cached[0] != stamp:
+            cached = self._hashes[path] = (stamp, checkpoint_sha256(path))
+        return cached[1]
 
     def backoff_delay(self, failures: int) -> float:
         """Seconds to wait after the ``failures``-th consecutive failure of a task."""
@@ -195,7 +207,7 @@ class Auditor:
             checkpoints = []
             for p in paths:
                 try:
-                    checkpoints.append((p, checkpoint_sha256(p)))
+                    checkpoints.append((p, self._content_hash(p)))
                 except (OSError, CheckpointError) as exc:  # vanished or unreadable since listed
                     report.failed += 1
                     report.failures.append({"checkpoint": p, "kind": "discovery", "reason": str(exc)})

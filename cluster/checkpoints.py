@@ -24,7 +24,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ import torch
 
 __all__ = [
     "CheckpointError", "expand_checkpoints", "file_sha256", "checkpoint_sha256", "load_checkpoint",
-    "is_index", "save_sharded", "ReadStats", "CHECKPOINT_SUFFIXES",
+    "is_index", "save_sharded", "ReadStats", "CHECKPOINT_SUFFIXES", "safetensors_header", "shard_files",
+    "SAFETENSORS_ITEMSIZE",
 ]
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -48,8 +51,8 @@ def _natural_key(path: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
-def _read_index(path: Path) -> dict[str, str]:
-    """The ``weight_map`` of an index (tensor name -> shard file name)."""
+def _read_index(path: Path) -> tuple[dict[str, str], dict]:
+    """The ``weight_map`` of an index (tensor name -> shard file name) and its ``metadata``."""
     try:
         index = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -63,11 +66,14 @@ def _read_index(path: Path) -> dict[str, str]:
     for shard in set(weight_map.values()):
         if Path(shard).name != shard:
             raise CheckpointError(f"checkpoint index {str(path)!r} names shard {shard!r} outside its folder")
-    return weight_map
+    return weight_map, index.get("metadata") or {}
 
 
-def _shards(path: Path) -> list[Path]:
-    return [path.parent / s for s in sorted(set(_read_index(path).values()))]
+def shard_files(path: str | Path, weight_map: dict[str, str] | None = None) -> list[Path]:
+    """The shard files a sharded index names (beside it), in name order."""
+    path = Path(path)
+    weight_map = _read_index(path)[0] if weight_map is None else weight_map
+    return [path.parent / s for s in sorted(set(weight_map.values()))]
 
 
 class CheckpointError(ValueError):
@@ -92,7 +98,7 @@ def expand_checkpoints(entries: tuple[str, ...] | list[str]) -> list[str]:
             for f in files:
                 if is_index(f):
                     try:
-                        parts.update(_shards(f))
+                        parts.update(shard_files(f))
                     except CheckpointError:
                         pass  # a bad index is listed and fails when loaded, naming its fault
             matches = sorted((str(f) for f in files if f not in parts), key=_natural_key)
@@ -128,7 +134,7 @@ def checkpoint_sha256(path: str | Path) -> str:
     if not is_index(path):
         return file_sha256(path)
     h = hashlib.sha256(path.read_bytes())
-    for shard in _shards(path):
+    for shard in shard_files(path):
         if not shard.is_file():
             raise CheckpointError(f"checkpoint index {str(path)!r} names shard {shard.name!r}, which does not exist")
         h.update(f"\0{shard.name}\0{file_sha256(shard)}".encode())
@@ -148,25 +154,25 @@ class ReadStats:
         self.bytes += t.numel() * t.element_size()
 
 
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                        "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def safetensors_header(path: str | Path) -> dict:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), without reading tensors.
+def safetensors_header(path: str | Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON) and the size
+    of the data that follows it, without reading tensors.
 
     Raises:
         CheckpointError: naming the file when the header is missing, implausible or not JSON.
     """
-    import struct
-
     path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file: shorter than its 8-byte header length")
         (length,) = struct.unpack("<Q", head)
-        if length > min(100 << 20, path.stat().st_size):
+        if length > min(100 << 20, size):
             raise CheckpointError(
                 f"checkpoint {str(path)!r} is not a valid safetensors file: header length {length} exceeds the file"
             )
@@ -176,18 +182,13 @@ def safetensors_header(path: str | Path) -> dict:
             raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file: unreadable header ({exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file: the header is not a JSON object")
-    return header
+    return header, size - 8 - length
 
 
 def _check_safetensors_layout(path: Path) -> None:
     """Refuse a header that lies: data past the end of the file, or a byte span that does not match
     the declared shape and dtype, naming the tensor (before any tensor is mapped)."""
-    import struct
-
-    header = safetensors_header(path)
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-    body = path.stat().st_size - 8 - length
+    header, body = safetensors_header(path)
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -196,13 +197,11 @@ def _check_safetensors_layout(path: Path) -> None:
             dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{bad} has no dtype, shape and data_offsets in the header") from None
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        if dtype in _ST_ITEMSIZE and end - start != numel * _ST_ITEMSIZE[dtype]:
+        numel = math.prod(int(d) for d in shape)
+        if dtype in SAFETENSORS_ITEMSIZE and end - start != numel * SAFETENSORS_ITEMSIZE[dtype]:
             raise CheckpointError(
-                f"{bad} declares shape {shape} of {dtype} ({numel * _ST_ITEMSIZE[dtype]} bytes) but its data_offsets "
-                f"span {end - start} bytes"
+                f"{bad} declares shape {shape} of {dtype} ({numel * SAFETENSORS_ITEMSIZE[dtype]} bytes) but its "
+                f"data_offsets span {end - start} bytes"
             )
         if not 0 <= start <= end <= body:
             raise CheckpointError(
@@ -212,14 +211,14 @@ def _check_safetensors_layout(path: Path) -> None:
 
 
 def _load_sharded(path: Path, keys, stats: ReadStats | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    weight_map = _read_index(path)
+    weight_map, index_meta = _read_index(path)
     wanted = set(weight_map) if keys is None else set(keys)
     unknown = sorted(wanted - set(weight_map))
     if unknown:
         raise CheckpointError(f"checkpoint {str(path)!r} has no tensors {unknown[:5]} in its weight_map")
     state: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
-    for shard in _shards(path):
+    for shard in shard_files(path, weight_map):
         names = [n for n, f in weight_map.items() if f == shard.name and n in wanted]
         if not shard.is_file():
             raise CheckpointError(f"checkpoint index {str(path)!r} names shard {shard.name!r}, which does not exist")
@@ -231,7 +230,6 @@ def _load_sharded(path: Path, keys, stats: ReadStats | None) -> tuple[dict[str, 
             if name not in tensors:
                 raise CheckpointError(f"checkpoint {str(path)!r}: tensor {name!r} is not in its shard {shard.name!r}")
             state[name] = tensors[name]
-    index_meta = json.loads(path.read_text()).get("metadata") or {}
     meta.update({k: v for k, v in index_meta.items() if isinstance(v, (str, int, float, bool))})
     return state, meta
 

@@ -21,38 +21,21 @@ A job whose workers on this host would need more than the host has available
 
 from __future__ import annotations
 
-import json
+import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.checkpoints import CheckpointError, is_index
+from cluster.checkpoints import SAFETENSORS_ITEMSIZE, is_index, safetensors_header, shard_files
 
 __all__ = ["Estimate", "checkpoint_parameters", "estimate", "available_memory_bytes", "ResourceError"]
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
 PRECISION_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 GRAPH_BUDGET_BYTES = 2 << 30
 
 
 class ResourceError(RuntimeError):
     """The job cannot fit the machine it would run on; the message gives the numbers and the fix."""
-
-
-def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"checkpoint {str(path)!r} is too short to be a safetensors file")
-        (length,) = struct.unpack("<Q", head)
-        if length > 100 << 20:
-            raise CheckpointError(f"checkpoint {str(path)!r}: safetensors header of {length} bytes is implausible")
-        try:
-            return json.loads(f.read(length))
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable safetensors header: {exc}") from exc
 
 
 def checkpoint_parameters(path: str | os.PathLike) -> tuple[int, int, str]:
@@ -64,20 +47,17 @@ def checkpoint_parameters(path: str | os.PathLike) -> tuple[int, int, str]:
     path = Path(path)
     files = [path]
     if is_index(path):
-        weight_map = json.loads(path.read_text()).get("weight_map") or {}
-        files = [path.parent / s for s in sorted(set(weight_map.values()))]
+        files = shard_files(path)
     numel = nbytes = 0
     for f in files:
         if f.suffix != ".safetensors":
             return -1, sum(p.stat().st_size for p in files), "file size"
-        for name, info in _safetensors_header(f).items():
+        for name, info in safetensors_header(f)[0].items():
             if name == "__metadata__" or name.startswith("optimizer."):
                 continue
-            n = 1
-            for s in info["shape"]:
-                n *= s
+            n = math.prod(info["shape"])
             numel += n
-            nbytes += n * _ITEMSIZE.get(info["dtype"], 4)
+            nbytes += n * SAFETENSORS_ITEMSIZE.get(info["dtype"], 4)
     return numel, nbytes, "header"
 
 

@@ -64,8 +64,8 @@ def test_shard_bounds_rejects_empty_world(world_size):
 
 
 def test_sharded_operator_needs_an_initialized_process_group():
-    if dist.is_initialized():
-        pytest.skip("another test left torch.distributed initialized in this process")
+    # every multi-worker test runs its group in other processes; a group left in this one would be a leak
+    assert not dist.is_initialized(), "a test left torch.distributed initialized in the pytest process"
     model = digits_mlp(hidden=HIDDEN).to(torch.float64)
     x, y = torch.randn(10, 64, dtype=torch.float64), torch.arange(10)
     local = HessianOperator(model, F.cross_entropy, [(x, y)])
