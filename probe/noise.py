@@ -55,6 +55,7 @@ from torch.func import grad, vmap
 from probe.evaluate import has_batchnorm
 from probe.batches import call_model
 from probe.model_operator import MODES, Batch, LossFn, batch_size_of, model_mode, prepare_batches
+from probe.linear_identity import NotLinear, linear_owners, linear_sums
 from probe.params import ParameterSpace
 
 __all__ = ["GradientMoments", "NoiseResult", "default_chunk_size", "gradient_moments", "noise_statistics"]
@@ -281,11 +282,12 @@ def gradient_moments(
     dtype, device = selected[0].dtype, selected[0].device
     moved, _, _ = prepare_batches(batches, dtype, device, None)
     if method != "vmap":
-        owners = _linear_owners(model, space.names) if mode == "eval" else None
+        owners = linear_owners(model, space.names) if mode == "eval" else None
         if owners is not None:
             try:
-                return _linear_moments(model, loss_fn, moved, space, owners, chunk_size)
-            except _NotLinear as exc:
+                sums = linear_sums(model, loss_fn, moved, space, owners)
+                return GradientMoments(**sums, dtype=_dtype_name(dtype), mode="eval", method="linear")
+            except NotLinear as exc:
                 if method == "linear":
                     raise ValueError(f"method='linear' does not apply: {exc}; use method='vmap' or 'auto'") from None
         elif method == "linear":
@@ -345,80 +347,6 @@ def gradient_moments(
 
 
 METHODS = ("auto", "linear", "vmap")
-
-
-class _NotLinear(Exception):
-    """The model's forward breaks the layer identity (a layer reused, or a non-matrix input)."""
-
-
-def _linear_owners(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[nn.Linear, str]] | None:
-    """``{parameter name: (its nn.Linear, "weight" | "bias")}``, or None when some parameter is not a Linear's."""
-    modules = dict(model.named_modules())
-    owners = {}
-    for name in names:
-        prefix, _, leaf = name.rpartition(".")
-        module = modules.get(prefix)
-        if not isinstance(module, nn.Linear) or leaf not in ("weight", "bias"):
-            return None
-        owners[name] = (module, leaf)
-    return owners
-
-
-def _linear_moments(model, loss_fn, moved, space: ParameterSpace, owners, chunk_size) -> GradientMoments:
-    """Moments from the layer identity: one forward and backward of ``Σᵢ ℓᵢ`` per batch (see ``method``)."""
-    layers = list(dict.fromkeys(m for m, _ in owners.values()))
-    selected = space.parameters(model)
-    dtype, device = selected[0].dtype, selected[0].device
-    seen: dict[nn.Linear, list] = {}
-
-    def capture(module, inputs, output):
-        if module in seen:
-            raise _NotLinear(f"an nn.Linear is called more than once per forward (shared weights)")
-        if inputs[0].ndim != 2:
-            raise _NotLinear(f"an nn.Linear gets inputs of shape {tuple(inputs[0].shape)}, not (batch, features)")
-        seen[module] = [inputs[0].detach(), output]
-
-    sum_grad = torch.zeros(space.dim, dtype=torch.float64, device=device)
-    sum_sq_norm = torch.zeros((), dtype=torch.float64, device=device)
-    sum_loss = torch.zeros((), dtype=torch.float64, device=device)
-    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-    count, largest = 0, 0
-    handles = [m.register_forward_hook(capture) for m in layers]
-    try:
-        with model_mode(model, "eval"), torch.enable_grad():
-            for x, y in moved:
-                seen.clear()
-                out = call_model(model, x)
-                # per-example losses (exact per example whatever the loss's batch reduction)
-                losses = vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, y)
-                if set(seen) != set(layers):
-                    raise _NotLinear("an nn.Linear holding selected parameters is not called in the forward")
-                outputs = [seen[m][1] for m in layers]
-                grads = torch.autograd.grad(losses.sum(), outputs + selected, allow_unused=True)
-                deltas = dict(zip(layers, grads[: len(layers)]))
-                param_grads = grads[len(layers):]
-                c = losses.shape[0]
-                sq = torch.zeros(c, dtype=torch.float64, device=device)
-                for name, g_sum in zip(space.names, param_grads):
-                    module, leaf = owners[name]
-                    d2 = deltas[module].to(torch.float64).pow(2).sum(1)  # ‖δᵢ‖²
-                    sq += d2 * seen[module][0].to(torch.float64).pow(2).sum(1) if leaf == "weight" else d2
-                flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                  for g, p in zip(param_grads, selected)])
-                sum_grad += flat.to(torch.float64)
-                sum_sq_norm += sq.sum()
-                losses = losses.detach().to(torch.float64)
-                sum_loss += losses.sum()
-                nonfinite += (~torch.isfinite(sq) | ~torch.isfinite(losses)).sum()
-                count += c
-                largest = max(largest, c)
-    finally:
-        for h in handles:
-            h.remove()
-        seen.clear()
-    return GradientMoments(sum_grad=sum_grad, sum_sq_norm=sum_sq_norm, sum_loss=sum_loss, count=count,
-                           num_nonfinite=int(nonfinite), dtype=_dtype_name(dtype), chunk_size=largest, mode="eval",
-                           method="linear")
 
 
 @dataclass(frozen=True)
