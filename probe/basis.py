@@ -42,6 +42,7 @@ BASIS_NAMES = ("device", "host")
 # temporary is a few vectors per run.
 DEFAULT_BLOCK_SIZE = 8
 INITIAL_CAPACITY = 16  # vectors per run before the first growth when no capacity is given
+EAGER_HOST_BYTES = 2 * 1024**3  # a CPU DeviceBasis reserves a given capacity up to this size at once
 
 
 @runtime_checkable
@@ -107,7 +108,8 @@ class DeviceBasis:
 
     Growth doubles the capacity (starting at 16 vectors per run, capped at the
     capacity given to :meth:`allocate`), which briefly holds the old and the new
-    buffer.
+    buffer. On the CPU a given capacity of at most ``EAGER_HOST_BYTES`` is reserved
+    at once instead (untouched pages are not committed).
 
     Args:
         block_size: vectors per run per projection block; default None (one block,
@@ -130,6 +132,12 @@ class DeviceBasis:
     ) -> None:
         self._capacity = capacity
         first = INITIAL_CAPACITY if capacity is None else max(1, min(INITIAL_CAPACITY, capacity))
+        if (capacity is not None and torch.device(device).type == "cpu"
+                and runs * capacity * local_dim * _itemsize(dtype) <= EAGER_HOST_BYTES):
+            # Host pages are committed only when written, so reserving the whole capacity
+            # costs nothing up front and spares the growth copies (on 1.1M parameters,
+            # 4 runs × 40 steps, the copies at 16 and 32 vectors took 0.7 s).
+            first = capacity
         self._buf = torch.empty(runs, first, local_dim, dtype=dtype, device=device)
 
     def put(self, index: int, vectors: Tensor) -> None:

@@ -49,6 +49,7 @@ from probe.operators import CurvatureOperator, inner, norm
 __all__ = ["LanczosProcess", "LanczosResult", "RitzPairs", "lanczos", "REORTH_MODES"]
 
 REORTH_MODES = ("full", "selective", "none")
+_DOT_LOOP_MIN_DIM = 65_536  # rows at least this long: one dot per run (see LanczosProcess._dots)
 
 
 @dataclass(frozen=True)
@@ -226,33 +227,56 @@ class LanczosProcess:
         return [(a, min(a + size, n)) for a in range(0, n, size)]
 
     def _push(self, q_next: Tensor) -> None:
-        self._q_prev, self._q = self._q, q_next.T.contiguous()
+        """Make ``q_next`` (run-major ``(k, local_dim)``, contiguous) the newest basis vector."""
+        self._q_prev, self._q = self._q, q_next
         if self._store is not None:
             self._store.put(self._n, self._q)
         self._n += 1
 
+    def _dots(self, a: Tensor, b: Tensor) -> Tensor:
+        """Per-run inner products of run-major ``(k, local_dim)`` blocks, reduced over shards.
+
+        Long rows go through one ``dot`` per run: on 1.1M entries that read the
+        block at memory speed, 4-15× faster than ``vecdot``, ``bmm`` or ``(a*b).sum``,
+        which win only on short rows."""
+        if a.shape[1] < _DOT_LOOP_MIN_DIM:
+            local = torch.linalg.vecdot(a, b, dim=1)
+        else:
+            local = torch.stack([torch.dot(x, y) for x, y in zip(a, b)])
+        return self.op.allreduce(local)
+
     def step(self) -> None:
-        """One Lanczos step for every run that has not broken down."""
+        """One Lanczos step for every run that has not broken down.
+
+        The vectors stay run-major ``(k, local_dim)`` and are updated in place, so a
+        step makes about ten passes over a block of ``k·local_dim`` entries plus
+        the projections' two reads of the basis (on 1.1M parameters the element-wise
+        work of an earlier column-major form cost as much as the projections)."""
         op = self.op
-        q = self._q.T  # (local_dim, k)
-        w = op.matmat(q.contiguous())
+        q = self._q  # (k, local_dim)
+        w = op.matmat(q.T).T.contiguous()  # a no-op copy for the model operators, which return run-major blocks
         self.num_matvecs += self.k
-        alpha_dev = inner(op, q, w)
-        w = w - q * alpha_dev
+        alpha_dev = self._dots(q, w)
+        w.addcmul_(q, alpha_dev.unsqueeze(1), value=-1)
         if self.betas:
-            w = w - self._q_prev.T * self.betas[-1].to(w.device, w.dtype)
+            w.addcmul_(self._q_prev, self.betas[-1].to(w.device, w.dtype).unsqueeze(1), value=-1)
+        sq = None  # squared norms of w once known
         if self.reorth == "full":
-            before = norm(op, w)
-            w = self._project_out(w)
+            before = self._dots(w, w)
+            self._project_out(w)
+            sq = self._dots(w, w)
             # A second pass only when the first removed much of w (Kahan-Parlett
-            # "twice is enough": ‖w'‖ < ‖w‖/√2 signals cancellation).
-            if bool((norm(op, w) < before / math.sqrt(2)).any()):
-                w = self._project_out(w)
+            # "twice is enough": ‖w'‖² < ‖w‖²/2 signals cancellation).
+            if bool((sq < before / 2).any()):
+                self._project_out(w)
+                sq = self._dots(w, w)
         # The recurrence coefficients live on the CPU in float64, whatever the device.
         alpha = alpha_dev.to("cpu", torch.float64)
         if self.reorth == "selective":
-            w = self._selective(w, alpha)
-        beta = norm(op, w).to("cpu", torch.float64)
+            sq = self._selective(w, alpha)
+        if sq is None:
+            sq = self._dots(w, w)
+        beta = sq.clamp_min(0).sqrt().to("cpu", torch.float64)
         self._scale = torch.maximum(self._scale, alpha.abs() + beta)
         broke = self.active & (beta <= self.breakdown_tol * self._scale)
         alpha = torch.where(self.active, alpha, torch.zeros_like(alpha))
@@ -262,8 +286,10 @@ class LanczosProcess:
         self.alphas.append(alpha)
         self.betas.append(beta)
         safe = torch.where(beta > 0, beta, torch.ones_like(beta)).to(w.device, w.dtype)
-        q_next = torch.where(self.active.to(w.device), w / safe, torch.zeros_like(w))
-        self._push(q_next)
+        w.div_(safe.unsqueeze(1))
+        if not bool(self.active.all()):
+            w[~self.active.to(w.device)] = 0
+        self._push(w)
 
     def ritz(self, run: int = 0) -> RitzPairs:
         """Ritz pairs of run ``run`` after the steps so far (cheap: no basis work)."""
@@ -272,21 +298,20 @@ class LanczosProcess:
         last_beta = float(self.betas[n - 1][run]) if bool(self.active[run]) else 0.0
         return RitzPairs(values, vectors[0] ** 2, (last_beta * vectors[-1]).abs(), vectors)
 
-    def _project_out(self, w: Tensor) -> Tensor:
-        """Classical Gram-Schmidt of each column of ``w`` (``(local_dim, k)``) against its run's basis.
+    def _project_out(self, w: Tensor) -> None:
+        """Classical Gram-Schmidt, in place, of each run's row of ``w`` (``(k, local_dim)``) against its basis.
 
         Two passes over the store's blocks: all coefficients ``Qᵀw`` from the same
-        ``w`` (one allreduce), then ``w − Q·coeff`` summed block by block.
+        ``w`` (one allreduce), then ``w −= Q·coeff`` block by block.
         """
         blocks = self._blocks(self._n)
-        w_runs = w.T.unsqueeze(2)  # (k, local_dim, 1)
-        parts = [torch.bmm(self._store.get(a, b), w_runs) for a, b in blocks]  # each (k, b-a, 1)
-        coeff = self.op.allreduce(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))  # (k, n, 1)
-        update = None
+        w_row = w.unsqueeze(1)  # (k, 1, local_dim), a view: updated in place below
+        # Row form (w as a 1×d matrix against the stored n×d blocks) reads each block
+        # once at memory speed; the column form measured 1.3-2.8× slower.
+        parts = [torch.bmm(w_row, self._store.get(a, b).transpose(1, 2)) for a, b in blocks]  # each (k, 1, b-a)
+        coeff = self.op.allreduce(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))  # (k, 1, n)
         for a, b in blocks:
-            part = torch.bmm(self._store.get(a, b).transpose(1, 2), coeff[:, a:b])  # (k, local_dim, 1)
-            update = part if update is None else update + part
-        return w - update.squeeze(2).T
+            w_row.baddbmm_(coeff[:, :, a:b], self._store.get(a, b), alpha=-1)
 
     def ritz_vectors(self, coeffs: Tensor, run: int = 0) -> Tensor:
         """``Q_n @ coeffs``: combinations of run ``run``'s first ``n`` basis vectors, ``(local_dim, c)``.
@@ -306,9 +331,12 @@ class LanczosProcess:
         return out
 
     def _selective(self, w: Tensor, alpha: Tensor) -> Tensor:
-        """Orthogonalize against Ritz vectors whose residual bound says they have converged."""
+        """Orthogonalize, in place, each run's row of ``w`` against its Ritz vectors whose residual
+        bound says they have converged; return the squared norms of the rows after."""
         alphas = self.alphas + [alpha]
-        beta_next = norm(self.op, w).to("cpu", torch.float64)
+        sq = self._dots(w, w)
+        beta_next = sq.clamp_min(0).sqrt().to("cpu", torch.float64)
+        changed = False
         for col in range(self.k):
             if not bool(self.active[col]):
                 continue
@@ -321,9 +349,10 @@ class LanczosProcess:
             s = vectors[:, good].to(w.device, w.dtype)  # (j+1, c)
             ritz_vectors = self.ritz_vectors(s, col)  # (local_dim, c): the basis has j+1 vectors
             for _ in range(2):
-                coeff = self.op.allreduce(ritz_vectors.T @ w[:, col])
-                w[:, col] = w[:, col] - ritz_vectors @ coeff
-        return w
+                coeff = self.op.allreduce(ritz_vectors.T @ w[col])
+                w[col] -= ritz_vectors @ coeff
+            changed = True
+        return self._dots(w, w) if changed else sq
 
     def result(self) -> LanczosResult:
         """Freeze what has been computed so far into a :class:`LanczosResult`."""

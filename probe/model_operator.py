@@ -217,6 +217,9 @@ class ModelOperator(CurvatureOperator):
         self.device = self.params[0].device
         self.dim = self.local_dim = self.space.dim
         self.batched = self.dim <= BATCHED_MAX_DIM if batched is None else batched
+        self._offsets = [0]  # each parameter's first index in the flat space, then dim
+        for n in self.space.numels:
+            self._offsets.append(self._offsets[-1] + n)
         prepared = weigh_batches(batches, self.param_dtype, self.device, weighting=weighting,
                                  total_examples=total_examples, total_tokens=total_tokens, ignore_index=ignore_index)
         self.batches, self.batch_sizes, self.weights = prepared.batches, prepared.sizes, prepared.weights
@@ -264,9 +267,7 @@ class ModelOperator(CurvatureOperator):
         k = V.shape[1]
         vs = [v.to(self.param_dtype) for v in self.space.unflatten(V)]  # per parameter: (k, *shape)
         out_t = V.new_zeros(k, self.dim)  # (k, dim): each parameter's block is a contiguous column range
-        offsets = [0]
-        for n in self.space.numels:
-            offsets.append(offsets[-1] + n)
+        offsets = self._offsets
         all_cached = len(self._cached) == len(self.batches)
         # Kept graphs need no mode switch; rebuilding a graph does.
         with contextlib.nullcontext() if all_cached else model_mode(self.model, self.mode):
