@@ -62,14 +62,16 @@ from probe.trace import hutchinson, hutchpp
 
 SEED = 0
 EIG_TARGET = 1e-3  # relative error of lambda_max
+EIG_SEEDS = (0, 1, 2)  # start-vector seeds; an eig setting must reach EIG_TARGET from each
 TRACE_TARGET = 0.01  # relative standard error of the trace
 LONG_RUN_S = 10.0  # a timed run longer than this is not repeated
 
 # Ladders, loose to tight. The first setting that reaches EIG_TARGET is timed.
-OURS_TOLS = [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6]
-PYHESSIAN_TOLS = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6]
-EIGSH_TOLS = [1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 0.0]
-EIGENTHINGS_ITERS = [5, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 150, 200]
+# Steps of about 1.5-2× in each tool's own knob (every integer for the step counts).
+OURS_TOLS = [1e-1, 5e-2, 3e-2, 2e-2, 1e-2, 5e-3, 3e-3, 2e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6]
+PYHESSIAN_TOLS = [1e-2, 5e-3, 3e-3, 2e-3, 1e-3, 5e-4, 3e-4, 2e-4, 1e-4, 3e-5, 1e-5, 1e-6]
+EIGSH_TOLS = [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-5, 1e-6, 0.0]
+EIGENTHINGS_ITERS = [3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 150, 200]
 HUTCHPP_BUDGETS = [30, 45, 60, 90, 120, 180, 240, 360, 480, 720, 960, 1440]
 
 
@@ -107,7 +109,7 @@ class Record:
     method: str
     setting: str = ""
     time_s: float = float("nan")
-    num_matvecs: int | None = None
+    num_matvecs: float | None = None  # mean over seeds for eig
     value: float | None = None
     accuracy: dict[str, float] = field(default_factory=dict)
     reached: bool | None = None  # accuracy target met (None: no target for this task)
@@ -258,8 +260,8 @@ class Ours:
     def op(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> HessianOperator:
         return HessianOperator(model, F.cross_entropy, [(x, y)], batched=self.batched)
 
-    def top_eig(self, model, x, y, tol):
-        r = eigenvalues(self.op(model, x, y), k=1, tol=tol, generator=generator())
+    def top_eig(self, model, x, y, tol, seed=SEED):
+        r = eigenvalues(self.op(model, x, y), k=1, tol=tol, generator=generator(seed))
         return float(r.eigenvalues[0]), r.num_matvecs
 
     def hutchinson(self, model, x, y, m):
@@ -315,9 +317,9 @@ class PyHessian:
         if self.shim:
             torch.eig = _eig_shim  # type: ignore[attr-defined]
 
-    def _run(self, model, x, y, fn):
+    def _run(self, model, x, y, fn, seed=SEED):
         self.counter.n = 0
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             h = self.ph.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
@@ -327,8 +329,8 @@ class PyHessian:
                 del h
                 model.zero_grad(set_to_none=True)  # PyHessian leaves graph-carrying .grad behind
 
-    def top_eig(self, model, x, y, tol, max_iter):
-        (vals, _), n = self._run(model, x, y, lambda h: h.eigenvalues(maxIter=max_iter, tol=tol, top_n=1))
+    def top_eig(self, model, x, y, tol, max_iter, seed=SEED):
+        (vals, _), n = self._run(model, x, y, lambda h: h.eigenvalues(maxIter=max_iter, tol=tol, top_n=1), seed)
         return float(vals[0]), n
 
     def hutchinson(self, model, x, y, m):
@@ -361,7 +363,7 @@ class Curvlinops:
             model, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False
         )
 
-    def top_eig(self, model, x, y, tol):
+    def top_eig(self, model, x, y, tol, seed=SEED):
         from scipy.sparse.linalg import LinearOperator, eigsh
 
         A = self.op(model, x, y).to_scipy()
@@ -372,7 +374,7 @@ class Curvlinops:
             return A.matvec(v) if v.ndim == 1 else A.matmat(v)
 
         counted = LinearOperator(A.shape, matvec=mv, matmat=mv, dtype=A.dtype)
-        v0 = np.random.default_rng(SEED).standard_normal(A.shape[0])
+        v0 = np.random.default_rng(seed).standard_normal(A.shape[0])
         val = eigsh(counted, k=1, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
         return float(val[0]), counter.n
 
@@ -423,9 +425,9 @@ class Eigenthings:
         op.counter = counter
         return op
 
-    def top_eig(self, model, x, y, max_iter):
+    def top_eig(self, model, x, y, max_iter, seed=SEED):
         op = self.op(model, x, y)
-        r = self.he.lanczos(op, k=1, max_iter=max_iter, which="LA", seed=SEED)
+        r = self.he.lanczos(op, k=1, max_iter=max_iter, which="LA", seed=seed)
         return float(r.eigenvalues[0]), op.counter.n
 
     def hutchinson(self, model, x, y, m):
@@ -454,46 +456,68 @@ def rel(a: float, b: float) -> float:
 
 
 def run_eig(spec, model, x, y, ref, tools) -> list[Record]:
+    """Each tool's loosest setting that reaches EIG_TARGET from every start seed in EIG_SEEDS.
+
+    A stopping rule that lands within 1e-3 from one start vector may miss it from the
+    next (power iteration stopping on a small change between iterates); a setting
+    counts only when it reaches the target from all of them. Its time is the mean
+    over the seeds of each seed's fastest repeat, its error the worst over the seeds,
+    its product count the mean.
+    """
     out = []
     lam = ref["lambda_max"]
-    ladders: dict[str, tuple[list[Any], Callable[[Any], tuple[float, int]], Callable[[Any], str]]] = {}
+    ladders: dict[str, tuple[list[Any], Callable[[Any, int], tuple[float, int]], Callable[[Any], str]]] = {}
     for t in tools:
         if isinstance(t, Ours):
             if t.batched is not None:
                 continue  # one column per product: the batching variants do not apply
-            ladders[t.name] = (OURS_TOLS, lambda s, t=t: t.top_eig(model, x, y, s), lambda s: f"tol={s:g}")
+            ladders[t.name] = (OURS_TOLS, lambda s, seed, t=t: t.top_eig(model, x, y, s, seed), lambda s: f"tol={s:g}")
         elif isinstance(t, PyHessian):
             ladders[t.name] = (
                 PYHESSIAN_TOLS,
-                lambda s, t=t: t.top_eig(model, x, y, s, spec.power_max_iter),
+                lambda s, seed, t=t: t.top_eig(model, x, y, s, spec.power_max_iter, seed),
                 lambda s: f"power iteration, tol={s:g}, maxIter={spec.power_max_iter}",
             )
         elif isinstance(t, Curvlinops):
-            ladders[t.name] = (EIGSH_TOLS, lambda s, t=t: t.top_eig(model, x, y, s), lambda s: f"scipy eigsh, tol={s:g}")
+            ladders[t.name] = (EIGSH_TOLS, lambda s, seed, t=t: t.top_eig(model, x, y, s, seed),
+                               lambda s: f"scipy eigsh, tol={s:g}")
         elif isinstance(t, Eigenthings):
             iters = [n for n in EIGENTHINGS_ITERS if n < sum(p.numel() for p in model.parameters())]
-            ladders[t.name] = (iters, lambda s, t=t: t.top_eig(model, x, y, s), lambda s: f"lanczos, max_iter={s}")
+            ladders[t.name] = (iters, lambda s, seed, t=t: t.top_eig(model, x, y, s, seed),
+                               lambda s: f"lanczos, max_iter={s}")
     for name, (ladder, fn, describe) in ladders.items():
         rec = Record(spec.name, "eig", name, "top eigenvalue")
         try:
-            best = None
+            best = None  # (setting, value, products, time, worst error)
             for setting in ladder:
-                (val, n), dt = timed(lambda: fn(setting))
-                err = rel(val, lam)
-                best = (setting, val, n, dt, err) if best is None or err < best[4] else best
-                say(f"    {name:20s} {describe(setting):45s} {dt:8.3f}s  {n:5d} products  rel err {err:.2e}")
-                if err <= EIG_TARGET:
-                    times = [dt]
-                    for _ in range(spec.repeats - 1 if dt < LONG_RUN_S else 0):
-                        times.append(timed(lambda: fn(setting))[1])
-                    best = (setting, val, n, min(times), err)
+                runs = []  # per seed: (value, products, time, error)
+                for seed in EIG_SEEDS:
+                    (val, n), dt = timed(lambda: fn(setting, seed))
+                    runs.append((val, n, dt, rel(val, lam)))
+                    if runs[-1][3] > EIG_TARGET:
+                        break  # this setting fails; the remaining seeds need not run
+                worst = max(r[3] for r in runs)
+                say(f"    {name:20s} {describe(setting):45s} {sum(r[2] for r in runs) / len(runs):8.3f}s  "
+                    f"{sum(r[1] for r in runs) / len(runs):6.1f} products  worst rel err {worst:.2e} "
+                    f"over {len(runs)} seed(s)")
+                cand = (setting, runs[0][0], sum(r[1] for r in runs) / len(runs), sum(r[2] for r in runs) / len(runs), worst)
+                best = cand if best is None or worst < best[4] else best
+                if worst <= EIG_TARGET and len(runs) == len(EIG_SEEDS):
+                    times = []
+                    for seed, r in zip(EIG_SEEDS, runs):
+                        ts = [r[2]]
+                        for _ in range(spec.repeats - 1 if r[2] < LONG_RUN_S else 0):
+                            ts.append(timed(lambda: fn(setting, seed))[1])
+                        times.append(min(ts))
+                    best = (*cand[:3], sum(times) / len(times), worst)
                     break
             setting, val, n, dt, err = best
-            rec.setting, rec.value, rec.num_matvecs, rec.time_s = describe(setting), val, n, dt
+            rec.setting, rec.value, rec.time_s = describe(setting), val, dt
+            rec.num_matvecs = round(n, 1)
             rec.accuracy = {"rel_err": err}
             rec.reached = err <= EIG_TARGET
             if not rec.reached:
-                rec.note = "no setting of the ladder reached 1e-3; the most accurate one is shown"
+                rec.note = f"no setting of the ladder reached 1e-3 from all {len(EIG_SEEDS)} seeds; the most accurate one is shown"
         except Exception as exc:  # a failing peer is reported, the rest go on
             rec.status = f"failed: {short_reason(exc)}"
             say(f"    {name:20s} FAILED {rec.status}")
