@@ -85,7 +85,6 @@ __all__ = [
 MODES = ("eval", "train")
 ACCUMULATE_DTYPES = (torch.float32, torch.float64)
 DEFAULT_GRAPH_MEMORY_BYTES = 2 * 1024**3
-BATCHED_MAX_DIM = 100_000
 
 
 def vector_dtype(param_dtype: torch.dtype, accumulate_dtype: torch.dtype | None) -> torch.dtype:
@@ -179,10 +178,11 @@ class ModelOperator(CurvatureOperator):
             models. See "Mixed precision" in the module docstring.
         batched: apply the operator to all columns of a block in one batched
             backward (``torch.autograd.grad(..., is_grads_batched=True)``) rather
-            than one backward per column. Default ``None``: batched up to
-            ``BATCHED_MAX_DIM`` parameters, where it measured about 2× faster per
-            column on this project's reference CPU (3.5k-parameter MLP), and per
-            column above (1.1M parameters: 190 against 287 ms per column).
+            than one backward per column. Default ``None``: batched on CUDA, where
+            it measured 10% faster per column (k=8, 1.1M parameters, H200), and one
+            backward per column on the CPU, where batching measured no faster on
+            any model of the peer benchmark (`docs/benchmarks.md`): 5-15% slower on
+            the digits MLP and CNN, 40% slower at 1.1M parameters.
 
     Raises:
         ValueError: on an empty probe set, an unknown ``mode`` or ``weighting``, a bad
@@ -216,7 +216,7 @@ class ModelOperator(CurvatureOperator):
         self.dtype = vector_dtype(self.param_dtype, accumulate_dtype)  # vectors, accumulation, results
         self.device = self.params[0].device
         self.dim = self.local_dim = self.space.dim
-        self.batched = self.dim <= BATCHED_MAX_DIM if batched is None else batched
+        self.batched = self.device.type == "cuda" if batched is None else batched
         self._offsets = [0]  # each parameter's first index in the flat space, then dim
         for n in self.space.numels:
             self._offsets.append(self._offsets[-1] + n)
