@@ -181,8 +181,8 @@ class ModelOperator(CurvatureOperator):
             than one backward per column. Default ``None``: batched on CUDA, where
             it measured 10% faster per column (k=8, 1.1M parameters, H200), and one
             backward per column on the CPU, where batching measured no faster on
-            any model of the peer benchmark (`docs/benchmarks.md`): 5-15% slower on
-            the digits MLP and CNN, 40% slower at 1.1M parameters.
+            any model of the peer benchmark (`docs/benchmarks.md`): 8-20% slower on
+            the digits MLP and CNN, 40-60% slower at 1.1M parameters.
 
     Raises:
         ValueError: on an empty probe set, an unknown ``mode`` or ``weighting``, a bad
