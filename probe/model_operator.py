@@ -266,14 +266,21 @@ class ModelOperator(CurvatureOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         k = V.shape[1]
         vs = [v.to(self.param_dtype) for v in self.space.unflatten(V)]  # per parameter: (k, *shape)
-        out_t = V.new_zeros(k, self.dim)  # (k, dim): each parameter's block is a contiguous column range
+        out_t = None  # (k, dim): each parameter's block is a contiguous column range
         offsets = self._offsets
         all_cached = len(self._cached) == len(self.batches)
         # Kept graphs need no mode switch; rebuilding a graph does.
         with contextlib.nullcontext() if all_cached else model_mode(self.model, self.mode):
             for i, (batch, w, s) in enumerate(zip(self.batches, self._graph_weights, self._sum_weights)):
                 state = self._cached[i] if i < len(self._cached) else self._build(batch, w)
-                for p, a, b in zip(self._apply(state, vs, k), offsets[:-1], offsets[1:]):
+                parts = self._apply(state, vs, k)
+                if out_t is None:
+                    # The first batch is written once, by concatenation (no zero fill and add).
+                    out_t = torch.cat([p.reshape(k, -1).to(self.dtype) for p in parts], dim=1)
+                    if s != 1.0:
+                        out_t.mul_(s)
+                    continue
+                for p, a, b in zip(parts, offsets[:-1], offsets[1:]):
                     out_t[:, a:b].add_(p.reshape(k, -1), alpha=s)  # in self.dtype; s = 1.0 is exact
         self.num_matvecs += k
         return out_t.T
@@ -284,6 +291,9 @@ class ModelOperator(CurvatureOperator):
             return torch.autograd.grad(
                 outputs, inputs, grad_outputs=grad_outputs, retain_graph=True, is_grads_batched=True
             )
+        if k == 1:  # a view, not a copy
+            grads = torch.autograd.grad(outputs, inputs, grad_outputs=[g[0] for g in grad_outputs], retain_graph=True)
+            return tuple(g.unsqueeze(0) for g in grads)
         cols = [
             torch.autograd.grad(outputs, inputs, grad_outputs=[g[j] for g in grad_outputs], retain_graph=True)
             for j in range(k)
