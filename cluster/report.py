@@ -1,7 +1,7 @@
 """``probe report RESULTS_DIR``: a results folder as PNG figures and one self-contained HTML page.
 
 :func:`write_report` reads every dataset of a results folder (``runs/``, one folder
-per probe kind, and ``failures/`` when present) with plain ``pyarrow.dataset``,
+per probe kind, and ``failures/`` when present) through :mod:`cluster.report_data`,
 draws the figures with the plot modules (:mod:`cluster.figures`,
 :mod:`cluster.plot_barrier`, :mod:`cluster.plot_surface`, :mod:`cluster.plot_eos`)
 from probe records rebuilt out of the rows, and writes ``figures/*.png`` plus
@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
-import json
 import math
 import os
 import re
@@ -29,15 +28,14 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.dataset as ds
-
 from cluster.figures import plot_density, plt, save_png
 from cluster.plot_barrier import plot_barriers
 from cluster.plot_eos import plot_eos
 from cluster.plot_surface import plot_surface
 from cluster.records import barrier_from_row, eos_series_from_rows, floats, spectrum_from_row, surface_from_row
-from cluster.store import ResultStore
+from cluster.report_data import failures as _failures
+from cluster.report_data import read_rows as _read_rows
+from cluster.report_data import run_failures as _run_failures
 
 __all__ = ["write_report", "REPORT_KINDS"]
 
@@ -46,7 +44,6 @@ REPORT_KINDS = ("eigenvalues", "trace", "sharpness", "spectrum", "barrier", "sur
                 "critical")
 MAX_LIST_ITEMS = 8  # list cells (eigenvalues, residuals) show this many entries, then "+N more"
 _FIGURE_NAME = re.compile(r"^(spectrum|barrier|surface|eos)-\d{3}-[A-Za-z0-9._-]*\.png$")
-_JOB_PARTITIONING = ds.partitioning(pa.schema([("job", pa.string())]), flavor="hive")
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0 auto;max-width:1400px;
@@ -139,58 +136,6 @@ def _mpl(text: str) -> str:
 def _slug(*parts) -> str:
     text = "-".join(_ckpt_name(p) for p in parts if p)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60].strip("._-") or "x"
-
-
-# ---------------------------------------------------------------- reading
-
-
-def _read_rows(root: Path, kind: str) -> list[dict]:
-    """Rows of one dataset (empty when the folder is absent or holds no rows)."""
-    folder = root / kind
-    if not folder.is_dir():
-        return []
-    if kind == "failures":  # its files may differ in columns: read the union of their schemas
-        dataset = ds.dataset(folder, format="parquet", partitioning=_JOB_PARTITIONING)
-        schemas = [f.physical_schema for f in dataset.get_fragments()]
-        if not schemas:
-            return []
-        schema = pa.unify_schemas([*schemas, pa.schema([("job", pa.string())])])
-        table = ds.dataset(folder, schema=schema, format="parquet", partitioning=_JOB_PARTITIONING).to_table()
-    else:
-        table = ResultStore(root).read(kind)
-    return table.to_pylist() if table.num_rows else []
-
-
-def _run_failures(run: dict) -> list[dict]:
-    """The entries of a runs row's ``failures`` JSON (a list of ``{task, checkpoint, kind, reason}``)."""
-    text = run.get("failures") or "[]"
-    try:
-        items = json.loads(text)
-    except ValueError:
-        return [{"reason": f"unreadable failures JSON: {text}"}]
-    items = items if isinstance(items, list) else [items]
-    return [item if isinstance(item, dict) else {"reason": str(item)} for item in items]
-
-
-def _failures(runs: list[dict], failure_rows: list[dict]) -> list[dict]:
-    """Failed tasks from the runs rows' ``failures`` JSON and the ``failures`` dataset, without repeats."""
-    seen: dict[tuple, dict] = {}
-
-    def add(entry: dict, source: str) -> None:
-        key = tuple(str(entry.get(k) or "") for k in ("run_id", "job", "kind", "checkpoint", "reason"))
-        if key not in seen:
-            seen[key] = {**entry, "source": source}
-            return
-        known = seen[key]  # the same failure from both sources: fill in what the first lacked (category, ...)
-        known.update({k: v for k, v in entry.items() if v not in (None, "") and not known.get(k)})
-        known["source"] += f", {source}" if source not in known["source"] else ""
-
-    for run in runs:
-        for item in _run_failures(run):
-            add({"run_id": run.get("run_id"), "job": run.get("job"), **item}, "runs")
-    for row in failure_rows:
-        add(row, "failures dataset")
-    return sorted(seen.values(), key=lambda f: tuple(str(f.get(k) or "") for k in ("job", "kind", "checkpoint")))
 
 
 # ---------------------------------------------------------------- figures

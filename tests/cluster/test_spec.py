@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.probe_options import ALL_KINDS, OPTION_CHECKS, PROBE_OPTIONS
 from cluster.spec import (
-    _OPTION_CHECKS,
-    ALL_KINDS,
-    PROBE_OPTIONS,
     JobSpec,
     SpecError,
     apply_overrides,
@@ -230,9 +228,9 @@ def test_unknown_probe_kind_lists_the_kinds():
 
 def test_every_kind_of_the_design_is_available_with_options():
     assert list(PROBE_OPTIONS) == list(ALL_KINDS)
-    assert set(_OPTION_CHECKS) == set(PROBE_OPTIONS)
+    assert set(OPTION_CHECKS) == set(PROBE_OPTIONS)
     for kind, options in PROBE_OPTIONS.items():
-        assert set(_OPTION_CHECKS[kind]) == set(options), kind  # every option is validated
+        assert set(OPTION_CHECKS[kind]) == set(options), kind  # every option is validated
 
 
 @pytest.mark.parametrize("probe", [{"kind": "eigenvalues", "k": 0}, {"kind": "eigenvalues", "which": "middle"},

@@ -1,0 +1,70 @@
+"""Reading a results folder for ``probe report``: the rows of each dataset and the failed tasks.
+
+Plain ``pyarrow.dataset`` over the folder layout of :class:`cluster.store.ResultStore`;
+``failures/`` files may differ in columns, so they are read with the union of their
+schemas. Failed tasks are merged from the ``runs`` rows' ``failures`` JSON and the
+``failures`` dataset, each failure once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from cluster.store import ResultStore
+
+__all__ = ["read_rows", "run_failures", "failures"]
+
+_JOB_PARTITIONING = ds.partitioning(pa.schema([("job", pa.string())]), flavor="hive")
+
+
+def read_rows(root: Path, kind: str) -> list[dict]:
+    """Rows of one dataset (empty when the folder is absent or holds no rows)."""
+    folder = root / kind
+    if not folder.is_dir():
+        return []
+    if kind == "failures":  # its files may differ in columns: read the union of their schemas
+        dataset = ds.dataset(folder, format="parquet", partitioning=_JOB_PARTITIONING)
+        schemas = [f.physical_schema for f in dataset.get_fragments()]
+        if not schemas:
+            return []
+        schema = pa.unify_schemas([*schemas, pa.schema([("job", pa.string())])])
+        table = ds.dataset(folder, schema=schema, format="parquet", partitioning=_JOB_PARTITIONING).to_table()
+    else:
+        table = ResultStore(root).read(kind)
+    return table.to_pylist() if table.num_rows else []
+
+
+def run_failures(run: dict) -> list[dict]:
+    """The entries of a runs row's ``failures`` JSON (a list of ``{task, checkpoint, kind, reason}``)."""
+    text = run.get("failures") or "[]"
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return [{"reason": f"unreadable failures JSON: {text}"}]
+    items = items if isinstance(items, list) else [items]
+    return [item if isinstance(item, dict) else {"reason": str(item)} for item in items]
+
+
+def failures(runs: list[dict], failure_rows: list[dict]) -> list[dict]:
+    """Failed tasks from the runs rows' ``failures`` JSON and the ``failures`` dataset, without repeats."""
+    seen: dict[tuple, dict] = {}
+
+    def add(entry: dict, source: str) -> None:
+        key = tuple(str(entry.get(k) or "") for k in ("run_id", "job", "kind", "checkpoint", "reason"))
+        if key not in seen:
+            seen[key] = {**entry, "source": source}
+            return
+        known = seen[key]  # the same failure from both sources: fill in what the first lacked (category, ...)
+        known.update({k: v for k, v in entry.items() if v not in (None, "") and not known.get(k)})
+        known["source"] += f", {source}" if source not in known["source"] else ""
+
+    for run in runs:
+        for item in run_failures(run):
+            add({"run_id": run.get("run_id"), "job": run.get("job"), **item}, "runs")
+    for row in failure_rows:
+        add(row, "failures dataset")
+    return sorted(seen.values(), key=lambda f: tuple(str(f.get(k) or "") for k in ("job", "kind", "checkpoint")))
