@@ -18,10 +18,8 @@ suite instead of a deployment:
 - Ports are the project's: ``cluster.metrics.DEFAULT_PORT`` and the Ray ports of
   ``deploy/kuberay/raycluster.yaml``; port names mean one number everywhere; Services
   and Prometheus targets point at declared ports.
-- Every metric name in the alert rules, their tests, the scrape config and the
-  Grafana dashboard is a sample name of ``cluster.metrics.Metrics().registry``, and
-  every label they select, group by or print is one that metric declares.
-- ``promtool`` checks the rules and config and runs the rule unit tests.
+- The monitoring manifests (rules, scrape config, dashboard) are checked against
+  ``cluster.metrics`` in ``test_monitoring.py``.
 """
 
 from __future__ import annotations
@@ -29,8 +27,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
-import subprocess
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,12 +34,12 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
-from prometheus_client.metrics import MetricWrapperBase
 
 from cluster.audit import parse_duration
 from cluster.cli import _parser
-from cluster.metrics import DEFAULT_PORT, Metrics
+from cluster.metrics import DEFAULT_PORT
 from cluster.spec import load_spec
+from monitoring_files import alert_rules, declared_labels
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -263,104 +259,6 @@ def _ray_cluster_for_address(address: str, inv: Invocation) -> dict:
     return cluster["spec"]
 
 
-# ------------------------------------------------------------- PromQL names
-
-
-def _declared() -> dict[str, set[str]]:
-    """Label names by sample name, for every metric of ``cluster.metrics.Metrics`` (counters
-    expose ``_total``, histograms ``_bucket`` with ``le``, ``_sum`` and ``_count``), whether or
-    not any series has been created yet."""
-    metrics = [m for m in vars(Metrics()).values() if isinstance(m, MetricWrapperBase)]
-    registered = {family.name for family in Metrics().registry.collect()}
-    assert {m._name for m in metrics} == registered, "Metrics() registers metrics it does not keep as attributes"
-    declared = {}
-    for m in metrics:
-        labels = set(m._labelnames)
-        suffixes = {"counter": {"_total": labels, "_created": labels},
-                    "gauge": {"": labels},
-                    "histogram": {"_bucket": labels | {"le"}, "_sum": labels, "_count": labels, "_created": labels},
-                    "summary": {"": labels | {"quantile"}, "_sum": labels, "_count": labels, "_created": labels}}[m._type]
-        declared.update({m._name + s: names for s, names in suffixes.items()})
-    return declared
-
-
-def _sample_names(*, with_families: bool = False) -> set[str]:
-    """Sample names the registry exposes; ``with_families`` adds histogram names as the
-    exposition's TYPE lines spell them."""
-    names = set(_declared())
-    if with_families:
-        names |= {n[: -len("_bucket")] for n in names if n.endswith("_bucket")}
-    return names
-
-
-def _promql_metrics(expr: str) -> set[str]:
-    """Metric names an expression selects (identifiers that are not functions, keywords,
-    labels, durations or Grafana variables)."""
-    s = re.sub(r"#[^\n]*", " ", expr)
-    s = re.sub(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'', '""', s)
-    s = re.sub(r"\{[^}]*\}", " ", s)
-    s = re.sub(r"\[[^\]]*\]", " ", s)
-    s = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
-    names = set()
-    for m in re.finditer(r"(?<![\w$.])([A-Za-z_:][\w:]*)(?![\w:])(?!\s*\()", s):
-        if m.group(1).lower() not in PROMQL_WORDS:
-            names.add(m.group(1))
-    return names
-
-
-def _promql_labels(expr: str) -> list[tuple[str | None, set[str]]]:
-    """(metric or None, label names) for each label matcher set and each by/without/on/
-    ignoring clause of an expression (None: a clause, or a selector without a name)."""
-    s = re.sub(r"#[^\n]*", " ", expr)
-    found = []
-    for m in re.finditer(r"([A-Za-z_:][\w:]*)?\s*\{([^}]*)\}", s):
-        found.append((m.group(1), set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", m.group(2)))))
-    for m in re.finditer(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", s):
-        found.append((None, {x.strip() for x in m.group(1).split(",") if x.strip()}))
-    return found
-
-
-def _check_labels(where: str, expr: str, printed: set[str], declared: dict[str, set[str]]) -> list[str]:
-    """Problems with the labels ``expr`` selects or groups by and those a template prints
-    from its result: a probe_* metric's labels must be its own, not Prometheus's."""
-    metrics = _promql_metrics(expr)
-    probe = {m for m in metrics if m.startswith("probe_")}
-    own = set().union(*(declared.get(m, set()) for m in probe))
-    allowed = own | ({"__name__"} | TARGET_LABELS if metrics - probe or not probe else set())
-    problems = []
-    for metric, labels in _promql_labels(expr):
-        if metric is not None and metric.startswith("probe_"):
-            bad = labels - declared.get(metric, set()) - {"__name__"}
-        else:
-            bad = labels - allowed - {"__name__"}
-        problems += [f"{where}: label {label!r} is not one of {sorted(own or allowed)}" for label in sorted(bad)]
-    problems += [f"{where}: prints label {label!r}, not one of {sorted(allowed)}" for label in sorted(printed - allowed)]
-    return problems
-
-
-def _rules() -> list[dict]:
-    return [rule for group in _load_all(PROMETHEUS / "alerts.yml")[0]["groups"] for rule in group["rules"]]
-
-
-def _dashboard() -> dict:
-    return json.loads(DASHBOARD.read_text())
-
-
-def _dashboard_exprs() -> list[str]:
-    d = _dashboard()
-    exprs = [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
-    for var in d["templating"]["list"]:
-        if var["type"] == "query":
-            q = var["query"]
-            exprs.append(q["query"] if isinstance(q, dict) else q)
-    return exprs
-
-
-def _label_values_selector(query: str) -> str:
-    m = re.fullmatch(r"label_values\((.*),\s*\w+\)", query.strip())
-    return m.group(1) if m else query
-
-
 # ======================================================================== tests
 
 
@@ -552,7 +450,7 @@ def test_prometheus_targets_are_declared_services_and_ports():
         assert port in ports, f"scrape job {job}: Service {service} exposes {ports}, not {port}"
     # A probe label named like one Prometheus sets would be renamed exported_<label> unless
     # the scrape job honors labels (and then it would replace the scrape job's own).
-    clashing = {name for name, labels in _declared().items() if labels & TARGET_LABELS}
+    clashing = {name for name, labels in declared_labels().items() if labels & TARGET_LABELS}
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     probe_jobs = {j for j, _, p in targets if p == DEFAULT_PORT}
     assert probe_jobs, "no scrape job reaches cluster.metrics.DEFAULT_PORT"
@@ -560,125 +458,11 @@ def test_prometheus_targets_are_declared_services_and_ports():
         f"{sorted(clashing)} declare a label in {sorted(TARGET_LABELS)}: scrape jobs {sorted(probe_jobs)} need honor_labels"
 
 
-def test_metric_names_are_declared_in_cluster_metrics():
-    declared = _sample_names() | PROMETHEUS_METRICS
-    used: dict[str, set[str]] = {}
-    for rule in _rules():
-        used.setdefault(f"alerts.yml:{rule['alert']}", set()).update(_promql_metrics(rule["expr"]))
-    tests = _load_all(PROMETHEUS / "alerts_test.yml")[0]
-    for case in tests["tests"]:
-        for series in case.get("input_series", []):
-            used.setdefault("alerts_test.yml", set()).update(_promql_metrics(series["series"]))
-    for expr in _dashboard_exprs():
-        used.setdefault(DASHBOARD.name, set()).update(_promql_metrics(_label_values_selector(expr)))
-    unknown = {where: sorted(names - declared) for where, names in used.items() if names - declared}
-    # Names written anywhere else (annotations, regexes in label matchers, descriptions).
-    in_text = _sample_names(with_families=True)
-    for path in (PROMETHEUS / "alerts.yml", PROMETHEUS / "alerts_test.yml", PROMETHEUS / "prometheus.yml", DASHBOARD):
-        names = set(re.findall(r"(?<![\w-])probe_[a-z0-9_]+", path.read_text()))
-        if names - in_text:
-            unknown[f"{path.name} (text)"] = sorted(names - in_text)
-    assert not unknown, f"metric names not exposed by cluster.metrics.Metrics: {unknown}"
-    assert used[DASHBOARD.name] and all(used[f"alerts.yml:{r['alert']}"] for r in _rules())
-
-
-def test_labels_are_declared_in_cluster_metrics():
-    declared = _declared()
-    problems = []
-    for rule in _rules():
-        printed = set(re.findall(r"\$labels\.(\w+)", json.dumps(rule.get("annotations", {}))))
-        problems += _check_labels(f"alerts.yml:{rule['alert']}", rule["expr"], printed, declared)
-    for panel in _dashboard()["panels"]:
-        for target in panel.get("targets", []):
-            printed = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
-            problems += _check_labels(f"{DASHBOARD.name}:{panel['title']}", target["expr"], printed, declared)
-    for var in _dashboard()["templating"]["list"]:
-        if var["type"] == "query":
-            q = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
-            m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", q.strip())
-            assert m, f"{DASHBOARD.name}: variable {var['name']} is not label_values(SELECTOR, LABEL)"
-            names = _promql_metrics(m.group(1)) or set(re.findall(r"probe_\w+", m.group(1)))
-            lacking = [n for n in names if m.group(2) not in declared.get(n, set())]
-            assert not lacking, f"{DASHBOARD.name}: variable {var['name']} reads label {m.group(2)!r} that {lacking} lack"
-    for case in _load_all(PROMETHEUS / "alerts_test.yml")[0]["tests"]:
-        for series in case.get("input_series", []):
-            (metric, labels), = _promql_labels(series["series"])
-            if metric.startswith("probe_"):
-                extra = labels - declared.get(metric, set()) - TARGET_LABELS
-                problems += [f"alerts_test.yml: {metric} has no label {label!r}" for label in sorted(extra)]
-    assert not problems, "\n".join(problems)
-
-
-def test_promql_name_extraction_catches_a_wrong_name():
-    # The check above is only as good as this extractor.
-    declared = _sample_names()
-    assert _promql_metrics('sum by (le, kind) (rate(probe_task_duration_seconds_bucket{job=~"$job"}[1h]))') == \
-        {"probe_task_duration_seconds_bucket"}
-    assert _promql_metrics("time() - probe_audit_last_success_timestamp_seconds > 5400") == \
-        {"probe_audit_last_success_timestamp_seconds"}
-    assert _promql_metrics("increase(probe_failures_total[1h]) > 0 or (probe_failures_total unless probe_failures_total offset 1h)") \
-        == {"probe_failures_total"}
-    for wrong in ("probe_eos_ratios > 1.1", "rate(probe_tasks[5m])", "probe_task_duration_seconds > 1"):
-        assert _promql_metrics(wrong) - declared, wrong
-
-
-def test_alert_rules_watch_staleness_stability_jumps_and_failures():
-    exprs = {rule["alert"]: " ".join(rule["expr"].split()) for rule in _rules()}
-    assert any("probe_eos_ratio > 1.1" in e for e in exprs.values())
-    assert any(re.search(r"abs\(probe_lambda_max_relative_change\) > 0\.\d+", e) for e in exprs.values())
-    assert any("increase(probe_failures_total[1h]) > 0" in e for e in exprs.values())
-    for rule in _rules():
-        assert rule.get("labels", {}).get("severity") and rule.get("annotations", {}).get("summary"), rule["alert"]
-
-
 def test_stale_audit_alert_allows_for_the_audit_interval():
-    stale = next(r for r in _rules() if "probe_audit_last_success_timestamp_seconds" in r["expr"])
+    stale = next(r for r in alert_rules() if "probe_audit_last_success_timestamp_seconds" in r["expr"])
     threshold_s = float(re.search(r">\s*([\d.]+)", stale["expr"]).group(1))
     intervals = [inv.args().every for inv in _invocations() if inv.args().verb == "audit" and inv.args().every]
     assert intervals, "no `probe audit --every` service under deploy/"
     for every in intervals:
         assert threshold_s >= 2 * parse_duration(every), \
             f"{stale['alert']} fires after {threshold_s:g} s, under 2 audit intervals of {every}: it would flap"
-
-
-def test_dashboard_structure():
-    d = _dashboard()
-    assert isinstance(d["schemaVersion"], int) and d["schemaVersion"] >= 36 and d["uid"] and d["title"]
-    variables = {v["name"]: v for v in d["templating"]["list"]}
-    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    ids = [p["id"] for p in d["panels"]]
-    assert len(ids) == len(set(ids)), "panel ids must be unique"
-    for panel in d["panels"]:
-        if panel["type"] == "row":
-            continue
-        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
-        assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"]), panel["title"]
-        assert {"h", "w", "x", "y"} <= panel["gridPos"].keys() and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
-    exprs = " ".join(_dashboard_exprs())
-    for needed in ("probe_lambda_max", "probe_hessian_trace", "probe_eos_ratio", "probe_barrier_height",
-                   "probe_tasks_total", "probe_failures_total", "probe_hvp_total", "probe_task_duration_seconds_bucket",
-                   "probe_audit_last_pass_timestamp_seconds"):
-        assert re.search(rf"\b{needed}\b", exprs), f"the dashboard has no panel on {needed}"
-    assert "histogram_quantile(" in exprs
-    eos = next(p for p in d["panels"] if any("probe_eos_ratio" in t["expr"] for t in p.get("targets", [])))
-    steps = eos["fieldConfig"]["defaults"]["thresholds"]["steps"]
-    assert any(s["value"] == 1.0 for s in steps), "the EoS panel needs its 1.0 threshold"
-    assert eos["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] != "off"
-
-
-def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool not found: .ci/run installs Debian's prometheus package (apt-get install prometheus), "
-                    "which provides it; install it the same way to run these checks")
-    return path
-
-
-@pytest.mark.parametrize("args", [
-    ("check", "rules", "alerts.yml"),
-    ("test", "rules", "alerts_test.yml"),
-    ("check", "config", "prometheus.yml"),
-], ids=" ".join)
-def test_promtool(args):
-    result = subprocess.run([_promtool(), *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"promtool {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
