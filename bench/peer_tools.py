@@ -32,7 +32,7 @@ class Ours:
     name = "ours"
 
     def __init__(self, batched: bool | None = None) -> None:
-        # None: the library's default (batched backward up to 100k parameters, per column above).
+        # None: the library's default (one backward per column on the CPU, batched on CUDA).
         self.batched = batched
         if batched is not None:
             self.name = f"ours[batched={batched}]"
