@@ -51,7 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
 
 from cluster.data import digits_tensors  # noqa: E402
 from probe.models import wide_mlp  # noqa: E402
@@ -162,7 +161,7 @@ def run(threads: int, args, model, x, y, device) -> dict:
     loop_moments(model, x[:8], y[:8])  # warm-up
     gradient_moments(model, F.cross_entropy, [(x[:8], y[:8])])  # warm-up of the library default
     vmap_s, loop_s, ident_s = [], [], []
-    moments = ref = ident = None
+    moments = ref = None
     for r in range(args.repeats):
         _sync(device)
         t0 = time.perf_counter()

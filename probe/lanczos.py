@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from probe.basis import BasisStore, resolve_basis
-from probe.operators import CurvatureOperator, inner, norm
+from probe.operators import CurvatureOperator, norm
 
 __all__ = ["LanczosProcess", "LanczosResult", "RitzPairs", "lanczos", "REORTH_MODES"]
 

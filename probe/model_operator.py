@@ -217,9 +217,6 @@ class ModelOperator(CurvatureOperator):
         self.device = self.params[0].device
         self.dim = self.local_dim = self.space.dim
         self.batched = self.device.type == "cuda" if batched is None else batched
-        self._offsets = [0]  # each parameter's first index in the flat space, then dim
-        for n in self.space.numels:
-            self._offsets.append(self._offsets[-1] + n)
         prepared = weigh_batches(batches, self.param_dtype, self.device, weighting=weighting,
                                  total_examples=total_examples, total_tokens=total_tokens, ignore_index=ignore_index)
         self.batches, self.batch_sizes, self.weights = prepared.batches, prepared.sizes, prepared.weights
@@ -267,7 +264,6 @@ class ModelOperator(CurvatureOperator):
         k = V.shape[1]
         vs = [v.to(self.param_dtype) for v in self.space.unflatten(V)]  # per parameter: (k, *shape)
         out_t = None  # (k, dim): each parameter's block is a contiguous column range
-        offsets = self._offsets
         all_cached = len(self._cached) == len(self.batches)
         # Kept graphs need no mode switch; rebuilding a graph does.
         with contextlib.nullcontext() if all_cached else model_mode(self.model, self.mode):
@@ -280,8 +276,8 @@ class ModelOperator(CurvatureOperator):
                     if s != 1.0:
                         out_t.mul_(s)
                     continue
-                for p, a, b in zip(parts, offsets[:-1], offsets[1:]):
-                    out_t[:, a:b].add_(p.reshape(k, -1), alpha=s)  # in self.dtype; s = 1.0 is exact
+                for p, block in zip(parts, out_t.split(self.space.numels, dim=1)):
+                    block.add_(p.reshape(k, -1), alpha=s)  # in self.dtype; s = 1.0 is exact
         self.num_matvecs += k
         return out_t.T
 

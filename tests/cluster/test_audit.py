@@ -13,29 +13,23 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from checkpoint_files import save_step  # tests/cluster/checkpoint_files.py
 from cluster.audit import AuditLock, Auditor, parse_duration
 from cluster.checkpoints import CheckpointError
 from cluster.cli import main
 from cluster.metrics import Metrics
 from cluster.spec import load_spec
 from cluster.store import ResultStore
-from probe.models import digits_mlp
 
 PROBES = [{"kind": "eigenvalues", "k": 1}, {"kind": "trace", "matvecs": 12}, {"kind": "eos"}]
 KINDS = ("eigenvalues", "trace", "eos")
 
 
 def save_checkpoint(folder: Path, step: int) -> Path:
-    with torch.random.fork_rng():
-        torch.manual_seed(step)
-        model = digits_mlp(hidden=8)
-    path = folder / f"step-{step}.safetensors"
-    save_file(model.state_dict(), str(path), metadata={"lr": "0.5", "step": str(step)})
-    return path
+    return save_step(folder, step, hidden=8)
 
 
 def write_spec(tmp_path: Path, folder: Path, name: str = "audited", probes=None) -> Path:

@@ -15,17 +15,15 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from safetensors.torch import save_file
 
+from checkpoint_files import save_step  # tests/cluster/checkpoint_files.py
 from cluster.audit import Auditor
 from cluster.job import run_job
 from cluster.metrics import FAILURE_REASONS, Metrics, serve
 from cluster.spec import load_spec
 from cluster.store import ResultStore
-from probe.models import digits_mlp
 
 SCRAPES = 1_000
 WARMUP = 50
@@ -159,12 +157,7 @@ def test_metrics_endpoint_answers_a_burst_of_1000_scrapes_identically_with_bound
 
 
 def _save(folder: Path, step: int) -> Path:
-    with torch.random.fork_rng():
-        torch.manual_seed(step)
-        model = digits_mlp(hidden=4)
-    path = folder / f"step-{step}.safetensors"
-    save_file(model.state_dict(), str(path), metadata={"lr": "0.5", "step": str(step)})
-    return path
+    return save_step(folder, step, hidden=4)
 
 
 def test_one_audit_pass_over_200_checkpoints_writes_exactly_one_row_per_checkpoint_and_probe(tmp_path):
