@@ -15,10 +15,10 @@ __all__ = ["PROBE_OPTIONS", "OPTION_CHECKS", "ALL_KINDS", "PIPELINE_KINDS"]
 # Options each probe kind accepts, with defaults (every kind of DESIGN.md).
 PROBE_OPTIONS: dict[str, dict[str, Any]] = {
     "eigenvalues": {"k": 5, "which": "largest", "tol": 1e-6, "max_steps": None, "reorth": "full", "basis": "device",
-                    "basis_memory_bytes": None},
-    "trace": {"method": "hutch++", "matvecs": 102},
+                    "basis_memory_bytes": None, "symmetry_check": None},
+    "trace": {"method": "hutch++", "matvecs": 102, "symmetry_check": None},
     "spectrum": {"runs": 10, "steps": 80, "sigma": None, "reorth": "full", "grid_points": 1000, "basis": "device",
-                 "basis_memory_bytes": None},
+                 "basis_memory_bytes": None, "symmetry_check": None},
     "sharpness": {
         "measures": ["lambda_max", "keskar", "sam", "adaptive"],
         "epsilon": 1e-3,  # Keskar et al. 2017
@@ -27,6 +27,7 @@ PROBE_OPTIONS: dict[str, dict[str, Any]] = {
         "sigma": None,  # average-case: required when 'average' is listed
         "steps": 20,
         "num_samples": 20,
+        "symmetry_check": None,  # with lambda_max only (the one measure that uses the Hessian)
     },
     "barrier": {
         "between": None,  # [A, B]: checkpoint paths, or "init" for the factory's initialization
@@ -50,6 +51,7 @@ PROBE_OPTIONS: dict[str, dict[str, Any]] = {
         "optimizer": "gd",
         "momentum": None,
         "tol": 1e-6,
+        "symmetry_check": None,
     },
     "pacbayes": {
         "target": 0.1,  # allowed expected loss increase (Jiang et al. 2020 use a 0.1 deviation)
@@ -70,6 +72,7 @@ PROBE_OPTIONS: dict[str, dict[str, Any]] = {
         "runs": 10,
         "steps": 80,
         "tol": 1e-6,
+        "symmetry_check": None,
     },
 }
 
@@ -85,6 +88,11 @@ def _is_num(v: Any) -> bool:
 
 
 _BASIS = ("device", "host", "disk")
+# Kinds that measure their operator's symmetry defect (probe.symmetry): two extra products per task.
+# symmetry_check: true | false | null (null: on when the operator is float64, i.e. in float64 jobs).
+SYMMETRY_KINDS = ("eigenvalues", "trace", "spectrum", "sharpness", "eos", "critical")
+_SYMMETRY_CHECK = (lambda v: v is None or isinstance(v, bool),
+                   "true, false or null (null: on for float64 jobs; two extra products per task)")
 # Probes that need only Hessian-vector products, so they run on a model split into pipeline stages.
 PIPELINE_KINDS = ("eigenvalues", "trace", "spectrum")
 
@@ -177,3 +185,5 @@ OPTION_CHECKS["critical"] = {
     "steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "tol": (lambda v: _is_num(v) and v > 0, "a positive number"),
 }
+for _kind in SYMMETRY_KINDS:
+    OPTION_CHECKS[_kind]["symmetry_check"] = _SYMMETRY_CHECK

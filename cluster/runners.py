@@ -28,6 +28,7 @@ from probe.pacbayes import pacbayes
 from probe.directions import Directions, pca_directions, random_directions
 from probe.eos import adam_preconditioner, eos_point
 from probe.surface import surface
+from probe.symmetry import symmetry_defect
 from probe.curves import PATH_KINDS, train_bend
 from probe.eigen import eigenvalues
 from probe.sharpness import adaptive_sharpness, average_sharpness, keskar_sharpness, lambda_max, sam_sharpness
@@ -60,6 +61,39 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+# Seed offset of the symmetry check's own random stream: the estimators' draws from ``g`` stay the
+# same whether the check runs or not, so their results do not depend on the option.
+_SYMMETRY_SEED_OFFSET = 0x5E77
+
+
+@dataclass(frozen=True)
+class _Symmetry:
+    """The operator's symmetry defect for a task's rows: ``defect`` (None when not measured or not
+    finite), the products it took and a note (empty unless the defect is far above rounding)."""
+
+    defect: float | None = None
+    num_matvecs: int = 0
+    note: str = ""
+
+
+def _symmetry(op, o: dict, g: torch.Generator) -> _Symmetry:
+    """Measure ``op``'s symmetry defect once (two products) when ``symmetry_check`` asks for it:
+    true, false, or null for "on when the operator is float64". Warns (SymmetryWarning) when far
+    above rounding; see :mod:`probe.symmetry` for the rule."""
+    on = o.get("symmetry_check")
+    if on is None:
+        on = op.dtype == torch.float64
+    if not on:
+        return _Symmetry()
+    own = torch.Generator().manual_seed((g.initial_seed() + _SYMMETRY_SEED_OFFSET) % (1 << 63))
+    r = symmetry_defect(op, own)
+    return _Symmetry(_finite(r.defect), r.num_matvecs, r.note)
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
 @contextmanager
 def _basis(ctx: ProbeContext, o: dict):
     """The Lanczos basis store the options ask for: on the device, in host memory, or on disk under
@@ -74,8 +108,10 @@ def _basis(ctx: ProbeContext, o: dict):
 
 
 def _eigenvalues(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    op = ctx.operator()
+    sym = _symmetry(op, o, g)
     with _basis(ctx, o) as basis:
-        r = eigenvalues(ctx.operator(), o["k"], which=o["which"], tol=o["tol"], max_steps=o["max_steps"],
+        r = eigenvalues(op, o["k"], which=o["which"], tol=o["tol"], max_steps=o["max_steps"],
                         generator=g, basis=basis, basis_memory_bytes=o.get("basis_memory_bytes"),
                         reorth=o.get("reorth", "full"))
     return {
@@ -86,26 +122,32 @@ def _eigenvalues(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
         "converged": r.converged,
         "num_steps": r.num_steps,
         "orthogonality_loss": r.orthogonality_loss,
-        "num_matvecs": r.num_matvecs,
-        "note": r.note,
+        "num_matvecs": r.num_matvecs + sym.num_matvecs,
+        "note": _join(r.note, sym.note),
+        "symmetry_defect": sym.defect,
     }
 
 
 def _trace(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
-    r = trace(ctx.operator(), method=o["method"], num_matvecs=o["matvecs"], generator=g)
-    return {"method": r.method, "trace": r.trace, "trace_stderr": r.trace_stderr, "num_matvecs": r.num_matvecs}
+    op = ctx.operator()
+    sym = _symmetry(op, o, g)
+    r = trace(op, method=o["method"], num_matvecs=o["matvecs"], generator=g)
+    return {"method": r.method, "trace": r.trace, "trace_stderr": r.trace_stderr,
+            "num_matvecs": r.num_matvecs + sym.num_matvecs, "symmetry_defect": sym.defect}
 
 
 def _spectrum(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    op = ctx.operator()
+    sym = _symmetry(op, o, g)
     with _basis(ctx, o) as basis:
         r = spectral_density(
-            ctx.operator(), runs=o["runs"], steps=o["steps"], sigma=o["sigma"], reorth=o["reorth"],
+            op, runs=o["runs"], steps=o["steps"], sigma=o["sigma"], reorth=o["reorth"],
             grid_points=o["grid_points"], generator=g, basis=basis, basis_memory_bytes=o.get("basis_memory_bytes"),
         )
     neg, neg_err = r.negative_mass()
     return {
         "basis_storage": r.basis_storage,
-        "note": r.note,
+        "note": _join(r.note, sym.note),
         "grid": r.grid.tolist(),
         "density": r.density.tolist(),
         "density_stderr": r.density_stderr.tolist(),
@@ -119,16 +161,22 @@ def _spectrum(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
         "negative_mass_stderr": neg_err,
         "orthogonality_loss": [float(x) for x in r.orthogonality_loss],
         "breakdown": [bool(x) for x in r.breakdown],
-        "num_matvecs": r.num_matvecs,
+        "num_matvecs": r.num_matvecs + sym.num_matvecs,
+        "symmetry_defect": sym.defect,
     }
 
 
 def _sharpness(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
     ev = ctx.evaluator()
     results = []
+    sym = None  # measured once, on the operator of the first lambda_max
     for measure in o["measures"]:
         if measure == "lambda_max":
-            results.append(lambda_max(ctx.operator(), generator=g))
+            op = ctx.operator()
+            if sym is None:
+                sym = _symmetry(op, o, g)
+                symmetry_row = len(results)  # the row that pays for (and notes) the check
+            results.append(lambda_max(op, generator=g))
         elif measure == "keskar":
             results.append(keskar_sharpness(ev, epsilon=o["epsilon"], steps=o["steps"], generator=g))
         elif measure == "sam":
@@ -138,9 +186,11 @@ def _sharpness(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
             results.append(adaptive_sharpness(ev, kind="worst", p=2, rho=o["adaptive_rho"], steps=o["steps"], generator=g))
         elif measure == "average":
             results.append(average_sharpness(ev, sigma=o["sigma"], num_samples=o["num_samples"], generator=g))
+    sym = sym or _Symmetry()
     rows = []
-    for r in results:
+    for i, r in enumerate(results):
         params = dict(r.params)
+        mine = sym.num_matvecs > 0 and i == symmetry_row
         rows.append({
             "measure": r.measure,
             "value": float(r.value),
@@ -155,8 +205,9 @@ def _sharpness(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
             "num_samples": params.get("num_samples"),
             "params": json.dumps(params, sort_keys=True, default=str),
             "num_evaluations": r.num_evaluations,
-            "num_matvecs": r.num_matvecs,
-            "note": r.note,
+            "num_matvecs": r.num_matvecs + (sym.num_matvecs if mine else 0),
+            "note": _join(r.note, sym.note) if mine else r.note,
+            "symmetry_defect": sym.defect,
         })
     return {"rows": rows, "num_matvecs": sum(r["num_matvecs"] for r in rows)}
 
@@ -300,13 +351,16 @@ def adam_state(model: torch.nn.Module, meta: dict, checkpoint: str) -> tuple[lis
 
 
 def _eos(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
-    rows, previous, total = [], None, 0
+    rows, previous, total, sym = [], None, 0, None
     for index, checkpoint in enumerate(o["series"]):
         model, meta = ctx.worker.build_model(checkpoint)
         lr, source = _learning_rate(o["lr"], checkpoint, meta)
         fallback = o["series_steps"][index] if "series_steps" in o else index
         step = int(float(meta.get("step", fallback)))
         op = ctx.operator(model)
+        first = sym is None
+        if first:  # once per task, on the Hessian (not the preconditioned operator) of its first checkpoint
+            sym = _symmetry(op, o, g)
         preconditioner, momentum = None, o["momentum"]
         if o["optimizer"] == "adam":
             v, hp = adam_state(model, meta, checkpoint)
@@ -319,7 +373,8 @@ def _eos(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
         point = eos_point(op, lr, step=step, optimizer=o["optimizer"], momentum=momentum,
                           preconditioner=preconditioner, previous=previous, tol=o["tol"], generator=g)
         previous = point.eigenvector
-        total += point.num_matvecs
+        spent = point.num_matvecs + (sym.num_matvecs if first else 0)
+        total += spent
         rows.append({
             "checkpoint": checkpoint,
             "checkpoint_sha256": checkpoint_sha256(checkpoint),
@@ -334,8 +389,9 @@ def _eos(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
             "residual": point.residual,
             "converged": point.converged,
             "warm_started": point.warm_started,
-            "num_matvecs": point.num_matvecs,
-            "note": point.note,
+            "num_matvecs": spent,
+            "note": _join(point.note, sym.note),
+            "symmetry_defect": sym.defect,
         })
     return {"rows": rows, "num_matvecs": total}
 
@@ -394,14 +450,17 @@ def _critical(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
     ev = ctx.evaluator()
     theta = ev.center().detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(ev.loss_with_grad(theta), theta)  # summed over workers by the evaluator
-    r = classify_critical_point(ctx.operator(), grad, grad_norm_threshold=o["grad_norm"],
+    op = ctx.operator()
+    sym = _symmetry(op, o, g)
+    r = classify_critical_point(op, grad, grad_norm_threshold=o["grad_norm"],
                                 negative_mass_threshold=o["negative_mass"], runs=o["runs"], steps=o["steps"],
                                 tol=o["tol"], generator=g)
     return {
         "label": r.label, "grad_norm": r.grad_norm, "lambda_min": r.lambda_min, "lambda_max": r.lambda_max,
         "negative_mass": r.negative_mass, "negative_mass_stderr": _finite(r.negative_mass_stderr),
         "grad_norm_threshold": r.grad_norm_threshold, "negative_mass_threshold": r.negative_mass_threshold,
-        "rule": r.rule, "num_matvecs": r.num_matvecs, "note": r.note,
+        "rule": r.rule, "num_matvecs": r.num_matvecs + sym.num_matvecs, "note": _join(r.note, sym.note),
+        "symmetry_defect": sym.defect,
     }
 
 
