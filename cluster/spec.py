@@ -2,7 +2,7 @@
 
 A spec names the model factory and checkpoints, the probe data, the loss, the
 precision and mode policy, the cluster shape, the probes and where results go
-(``../shared/DESIGN.md``, "Public contract"). Every section is a frozen dataclass
+(README.md, "Job specs"). Every section is a frozen dataclass
 checked at construction; an unknown key is an error that lists the valid ones,
 and ``--set key.path=value`` overrides any value before validation.
 """
@@ -63,9 +63,14 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-PRECISIONS = ("float32", "float64", "bfloat16")  # bfloat16: products in bf16, vectors and sums in float32
+# bfloat16: products in bf16, vectors and sums in float32. auto: a model.hf checkpoint's own dtype
+# (float16 checkpoints run in float32), float32 for a model.factory.
+PRECISIONS = ("auto", "float32", "float64", "bfloat16")
 MODES = ("eval", "train")
-LOSSES = ("cross_entropy", "mse", "lm_cross_entropy")  # lm_cross_entropy: token mean, -100 ignored
+# lm_cross_entropy: token mean over targets already aligned with positions, -100 ignored;
+# causal_lm: Hugging Face's convention (labels = input_ids, shifted here), then the same token mean;
+# model: the loss the model itself returns when given the labels (per-batch, weighted by examples).
+LOSSES = ("cross_entropy", "mse", "lm_cross_entropy", "causal_lm", "model")
 WEIGHTINGS = ("examples", "tokens")
 # Kinds whose quantities are per-example statistics: no token-weighted definition.
 EXAMPLE_ONLY_KINDS = ("noise",)
@@ -122,18 +127,56 @@ def import_factory(path: str, *, key: str = "factory") -> Callable[..., Any]:
         raise SpecError(f"{key}: module {module_name!r} has no attribute {attr!r}") from exc
 
 
+HF_CLASSES = ("auto", "causal_lm", "masked_lm", "sequence_classification", "base")
+ATTENTION = ("sdpa", "eager")  # implementations whose graphs can be differentiated twice
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    factory: str
+    """Where the model comes from: ``factory`` (``pkg.module:callable`` building it, weights from
+    each checkpoint) or ``hf`` (a Hugging Face folder written by ``save_pretrained``, or a training
+    run's folder of them: each checkpoint's model is built from its own config.json; see
+    :mod:`cluster.hf`). ``checkpoints`` defaults to ``[hf]``."""
+
+    factory: str | None = None
     kwargs: dict = field(default_factory=dict)
     checkpoints: tuple[str, ...] = ()
+    hf: str | None = None
+    hf_class: str = "auto"
+    attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
-        _check_factory("model.factory", self.factory)
+        if (self.factory is None) == (self.hf is None):
+            raise SpecError("model needs exactly one of model.factory ('pkg.module:callable') or model.hf "
+                            "(a Hugging Face model folder or a training run's folder)")
+        if self.factory is not None:
+            _check_factory("model.factory", self.factory)
+            for key in ("hf_class", "attn_implementation"):
+                if getattr(self, key) != ModelSpec.__dataclass_fields__[key].default:
+                    raise SpecError(f"model.{key} applies to model.hf models only; remove it or use model.hf")
+        else:
+            if not isinstance(self.hf, str) or not self.hf:
+                raise SpecError(f"model.hf must be a folder path, got {self.hf!r}")
+            if self.kwargs:
+                raise SpecError("model.kwargs applies to model.factory only: an hf model is built from its config.json")
+            if self.hf_class not in HF_CLASSES:
+                raise SpecError(f"model.hf_class must be one of {', '.join(HF_CLASSES)}, got {self.hf_class!r}")
+            if self.attn_implementation is not None and self.attn_implementation not in ATTENTION:
+                raise SpecError(
+                    f"model.attn_implementation {self.attn_implementation!r} has no double backward (Hessian-vector "
+                    f"products need one); use sdpa (run with its math kernel) or eager"
+                )
+            if not self.checkpoints:
+                object.__setattr__(self, "checkpoints", (self.hf,))
         if not isinstance(self.kwargs, dict):
             raise SpecError(f"model.kwargs must be a mapping, got {self.kwargs!r}")
         if not self.checkpoints:
             raise SpecError("model.checkpoints is empty: give files, globs or folders of checkpoints")
+
+    @property
+    def source(self) -> str:
+        """What the model is built from, for rows and messages: the factory path or ``hf:FOLDER``."""
+        return self.factory if self.factory is not None else f"hf:{self.hf}"
 
 
 @dataclass(frozen=True)
@@ -247,7 +290,7 @@ class JobSpec:
     data: DataSpec
     probes: tuple[ProbeSpec, ...]
     loss: str | dict = "cross_entropy"
-    precision: str = "float32"
+    precision: str = "auto"
     mode: str = "eval"
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
@@ -278,6 +321,14 @@ class JobSpec:
                         f"probes[{p.kind}] computes per-example gradient statistics and has no token-weighted "
                         f"form; remove it from a job whose loss is weighted by tokens, or use weighting: examples"
                     )
+        if self.cluster.stages > 1 and self.model.hf is not None:
+            raise SpecError(
+                "cluster.stages > 1 splits a model.factory that returns an nn.Sequential; Hugging Face models "
+                "(model.hf) run data-parallel: set cluster.stages: 1"
+            )
+        if self.loss == "model" and self.model.hf is None:
+            raise SpecError("loss: model uses the loss a Hugging Face model returns; it needs model.hf "
+                            "(for a factory model give loss: {factory: ...})")
         if self.cluster.stages > 1:
             for p in self.probes:
                 if p.kind not in PIPELINE_KINDS:
@@ -295,7 +346,7 @@ class JobSpec:
         else ``"examples"``."""
         if isinstance(self.loss, dict):
             return self.loss.get("weighting", "examples")
-        return "tokens" if self.loss == "lm_cross_entropy" else "examples"
+        return "tokens" if self.loss in ("lm_cross_entropy", "causal_lm") else "examples"
 
     def to_dict(self) -> dict:
         """Plain-data form (JSON/YAML serializable); ``parse_spec(to_dict())`` round-trips."""
@@ -354,7 +405,7 @@ def parse_spec(raw: Any) -> JobSpec:
         data=_section(DataSpec, "data", raw["data"]),
         probes=tuple(probes),
         loss=raw.get("loss", "cross_entropy"),
-        precision=raw.get("precision", "float32"),
+        precision=raw.get("precision", "auto"),
         mode=raw.get("mode", "eval"),
         cluster=_section(ClusterSpec, "cluster", raw.get("cluster")),
         output=_section(OutputSpec, "output", raw.get("output")),
@@ -425,6 +476,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         return p if Path(p).is_absolute() else os.path.normpath(base / p)
 
     checkpoints = tuple(near(c) for c in spec.model.checkpoints)
+    hf = near(spec.model.hf) if spec.model.hf is not None else None
     out = near(spec.output.path)
     probes = []
     for p in spec.probes:
@@ -434,7 +486,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         probes.append(p)
     return dataclasses.replace(
         spec,
-        model=dataclasses.replace(spec.model, checkpoints=checkpoints),
+        model=dataclasses.replace(spec.model, checkpoints=checkpoints, hf=hf),
         output=dataclasses.replace(spec.output, path=out),
         probes=tuple(probes),
     )

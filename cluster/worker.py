@@ -23,10 +23,11 @@ from torch.utils.data import default_collate
 
 from cluster.checkpoints import CheckpointError, checkpoint_sha256, load_checkpoint
 from cluster.distributed import ShardedEvaluator, ShardedOperator
+from cluster.hf import load_state_into
 from cluster.pipeline import PipelineHessian, build_stage, grid_groups, stage_bounds
 from cluster.runners import ProbeContext, run_probe
 from cluster.spec import JobSpec, SpecError, import_factory, parse_spec
-from probe.batches import batch_size_of, split_batch, token_count
+from probe.batches import IGNORE_INDEX, batch_size_of, split_batch, token_count
 from probe.evaluate import Evaluator
 from probe.hessian import HessianOperator
 
@@ -116,10 +117,14 @@ def build_loss(loss: str | dict):
         return F.cross_entropy
     if loss == "mse":
         return F.mse_loss
-    if loss == "lm_cross_entropy":
+    if loss in ("lm_cross_entropy", "causal_lm"):  # causal_lm's labels are shifted with the data (probe_subset)
         from probe.gpt import lm_loss
 
         return lm_loss
+    if loss == "model":
+        from probe.batches import model_loss
+
+        return model_loss
     factory = import_factory(loss["factory"], key="loss.factory")
     return factory(**loss.get("kwargs", {}))
 
@@ -144,13 +149,21 @@ def probe_subset(spec: JobSpec, eval_set: str = "probe") -> tuple[Any, torch.Ten
             f"(defined: {', '.join(['probe', *spec.data.eval_sets])})"
         )
     factory = import_factory(path, key=key)
-    dataset = factory(**kwargs)
+    try:
+        dataset = factory(**kwargs)
+    except (ValueError, TypeError, OSError, ImportError, KeyError) as exc:  # the factory's own one-line reason
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpecError(f"{key} {path!r} failed: {first}") from exc
+    if spec.loss == "causal_lm":
+        dataset = ShiftedLabels(dataset)
     n = len(dataset)
     if n == 0:
         raise SpecError(f"{key} {path!r} returned an empty dataset")
     count = n if count is None else count
     if count > n:
         raise SpecError(f"{key}: num_examples={count} exceeds the dataset size {n}; lower it")
+    if spec.loss == "lm_cross_entropy" and _causal(spec):
+        _refuse_unshifted(dataset[0], key)
     g = torch.Generator().manual_seed(spec.seed)
     indices = torch.randperm(n, generator=g)[:count].sort().values
     h = hashlib.sha256()
@@ -159,6 +172,62 @@ def probe_subset(spec: JobSpec, eval_set: str = "probe") -> tuple[Any, torch.Ten
         for t in _leaves(dataset[i]):  # (x, y) pairs hash as they always did
             h.update(torch.as_tensor(t).detach().cpu().contiguous().numpy().tobytes())
     return dataset, indices, h.hexdigest()
+
+
+class ShiftedLabels:
+    """A dataset of Hugging Face causal-LM items (``labels`` equal to ``input_ids``, unshifted) with
+    each item's labels moved one position left and ``-100`` appended, so that position t's logits
+    are scored against token t+1 exactly as transformers' own causal-LM loss does; the last
+    position (and any ``-100`` already there) counts for nothing."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        if not isinstance(item, dict) or "labels" not in item:
+            raise SpecError(
+                f"loss causal_lm needs dict items with 'labels' (token ids, Hugging Face's unshifted "
+                f"convention), got {type(item).__name__}{' keys ' + str(sorted(item)) if isinstance(item, dict) else ''}"
+            )
+        labels = torch.as_tensor(item["labels"])
+        shifted = torch.full_like(labels, IGNORE_INDEX)
+        shifted[..., :-1] = labels[..., 1:]
+        return {**item, "labels": shifted}
+
+
+def _causal(spec: JobSpec) -> bool:
+    """Whether the model predicts the next token: any factory model (the built-in GPT is causal),
+    an hf model whose class is a causal LM. A masked LM scores labels equal to its inputs legitimately."""
+    m = spec.model
+    if m.hf is None:
+        return True
+    if m.hf_class != "auto":
+        return m.hf_class == "causal_lm"
+    from cluster.hf import config_path
+
+    try:
+        import json as _json
+
+        archs = _json.loads(config_path(m.checkpoints[0], m.hf).read_text()).get("architectures") or []
+    except Exception:  # noqa: BLE001 - a run folder: the driver's checks name its faults
+        return False
+    return any("CausalLM" in a or "LMHead" in a for a in archs)
+
+
+def _refuse_unshifted(item, key: str) -> None:
+    """``lm_cross_entropy`` scores position t against label t: labels equal to input_ids are
+    Hugging Face's unshifted convention and would train the model to copy its input."""
+    if isinstance(item, dict) and "labels" in item and "input_ids" in item:
+        labels, ids = torch.as_tensor(item["labels"]), torch.as_tensor(item["input_ids"])
+        if labels.shape == ids.shape and bool((labels == ids).all()):
+            raise SpecError(
+                f"{key}: labels equal input_ids (Hugging Face's unshifted causal-LM convention), which "
+                "loss lm_cross_entropy would score as copying the input; use loss: causal_lm, which shifts them"
+            )
 
 
 def task_seed(job_seed: int, probe_index: int) -> int:
@@ -179,7 +248,7 @@ class ProbeWorker:
         self.spec = parse_spec(spec)
         self.rank = rank
         self.world_size = world_size
-        self.dtype = DTYPES[self.spec.precision]
+        self.dtype = DTYPES[self._precision()]
         use_gpu = self.spec.cluster.gpus_per_worker > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
         self.backend = "nccl" if use_gpu else "gloo"
@@ -191,6 +260,17 @@ class ProbeWorker:
         self.stage, self.replica, self.replicas = 0, rank, world_size
         self.pipe_ranks: list[int] = []
         self.pipe_group = self.data_group = None
+
+    def _precision(self) -> str:
+        """The spec's precision; ``auto`` (the driver resolves it before workers start) as the driver would."""
+        if self.spec.precision != "auto":
+            return self.spec.precision
+        from cluster.checkpoints import expand_checkpoints
+        from cluster.hf import resolve_precision
+
+        hf = self.spec.model.hf is not None
+        first = expand_checkpoints(self.spec.model.checkpoints)[0] if hf else None
+        return resolve_precision("auto", hf, first)[0]
 
     def rendezvous(self) -> str:
         """A ``tcp://HOST:PORT`` address on this worker's host with a free port (called on rank 0)."""
@@ -233,6 +313,8 @@ class ProbeWorker:
         mine = indices.tensor_split(self.replicas)[self.replica] if self.stages > 1 else indices.tensor_split(self.world_size)[self.rank]
         bs = self.spec.data.batch_size
         batches = [default_collate([dataset[i] for i in mine[j : j + bs].tolist()]) for j in range(0, len(mine), bs)]
+        if self.spec.loss == "model":  # the model computes its own loss: it gets the labels with its inputs
+            batches = [(dict(b), b["labels"]) if isinstance(b, dict) and "labels" in b else b for b in batches]
         tokens = None
         if self.spec.weighting == "tokens":  # over the whole set, not this shard: no collective needed
             tokens = sum(token_count(torch.as_tensor(split_batch(dataset[i])[1])) for i in indices.tolist())
@@ -264,6 +346,8 @@ class ProbeWorker:
         Raises:
             CheckpointError: for missing or unexpected keys or shape mismatches, naming them.
         """
+        if self.spec.model.hf is not None:
+            return self._build_hf(checkpoint)
         factory = import_factory(self.spec.model.factory, key="model.factory")
         if self.stages > 1:
             return self._build_stage(factory, checkpoint)
@@ -275,28 +359,34 @@ class ProbeWorker:
         # In the spec's precision before loading: a float64 checkpoint keeps its digits in a float64 job
         # (loaded into the factory's float32 first, it would be rounded); float32 ones load exactly either way.
         model = factory(**self.spec.model.kwargs).to(dtype=self.dtype)
+        state, meta = self._read(checkpoint)
+        # tied parameters load from whichever of their names the file holds (see load_state_into)
+        load_state_into(model, state, checkpoint, what=f"model.factory {self.spec.model.factory!r}",
+                        dtype=self.dtype, device=self.device)
+        return model.to(device=self.device, dtype=self.dtype), meta
+
+    def _read(self, checkpoint: str) -> tuple[dict, dict]:
+        """A checkpoint's tensors (finite, checked) and metadata; optimizer state saved beside the
+        weights (safetensors: ``optimizer.<field>.<param>``) is kept apart in the metadata."""
         state, meta = load_checkpoint(checkpoint)
-        # Optimizer state saved beside the weights (safetensors: "optimizer.<field>.<param>") is kept apart.
         optimizer_tensors = {k: state.pop(k) for k in [k for k in state if k.startswith(OPTIMIZER_PREFIX)]}
         if optimizer_tensors:
             meta = {**meta, "_optimizer_tensors": optimizer_tensors}
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"checkpoint {checkpoint!r} does not match model.factory {self.spec.model.factory!r}: "
-                f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
-            )
-        for k, v in state.items():
-            if v.shape != expected[k].shape:
-                raise CheckpointError(
-                    f"checkpoint {checkpoint!r}: tensor {k!r} has shape {tuple(v.shape)}, "
-                    f"the model expects {tuple(expected[k].shape)}"
-                )
         _check_finite(state, checkpoint)
-        model.load_state_dict(state)
-        return model.to(device=self.device, dtype=self.dtype), meta
+        return state, meta
+
+    def _build_hf(self, checkpoint: str) -> tuple[torch.nn.Module, dict]:
+        """A Hugging Face model built from the checkpoint's own config.json with its tensors (ties kept)."""
+        from cluster.hf import build_hf_model, describe
+
+        if checkpoint == "init":
+            raise SpecError("checkpoint 'init' is not available with model.hf; give two checkpoint folders")
+        state, meta = self._read(checkpoint)
+        m = self.spec.model
+        model = build_hf_model(checkpoint, state, hf_root=m.hf, hf_class=m.hf_class,
+                               attn_implementation=m.attn_implementation, dtype=self.dtype, device=self.device)
+        self.model_info = describe(model)
+        return model, meta
 
     def _build_stage(self, factory, checkpoint: str) -> tuple[torch.nn.Module, dict]:
         """This worker's pipeline stage: the model skeleton on the meta device, this stage's children
@@ -358,6 +448,9 @@ class ProbeWorker:
         record = run_probe(task["kind"], ctx, task["options"], task_seed(self.spec.seed, task["probe_index"]))
         record["duration_s"] = time.perf_counter() - t0
         record["world_size"] = self.world_size
+        if self.stages == 1:  # model.parameters() lists a tied tensor once
+            record["num_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        record["attention"] = getattr(self, "model_info", {}).get("attention")
         record["checkpoint_metadata"] = {k: str(v) for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
         if self._ray_metrics is not None:
             self._ray_metrics.record(self.spec.name, task["kind"], record.get("num_matvecs", 0), record["duration_s"])

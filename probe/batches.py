@@ -11,6 +11,8 @@ A batch is either
 
 A model may return its outputs as a tensor or as an object with a ``.logits``
 tensor (or a mapping with ``"logits"``); the loss is ``loss_fn(outputs, targets)``.
+When a pair's inputs themselves hold ``"labels"``, the model computes its own loss
+and the whole output goes to the loss function (:func:`model_loss` takes its ``.loss``).
 
 Weighting. Every operator and evaluator is of the mean loss over the whole probe
 set, each batch's mean loss ``ℓ_b`` entering with weight ``c_b / C``:
@@ -47,6 +49,7 @@ __all__ = [
     "WeightedBatches",
     "batch_size_of",
     "call_model",
+    "model_loss",
     "move_batch",
     "outputs_of",
     "prepare_batches",
@@ -137,7 +140,30 @@ def call_model(model: nn.Module, inputs: Any, state: dict[str, Tensor] | None = 
     """
     args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
     out = model(*args, **kwargs) if state is None else functional_call(model, state, args, kwargs)
+    if isinstance(inputs, Mapping) and LABELS in inputs:
+        return out  # the model was given its labels and computed its own loss: see model_loss
     return outputs_of(out)
+
+
+def model_loss(outputs: Any, targets: Any = None) -> Tensor:
+    """The loss a model returned itself (Hugging Face models given ``labels``: ``outputs.loss``).
+
+    Use with batches whose *inputs* carry the labels, ``({"input_ids": ..., "labels": y}, y)``:
+    :func:`call_model` then passes the model's whole output here. ``targets`` only count
+    examples for the weighting.
+
+    Raises:
+        ValueError: when the output carries no loss.
+    """
+    loss = getattr(outputs, "loss", None)
+    if loss is None and isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+    if not isinstance(loss, Tensor):
+        raise ValueError(
+            "loss 'model' needs a model that returns its own loss when given labels (a Hugging Face "
+            f"model's outputs.loss), got {type(outputs).__name__} without one; use another loss"
+        )
+    return loss
 
 
 @dataclass(frozen=True)

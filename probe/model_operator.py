@@ -72,6 +72,8 @@ from probe.params import ParameterSpace
 
 __all__ = [
     "ModelOperator",
+    "double_backward_attention",
+    "model_mode",
     "Batch",
     "LossFn",
     "MODES",
@@ -110,18 +112,39 @@ def vector_dtype(param_dtype: torch.dtype, accumulate_dtype: torch.dtype | None)
 
 
 @contextmanager
+def double_backward_attention() -> Iterator[None]:
+    """Restrict ``torch.nn.functional.scaled_dot_product_attention`` to its math kernel.
+
+    The fused kernels (flash and memory-efficient attention on CUDA, the flash kernel
+    on CPU) have no derivative of their backward, so a Hessian-vector product through
+    them fails (``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
+    is not implemented``); the math kernel is plain composite autograd. Models that do
+    not call SDPA are unaffected. The choice is made when the forward pass records
+    the graph, so graphs built inside this context stay twice differentiable after it.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+@contextmanager
 def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """Temporarily put ``model`` in ``mode`` (``"eval"`` or ``"train"``), restoring it after.
 
     In train mode the buffers (BatchNorm running statistics and their counters) are
     restored too, so probing never changes the model. On CUDA, cuDNN runs
     deterministically and without TF32, so float32 products are float32.
+    ``scaled_dot_product_attention`` is restricted to its math kernel (see
+    :func:`double_backward_attention`), so every gradient graph built here can be
+    differentiated twice.
     """
     previous = model.training
     saved = [(b, b.clone()) for b in model.buffers()] if mode == "train" else []
     model.train(mode == "train")
     try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False), \
+                double_backward_attention():
             yield
     finally:
         model.train(previous)

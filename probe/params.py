@@ -48,6 +48,8 @@ class ParameterSpace:
             ValueError: if an entry of ``select`` matches no trainable parameter, or the
                 selection is empty. The message lists the valid names.
         """
+        # A tensor shared by several modules (tied embedding and head) is one parameter: it is
+        # listed once, under its first name, as the optimizer sees it; its other names select it.
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if select is None:
             chosen = named
@@ -56,14 +58,20 @@ class ParameterSpace:
                 select = [select]
             if not select:
                 raise ValueError("parameter selection is empty; pass None for all trainable parameters or at least one name")
-            valid = [n for n, _ in named]
+            canonical = {id(p): n for n, p in named}
+            aliases = [(n, canonical[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)
+                       if id(p) in canonical]
+            valid = [n for n, _ in aliases]
+            picked: set[str] = set()
             for s in select:
-                if not any(n == s or n.startswith(s + ".") for n in valid):
+                hits = {c for n, c in aliases if n == s or n.startswith(s + ".")}
+                if not hits:
                     raise ValueError(
                         f"parameter selection {s!r} matches no trainable parameter; "
                         f"valid names: {', '.join(valid)}"
                     )
-            chosen = [(n, p) for n, p in named if any(n == s or n.startswith(s + ".") for s in select)]
+                picked |= hits
+            chosen = [(n, p) for n, p in named if n in picked]
         if not chosen:
             raise ValueError("the model has no trainable parameters to probe (all have requires_grad=False)")
         return cls(

@@ -161,9 +161,9 @@ def test_unknown_loss_factory_key_is_rejected():
         (lambda r: r.update(cluster={"cpus_per_worker": -1}), "cluster.cpus_per_worker must be a non-negative number, got -1"),
         (lambda r: r.update(cluster={"gpus_per_worker": "one"}), "cluster.gpus_per_worker must be a non-negative number, got 'one'"),
         (lambda r: r.update(cluster={"backend": "slurm"}), "cluster.backend must be one of auto, ray, process, local, got 'slurm'"),
-        (lambda r: r.update(precision="float16"), "precision must be one of float32, float64, bfloat16, got 'float16'"),
+        (lambda r: r.update(precision="float16"), "precision must be one of auto, float32, float64, bfloat16, got 'float16'"),
         (lambda r: r.update(mode="weird"), "mode must be one of eval, train, got 'weird'"),
-        (lambda r: r.update(loss="hinge"), "loss must be one of cross_entropy, mse, lm_cross_entropy or {factory: 'pkg.module:callable'}, got 'hinge'"),
+        (lambda r: r.update(loss="hinge"), "loss must be one of cross_entropy, mse, lm_cross_entropy, causal_lm, model or {factory: 'pkg.module:callable'}, got 'hinge'"),
         (lambda r: r.update(loss={"kwargs": {}}), "loss.factory must be 'package.module:callable', got None"),
         (lambda r: r.update(loss={"factory": "a.b:c", "weighting": "sequences"}),
          "loss.weighting must be one of examples, tokens (tokens: the loss is a per-batch mean over targets != -100), "
@@ -206,11 +206,46 @@ def test_missing_required_top_level_key(key):
         parse_spec(raw)
 
 
-@pytest.mark.parametrize("section, key", [("model", "factory"), ("data", "factory")])
-def test_missing_required_section_key(section, key):
+def test_missing_required_section_key():
     raw = raw_spec()
-    del raw[section][key]
-    with pytest.raises(SpecError, match=re.escape(f"{section} is missing required key(s): {section}.{key}")):
+    del raw["data"]["factory"]
+    with pytest.raises(SpecError, match=re.escape("data is missing required key(s): data.factory")):
+        parse_spec(raw)
+
+
+def test_model_needs_exactly_one_of_factory_and_hf():
+    raw = raw_spec()
+    del raw["model"]["factory"]
+    with pytest.raises(SpecError, match=re.escape("model needs exactly one of model.factory")):
+        parse_spec(raw)
+    raw = raw_spec()
+    raw["model"]["hf"] = "run"
+    with pytest.raises(SpecError, match=re.escape("model needs exactly one of model.factory")):
+        parse_spec(raw)
+
+
+def test_hf_model_spec_defaults_and_checks():
+    raw = raw_spec()
+    raw["model"] = {"hf": "run"}
+    spec = parse_spec(raw)
+    assert spec.model.checkpoints == ("run",) and spec.model.hf_class == "auto" and spec.precision == "auto"
+    assert spec.model.source == "hf:run"
+    for bad, message in [
+        ({"hf": "run", "hf_class": "seq2seq"}, "model.hf_class must be one of auto, causal_lm"),
+        ({"hf": "run", "attn_implementation": "flash_attention_2"},
+         "model.attn_implementation 'flash_attention_2' has no double backward (Hessian-vector products need one); "
+         "use sdpa (run with its math kernel) or eager"),
+        ({"hf": "run", "kwargs": {"width": 3}}, "model.kwargs applies to model.factory only"),
+        ({"factory": "m:f", "checkpoints": ["a.pt"], "hf_class": "causal_lm"}, "model.hf_class applies to model.hf models only"),
+    ]:
+        raw["model"] = bad
+        with pytest.raises(SpecError, match=re.escape(message)):
+            parse_spec(raw)
+    raw["model"] = {"hf": "run"}
+    raw["loss"] = "model"
+    assert parse_spec(raw).loss == "model"
+    raw["model"] = {"factory": "m:f", "checkpoints": ["a.pt"]}
+    with pytest.raises(SpecError, match=re.escape("loss: model uses the loss a Hugging Face model returns")):
         parse_spec(raw)
 
 
