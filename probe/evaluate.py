@@ -131,6 +131,8 @@ class Evaluator:
         Per example (``argmax != target``, averaged over every target entry) or, with
         token weighting, per counted token.
         """
+        if not isinstance(out, Tensor):  # a model that computed its own loss (batches.model_loss): no error rate
+            return torch.tensor(float("nan"), dtype=torch.float64, device=y.device)
         wrong = out.argmax(-1) != y  # (..., *y.shape)
         lead = wrong.shape[: wrong.ndim - y.ndim]
         if self._tokens is None:

@@ -86,3 +86,68 @@ def test_probe_run_on_a_saved_hf_model_equals_its_dense_hessian(tmp_path, family
     g = torch.Generator().manual_seed(task_seed(0, 2))
     expected = trace(DenseOperator(H, symmetry_tol=1e-5), method="hutch++", num_matvecs=TRACE_MATVECS, generator=g).trace
     assert math.isclose(tr["trace"], expected, rel_tol=0, abs_tol=tol * scale * 10), (tr["trace"], expected)
+
+
+def test_every_kind_runs_on_a_tied_hf_model_and_counts_the_tie_once(tmp_path):
+    """Sharpness, surfaces, PAC-Bayes, critical points, spectra and a barrier between two checkpoints
+    of a tied Llama, in one local job: the evaluators and operators see one embedding/head tensor."""
+    probes = [
+        {"kind": "sharpness", "measures": ["lambda_max", "keskar", "sam", "adaptive"], "steps": 3},
+        {"kind": "surface", "dims": 1, "resolution": 5},
+        {"kind": "pacbayes", "samples": 4},
+        {"kind": "critical", "runs": 2, "steps": 10},
+        {"kind": "spectrum", "runs": 2, "steps": 10},
+    ]
+    spec_path, model, model_dir, _ = write_spec(tmp_path, "llama_tied", workers=1, probes=probes)
+    other = tmp_path / "other"
+    hf_files.write_model("llama_tied", other, seed=1)
+    raw = yaml.safe_load(spec_path.read_text())
+    raw["cluster"] = {"num_workers": 1, "backend": "local"}
+    raw["probes"].append({"kind": "barrier", "between": [str(model_dir / "model.safetensors.index.json"),
+                                                         str(other / "model.safetensors.index.json")], "points": 5})
+    spec_path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(spec_path)]) == 0
+    dim = sum(p.numel() for p in model.parameters())
+    for kind in ("sharpness", "surface", "pacbayes", "critical", "spectrum", "barrier"):
+        rows = read(tmp_path / "results", kind)
+        assert rows and all(r["num_parameters"] == dim for r in rows), kind
+    sharp = {r["measure"]: r["value"] for r in read(tmp_path / "results", "sharpness")}
+    assert all(math.isfinite(v) for v in sharp.values()) and sharp["lambda_max"] > 0
+    barrier = read(tmp_path / "results", "barrier")[0]
+    assert len(barrier["loss"]) == 5 and math.isfinite(barrier["barrier_height"])
+
+
+def test_per_layer_restriction_names_a_tied_head_by_either_name(tmp_path):
+    """``params=["lm_head"]`` selects the tied embedding: the diagonal block of that one tensor."""
+    import transformers
+
+    from probe.hessian import HessianOperator
+    from probe.gpt import lm_loss
+
+    model = hf_files.write_model("llama_tied", tmp_path / "m")
+    ids = hf_files.all_windows(hf_files.write_tokens(tmp_path / "t.parquet"))
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    batches = [{"input_ids": ids, "labels": labels}]
+    head = HessianOperator(model, lm_loss, batches, params=["lm_head"], weighting="tokens")
+    embed = HessianOperator(model, lm_loss, batches, params=["model.embed_tokens"], weighting="tokens")
+    assert head.space.names == embed.space.names == ("model.embed_tokens.weight",)
+    v = torch.randn(head.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(head.matvec(v), embed.matvec(v))
+    assert isinstance(model, transformers.LlamaForCausalLM)
+
+
+def test_loss_model_is_the_models_own_loss(tmp_path):
+    """``loss: model`` runs transformers' own causal-LM loss (labels given to the model); it is the
+    causal_lm objective, computed by transformers with its logits cast to float32, so the two jobs'
+    λ_max agree to float32's level."""
+    probes = [{"kind": "eigenvalues", "k": 1, "tol": 1e-8}]
+    values = {}
+    for loss in ("causal_lm", "model"):
+        folder = tmp_path / loss
+        folder.mkdir()
+        spec_path, *_ = write_spec(folder, "llama_tied", workers=1, probes=probes,
+                                   extra={"loss": loss, "cluster": {"num_workers": 1, "backend": "local"}})
+        assert main(["run", str(spec_path)]) == 0
+        values[loss] = read(folder / "results", "eigenvalues")[0]["eigenvalues"][0]
+    assert math.isclose(values["model"], values["causal_lm"], rel_tol=1e-5), values
