@@ -1,6 +1,7 @@
 # Two entry points for a fresh clone (see README.md):
 #   make demo   install into .venv and run the embedded default job
-#   make test   install into .venv (with test extras) and run the test suite
+#   make test   install into .venv (with test extras), install Prometheus and Chromium
+#               when missing (Debian packages), and run the test suite
 # On a CPU machine the install pins torch==2.13.0 (the CPU build) before the
 # package, so pip never pulls a CUDA build to satisfy pyproject's torch range.
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test bench-env bench clean
+.PHONY: install system demo test bench-env bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +24,20 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/probe demo
 
-test: install
+# The tests start real Prometheus (and promtool) and headless Chromium: Debian's
+# prometheus and chromium packages, installed here when missing (as root, or with sudo).
+system:
+	@need=""; \
+	 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || need="$$need prometheus"; \
+	 command -v chromium >/dev/null 2>&1 || need="$$need chromium"; \
+	 if [ -n "$$need" ]; then \
+	   sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	   echo "installing Debian packages:$$need"; \
+	   $$sudo apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$need >/dev/null; \
+	 fi
+
+test: install system
 	$(PY) -m pytest -q
 
 clean:

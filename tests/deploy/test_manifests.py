@@ -1,6 +1,6 @@
 """Every file under ``deploy/`` parses and agrees with the project it deploys.
 
-``deploy/`` holds manifests only (``../shared/DESIGN.md``); nothing here runs a
+``deploy/`` holds manifests only (README.md, "Deployment"); nothing here runs a
 cluster. What can be checked without one is checked against the project's own
 declarations, so a renamed metric, CLI flag, spec key, port or version breaks this
 suite instead of a deployment:
