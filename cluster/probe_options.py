@@ -1,7 +1,7 @@
 """The options each probe kind of a job spec accepts: defaults and checks.
 
 ``PROBE_OPTIONS[kind]`` holds every option of that kind with its default (the
-kinds of ``../shared/DESIGN.md``); ``OPTION_CHECKS[kind][option]`` is a predicate
+kinds of README.md); ``OPTION_CHECKS[kind][option]`` is a predicate
 and the words for what it expects, so that :class:`cluster.spec.ProbeSpec` can say
 "probes[KIND].OPTION must be WHAT, got VALUE".
 """
@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 __all__ = ["PROBE_OPTIONS", "OPTION_CHECKS", "ALL_KINDS", "PIPELINE_KINDS"]
 
-# Options each probe kind accepts, with defaults (every kind of DESIGN.md).
+# Options each probe kind accepts, with defaults (every kind in README.md).
 PROBE_OPTIONS: dict[str, dict[str, Any]] = {
     "eigenvalues": {"k": 5, "which": "largest", "tol": 1e-6, "max_steps": None, "reorth": "full", "basis": "device",
                     "basis_memory_bytes": None, "symmetry_check": None},
