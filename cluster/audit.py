@@ -7,8 +7,9 @@ and repeats until stopped (SIGTERM or SIGINT end it after the current pass). A p
    ``flock``): a second audit of the same job waits for the first and then finds
    its work stored, so two audits never run a task twice or write a row twice;
 2. discovers checkpoints (``model.checkpoints``: files, folders, globs, sharded
-   safetensors indexes) and hashes their contents; an existing folder or a glob
-   that matches nothing yet is an empty series, not an error;
+   safetensors indexes, training-run folders of ``checkpoint-N/`` subfolders) and
+   hashes their contents; an existing folder or a glob that matches nothing yet is
+   an empty series, not an error (a warning line; the checkpoint gauge reads 0);
 3. plans the job's tasks and leaves out those stored already (the task key covers
    the checkpoint's content hash and the probe's resolved options, so a changed
    probe config or a rewritten checkpoint is audited again) and those backing off;
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from cluster.checkpoints import CheckpointError, checkpoint_sha256, expand_checkpoints, is_index, shard_files
+from cluster.checkpoints import CheckpointError, checkpoint_sha256, expand_checkpoints, hashed_files
 from cluster.job import Task, choose_backend, run_job
 from cluster.metrics import Metrics
 from cluster.spec import JobSpec
@@ -130,14 +131,17 @@ class PassReport:
 
 
 def _discover(entries: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Checkpoint files of ``entries``, and notes for entries that match nothing yet."""
+    """Checkpoint files of ``entries``, and notes for entries that match nothing yet (a folder,
+    a run folder whose ``checkpoint-N/`` hold no weights yet, or a glob)."""
     found, notes = [], []
     for entry in entries:
         try:
             found.extend(expand_checkpoints([entry]))
-        except CheckpointError:
+        except CheckpointError as exc:
             if Path(entry).is_dir() or any(ch in entry for ch in "*?["):
-                notes.append(f"{entry!r} holds no checkpoint yet")
+                why = str(exc).rsplit("; ", 1)[-1] if Path(entry).is_dir() else ""
+                why = why if why.startswith("found") else ""
+                notes.append(f"{entry!r} holds no checkpoint yet{f' ({why})' if why else ''}")
             else:
                 raise
     return list(dict.fromkeys(found)), notes
@@ -169,10 +173,10 @@ class Auditor:
         self._hashes: dict[str, tuple[tuple, str]] = {}  # path -> ((size, mtime_ns) per file, sha256)
 
     def _content_hash(self, path: str) -> str:
-        """``checkpoint_sha256``, computed again only when the file's (or an index's shards')
-        size or modification time changed: a pass over a folder of large checkpoints does not
-        reread every one of them."""
-        files = [Path(path)] + (shard_files(path) if is_index(path) else [])
+        """``checkpoint_sha256``, computed again only when the size or modification time of a file
+        it covers (the file, an index's shards, the folder's config.json) changed: a pass over a
+        folder of large checkpoints does not reread every one of them."""
+        files = hashed_files(path)
         stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
         cached = self._hashes.get(path)
         if cached is None or cached[0] != stamp:
@@ -203,7 +207,7 @@ class Auditor:
         with AuditLock(spec.output.path, name, progress=self.progress):
             paths, notes = _discover(spec.model.checkpoints)
             for note in notes:
-                self.progress(f"[{name}] audit: {note}")
+                self.progress(f"[{name}] audit: warning: {note}")
             checkpoints = []
             for p in paths:
                 try:

@@ -70,8 +70,10 @@ def _run(args) -> int:
     spec = load_spec(args.spec, args.overrides)
     backend = choose_backend(spec)
     if backend == "ray":
+        from cluster.job import preflight
         from cluster.raytools import connect
 
+        preflight(spec)  # checkpoints, model and data checked: bad input exits 2 before Ray starts
         connect(spec.cluster.address, num_cpus=None)
     metrics = server = None
     if args.metrics_port is not None:

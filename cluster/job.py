@@ -22,7 +22,7 @@ from typing import Callable
 
 from pathlib import Path
 
-from cluster.checkpoints import CheckpointError, checkpoint_sha256, expand_checkpoints
+from cluster.checkpoints import CheckpointError, CheckpointInfo, checkpoint_entries, checkpoint_info, checkpoint_sha256
 from cluster.estimate import check_fits, estimate
 from cluster.groups import LocalGroup, ProcessGroup, RayGroup, TaskError, WorkerLost
 from cluster.metrics import FAILURE_REASONS, Metrics, failure_category
@@ -68,10 +68,59 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def _model_ident(spec: JobSpec) -> list:
+    """What the model is built from, as the task key sees it (a factory's key is as it always was)."""
+    m = spec.model
+    if m.factory is not None:
+        return [m.factory, m.kwargs]
+    return [m.source, {"hf_class": m.hf_class, "attn_implementation": m.attn_implementation}]
+
+
+def preflight(spec: JobSpec) -> None:
+    """Every input check that needs no worker, for callers about to start a cluster: factories
+    import, checkpoints exist (run folders included), the model builds from each (``model.hf``:
+    config, attention, tensor names and shapes), and the data factory gives the probe set.
+
+    Raises:
+        SpecError, CheckpointError: one line naming the key or file and the fix.
+    """
+    if spec.model.factory is not None:
+        import_factory(spec.model.factory, key="model.factory")
+    if isinstance(spec.loss, dict):
+        import_factory(spec.loss["factory"], key="loss.factory")
+    from cluster.checkpoints import expand_checkpoints
+
+    spec = prepare_model(spec, expand_checkpoints(spec.model.checkpoints), lambda m: None)
+    probe_subset(spec)
+
+
+def prepare_model(spec: JobSpec, paths: list[str], progress: Callable[[str], None] = print) -> JobSpec:
+    """Checks of the model that need no worker, and ``precision: auto`` resolved.
+
+    For ``model.hf`` every checkpoint's config must build (on the meta device) with an attention
+    that has a double backward, and its weights' names and shapes (safetensors headers) must match
+    it, ties allowed. ``auto`` precision becomes the first checkpoint's dtype (hf) or float32.
+
+    Raises:
+        CheckpointError: one line naming the file and the fix.
+    """
+    from cluster.hf import check_hf_checkpoint, resolve_precision
+
+    hf = spec.model.hf is not None
+    if hf:
+        for p in paths:
+            check_hf_checkpoint(p, hf_root=spec.model.hf, hf_class=spec.model.hf_class,
+                                attn_implementation=spec.model.attn_implementation)
+    precision, note = resolve_precision(spec.precision, hf, paths[0] if paths else None)
+    if note:
+        progress(f"[{spec.name}] {note}")
+    return replace(spec, precision=precision) if precision != spec.precision else spec
+
+
 def _task_key(spec: JobSpec, ckpt_sha: str, kind: str, options: dict, probe_index: int, data_sha: str) -> str:
     ident = json.dumps(
         [spec.name, ckpt_sha, kind, options, task_seed(spec.seed, probe_index), spec.precision, spec.mode,
-         spec.model.factory, spec.model.kwargs, spec.loss, data_sha],
+         *_model_ident(spec), spec.loss, data_sha],
         sort_keys=True,
         default=str,
     )
@@ -90,13 +139,17 @@ def _sha(path: str) -> str:
     return checkpoint_sha256(path)
 
 
-def plan_tasks(spec: JobSpec, checkpoints: list[tuple[str, str]], data_sha: str) -> list[Task]:
+def plan_tasks(spec: JobSpec, checkpoints: list[tuple[str, str]], data_sha: str,
+               infos: dict[str, CheckpointInfo] | None = None) -> list[Task]:
     """Tasks for ``checkpoints`` (``(path, sha256)`` pairs) × the spec's probes, in checkpoint order.
 
     A barrier probe is one task over its two endpoints (its row's ``checkpoint`` is
     the second endpoint; the task key covers both endpoints' contents). An eos probe
-    is one task over the series with a row (and a storage key) per checkpoint.
+    is one task over the series with a row (and a storage key) per checkpoint; its
+    ``series_steps`` are the checkpoints' training steps (``infos``, else
+    :func:`cluster.checkpoints.checkpoint_info`), a checkpoint's index where unknown.
     """
+    infos = infos if infos is not None else {}
     tasks = []
     for path, sha in checkpoints:
         for i, p in enumerate(spec.probes):
@@ -108,7 +161,9 @@ def plan_tasks(spec: JobSpec, checkpoints: list[tuple[str, str]], data_sha: str)
             tasks.append(Task(path, sha, p.kind, options, i, _task_key(spec, sha, p.kind, options, i, data_sha)))
     for i, p in enumerate(spec.probes):
         if p.kind == "eos" and checkpoints:  # one task over the series, in order (warm starts), one row per checkpoint
-            options = {**p.resolved(), "series": [c for c, _ in checkpoints], "series_steps": list(range(len(checkpoints)))}
+            steps = [(infos.get(c) or checkpoint_info(c)).step for c, _ in checkpoints]
+            steps = [i if s is None else s for i, s in enumerate(steps)]
+            options = {**p.resolved(), "series": [c for c, _ in checkpoints], "series_steps": steps}
             row_keys = tuple(_task_key(spec, sha, p.kind, p.resolved(), i, data_sha) for _, sha in checkpoints)
             key = hashlib.sha256("".join(row_keys).encode()).hexdigest()[:24]
             tasks.append(Task(checkpoints[-1][0], checkpoints[-1][1], p.kind, options, i, key, row_keys))
@@ -243,12 +298,26 @@ def run_job(
     store = ResultStore(spec.output.path)
     versions = library_versions()
     # factories that do not import fail here, before any worker starts, naming the spec key
-    import_factory(spec.model.factory, key="model.factory")
+    if spec.model.factory is not None:
+        import_factory(spec.model.factory, key="model.factory")
     if isinstance(spec.loss, dict):
         import_factory(spec.loss["factory"], key="loss.factory")
+    # each checkpoint with the entry it came from (its run-relative name depends on it); an audit's
+    # discovered checkpoints may lack some entries' (a folder with none yet)
+    entry_of = checkpoint_entries(spec.model.checkpoints, missing_ok=checkpoints is not None)
     if checkpoints is None:
-        checkpoints = [(p, checkpoint_sha256(p)) for p in expand_checkpoints(spec.model.checkpoints)]
+        checkpoints = [(p, checkpoint_sha256(p)) for p in entry_of]
+    infos: dict[str, CheckpointInfo] = {p: checkpoint_info(p, entry_of.get(p)) for p, _ in checkpoints}
+
+    def info_columns(path: str) -> dict:
+        """The common checkpoint_name, step and lr columns of a row about ``path``."""
+        if path not in infos:  # a barrier endpoint outside model.checkpoints, or 'init'
+            infos[path] = checkpoint_info(path, entry_of.get(path))
+        info = infos[path]
+        return {"checkpoint_name": info.name, "step": info.step, "lr": info.lr}
+
     paths = [p for p, _ in checkpoints]
+    spec = prepare_model(spec, paths, progress)
     est = None
     if checkpoints:
         # workers on this host: all of them unless they go to a cluster at an address
@@ -257,7 +326,7 @@ def run_job(
         if here:
             check_fits(est)
     _, indices, data_sha = probe_subset(spec)
-    tasks = plan_tasks(spec, checkpoints, data_sha)
+    tasks = plan_tasks(spec, checkpoints, data_sha, infos)
     if exclude is not None:
         tasks = [t for t in tasks if not exclude(t)]
     summary = JobSummary(run_id, spec.name, spec.output.path, num_tasks=len(tasks))
@@ -296,10 +365,11 @@ def run_job(
             "task_key": task.key,
             "checkpoint": task.checkpoint,
             "checkpoint_sha256": task.checkpoint_sha256,
+            **info_columns(task.checkpoint),
             "probe_config": json.dumps(task.options, sort_keys=True),
             "seed": task_seed(spec.seed, task.probe_index),
             "schema_version": SCHEMA_VERSION,
-            "model_factory": spec.model.factory,
+            "model_factory": spec.model.source,
             "data_sha256": data_sha,
             "num_examples": len(indices),
             "dtype": spec.precision,
@@ -360,7 +430,10 @@ def run_job(
                               "created_at": _now(), "attempts": attempts,
                               "checkpoint_metadata": json.dumps(record.get("checkpoint_metadata", {}), sort_keys=True),
                               "device": str(group.info[0].get("device", "cpu"))}
-                    rows = [{**common, **r} for r in record.get("rows", [{}])]
+                    # rows about their own checkpoint (eos: one per checkpoint of the series) take its
+                    # name, step and lr; a probe's own step or lr (eos, noise: the one it used) wins
+                    rows = [{**common, **(info_columns(r["checkpoint"]) if "checkpoint" in r else {}), **r}
+                            for r in record.get("rows", [{}])]
                     if task.row_keys:  # one stored file per checkpoint's row
                         keys = dict(zip(task.options["series"], task.row_keys))
                         for r in rows:

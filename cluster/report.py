@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
+from cluster.checkpoints import CANONICAL_WEIGHTS
 from cluster.figures import plot_density, plt, save_png
 from cluster.plot_barrier import plot_barriers
 from cluster.plot_eos import plot_eos
@@ -105,13 +106,39 @@ def _time(ts) -> str:
 
 
 def _ckpt_name(path) -> str:
+    """A checkpoint path's short name: the file name, or the folder's for the weights a trainer
+    names the same in every checkpoint folder (``checkpoint-200/model.safetensors``)."""
     text = "" if path is None else str(path)
-    return text.rstrip("/").rsplit("/", 1)[-1] or text
+    parts = text.rstrip("/").rsplit("/", 2)
+    if len(parts) > 1 and parts[-1] in CANONICAL_WEIGHTS:
+        return parts[-2]
+    return parts[-1] or text
 
 
-def _ckpt(path) -> _Raw:
-    """A checkpoint cell: the file name, with the full path as the hover title."""
-    return _Raw(f'<span title="{_e(path)}">{_e(_ckpt_name(path))}</span>') if path else _Raw("—")
+def _label(row: dict) -> str:
+    """How a row's checkpoint is labelled: its ``checkpoint_name`` (run-relative, schema 2), else
+    the short name of its path (rows written before the column existed)."""
+    return row.get("checkpoint_name") or _ckpt_name(row.get("checkpoint"))
+
+
+def _ckpt(path, name: str | None = None) -> _Raw:
+    """A checkpoint cell: its name (``checkpoint_name``, else the file name), with the full path as the hover title."""
+    return _Raw(f'<span title="{_e(path)}">{_e(name or _ckpt_name(path))}</span>') if path else _Raw("—")
+
+
+def _cell(row: dict) -> _Raw:
+    """A row's checkpoint cell."""
+    return _ckpt(row.get("checkpoint"), _label(row))
+
+
+def _order(row: dict) -> tuple:
+    """Rows in job, then training order: step where known, then the checkpoint path naturally."""
+    step = row.get("step")
+    return (str(row.get("job")), step is None, step or 0, _natural(str(row.get("checkpoint"))), str(row.get("task_key")))
+
+
+def _natural(text: str) -> list:
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text)]
 
 
 def _code(text) -> _Raw:
@@ -211,7 +238,7 @@ def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
 def _section_eigenvalues(rows, _figs) -> str:
     return _table(
         ["job", "checkpoint", "which", "eigenvalues", "residuals", "converged", "matvecs", "note", "options"],
-        [[r["job"], _ckpt(r["checkpoint"]), r.get("which"), _values(r.get("eigenvalues")), _values(r.get("residuals")),
+        [[r["job"], _cell(r), r.get("which"), _values(r.get("eigenvalues")), _values(r.get("residuals")),
           r.get("converged"), r.get("num_matvecs"), r.get("note") or "", _code(r.get("probe_config"))] for r in rows],
         numeric=[6],
     )
@@ -220,7 +247,7 @@ def _section_eigenvalues(rows, _figs) -> str:
 def _section_trace(rows, _figs) -> str:
     return _table(
         ["job", "checkpoint", "method", "trace ± stderr", "matvecs", "options"],
-        [[r["job"], _ckpt(r["checkpoint"]), r.get("method"), _pm(r.get("trace"), r.get("trace_stderr")),
+        [[r["job"], _cell(r), r.get("method"), _pm(r.get("trace"), r.get("trace_stderr")),
           r.get("num_matvecs"), _code(r.get("probe_config"))] for r in rows],
         numeric=[3, 4],
     )
@@ -230,7 +257,7 @@ def _section_sharpness(rows, _figs) -> str:
     return _table(
         ["job", "checkpoint", "measure", "value ± stderr", "base loss", "perturbed loss", "parameters",
          "evaluations", "matvecs", "note"],
-        [[r["job"], _ckpt(r["checkpoint"]), r.get("measure"), _pm(r.get("value"), r.get("stderr")),
+        [[r["job"], _cell(r), r.get("measure"), _pm(r.get("value"), r.get("stderr")),
           _num(r.get("base_loss")), _num(r.get("perturbed_loss")), _code(r.get("params")), r.get("num_evaluations"),
           r.get("num_matvecs"), r.get("note") or ""] for r in rows],
         numeric=[3, 4, 5, 7, 8],
@@ -241,7 +268,7 @@ def _section_pacbayes(rows, _figs) -> str:
     return _table(
         ["job", "checkpoint", "variant", "σ* ± stderr", "target", "E ΔL ± stderr", "E error", "KL", "prior", "δ",
          "bound (kl⁻¹)", "bound (√)", "note"],
-        [[r["job"], _ckpt(r["checkpoint"]), r.get("variant"), _pm(r.get("sigma"), r.get("sigma_stderr")),
+        [[r["job"], _cell(r), r.get("variant"), _pm(r.get("sigma"), r.get("sigma_stderr")),
           _num(r.get("target")), _pm(r.get("expected_loss_increase"), r.get("expected_loss_increase_stderr")),
           _pm(r.get("expected_error"), r.get("expected_error_stderr")), _num(r.get("kl")), r.get("prior") or "",
           _num(r.get("delta")), _num(r.get("bound")), _num(r.get("bound_sqrt")), r.get("note") or ""] for r in rows],
@@ -253,7 +280,7 @@ def _section_noise(rows, _figs) -> str:
     return _table(
         ["job", "checkpoint", "‖∇L‖", "tr(Σ)", "noise scale", "η", "B", "temperature η/2B", "(η/4)‖∇L‖²",
          "(η/4B) tr(Σ)", "note"],
-        [[r["job"], _ckpt(r["checkpoint"]), _num(r.get("grad_norm")), _num(r.get("noise_trace")),
+        [[r["job"], _cell(r), _num(r.get("grad_norm")), _num(r.get("noise_trace")),
           _num(r.get("noise_scale")), _num(r.get("lr")), r.get("batch_size"), _num(r.get("temperature")),
           _num(r.get("gd_regularizer")), _num(r.get("sgd_regularizer")), r.get("note") or ""] for r in rows],
         numeric=[2, 3, 4, 5, 6, 7, 8, 9],
@@ -264,7 +291,7 @@ def _section_critical(rows, _figs) -> str:
     return _table(
         ["job", "checkpoint", "label", "‖∇L‖ (threshold)", "λ_min", "λ_max", "negative mass ± stderr (threshold)",
          "matvecs", "rule"],
-        [[r["job"], _ckpt(r["checkpoint"]), r.get("label"),
+        [[r["job"], _cell(r), r.get("label"),
           f"{_num(r.get('grad_norm'))} ({_num(r.get('grad_norm_threshold'))})", _num(r.get("lambda_min")),
           _num(r.get("lambda_max")),
           f"{_pm(r.get('negative_mass'), r.get('negative_mass_stderr'))} ({_num(r.get('negative_mass_threshold'))})",
@@ -276,14 +303,14 @@ def _section_critical(rows, _figs) -> str:
 def _section_spectrum(rows, figs: _Figures) -> str:
     table = _table(
         ["job", "checkpoint", "runs", "σ", "λ_min (Ritz)", "λ_max (Ritz)", "negative mass", "reorth", "matvecs"],
-        [[r["job"], _ckpt(r["checkpoint"]), len(r.get("ritz_values") or []), _num(r.get("sigma"), ".3g"),
+        [[r["job"], _cell(r), len(r.get("ritz_values") or []), _num(r.get("sigma"), ".3g"),
           _num(r.get("lambda_min")), _num(r.get("lambda_max")), _pm(r.get("negative_mass"), r.get("negative_mass_stderr")),
           r.get("reorth"), r.get("num_matvecs")] for r in rows],
         numeric=[2, 3, 4, 5, 6, 8],
     )
     parts = [table]
     for r in rows:
-        title = f"{r['job']} · {_ckpt_name(r['checkpoint'])}: SLQ density, σ={_num(r.get('sigma'), '.3g')}"
+        title = f"{r['job']} · {_label(r)}: SLQ density, σ={_num(r.get('sigma'), '.3g')}"
         parts.append(figs.add("spectrum", (r["job"], r["checkpoint"]), title, partial(_spectrum_png, r, title)))
     return "".join(parts)
 
@@ -312,14 +339,14 @@ def _section_surface(rows, figs: _Figures) -> str:
 
     table = _table(
         ["job", "checkpoint", "dims", "directions", "normalization", "grid points", "min loss", "non-finite", "note"],
-        [[r["job"], _ckpt(r["checkpoint"]), r.get("dims"), r.get("directions"), r.get("normalization"),
+        [[r["job"], _cell(r), r.get("dims"), r.get("directions"), r.get("normalization"),
           len(r.get("loss") or []), _num(min_loss(r)), r.get("num_nonfinite"), r.get("note") or ""] for r in rows],
         numeric=[2, 5, 6, 7],
     )
     parts = [table]
     for r in rows:
         dims = 2 if r.get("beta") else 1
-        title = (f"{r['job']} · {_ckpt_name(r['checkpoint'])}: {dims}-D surface, {r.get('directions')} directions, "
+        title = (f"{r['job']} · {_label(r)}: {dims}-D surface, {r.get('directions')} directions, "
                  f"{r.get('normalization')} normalization")
         parts.append(figs.add("surface", (r["job"], r["checkpoint"], f"{dims}d"), title, partial(_surface_png, r, title)))
     return "".join(parts)
@@ -328,7 +355,7 @@ def _section_surface(rows, figs: _Figures) -> str:
 def _section_eos(rows, figs: _Figures) -> str:
     table = _table(
         ["job", "checkpoint", "step", "lr", "lr from", "optimizer", "λ_max", "threshold", "ratio", "converged", "note"],
-        [[r["job"], _ckpt(r["checkpoint"]), r.get("step"), _num(r.get("lr")), r.get("lr_source"), r.get("optimizer"),
+        [[r["job"], _cell(r), r.get("step"), _num(r.get("lr")), r.get("lr_source"), r.get("optimizer"),
           _num(r.get("lambda_max")), _num(r.get("threshold")), _num(r.get("ratio"), ".3f"), r.get("converged"),
           r.get("note") or ""] for r in rows],
         numeric=[2, 3, 6, 7, 8],
@@ -462,7 +489,7 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     ]
     for kind in present:
         heading, render = _SECTIONS[kind]
-        rows = sorted(data[kind], key=lambda r: (str(r.get("job")), str(r.get("checkpoint")), str(r.get("task_key"))))
+        rows = sorted(data[kind], key=_order)
         body += [f'<section id="{kind}"><h2>{_e(heading)} <small>({_e(kind)}, {len(rows)} rows)</small></h2>',
                  render(rows, figs), "</section>"]
     body += ['<section id="failures"><h2>Failed tasks</h2>', _failures_section(failures), "</section>"]

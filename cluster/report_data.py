@@ -11,30 +11,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.dataset as ds
-
 from cluster.store import ResultStore
 
 __all__ = ["read_rows", "run_failures", "failures"]
 
-_JOB_PARTITIONING = ds.partitioning(pa.schema([("job", pa.string())]), flavor="hive")
-
 
 def read_rows(root: Path, kind: str) -> list[dict]:
-    """Rows of one dataset (empty when the folder is absent or holds no rows)."""
-    folder = root / kind
-    if not folder.is_dir():
-        return []
-    if kind == "failures":  # its files may differ in columns: read the union of their schemas
-        dataset = ds.dataset(folder, format="parquet", partitioning=_JOB_PARTITIONING)
-        schemas = [f.physical_schema for f in dataset.get_fragments()]
-        if not schemas:
-            return []
-        schema = pa.unify_schemas([*schemas, pa.schema([("job", pa.string())])])
-        table = ds.dataset(folder, schema=schema, format="parquet", partitioning=_JOB_PARTITIONING).to_table()
-    else:
-        table = ResultStore(root).read(kind)
+    """Rows of one dataset (empty when the folder is absent or holds no rows).
+
+    Files may differ in columns (``failures``; results written before a schema version
+    added columns, such as ``checkpoint_name``, ``step`` and ``lr`` in version 2), so the
+    union of their schemas is read: a column a file lacks reads as null.
+    """
+    table = ResultStore(root).read(kind)
     return table.to_pylist() if table.num_rows else []
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 __all__ = ["SCHEMA_VERSION", "COMMON_FIELDS", "KIND_FIELDS", "RUNS_SCHEMA", "FAILURES_SCHEMA", "schema_for"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: common checkpoint_name, step, lr (eos's and noise's step/lr moved to common)
 
 _f64 = pa.float64()
 _list = pa.list_(pa.float64())
@@ -23,6 +23,9 @@ COMMON_FIELDS = [
     pa.field("task_key", pa.string(), nullable=False),
     pa.field("checkpoint", pa.string(), nullable=False),
     pa.field("checkpoint_sha256", pa.string(), nullable=False),
+    pa.field("checkpoint_name", pa.string()),  # run-relative: checkpoint-200 (its folder) or step-3.safetensors (its file)
+    pa.field("step", pa.int64()),  # training step: trainer_state.json, the name, or metadata (eos: the step it used)
+    pa.field("lr", _f64),  # learning rate: trainer_state.json or metadata (eos, noise: the rate the probe used)
     pa.field("probe_config", pa.string(), nullable=False),  # JSON of the resolved options
     pa.field("seed", pa.int64(), nullable=False),
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -38,6 +41,8 @@ COMMON_FIELDS = [
     pa.field("duration_s", _f64),
     pa.field("attempts", pa.int32()),  # 1 + restarts after worker failures
     pa.field("checkpoint_metadata", pa.string()),  # JSON: metadata saved with the checkpoint (lr, step, ...)
+    pa.field("num_parameters", pa.int64()),  # unique trainable parameters (a tied tensor counts once)
+    pa.field("attention", pa.string()),  # attention implementation in effect (model.hf), e.g. "sdpa (math kernel)"
 ]
 
 KIND_FIELDS: dict[str, list[pa.Field]] = {
@@ -51,12 +56,14 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("num_matvecs", pa.int64()),
         pa.field("note", pa.string()),
         pa.field("basis_storage", pa.string()),  # device | host | disk | none
+        pa.field("symmetry_defect", _f64),  # |uᵀHv − vᵀHu|/|uᵀHv| (probe.symmetry); null: not measured
     ],
     "trace": [
         pa.field("method", pa.string()),
         pa.field("trace", _f64),
         pa.field("trace_stderr", _f64),
         pa.field("num_matvecs", pa.int64()),
+        pa.field("symmetry_defect", _f64),  # |uᵀHv − vᵀHu|/|uᵀHv| (probe.symmetry); null: not measured
     ],
     "spectrum": [
         pa.field("grid", _list),
@@ -75,6 +82,7 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("num_matvecs", pa.int64()),
         pa.field("basis_storage", pa.string()),  # device | host | disk | none (reorth none keeps no basis)
         pa.field("note", pa.string()),  # e.g. the fallback to reorth none under basis_memory_bytes
+        pa.field("symmetry_defect", _f64),  # |uᵀHv − vᵀHu|/|uᵀHv| (probe.symmetry); null: not measured
     ],
     "sharpness": [  # one row per measure
         pa.field("measure", pa.string()),
@@ -92,6 +100,7 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("num_evaluations", pa.int64()),
         pa.field("num_matvecs", pa.int64()),
         pa.field("note", pa.string()),
+        pa.field("symmetry_defect", _f64),  # of the Hessian behind lambda_max, in every row; null without lambda_max
     ],
     "barrier": [  # one row per path and evaluation set
         pa.field("path", pa.string()),
@@ -128,9 +137,7 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("num_matvecs", pa.int64()),
         pa.field("note", pa.string()),
     ],
-    "eos": [  # one row per checkpoint of the series
-        pa.field("step", pa.int64()),
-        pa.field("lr", _f64),
+    "eos": [  # one row per checkpoint of the series (its step and lr are common columns)
         pa.field("lr_source", pa.string()),  # spec | metadata | sidecar
         pa.field("optimizer", pa.string()),
         pa.field("momentum", _f64),
@@ -142,6 +149,7 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("warm_started", pa.bool_()),
         pa.field("num_matvecs", pa.int64()),
         pa.field("note", pa.string()),
+        pa.field("symmetry_defect", _f64),  # measured once per task (its first checkpoint), in every row
     ],
     "pacbayes": [
         pa.field("variant", pa.string()),
@@ -175,8 +183,7 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("loss", _f64),
         pa.field("temperature", _f64),  # η/(2B)
         pa.field("batch_size", pa.int64()),
-        pa.field("lr", _f64),
-        pa.field("lr_source", pa.string()),  # spec | metadata | none
+        pa.field("lr_source", pa.string()),  # spec | metadata | none (the rate used is the common lr column)
         pa.field("batch_size_source", pa.string()),
         pa.field("gd_regularizer", _f64),  # (η/4)‖∇L‖²
         pa.field("sgd_regularizer", _f64),  # (η/4B) tr(Σ)
@@ -200,6 +207,7 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("rule", pa.string()),
         pa.field("num_matvecs", pa.int64()),
         pa.field("note", pa.string()),
+        pa.field("symmetry_defect", _f64),  # |uᵀHv − vᵀHu|/|uᵀHv| (probe.symmetry); null: not measured
     ],
 }
 

@@ -96,9 +96,22 @@ class ResultStore:
         return {p.name[len("part-") : -len(".parquet")] for p in folder.glob("part-*.parquet")}
 
     def read(self, kind: str) -> pa.Table:
-        """All rows of ``kind`` (every job), with the ``job`` partition column."""
+        """All rows of ``kind`` (every job), with the ``job`` partition column.
+
+        Files written under an older schema version lack the columns added since
+        (``checkpoint_name``, ``step``, ``lr`` in version 2): the union of the files'
+        schemas and the current one is read, so such a column reads as null.
+        """
         folder = self.root / kind
+        declared = {"runs": RUNS_SCHEMA, "failures": FAILURES_SCHEMA}.get(kind) or schema_for(kind)
         if not folder.is_dir():
-            schema = {"runs": RUNS_SCHEMA, "failures": FAILURES_SCHEMA}.get(kind) or schema_for(kind)
-            return schema.empty_table()
-        return ds.dataset(folder, format="parquet", partitioning=_JOB_PARTITIONING).to_table()
+            return declared.empty_table()
+        dataset = ds.dataset(folder, format="parquet", partitioning=_JOB_PARTITIONING)
+        schemas = [f.physical_schema for f in dataset.get_fragments()]
+        if not schemas:
+            return declared.empty_table()
+        try:
+            schema = pa.unify_schemas([*schemas, declared, pa.schema([("job", pa.string())])])
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # a column whose type changed: the files' own view
+            return dataset.to_table()
+        return ds.dataset(folder, schema=schema, format="parquet", partitioning=_JOB_PARTITIONING).to_table()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -285,3 +286,20 @@ def test_sharded_checkpoint_in_the_folder_is_audited_like_its_single_file_twin(t
     got = {r["checkpoint"]: r["eigenvalues"][0] for r in rows(spec_path, "eigenvalues")}
     assert set(got) == {str(single), str(index)}
     assert got[str(index)] == pytest.approx(got[str(single)], rel=1e-10)
+
+
+def test_a_changed_config_json_beside_the_weights_is_audited_again(tmp_path):
+    """The content hash covers a folder's config.json, and the audit's hash cache watches it too."""
+    run = tmp_path / "run"
+    (run / "checkpoint-1").mkdir(parents=True)
+    weights = save_checkpoint(run / "checkpoint-1", 1)
+    (run / "checkpoint-1" / "config.json").write_text('{"hidden": 8}')
+    torch.save({"state": {}}, run / "checkpoint-1" / "optimizer.pt")
+    spec_path = write_spec(tmp_path, run, probes=[{"kind": "trace", "matvecs": 12}])
+    auditor = Auditor(load_spec(spec_path), **quiet)
+    assert (auditor.run_pass().ran, auditor.run_pass().ran) == (1, 0)
+    (run / "checkpoint-1" / "config.json").write_text('{"hidden": 8, "note": "another model"}')
+    assert auditor.run_pass().ran == 1
+    got = rows(spec_path, "trace")
+    assert [r["checkpoint"] for r in got] == [str(weights)] * 2 and len({r["checkpoint_sha256"] for r in got}) == 2
+    assert {r["checkpoint_name"] for r in got} == {"checkpoint-1"} and {r["step"] for r in got} == {1}

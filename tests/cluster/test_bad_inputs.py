@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -69,7 +68,7 @@ def test_interpolation_endpoints_of_different_shapes_fail_naming_the_tensor(tmp_
     probes = [{"kind": "barrier", "between": [str(checkpoints[0]), str(small)], "points": 5}]
     assert main(["run", str(spec(tmp_path, checkpoints[:1], probes))]) == 1
     err = one_line_error(capsys)
-    assert "1 of 1 task(s) failed" in err and str(small) in err and "tensor '1.bias' has shape (8,), the model expects (16,)" in err
+    assert "1 of 1 task(s) failed" in err and str(small) in err and "tensor '1.weight' has shape (8, 64), the model expects (16, 64)" in err
     assert visible_parquet(tmp_path, "barrier") == []
 
 
@@ -113,9 +112,9 @@ def test_bad_specs_and_addresses_exit_non_zero_with_one_line(tmp_path, checkpoin
     if raw["model"].get("checkpoints") == []:
         raw["model"]["checkpoints"] = [str(checkpoints[0])]
     path.write_text(yaml.safe_dump(raw))
-    t0 = time.monotonic()
     assert main(["run", str(path)]) == code
-    assert time.monotonic() - t0 < 30  # an unreachable address fails fast, not after Ray's minutes of retries
+    # an unreachable address: the message is raytools' own TCP check, made before ray.init (which
+    # would retry for minutes), so the fast path is shown by what failed, not by a clock
     err = one_line_error(capsys)
     assert err.startswith(message), err
     assert not (tmp_path / "results").exists()

@@ -169,13 +169,19 @@ def ckpt_folder(tmp_path):
         (folder / name).write_bytes(b"x")
     (folder / "sub.pt").mkdir()  # a folder with a checkpoint suffix is not a file
     (folder / "nested").mkdir()
-    (folder / "nested" / "deep.pt").write_bytes(b"x")
+    (folder / "nested" / "deep.pt").write_bytes(b"x")  # one level down, one weights file: a checkpoint
+    (folder / "nested" / "deeper").mkdir()
+    (folder / "nested" / "deeper" / "deepest.pt").write_bytes(b"x")  # two levels down: not searched
+    (folder / "two").mkdir()
+    for name in ("x.pt", "y.pt"):  # several weights files: not one checkpoint, not listed
+        (folder / "two" / name).write_bytes(b"x")
     return folder
 
 
-def test_folder_expands_to_its_checkpoint_files_sorted_non_recursive(ckpt_folder):
+def test_folder_expands_to_its_checkpoint_files_sorted_and_one_level_down(ckpt_folder):
     got = expand_checkpoints([str(ckpt_folder)])
-    assert got == [str(ckpt_folder / n) for n in ["a.pt", "b.safetensors", "c.pth", "d.bin", "e.safetensors"]]
+    want = ["a.pt", "b.safetensors", "c.pth", "d.bin", "e.safetensors", "nested/deep.pt"]
+    assert got == [str(ckpt_folder / n) for n in want]
 
 
 def test_glob_and_file_entries_keep_entry_order_and_drop_duplicates(ckpt_folder):
@@ -183,6 +189,22 @@ def test_glob_and_file_entries_keep_entry_order_and_drop_duplicates(ckpt_folder)
     got = expand_checkpoints(entries)
     assert got == [str(ckpt_folder / n) for n in ["e.safetensors", "b.safetensors", "a.pt"]]
     assert expand_checkpoints((str(ckpt_folder / "[ab].*"),)) == [str(ckpt_folder / "a.pt"), str(ckpt_folder / "b.safetensors")]
+
+
+def test_training_state_files_are_never_checkpoints(ckpt_folder):
+    from cluster.checkpoints import is_auxiliary
+
+    aux = ["optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_3.pth", "training_args.bin", "scaler.pt",
+           "optimizer.bin", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "trainer_state.json", "config.json"]
+    for name in aux:
+        (ckpt_folder / name).write_bytes(b"x")
+        (ckpt_folder / "nested" / name).write_bytes(b"x")
+    assert all(is_auxiliary(n) for n in aux)
+    assert not any(is_auxiliary(n) for n in ["pytorch_model.bin", "model.safetensors", "model.safetensors.index.json",
+                                             "pytorch_model.bin.index.json", "step-3.pt", "optimum.pt"])
+    got = expand_checkpoints([str(ckpt_folder)])
+    assert got == [str(ckpt_folder / n) for n in ["a.pt", "b.safetensors", "c.pth", "d.bin", "e.safetensors", "nested/deep.pt"]]
+    assert expand_checkpoints([str(ckpt_folder / "*.p*")]) == [str(ckpt_folder / n) for n in ["a.pt", "c.pth"]]
 
 
 @pytest.mark.parametrize("entry", ["missing.safetensors", "*.nothing", "empty"])
