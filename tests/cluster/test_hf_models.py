@@ -72,7 +72,7 @@ def test_probe_run_on_a_saved_hf_model_equals_its_dense_hessian(tmp_path, family
     for row in eig + [tr]:
         assert row["num_parameters"] == dim == sum(p.numel() for p in model.parameters())  # tied counted once
         assert row["dtype"] == "float64" and row["world_size"] == 2
-        assert row["checkpoint_name"] == family if "checkpoint_name" in row else True
+        assert row["checkpoint_name"] == family  # the save_pretrained folder, not the index file
         assert row["attention"] == "sdpa (math kernel)"
         assert row["model_factory"] == f"hf:{model_dir}"
     defect = max(r.get("symmetry_defect") or 0.0 for r in eig + [tr])
@@ -151,3 +151,51 @@ def test_loss_model_is_the_models_own_loss(tmp_path):
         assert main(["run", str(spec_path)]) == 0
         values[loss] = read(folder / "results", "eigenvalues")[0]["eigenvalues"][0]
     assert math.isclose(values["model"], values["causal_lm"], rel_tol=1e-5), values
+
+
+def write_trainer_checkpoint(run, step: int, *, lr: float) -> None:
+    """``run/checkpoint-STEP/`` as the Trainer leaves it: save_pretrained's files, optimizer,
+    scheduler and RNG state, the training arguments and trainer_state.json."""
+    folder = run / f"checkpoint-{step}"
+    hf_files.write_model("llama_tied", folder, seed=step, max_shard_size="1GB")
+    torch.save({"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": lr}]}, folder / "optimizer.pt")
+    torch.save({"last_epoch": step}, folder / "scheduler.pt")
+    torch.save({"cpu": torch.zeros(4, dtype=torch.uint8)}, folder / "rng_state.pth")
+    torch.save({"output_dir": "run"}, folder / "training_args.bin")
+    history = [{"step": s, "learning_rate": lr * s / step, "loss": 1.0} for s in range(5, step + 1, 5)]
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": history}))
+
+
+def test_probe_run_and_audit_on_a_trainer_run_folder(tmp_path):
+    """``model: {hf: run}``: three checkpoint-N folders probed with their steps and learning rates;
+    after a fourth appears, ``probe audit --once`` adds exactly one row per probe, named checkpoint-40."""
+    run = tmp_path / "run"
+    for step in (10, 20, 30):
+        write_trainer_checkpoint(run, step, lr=1e-3)
+    tokens = hf_files.write_tokens(tmp_path / "tokens.parquet")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "trainer-run",
+        "model": {"hf": str(run)},
+        "data": {"factory": "cluster.data:token_windows",
+                 "kwargs": {"path": str(tokens), "window": hf_files.WINDOW, "count": hf_files.WINDOWS},
+                 "num_examples": hf_files.WINDOWS, "batch_size": 6},
+        "loss": "causal_lm",
+        "probes": [{"kind": "eigenvalues", "k": 1, "tol": 1e-4}, {"kind": "trace", "matvecs": 6}],
+        "cluster": {"num_workers": 1, "backend": "local"},
+        "output": {"path": str(tmp_path / "results")},
+    }))
+    assert main(["run", str(spec)]) == 0
+    for kind in ("eigenvalues", "trace"):
+        rows = sorted(read(tmp_path / "results", kind), key=lambda r: r["step"])
+        assert [(r["checkpoint_name"], r["step"]) for r in rows] == [
+            ("checkpoint-10", 10), ("checkpoint-20", 20), ("checkpoint-30", 30)]
+        assert all(math.isclose(r["lr"], 1e-3) for r in rows)
+        assert all(r["checkpoint"].endswith("model.safetensors") for r in rows)
+    write_trainer_checkpoint(run, 40, lr=5e-4)
+    assert main(["audit", str(spec), "--once"]) == 0
+    for kind in ("eigenvalues", "trace"):
+        rows = read(tmp_path / "results", kind)
+        assert len(rows) == 4
+        new = [r for r in rows if r["checkpoint_name"] == "checkpoint-40"]
+        assert len(new) == 1 and new[0]["step"] == 40 and math.isclose(new[0]["lr"], 5e-4)
