@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from cluster.errors import ProbeError
+
 __all__ = [
     "CheckpointError", "expand_checkpoints", "file_sha256", "checkpoint_sha256", "load_checkpoint",
     "is_index", "save_sharded", "ReadStats", "CHECKPOINT_SUFFIXES", "safetensors_header", "shard_files",
@@ -105,8 +107,10 @@ def shard_files(path: str | Path, weight_map: dict[str, str] | None = None) -> l
     return [path.parent / s for s in sorted(set(weight_map.values()))]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ProbeError, ValueError):
     """A checkpoint that cannot be used; the message names the file (and tensor) at fault."""
+
+    category = "bad_checkpoint"
 
 
 def is_auxiliary(path: str | Path) -> bool:

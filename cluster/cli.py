@@ -112,10 +112,7 @@ def _submit(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from cluster.checkpoints import CheckpointError
-    from cluster.estimate import ResourceError
-    from cluster.groups import PlacementError
-    from cluster.spec import SpecError
+    from cluster.errors import ProbeError
 
     try:
         if args.verb == "run":
@@ -137,10 +134,13 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.out, seed=args.seed, num_workers=args.workers, metrics_port=args.metrics_port)
         return 0
-    except (SpecError, CheckpointError, FileNotFoundError) as exc:
+    except ProbeError as exc:  # the exit code is the error type's (cluster/errors.py)
+        print(f"probe {args.verb}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except FileNotFoundError as exc:
         print(f"probe {args.verb}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (PlacementError, ConnectionError, ResourceError) as exc:
+    except ConnectionError as exc:
         print(f"probe {args.verb}: {exc}", file=sys.stderr)
         return EXIT_CLUSTER
     except KeyboardInterrupt:

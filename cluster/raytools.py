@@ -20,7 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["connect", "submit_job", "submission_id"]
+from cluster.errors import ProbeError
+
+__all__ = ["connect", "submit_job", "submission_id", "ClusterUnreachable"]
+
+
+class ClusterUnreachable(ProbeError, ConnectionError):
+    """The Ray cluster at an address does not answer; the message names the address."""
+
+    category = "placement"
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -47,7 +55,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError or its own types
-            raise ConnectionError(
+            raise ClusterUnreachable(
                 f"cannot reach the Ray cluster at cluster.address={address!r}: {str(exc).splitlines()[0]}; "
                 "check the address (GCS host:port, or 'auto') and that the head node is running"
             ) from exc
@@ -74,7 +82,7 @@ def _reachable(address: str, *, timeout_s: float = 5.0) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             pass
     except OSError as exc:
-        raise ConnectionError(
+        raise ClusterUnreachable(
             f"cannot reach the Ray cluster at cluster.address={address!r}: {exc.strerror or exc} "
             f"(no answer on {host}:{port} within {timeout_s:g} s); check the address and that the head node is running"
         ) from None
@@ -115,7 +123,7 @@ def submit_job(
         hint = ""
         if "authentication" in str(exc).lower():
             hint = "; the cluster requires a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
-        raise ConnectionError(
+        raise ClusterUnreachable(
             f"cannot reach the Ray dashboard at --address {address!r}: {str(exc).splitlines()[0]}{hint}"
         ) from exc
     work = Path(working_dir).resolve()

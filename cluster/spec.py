@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
+from cluster.errors import ProbeError
 from cluster.probe_options import ALL_KINDS, OPTION_CHECKS, PIPELINE_KINDS, PROBE_OPTIONS
 
 __all__ = [
@@ -37,8 +38,10 @@ __all__ = [
 ]
 
 
-class SpecError(ValueError):
+class SpecError(ProbeError, ValueError):
     """A spec that cannot be run; the message names the key and the fix."""
+
+    category = "bad_spec"
 
 
 class _Loader(yaml.SafeLoader):

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from cluster.errors import ProbeError
 from cluster.schema import FAILURES_SCHEMA, RUNS_SCHEMA, schema_for
 
 __all__ = ["ResultStore", "StoreError"]
@@ -28,8 +29,10 @@ __all__ = ["ResultStore", "StoreError"]
 _JOB_PARTITIONING = ds.partitioning(pa.schema([("job", pa.string())]), flavor="hive")
 
 
-class StoreError(OSError):
+class StoreError(ProbeError, OSError):
     """A result that could not be written; earlier results are untouched."""
+
+    category = "write_failed"
 
 
 def _partition(name: str) -> str:

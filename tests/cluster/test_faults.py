@@ -160,7 +160,7 @@ def test_write_failing_with_efbig_fails_the_job_and_leaves_earlier_results_intac
     # the job reports the failure: non-zero exit, one line naming the folder and the cause
     assert proc.returncode == 1, (stdout[-1000:], stderr[-1000:])
     reason = stderr.strip().splitlines()[-1]
-    assert reason.startswith("probe run: StoreError: cannot write results to ")
+    assert reason.startswith("probe run: cannot write results to ")
     assert "File too large" in reason and "earlier results are intact" in reason
     assert "job=blocked" in reason
     assert " trace @ " not in stdout  # no task was reported done
