@@ -152,8 +152,11 @@ class ShardedEvaluator(Evaluator):
     error rates and gradients are summed over the group, and BatchNorm statistics
     re-estimated at a point are pooled over every worker's batches, so every
     worker sees exactly what one process with all the data would. Arguments as
-    :class:`Evaluator`, plus ``group``; the global count is required: ``total_examples``,
-    or ``total_tokens`` with ``weighting="tokens"``.
+    :class:`Evaluator` (``mode`` included), plus ``group``; the global count is required:
+    ``total_examples``, or ``total_tokens`` with ``weighting="tokens"``. In train mode
+    each worker's batches are normalized by their own batch statistics, so the loss is
+    that of the batches the shards form (as a training step's would be), not of the
+    batches one process would form from the whole set.
     """
 
     def __init__(self, *args, group: dist.ProcessGroup | None = None, **kwargs) -> None:
@@ -194,7 +197,7 @@ class ShardedEvaluator(Evaluator):
 
     @torch.no_grad()
     def losses(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        if self.recompute_bn:  # per point through _evaluate, already summed
+        if self.pointwise:  # BatchNorm re-estimation or train mode: per point through _evaluate, already summed
             return super().losses(points)
         losses, errors = super().losses(points)
         both = self._sum(torch.stack([losses, errors.nan_to_num(0.0)]).to(self.device))

@@ -29,6 +29,14 @@ then the payload); products are summed over data-parallel replicas of the same
 stage (``data_group``), inner products over the stages of one pipeline
 (``pipe_group``). The same code runs in-process workers under torch.multiprocessing,
 Ray actors, gloo or NCCL (with gloo, CUDA activations travel through host memory).
+
+Mode policy as :mod:`probe.model_operator`: each stage builds its sweeps 1–2 inside
+``model_mode(stage, mode)``. ``mode="eval"`` (default) uses BatchNorm running
+statistics and no dropout; ``mode="train"`` uses batch statistics and live dropout
+(each stage draws its own masks in sweep 1, which sweeps 2–4 differentiate), keeps
+no graph between products (every product block redraws the masks, as the
+single-process operator does) and restores the stage's running statistics after
+every build.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from probe.batches import weigh_batches
-from probe.model_operator import SavedBytes
+from probe.model_operator import MODES, SavedBytes, model_mode
 from probe.operators import CurvatureOperator
 
 __all__ = ["stage_bounds", "PipelineHessian", "stage_parameter_names"]
@@ -135,16 +143,26 @@ class PipelineHessian(CurvatureOperator):
         pipe_group: the group of this pipeline's stages (inner products).
         data_group: the group of this stage's replicas (products summed), or None.
         graph_memory_bytes: keep the sweeps' graphs across products while their saved
-            tensors fit (measured with saved-tensor hooks); rebuild them per product otherwise.
+            tensors fit (measured with saved-tensor hooks); rebuild them per product otherwise
+            (always in train mode).
+        mode: ``"eval"`` (default) or ``"train"``; see the module docstring.
+
+    Raises:
+        RuntimeError: if ``torch.distributed`` is not initialized.
+        ValueError: for an unknown ``mode``.
     """
 
     def __init__(
         self, stage: nn.Module, loss_fn, batches: Sequence, *, stage_index: int, ranks: Sequence[int], offset: int,
         dim: int, total_examples: int | None = None, pipe_group=None, data_group=None,
         graph_memory_bytes: int = 2 << 30, weighting: str = "examples", total_tokens: int | None = None,
+        mode: str = "eval",
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized; call init_process_group first")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
+        self.mode = mode
         self.stage, self.loss_fn = stage, loss_fn
         self.params = [p for p in stage.parameters() if p.requires_grad]
         first = self.params[0]
@@ -158,12 +176,12 @@ class PipelineHessian(CurvatureOperator):
         w = weigh_batches(batches, self.dtype, self.device, weighting=weighting, total_examples=total_examples,
                           total_tokens=total_tokens)
         self.batches, self.sizes, self.weights = w.batches, w.sizes, w.weights
-        self.graph_memory_bytes = graph_memory_bytes
+        # train mode: no graph kept, so every product block redraws the dropout masks
+        self.graph_memory_bytes = 0 if mode == "train" else graph_memory_bytes
         self.graph_bytes = 0  # measured bytes of the kept graphs
         self.peak_graph_bytes = 0  # the largest set of graphs held at once
         self._kept: list[_BatchGraph] | None = None
         self.num_matvecs = 0
-        self.stage.eval()
 
     @property
     def local_slice(self) -> slice:
@@ -200,16 +218,37 @@ class PipelineHessian(CurvatureOperator):
             _send(grads_h.detach(), prev)
         return _BatchGraph(None if self.first else h_leaf, out, c_leaf, grads_h, grads[0 if self.first else 1 :])
 
-    def _graphs(self) -> list[_BatchGraph]:
+    def _graphs(self):
+        """Every batch's sweeps 1–2: the kept list, or built anew (one batch at a time in train mode)."""
         if self._kept is not None:
             return self._kept
+        if self.mode == "train":
+            return self._train_graphs()
         counter = SavedBytes()
-        with counter.counting():
+        with model_mode(self.stage, self.mode), counter.counting():
             graphs = [self._forward_backward(b, w) for b, w in zip(self.batches, self.weights)]
         self.peak_graph_bytes = max(self.peak_graph_bytes, counter.bytes)
         if counter.bytes <= self.graph_memory_bytes:
             self._kept, self.graph_bytes = graphs, counter.bytes
         return graphs
+
+    def _train_graphs(self):
+        """Train mode: one batch's graph at a time, used by the caller before the next is built.
+
+        Train-mode BatchNorm writes its running statistics in place and autograd saves
+        them, so the next batch's forward (or restoring them) would invalidate a graph
+        still to be differentiated; each batch's graph is built and consumed inside one
+        ``model_mode``, which restores the statistics before the next batch. Every
+        stage runs the same order, so the messages pair up as in eval mode.
+        """
+        for batch, weight in zip(self.batches, self.weights):
+            counter = SavedBytes()
+            with model_mode(self.stage, "train"):
+                with counter.counting():
+                    graph = self._forward_backward(batch, weight)
+                self.peak_graph_bytes = max(self.peak_graph_bytes, counter.bytes)
+                yield graph
+                del graph
 
     # -------------------------------------------------------------- sweeps 3–4
 

@@ -35,7 +35,9 @@ arithmetic gives them, never computed over the finite points only.
 BatchNorm: each :class:`~probe.evaluate.Evaluator` applies its own mode policy
 (``"eval+bn_recompute"`` re-estimates running statistics at every path point with one
 pass over that evaluator's data; ``"eval"`` keeps the model's buffers, which are wrong
-away from the checkpoint they came from), recorded as ``mode`` in every result.
+away from the checkpoint they came from; ``"train"`` normalizes every batch by its own
+statistics at each path point, so nothing is stale, with dropout live), recorded as
+``mode`` in every result.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class BarrierResult:
     Attributes:
         eval_set: the evaluation set's name.
         path: the path kind (``"linear"``, ``"bezier"``, ``"polychain"``).
-        mode: the evaluator's mode policy (``"eval"`` or ``"eval+bn_recompute"``).
+        mode: the evaluator's mode policy (``"eval"``, ``"eval+bn_recompute"`` or ``"train"``).
         num_examples: examples in the evaluation set.
         t: ``(T,)`` float64 positions ``i/(T−1)``, endpoints included.
         loss: ``(T,)`` float64 mean loss at ``φ(t)``.

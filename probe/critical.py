@@ -78,7 +78,10 @@ def classify_critical_point(
 
     Args:
         op: the Hessian at θ.
-        gradient: ∇L(θ) (a flat tensor) or its norm.
+        gradient: ∇L(θ) (a flat tensor) or its norm, of the same loss as ``op``: in the same
+            mode (``"eval"`` or ``"train"``: batch statistics and live dropout) and over the
+            same probe set, else the label compares the gradient of one function with the
+            curvature of another.
         grad_norm_threshold, negative_mass_threshold: see the module docstring.
         runs, steps: SLQ configuration for the negative mass (defaults as :func:`spectral_density`).
         tol: Lanczos tolerance for λ_min and λ_max.

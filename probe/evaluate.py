@@ -24,20 +24,44 @@ perturbed weights change every layer's activation statistics). With
 point with one pass over the probe data (cumulative average, momentum None), as
 Garipov et al. (2018) and Frankle et al. (2020) do, and evaluates in eval mode
 with them; this is recorded as the mode policy ``"eval+bn_recompute"``.
+
+Train mode. ``mode="train"`` (the job spec's ``mode: train``) runs the model as
+training does: BatchNorm normalizes each batch by that batch's own mean and
+(biased) variance and dropout is live. The loss at a point θ is then
+
+    L_train(θ) = Σ_b w_b · ℓ_b(θ; batch statistics of b, masks m_b),
+
+the weighted mean of per-batch losses, each batch normalized by its own
+statistics at θ (so BatchNorm is never stale: no re-estimation, and
+``recompute_bn`` must not be asked for), with dropout masks drawn afresh from
+torch's global generator at every evaluation; with ``dropout_seed`` every
+evaluation draws the same masks (the generator is seeded with it inside
+``torch.random.fork_rng``, so the caller's stream is untouched), which makes
+differences between points common-random-number differences. The value depends
+on the batching (batch size, and the shard split of a data-parallel probe set),
+as training's loss does. BatchNorm updates scratch copies of its running
+statistics, one per batch, and any other buffer written by the forward pass is
+restored after the evaluation, so the model is never changed. Points are evaluated one at a time: under ``torch.vmap``
+BatchNorm cannot update its (unbatched) running statistics in place and dropout
+refuses random operations, so :meth:`Evaluator.losses` loops over points as it
+does for ``recompute_bn``. Ascent gradients (``loss_with_grad``) differentiate
+through the batch statistics, as training does. The mode policy is recorded as
+``"train"``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from probe.batches import IGNORE_INDEX, Batch, LossFn, call_model, split_batch, weigh_batches
-from probe.model_operator import vector_dtype
+from probe.model_operator import MODES, vector_dtype
 from probe.params import ParameterSpace
 
-__all__ = ["Evaluator", "has_batchnorm"]
+__all__ = ["Evaluator", "has_batchnorm", "has_dropout"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -45,6 +69,11 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` holds BatchNorm layers with running statistics."""
     return any(isinstance(m, _BN) and m.track_running_stats for m in model.modules())
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` holds dropout modules with a positive rate (live in train mode)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
 
 
 class Evaluator:
@@ -57,7 +86,7 @@ class Evaluator:
         batches: ``(inputs, targets)`` pairs or dicts with ``"labels"`` (see :mod:`probe.batches`).
         params: parameter selection (see :class:`ParameterSpace`).
         recompute_bn: re-estimate BatchNorm statistics at each evaluated point
-            (default: True when the model has BatchNorm).
+            (default: True when the model has BatchNorm and ``mode="eval"``).
         classification: also count errors (``argmax(outputs) != targets``); default:
             True when targets are integer tensors.
         chunk_size: points per vmapped evaluation in :meth:`losses`.
@@ -68,9 +97,14 @@ class Evaluator:
         total_tokens: the global token count when ``batches`` is a shard (``weighting="tokens"``).
         ignore_index: the target value that is not a token (default -100).
         accumulate_dtype: dtype of the points (float32 or float64); default as above.
+        mode: ``"eval"`` (default: running statistics, no dropout) or ``"train"`` (batch
+            statistics, live dropout; see "Train mode" in the module docstring).
+        dropout_seed: in train mode, seed every evaluation's dropout masks with it (the
+            same masks at every point); default ``None``: fresh masks per evaluation.
 
     Raises:
-        ValueError: for an empty probe set, an unknown ``weighting`` or a bad ``accumulate_dtype``.
+        ValueError: for an empty probe set, an unknown ``weighting`` or ``mode``, a bad
+            ``accumulate_dtype``, or ``recompute_bn=True`` with ``mode="train"``.
     """
 
     def __init__(
@@ -88,7 +122,16 @@ class Evaluator:
         total_tokens: int | None = None,
         ignore_index: int = IGNORE_INDEX,
         accumulate_dtype: torch.dtype | None = None,
+        mode: str = "eval",
+        dropout_seed: int | None = None,
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
+        if mode == "train" and recompute_bn:
+            raise ValueError(
+                "recompute_bn=True re-estimates running statistics for eval mode, but mode='train' normalizes "
+                "each batch by its own statistics; pass recompute_bn=None (or False) with mode='train'"
+            )
         self.model = model
         self.loss_fn = loss_fn
         self.space = ParameterSpace.of(model, params)
@@ -104,14 +147,88 @@ class Evaluator:
         self.ignore_index = ignore_index
         self.num_tokens = sum(prepared.tokens) if prepared.tokens is not None else None
         self._tokens = prepared.tokens
-        self.recompute_bn = has_batchnorm(model) if recompute_bn is None else recompute_bn
+        self.train_mode = mode == "train"
+        self.dropout_seed = dropout_seed
+        bn_prefixes = [f"{n}." if n else "" for n, m in model.named_modules()
+                       if isinstance(m, _BN) and m.track_running_stats]
+        self._bn_buffer_items = [(n, b) for n, b in model.named_buffers()
+                                 if any(n == p + leaf for p in bn_prefixes
+                                        for leaf in ("running_mean", "running_var", "num_batches_tracked"))]
+        if self.train_mode:
+            self.recompute_bn = False
+        else:
+            self.recompute_bn = has_batchnorm(model) if recompute_bn is None else recompute_bn
         y0 = split_batch(batches[0])[1]  # before token weighting may drop batches without tokens
         self.classification = (
             isinstance(y0, Tensor) and not y0.is_floating_point() if classification is None else classification
         )
         self.chunk_size = chunk_size
-        self.mode = "eval+bn_recompute" if self.recompute_bn else "eval"
+        # the mode policy recorded with results: "train", "eval+bn_recompute" or "eval"
+        self.mode = "train" if self.train_mode else "eval+bn_recompute" if self.recompute_bn else "eval"
         self.num_evaluations = 0
+
+    @property
+    def randomness_note(self) -> str:
+        """A note for results built on this evaluator: ``""``, or in train mode with live dropout
+        and no ``dropout_seed``, that every evaluation drew fresh masks (so differences between
+        points carry dropout noise that no reported standard error covers)."""
+        if not self.train_mode or self.dropout_seed is not None or not has_dropout(self.model):
+            return ""
+        return ("train mode with live dropout: masks redrawn at every evaluation, so loss differences carry "
+                "dropout noise beyond any reported standard error (Evaluator(dropout_seed=...) fixes the masks)")
+
+    @property
+    def pointwise(self) -> bool:
+        """Whether points are evaluated one at a time (BatchNorm re-estimation, or train mode)."""
+        return self.recompute_bn or self.train_mode
+
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        """The model in this evaluator's mode for one evaluation, its mode restored after.
+
+        In train mode BatchNorm runs on scratch copies of its statistics
+        (:meth:`_scratch_bn_buffers`); any other buffer the forward pass writes in
+        place is restored afterwards. Unlike :func:`probe.model_operator.model_mode`,
+        buffers that were not written are left alone: copying into them would bump
+        their version and break the graph of :meth:`loss_with_grad` wherever autograd
+        saved one (a causal mask in ``masked_fill``).
+        """
+        previous = self.model.training
+        self.model.train(self.train_mode)
+        saved = [(b, b._version, b.clone()) for b in self.model.buffers()] if self.train_mode else []
+        try:
+            with self._dropout_masks():
+                yield
+        finally:
+            self.model.train(previous)
+            with torch.no_grad():
+                for buf, version, copy in saved:
+                    if buf._version != version:
+                        buf.copy_(copy)
+
+    def _scratch_bn_buffers(self) -> dict[str, Tensor]:
+        """Train mode: fresh copies of the BatchNorm running statistics for one batch's forward.
+
+        Train-mode BatchNorm updates its running statistics in place and autograd saves
+        them for backward, so a second batch's update (or restoring the model's buffers)
+        would invalidate the first batch's graph; each batch updates its own copies
+        instead, and the model's buffers are never written. Empty in eval mode.
+        """
+        if not self.train_mode:
+            return {}
+        return {n: b.clone() for n, b in self._bn_buffer_items}
+
+    @contextmanager
+    def _dropout_masks(self) -> Iterator[None]:
+        """Train mode: with ``dropout_seed``, the same masks at every evaluation (caller's generator untouched)."""
+        if self.dropout_seed is None:
+            yield
+            return
+        on_cpu = self.device.type == "cpu"
+        devices, device_type = ([], None) if on_cpu else ([self.device], self.device.type)
+        with torch.random.fork_rng(devices=devices, device_type=device_type):
+            torch.manual_seed(self.dropout_seed)
+            yield
 
     @property
     def dim(self) -> int:
@@ -169,18 +286,14 @@ class Evaluator:
         state = self._state(flat)
         if self.recompute_bn:
             state = {**self._bn_buffers(flat), **state}
-        previous = self.model.training
-        self.model.eval()
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         err = torch.zeros((), dtype=torch.float64, device=self.device)
-        try:
+        with self._running():
             for b, ((x, y), w) in enumerate(zip(self.batches, self.weights)):
-                out = call_model(self.model, x, state)
+                out = call_model(self.model, x, {**self._scratch_bn_buffers(), **state})
                 loss = loss + w * self.loss_fn(out, y).to(torch.float64)
                 if self.classification:
                     err = err + w * self._errors(out, y, b)
-        finally:
-            self.model.train(previous)
         self.num_evaluations += 1
         return loss, err
 
@@ -204,11 +317,12 @@ class Evaluator:
         """``(losses, errors)`` at each row of ``points`` (``(P, dim)``), float64 tensors of length P.
 
         Evaluated ``chunk_size`` points at a time with ``torch.vmap`` over the
-        parameters; models with BatchNorm recompute (not vmappable) go point by point.
+        parameters; models with BatchNorm recompute and train mode (neither vmappable:
+        see the module docstring) go point by point.
         """
         if points.ndim != 2 or points.shape[1] != self.dim:
             raise ValueError(f"points must have shape (P, dim={self.dim}), got {tuple(points.shape)}")
-        if self.recompute_bn:
+        if self.pointwise:
             pairs = [self._evaluate(p) for p in points]
             return torch.stack([a for a, _ in pairs]).cpu(), torch.stack([b for _, b in pairs]).cpu()
         losses, errors = [], []

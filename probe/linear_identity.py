@@ -39,9 +39,15 @@ def linear_owners(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[nn.
     return owners
 
 
-def linear_sums(model, loss_fn, moved, space: ParameterSpace, owners) -> dict:
+def linear_sums(model, loss_fn, moved, space: ParameterSpace, owners, mode: str = "eval") -> dict:
     """The sums of :class:`probe.noise.GradientMoments` from the layer identity: one forward and backward
-    of ``Σᵢ ℓᵢ`` per batch (see ``gradient_moments``' ``method``)."""
+    of ``Σᵢ ℓᵢ`` per batch (see ``gradient_moments``' ``method``), the model in ``mode``.
+
+    In train mode the batched forward draws every example's dropout masks independently
+    (dropout is elementwise), so example ``i``'s loss still depends on example ``i`` only
+    and the identity holds for the masks drawn; BatchNorm, whose batch statistics couple
+    the examples, is refused by the caller before this runs.
+    """
     layers = list(dict.fromkeys(m for m, _ in owners.values()))
     selected = space.parameters(model)
     device = selected[0].device
@@ -61,7 +67,7 @@ def linear_sums(model, loss_fn, moved, space: ParameterSpace, owners) -> dict:
     count, largest = 0, 0
     handles = [m.register_forward_hook(capture) for m in layers]
     try:
-        with model_mode(model, "eval"), torch.enable_grad():
+        with model_mode(model, mode), torch.enable_grad():
             for x, y in moved:
                 seen.clear()
                 out = call_model(model, x)

@@ -36,8 +36,12 @@ one-pass sums do not determine one.
 Mode policy as :mod:`probe.model_operator`: ``mode="eval"`` (default) uses
 BatchNorm's running statistics, so each example's loss depends on that example
 only and per-example gradients are exact. ``mode="train"`` draws independent
-dropout masks per example; it rejects BatchNorm models, whose train-mode
-statistics over a single example are undefined.
+dropout masks per example (the job spec's ``mode: train``); it rejects BatchNorm
+models: per-example gradients need each example's loss to depend on that example
+alone, and a batch of one has no variance (train-mode BatchNorm1d refuses it),
+while per-example gradients taken inside a batch's statistics couple the examples,
+so their covariance is not the noise of sampling independent examples that the
+noise scale and Smith et al.'s regularizer describe.
 """
 
 from __future__ import annotations
@@ -257,7 +261,8 @@ def gradient_moments(
             ordinary forward and backward of ``Σᵢ ℓᵢ`` gives every per-example norm and
             the gradient sum without forming a per-example gradient. It applies when
             every selected parameter belongs to an ``nn.Linear`` called once per
-            forward on ``(batch, features)`` inputs, in eval mode. ``"vmap"`` forms
+            forward on ``(batch, features)`` inputs (in train mode too: dropout draws
+            each example's masks independently). ``"vmap"`` forms
             the per-example gradients with ``torch.func`` in chunks (any model).
             ``"auto"`` (default) takes ``"linear"`` where it applies, else ``"vmap"``;
             the result's ``method`` says which ran.
@@ -282,16 +287,16 @@ def gradient_moments(
     dtype, device = selected[0].dtype, selected[0].device
     moved, _, _ = prepare_batches(batches, dtype, device, None)
     if method != "vmap":
-        owners = linear_owners(model, space.names) if mode == "eval" else None
+        owners = linear_owners(model, space.names)
         if owners is not None:
             try:
-                sums = linear_sums(model, loss_fn, moved, space, owners)
-                return GradientMoments(**sums, dtype=_dtype_name(dtype), mode="eval", method="linear")
+                sums = linear_sums(model, loss_fn, moved, space, owners, mode=mode)
+                return GradientMoments(**sums, dtype=_dtype_name(dtype), mode=mode, method="linear")
             except NotLinear as exc:
                 if method == "linear":
                     raise ValueError(f"method='linear' does not apply: {exc}; use method='vmap' or 'auto'") from None
         elif method == "linear":
-            raise ValueError("method='linear' needs every selected parameter in an nn.Linear, in eval mode; "
+            raise ValueError("method='linear' needs every selected parameter in an nn.Linear; "
                              "use method='vmap' or 'auto'")
     if chunk_size is None:
         chunk_size = default_chunk_size(space, dtype, device)

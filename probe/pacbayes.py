@@ -11,7 +11,11 @@
 The expectation is a Monte Carlo mean over ``samples`` standard-normal draws ``z``
 used in antithetic pairs ``±z`` (which cancel the gradient term exactly) and kept
 fixed across the search (common random numbers), so the estimate is a smooth
-function of σ and bisection on log σ is well defined. Its standard error comes from
+function of σ and bisection on log σ is well defined. With a train-mode evaluator
+(``mode="train"``: batch statistics, live dropout) this holds for BatchNorm, whose
+batch statistics are a deterministic function of θ, but live dropout redraws its
+masks at every evaluation unless the evaluator has a ``dropout_seed``; the record's
+note then says so. Its standard error comes from
 the spread over pairs; the standard error of σ* follows by the delta method
 (``se_f / f'(σ*)``, the slope from the final bracket).
 
@@ -229,6 +233,8 @@ def pacbayes(
             hi, f_hi, loss_hi, err_hi = hi_next, f_mid, loss_mid, err_mid
     if f_hi <= target or lo == 0.0:
         notes.append(f"search did not bracket σ* within {max_steps} evaluations")
+    if getattr(ev, "randomness_note", ""):  # train mode, live dropout: f(σ) is no longer a smooth function of σ
+        notes.append(ev.randomness_note)
     loss_lo = err_lo = None
     while hi / max(lo, 1e-300) - 1 > rtol and f.calls < max_steps and lo > 0:
         mid = math.sqrt(lo * hi)

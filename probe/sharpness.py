@@ -53,7 +53,10 @@ bound on the true maximum (projected ascent finds local maxima only).
 
 Limits. Ascent values are lower bounds. With an Evaluator that recomputes BatchNorm
 statistics per point, the loss is exact but the ascent gradient treats the
-recomputed statistics as constants. An Evaluator over one data-parallel shard
+recomputed statistics as constants. With a train-mode Evaluator (``mode="train"``)
+every loss uses each batch's own statistics (the gradient flows through them) and
+live dropout; without ``dropout_seed`` the masks change between evaluations and the
+record's note says so. An Evaluator over one data-parallel shard
 gives that shard's share of the loss: pass a callable that all-reduces instead.
 ``perturbation`` is a dense ``(n,)`` tensor.
 
@@ -189,8 +192,13 @@ def _worst_record(measure: str, value: float, a: _Ascent, obj: _Objective, param
     return SharpnessResult(
         measure=measure, value=value, base_loss=a.base_loss, perturbed_loss=a.best_loss, params=params,
         num_evaluations=obj.num_evaluations, num_gradients=obj.num_gradients, losses=a.losses,
-        perturbation=a.delta, note=a.note,
+        perturbation=a.delta, note=_join(a.note, _randomness_note(obj)),
     )
+
+
+def _randomness_note(obj: _Objective) -> str:
+    """The evaluator's train-mode dropout note (see :attr:`probe.evaluate.Evaluator.randomness_note`), or ``""``."""
+    return obj.evaluator.randomness_note if obj.evaluator is not None else ""
 
 
 # --------------------------------------------------------------------------- average case: Monte Carlo
@@ -216,7 +224,7 @@ def _monte_carlo(
     increase = losses - base
     if antithetic:
         increase = increase.view(-1, 2).mean(1)  # (pairs,): the pair means are the independent samples
-    note = _nonfinite_note(losses)
+    note = _join(_nonfinite_note(losses), _randomness_note(obj))
     if not math.isfinite(base):
         note = _join(f"the loss at the center is {base}: no sharpness can be measured there", note)
     return SharpnessResult(

@@ -17,7 +17,8 @@ directions) and handed to :meth:`probe.evaluate.Evaluator.losses`, which runs
 ``chunk_size`` points per ``torch.vmap``-ed forward. Models whose BatchNorm
 statistics are re-estimated per point (``Evaluator.recompute_bn``) fall back to one
 point at a time inside the evaluator; their statistics are then correct at every
-grid point (stale statistics would distort the surface).
+grid point (stale statistics would distort the surface). A train-mode evaluator
+(``mode="train"``: batch statistics, live dropout) also evaluates one point at a time.
 
 Defaults (:func:`loss_surface`): span 1 and 51 points per axis, the grid
 ``[-1, 1]`` at 51 points of Li et al.'s plotting commands (``--x=-1:1:51``); filter
@@ -62,7 +63,7 @@ class SurfaceResult:
             ``"pca"`` or ``"given"`` (vectors passed in directly).
         normalization: ``"filter"``, ``"layer"``, ``"weight"`` or ``"none"``.
         ignore_1d: whether 1-D parameters (biases, norm layers) were left fixed.
-        mode: the evaluator's mode policy (``"eval"`` or ``"eval+bn_recompute"``).
+        mode: the evaluator's mode policy (``"eval"``, ``"eval+bn_recompute"`` or ``"train"``).
         alphas: coordinates along the first direction.
         betas: coordinates along the second direction; ``()`` for a 1-D surface.
         loss: float64, ``(len(alphas),)`` or ``(len(alphas), len(betas))``; entry
