@@ -4,6 +4,7 @@ and no partial Parquet file appears. Runs the real CLI in this process (local ba
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -120,17 +121,108 @@ def test_bad_specs_and_addresses_exit_non_zero_with_one_line(tmp_path, checkpoin
     assert not (tmp_path / "results").exists()
 
 
-def test_every_http_endpoint_defaults_to_loopback():
-    """run/audit serve metrics on 127.0.0.1 unless --metrics-addr says otherwise; the demo and serve() too."""
-    import inspect
+def this_machines_other_addresses() -> set[str]:
+    """IPv4 addresses of this machine outside 127.0.0.0/8: its hostname's, ``ip -4 addr``'s and the
+    kernel's local routes (``/proc/net/fib_trie``). No other host is named or contacted. May be empty."""
+    import ipaddress
+    import re
+    import shutil
+    import socket
+    import subprocess
 
+    found: set[str] = set()
+    try:
+        found.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    if ip := shutil.which("ip"):
+        out = subprocess.run([ip, "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=10, check=False).stdout
+        found.update(re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", out))
+    try:  # "|-- A.B.C.D" followed by "/32 host LOCAL": an address of this machine
+        found.update(re.findall(r"\|-- (\d+\.\d+\.\d+\.\d+)\n\s+/32 host LOCAL", Path("/proc/net/fib_trie").read_text()))
+    except OSError:
+        pass
+    return {a for a in found if not ipaddress.ip_address(a).is_loopback and not ipaddress.ip_address(a).is_unspecified}
+
+
+def where_it_answers(server) -> dict:
+    """Bound address of a running metrics server, whether 127.0.0.1:port answers /metrics, and how a
+    connection to each of this machine's other addresses at that port ends."""
+    import socket
+    import urllib.request
+
+    host, port = server.server_address[:2]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        loopback = response.status
+    others = {}
+    for address in sorted(this_machines_other_addresses()):
+        try:
+            with socket.create_connection((address, port), timeout=5):
+                others[address] = "connected"
+        except ConnectionRefusedError:
+            others[address] = "refused"
+        except OSError as exc:
+            others[address] = f"{type(exc).__name__}: {exc}"
+    return {"bound": host, "loopback": loopback, "others": others}
+
+
+def test_every_http_endpoint_binds_to_loopback_by_default(tmp_path, checkpoints, monkeypatch):
+    """serve(), the demo's endpoint and the endpoints of `probe run/audit --metrics-port` bind 127.0.0.1
+    unless --metrics-addr says otherwise: measured on the live sockets, not read from the source."""
+    import cluster.metrics
     from cluster.cli import _parser
     from cluster.demo import _serve_metrics
-    from cluster.metrics import serve
+    from cluster.metrics import Metrics, serve
 
-    p = _parser()
-    assert p.parse_args(["run", "s.yaml"]).metrics_addr == "127.0.0.1"
-    assert p.parse_args(["audit", "s.yaml", "--once"]).metrics_addr == "127.0.0.1"
-    assert p.parse_args(["run", "s.yaml", "--metrics-addr", "0.0.0.0"]).metrics_addr == "0.0.0.0"  # configurable
-    assert inspect.signature(serve).parameters["addr"].default == "127.0.0.1"
-    assert "addr=" not in inspect.getsource(_serve_metrics)  # the demo keeps serve()'s loopback default
+    def loopback_only(seen: dict) -> None:
+        assert seen["bound"] == "127.0.0.1" and seen["loopback"] == 200, seen
+        assert all(outcome == "refused" for outcome in seen["others"].values()), seen
+
+    server, _ = serve(Metrics(), port=0)
+    try:
+        loopback_only(where_it_answers(server))
+    finally:
+        server.shutdown()
+    server = _serve_metrics(Metrics(), 0)  # the demo's own call
+    try:
+        loopback_only(where_it_answers(server))
+    finally:
+        server.shutdown()
+
+    # the CLI's endpoints, checked while the verb runs (the verb shuts its server down before returning)
+    real_serve, seen = cluster.metrics.serve, []
+
+    def checked_serve(metrics, **kwargs):
+        server, thread = real_serve(metrics, **kwargs)
+        seen.append(where_it_answers(server))
+        return server, thread
+
+    monkeypatch.setattr(cluster.metrics, "serve", checked_serve)
+    path = spec(tmp_path, checkpoints[:1], [{"kind": "trace", "matvecs": 6}])
+    assert main(["run", str(path), "--metrics-port", "0"]) == 0
+    assert main(["audit", str(path), "--once", "--metrics-port", "0"]) == 0
+    assert len(seen) == 2
+    for s in seen:
+        loopback_only(s)
+    assert _parser().parse_args(["run", "s.yaml", "--metrics-addr", "0.0.0.0"]).metrics_addr == "0.0.0.0"  # configurable
+
+
+def test_a_local_ray_instance_is_started_on_loopback_without_a_dashboard(monkeypatch):
+    """connect() with no address starts Ray on 127.0.0.1 and without the dashboard (no HTTP endpoint);
+    shown by the arguments Ray receives, without starting it."""
+    import ray
+
+    from cluster.raytools import connect
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)  # connect() must set it itself
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    connect(None, num_cpus=2)
+    (kwargs,) = calls
+    assert kwargs["address"] == "local"
+    assert kwargs["_node_ip_address"] == "127.0.0.1" and kwargs["include_dashboard"] is False
+    # without it Ray replaces 127.0.0.1 with the host's network address (read when Ray is imported; the
+    # conftest sets it for the session, so this shows connect() sets it for a process that does not)
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
