@@ -3,39 +3,85 @@
 The parameter count comes from the first checkpoint's headers without loading a
 tensor: a safetensors header (8-byte length, then JSON with dtypes and shapes), the
 headers of every shard of a sharded index, or — for a PyTorch file, whose format
-needs unpickling to be read — the file size. Per worker the estimate adds:
+needs unpickling to be read — the file size. Per worker (``D`` parameters, ``L =
+D/W`` entries of each vector on one of ``W`` data-parallel workers, ``b_p`` bytes per
+parameter in the job's precision, ``b_v`` per vector entry: float32 for 16-bit jobs)
+the estimate counts what the run allocates, probe by probe, as configured:
 
-- parameters in the job's precision (all of them for data parallelism; a
-  pipeline stage holds about ``1/stages``);
-- the largest vector working set of the spec's probes (the Lanczos basis: ``runs
-  × (steps + 1)`` vectors for ``spectrum``, ``max_steps`` or ``min(dim, 300)`` for
-  ``eigenvalues``, blocks of 16 probes for ``trace``) over the worker's slice of
-  the parameter vector, plus the gathered block of full vectors a data-parallel
-  product needs;
-- the autograd graphs kept between products (``graph_memory_bytes``, 2 GiB by
-  default; the operator measures and caps them).
+- **parameters** ``D·b_p`` (a pipeline stage holds about ``1/stages``);
+- **graphs**: the operator keeps each batch's first-order gradient graph while the
+  bytes autograd saves fit ``graph_memory_bytes`` (2 GiB; none in train mode). A kept
+  batch costs its saved activations plus its first-order gradients (``D·b_p``); the
+  batches that do not fit are rebuilt, one at a time, at every product. The saved
+  bytes are *measured* (:func:`graph_calibration`): the driver builds the model from
+  its factory (initial weights, on the CPU, in the job's precision) and builds the
+  graph of the first batch of worker 0's probe shard under saved-tensor hooks,
+  counting tensors that are not parameters (parameters saved by the graph are
+  already counted) and scaling by each batch's example count. Where the model cannot
+  be built in the driver (more than a quarter of its available memory, a pipeline
+  job, or a factory that fails) the whole budget is charged;
+- **vectors**, the largest working set among the probes (they run one after another):
+  - ``eigenvalues``: ``m+1`` basis vectors of ``L`` entries, with ``m = max_steps`` or
+    ``min(D, max(20k, 100))`` (:func:`probe.eigen.eigenvalues`), lowered to what
+    ``basis_memory_bytes`` holds; plus the recurrence's vectors (4·L); on ``basis:
+    host`` the basis is host memory and the device holds blocks of 8; on ``disk``
+    neither does (the file's pages are the page cache's);
+  - ``spectrum``/``critical``: ``runs × (steps+1)`` basis vectors likewise (none
+    with ``reorth: none``, or where ``basis_memory_bytes`` makes SLQ drop them), plus
+    4 recurrence vectors per run;
+  - ``trace``: Hutch++ with ``m`` products keeps ``s = m/3`` sketch vectors ``S``,
+    their orthonormalized image ``Q`` and ``AQ`` (a list of blocks and its
+    concatenation): ``4s·L``; Hutchinson keeps a draw of 16 probes and its projection;
+  - other kinds: a few vectors (as before: 2 × 16 for ``pacbayes``);
+  - **the product** of a block of ``k`` columns (1 for ``eigenvalues``, ``runs`` for
+    SLQ, 8 for ``trace``): ``k·D`` gathered input entries on ``W > 1`` workers
+    (``ShardedOperator.gather``), the per-parameter copy of the block (``k > 1``),
+    the gradients autograd returns (per column then stacked: ``2k·D·b_p`` on the CPU;
+    ``k·D·b_p`` batched on CUDA) and the output ``k·D·b_v``.
 
-A job whose workers on this host would need more than the host has available
-(``MemAvailable``) fails up front with the numbers and what to change.
+With ``gpus_per_worker > 0`` and CUDA here, parameters, graphs and device vectors are
+compared with the GPU's total memory (``torch.cuda.get_device_properties``) and the
+host bases with the host's ``MemAvailable``; otherwise everything is host memory. A
+job that exceeds what is available fails up front with the numbers and what to
+change. ``docs/benchmarks.md`` ("Memory estimate against measured peak") compares the
+estimate with workers' measured peaks.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.checkpoints import SAFETENSORS_ITEMSIZE, is_index, safetensors_header, shard_files
+from cluster.checkpoints import (
+    SAFETENSORS_ITEMSIZE,
+    is_index,
+    safetensors_header,
+    shard_files,
+)
+from cluster.errors import ProbeError
 
-__all__ = ["Estimate", "checkpoint_parameters", "estimate", "available_memory_bytes", "ResourceError"]
+__all__ = [
+    "Estimate",
+    "GraphCalibration",
+    "ResourceError",
+    "available_memory_bytes",
+    "check_fits",
+    "checkpoint_parameters",
+    "device_memory_bytes",
+    "estimate",
+    "graph_calibration",
+]
 
 PRECISION_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 GRAPH_BUDGET_BYTES = 2 << 30
 
 
-class ResourceError(RuntimeError):
+class ResourceError(ProbeError, RuntimeError):
     """The job cannot fit the machine it would run on; the message gives the numbers and the fix."""
+
+    category = "placement"
 
 
 def checkpoint_parameters(path: str | os.PathLike) -> tuple[int, int, str]:
@@ -72,8 +118,29 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def device_memory_bytes() -> int:
+    """Total memory of this host's current CUDA device, 0 without CUDA."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    except Exception:  # noqa: BLE001 - no usable CUDA: the workers will run on the CPU
+        pass
+    return 0
+
+
 @dataclass(frozen=True)
 class Estimate:
+    """Per-worker memory of a job, in bytes (see the module docstring for what each part counts).
+
+    ``param_bytes_per_worker``, ``vector_bytes_per_worker`` and ``graph_bytes_per_worker`` are
+    on the worker's device; ``host_bytes_per_worker`` is host memory a GPU worker keeps off it
+    (``basis: host``). ``device`` is ``"cuda"`` when the device parts are compared with a GPU of
+    ``device_total_bytes``, ``"cpu"`` when everything is host memory. ``probe_bytes`` holds each
+    probe's vector working set (``"INDEX:KIND"``), ``graph_how`` what the graph figure rests on.
+    """
+
     parameters: int
     checkpoint_bytes: int
     how: str
@@ -82,59 +149,256 @@ class Estimate:
     graph_bytes_per_worker: int
     workers_here: int
     available_bytes: int
+    host_bytes_per_worker: int = 0
+    device: str = "cpu"
+    device_total_bytes: int = 0
+    workers_per_device: int = 1
+    probe_bytes: dict = field(default_factory=dict)
+    graph_how: str = "budget"
 
     @property
-    def per_worker_bytes(self) -> int:
+    def device_bytes_per_worker(self) -> int:
+        """Parameters, graphs and device vectors of one worker."""
         return self.param_bytes_per_worker + self.vector_bytes_per_worker + self.graph_bytes_per_worker
 
     @property
+    def per_worker_bytes(self) -> int:
+        """Everything one worker holds, device and host."""
+        return self.device_bytes_per_worker + self.host_bytes_per_worker
+
+    @property
     def here_bytes(self) -> int:
-        return self.per_worker_bytes * self.workers_here
+        """Host memory the workers on this host need (device parts too when they run on the CPU)."""
+        per = self.host_bytes_per_worker if self.device == "cuda" else self.per_worker_bytes
+        return per * self.workers_here
+
+    @property
+    def device_need_bytes(self) -> int:
+        """GPU memory one device needs (0 for CPU workers)."""
+        return self.device_bytes_per_worker * self.workers_per_device if self.device == "cuda" else 0
 
     def summary(self) -> str:
-        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+        gb = lambda b: f"{b / 1e9:.2f} GB"
         count = f"{self.parameters:,} parameters" if self.parameters >= 0 else "an unknown number of parameters"
+        graphs = f"graphs {gb(self.graph_bytes_per_worker)} ({self.graph_how})"
+        host = f", host bases {gb(self.host_bytes_per_worker)}" if self.host_bytes_per_worker else ""
+        where = ""
+        if self.device == "cuda":
+            where = f"; GPU needs {gb(self.device_need_bytes)} of {gb(self.device_total_bytes)}"
         return (f"size: {count} ({gb(self.checkpoint_bytes)} in the checkpoint, from its {self.how}); per worker: "
                 f"parameters {gb(self.param_bytes_per_worker)}, vectors {gb(self.vector_bytes_per_worker)}, "
-                f"graphs ≤ {gb(self.graph_bytes_per_worker)} = {gb(self.per_worker_bytes)}; "
+                f"{graphs}{host} = {gb(self.per_worker_bytes)}{where}; "
                 f"{self.workers_here} worker(s) on this host need {gb(self.here_bytes)} of {gb(self.available_bytes)} available")
 
 
-def _vectors(spec, dim: int) -> int:
-    """The largest number of parameter-length vectors a probe of ``spec`` keeps at once."""
-    most = 4
-    for p in spec.probes:
-        o = p.resolved()
-        if p.kind == "spectrum":
-            most = max(most, o["runs"] * (o["steps"] + 1) if o["reorth"] != "none" else 3 * o["runs"])
-        elif p.kind in ("eigenvalues", "critical", "eos", "sharpness"):
-            steps = o.get("max_steps") or min(dim, 300)
-            most = max(most, steps + 1)
-        elif p.kind == "trace":
-            most = max(most, 3 * 16)
-        elif p.kind == "pacbayes":
-            most = max(most, 2 * 16)
-    return most
+# ---------------------------------------------------------------- the graph, measured on one batch
+
+@dataclass(frozen=True)
+class GraphCalibration:
+    """One batch's first-order gradient graph, measured in the driver.
+
+    Attributes:
+        saved_bytes: bytes autograd saved for the first batch that are not parameters.
+        counted_bytes: what the operator's budget counts for it (:class:`probe.model_operator.SavedBytes`:
+            every distinct saved storage, parameters included).
+        batch_examples: examples in every batch of worker 0's probe shard (the first was measured).
+    """
+
+    saved_bytes: int
+    counted_bytes: int
+    batch_examples: tuple[int, ...]
 
 
-def estimate(spec, checkpoint: str, *, workers_here: int) -> Estimate:
-    """The memory estimate of ``spec`` on ``checkpoint`` with ``workers_here`` workers on this host."""
+def graph_calibration(spec, checkpoint: str, group: int) -> GraphCalibration:
+    """Build the model (CPU, the job's precision) and the graph of worker 0's first probe batch,
+    counting the bytes autograd saves with saved-tensor hooks."""
+    import torch
+
+    from cluster.worker import ProbeWorker, build_loss
+    from probe.batches import batch_size_of, call_model, split_batch, weigh_batches
+    from probe.model_operator import model_mode
+
+    worker = ProbeWorker(spec.to_dict(), rank=0, world_size=group)
+    worker.device = torch.device("cpu")
+    batches = worker.shard("probe").batches
+    sizes = tuple(batch_size_of(split_batch(b)[1]) for b in batches)
+    model, _ = worker.build_model(checkpoint)
+    loss_fn = build_loss(spec.loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    (x, y), = weigh_batches(batches[:1], params[0].dtype, torch.device("cpu")).batches
+    seen: set[tuple[int, int]] = set()
+    totals = {"saved": 0, "counted": 0}
+
+    def pack(t):
+        st = t.untyped_storage()
+        key = (st.data_ptr(), st.nbytes())
+        if key not in seen:
+            seen.add(key)
+            totals["counted"] += key[1]
+            if key[0] not in param_storages:
+                totals["saved"] += key[1]
+        return t
+
+    with model_mode(model, spec.mode), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(call_model(model, x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+    del grads, loss, model
+    return GraphCalibration(totals["saved"], totals["counted"], sizes)
+
+
+def _graph_bytes(cal: GraphCalibration, param_bytes: int, budget: int) -> int:
+    """Kept graphs (saved tensors and first-order gradients of each batch that fits ``budget``, as
+    the operator decides with its own count) plus, when some do not fit, one rebuilt batch."""
+    first = cal.batch_examples[0]
+    kept_counted = kept = 0
+    for n in cal.batch_examples:
+        counted = cal.counted_bytes * n // first
+        if kept_counted + counted > budget:
+            break
+        kept_counted += counted
+        kept += 1
+    per = [cal.saved_bytes * n // first + param_bytes for n in cal.batch_examples]
+    total = sum(per[:kept])
+    if kept < len(per):
+        total += max(per[kept:])
+    return total
+
+
+# ---------------------------------------------------------------- the probes' vectors
+
+def _product_bytes(k: int, dim: int, local: int, bp: int, bv: int, world: int, batched: bool) -> int:
+    """Peak of one product of a block of ``k`` columns beyond its input (see the module docstring)."""
+    unflatten = k * dim * bp if (k > 1 or bp != bv) else 0
+    grads = (2 * k if (k > 1 and not batched) else k) * dim * bp
+    out = k * dim * bv
+    gathered = k * dim * bv if world > 1 else 0
+    return gathered + unflatten + grads + out
+
+
+def _basis_vectors(kind: str, o: dict, dim: int, local: int, bv: int) -> tuple[int, int]:
+    """``(runs, vectors per run)`` of the Lanczos basis a probe keeps (0 vectors when none)."""
+    if kind in ("eigenvalues",):
+        k = o.get("k", 1)
+        m = o.get("max_steps") or min(dim, max(20 * k, 100))
+        budget = o.get("basis_memory_bytes")
+        if budget is not None:
+            m = max(min(m, budget // max(1, local * bv) - 1), k)
+        return 1, m + 1
+    if kind in ("spectrum", "critical"):
+        runs, steps = o.get("runs", 10), o.get("steps", 80)
+        if o.get("reorth", "full") == "none":
+            return runs, 0
+        budget = o.get("basis_memory_bytes")
+        if budget is not None and runs * (steps + 1) * local * bv > budget:
+            return runs, 0  # SLQ falls back to reorth none
+        return runs, steps + 1
+    if kind in ("sharpness", "eos", "surface"):
+        return 1, min(dim, 100) + 1  # one Lanczos run at the default step cap
+    return 0, 0
+
+
+def _probe_bytes(p, dim: int, local: int, bp: int, bv: int, world: int, on_cuda: bool,
+                 symmetry_default: bool) -> tuple[int, int]:
+    """``(device, host)`` bytes of one probe's vectors and products."""
+    o = p.resolved()
+    kind = p.kind
+    product = lambda k: _product_bytes(k, dim, local, bp, bv, world, batched=on_cuda)
+    device = host = 0
+    runs, per_run = _basis_vectors(kind, o, dim, local, bv)
+    if per_run:
+        where = o.get("basis", "device")
+        basis = runs * per_run * local * bv
+        if where == "device":
+            device += basis
+        else:
+            if on_cuda:  # projections copy blocks of 8 vectors per run to the GPU (on the CPU they are views)
+                device += runs * min(8, per_run) * local * bv
+            if where == "host":
+                host += basis  # (basis: disk lives in a file: page cache, not the worker's memory)
+    if kind in ("eigenvalues", "sharpness", "eos", "surface"):
+        device += 4 * local * bv + product(1)
+    elif kind in ("spectrum", "critical"):
+        runs = o.get("runs", 10)
+        device += 4 * runs * local * bv + product(runs)
+    elif kind == "trace":
+        m = o.get("matvecs", 102)
+        if o.get("method", "hutch++") == "hutch++":
+            # S, Q and AQ stay alive to the end; the deflated probes come DRAW_CHUNK at a time,
+            # projected (Z − Q(QᵀZ): three blocks at once) and applied in blocks of 8
+            s = min(m // 3, dim)
+            c = min(16, max(m - 2 * s, 1))
+            v = local * bv
+            device += max(4 * s * v, 3 * s * v + 3 * c * v, 3 * s * v + product(min(8, s)),
+                          3 * s * v + c * v + product(min(8, c)))
+        else:
+            c = min(16, m)
+            device += c * local * bv + product(min(8, c))
+    elif kind == "pacbayes":
+        device += 2 * 16 * dim * bv
+    else:
+        device += 4 * dim * bv
+    check = o.get("symmetry_check", None)
+    if kind in ("eigenvalues", "trace", "spectrum", "sharpness", "eos", "critical") and (
+            check or (check is None and symmetry_default)):
+        device = max(device, 2 * local * bv + product(2))
+    return device, host
+
+
+def estimate(spec, checkpoint: str, *, workers_here: int, calibrate: bool = True) -> Estimate:
+    """The memory estimate of ``spec`` on ``checkpoint`` with ``workers_here`` workers on this host.
+
+    ``calibrate=False`` skips measuring the graph (the whole ``graph_memory_bytes`` budget is charged).
+    """
     numel, nbytes, how = checkpoint_parameters(checkpoint)
     stages = getattr(spec.cluster, "stages", 1) or 1
     group = spec.cluster.group_size or spec.cluster.num_workers
-    itemsize = PRECISION_BYTES.get(spec.precision, 4)
+    bp = PRECISION_BYTES.get(spec.precision, 4)
+    bv = max(bp, 4)  # vectors and sums stay float32 or wider
     dim = numel if numel >= 0 else nbytes // 4
-    params = dim * itemsize // stages
-    shard = dim // (stages if stages > 1 else group)
-    vectors = _vectors(spec, dim) * shard * itemsize + (16 * dim * itemsize if group > 1 and stages == 1 else 0)
-    return Estimate(numel, nbytes, how, params, vectors, GRAPH_BUDGET_BYTES, workers_here, available_memory_bytes())
+    params = dim * bp // stages
+    world = group if stages == 1 else 1  # a pipeline stage applies its own slice: no gathered block
+    local = dim // stages if stages > 1 else -(-dim // group)
+    gpus = getattr(spec.cluster, "gpus_per_worker", 0) or 0
+    device_total = device_memory_bytes() if gpus > 0 else 0
+    on_cuda = device_total > 0
+    stage_dim = dim // stages
+    probe_bytes, host = {}, 0
+    vectors = 0
+    for i, p in enumerate(spec.probes):
+        d, h = _probe_bytes(p, stage_dim, local, bp, bv, world, on_cuda, symmetry_default=spec.precision == "float64")
+        probe_bytes[f"{i}:{p.kind}"] = d + (0 if on_cuda else h)
+        vectors = max(vectors, d if on_cuda else d + h)
+        host = max(host, h if on_cuda else 0)
+    budget = GRAPH_BUDGET_BYTES
+    graph, graph_how = budget, "the whole budget"
+    if spec.mode == "train":
+        graph_how = "train mode: rebuilt per product, the whole budget charged"
+    elif calibrate and stages == 1 and dim * bp < available_memory_bytes() // 4:
+        try:
+            cal = graph_calibration(spec, checkpoint, group)
+            graph = _graph_bytes(cal, params, budget)
+            graph_how = f"measured on one batch: {cal.saved_bytes / 1e6:.1f} MB saved"
+        except Exception as exc:  # noqa: BLE001 - the workers will report a model that does not build
+            graph_how = f"the whole budget (not measured: {type(exc).__name__})"
+    return Estimate(numel, nbytes, how, params, vectors, graph, workers_here, available_memory_bytes(),
+                    host_bytes_per_worker=host, device="cuda" if on_cuda else "cpu", device_total_bytes=device_total,
+                    workers_per_device=max(1, math.floor(1 / gpus)) if gpus > 0 else 1,
+                    probe_bytes=probe_bytes, graph_how=graph_how)
 
 
 def check_fits(est: Estimate) -> None:
-    """Raise :class:`ResourceError` when the workers on this host cannot fit its available memory."""
+    """Raise :class:`ResourceError` when the workers on this host cannot fit its available memory,
+    or a GPU's workers its total memory."""
     if est.here_bytes > est.available_bytes:
         raise ResourceError(
             f"the job needs about {est.here_bytes / 1e9:.1f} GB on this host but {est.available_bytes / 1e9:.1f} GB "
             f"is available ({est.summary()}); use more workers or pipeline stages on more hosts, fewer SLQ runs or "
-            "steps, spectrum reorth: none, or float32"
+            "steps, spectrum reorth: none, basis: host or disk, fewer trace matvecs, or float32"
+        )
+    if est.device == "cuda" and est.device_need_bytes > est.device_total_bytes:
+        raise ResourceError(
+            f"the job needs about {est.device_need_bytes / 1e9:.1f} GB on each GPU but a GPU has "
+            f"{est.device_total_bytes / 1e9:.1f} GB ({est.summary()}); use more workers or pipeline stages, "
+            "basis: host or disk, fewer SLQ runs or steps, fewer trace matvecs, or bfloat16"
         )
