@@ -18,29 +18,27 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from cluster.errors import ProbeError, TaskFailed, category_of
 from cluster.worker import ProbeWorker
 
 __all__ = ["WorkerLost", "PlacementError", "TaskError", "LocalGroup", "ProcessGroup", "RayGroup"]
 
 
-class WorkerLost(RuntimeError):
+class WorkerLost(ProbeError, RuntimeError):
     """A worker process died (killed, out of memory, node lost) while the group was busy."""
 
+    category = "worker_lost"
 
-class PlacementError(RuntimeError):
+
+class PlacementError(ProbeError, RuntimeError):
     """The cluster cannot place the requested workers; the message names the resources."""
 
+    category = "placement"
 
-class TaskError(RuntimeError):
-    """A task failed inside a worker for a reason that a restart would not fix (bad checkpoint, NaN...).
 
-    ``group_usable`` is False when some workers may still be blocked in a collective
-    (not every rank failed): the driver then rebuilds the group before the next task.
-    """
-
-    def __init__(self, message: str, *, group_usable: bool = True) -> None:
-        super().__init__(message)
-        self.group_usable = group_usable
+# A task that failed inside a worker, carrying the category of the worker's error
+# (cluster.errors.TaskFailed; the name the driver and tests have always used).
+TaskError = TaskFailed
 
 
 class LocalGroup:
@@ -54,7 +52,7 @@ class LocalGroup:
         try:
             return self.worker.run(task)
         except Exception as exc:
-            raise TaskError(str(exc)) from exc
+            raise TaskError(str(exc), category=category_of(exc)) from exc
 
     def close(self) -> None:
         self.worker.shutdown()
@@ -68,7 +66,7 @@ def _process_main(spec: dict, rank: int, world_size: int, init_method: str, conn
             try:
                 conn.send(("ok", worker.run(task)))
             except Exception as exc:  # reported to the driver, which decides
-                conn.send(("error", f"{exc}\n{traceback.format_exc(limit=3)}"))
+                conn.send(("error", f"{exc}\n{traceback.format_exc(limit=3)}", category_of(exc)))
     finally:
         worker.shutdown()
 
@@ -97,10 +95,10 @@ class ProcessGroup:
     def _all(self) -> list[Any]:
         # Read every rank's reply before judging, so no reply is left in a pipe for the next task.
         replies = [self._recv(c) for c in self.conns]
-        for status, payload in replies:
+        for status, payload, *category in replies:
             if status == "error":
-                raise TaskError(payload.splitlines()[0])
-        return [payload for _, payload in replies]
+                raise TaskError(payload.splitlines()[0], category=category[0] if category else "other")
+        return [reply[1] for reply in replies]
 
     def run(self, task: dict) -> dict:
         for c in self.conns:
@@ -171,7 +169,7 @@ class RayGroup:
                 num_gpus=gpus_per_worker,
                 max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-            ).remote(spec, rank, num_workers)
+            ).remote(spec, rank, num_workers, local_rank=0)  # Ray's GPU is device 0 of CUDA_VISIBLE_DEVICES
             for rank in range(num_workers)
         ]
         try:
@@ -182,7 +180,8 @@ class RayGroup:
             raise WorkerLost(f"a worker died during setup: {exc}") from exc
         except ray.exceptions.RayTaskError as exc:
             self.close()
-            raise TaskError(str(exc.cause) if exc.cause else str(exc)) from exc
+            raise TaskError(str(exc.cause) if exc.cause else str(exc),
+                            category=category_of(exc.cause) if exc.cause is not None else "other") from exc
 
     def run(self, task: dict) -> dict:
         ray = self._ray
@@ -202,7 +201,7 @@ class RayGroup:
                 message = next(iter(str(cause).splitlines()), "") or type(cause).__name__
                 # Peers that did not fail too may be blocked in a collective.
                 _, still = ray.wait(pending, num_returns=len(pending), timeout=30) if pending else ([], [])
-                raise TaskError(message, group_usable=not still) from exc
+                raise TaskError(message, category=category_of(cause), group_usable=not still) from exc
         return results[refs[0]]
 
     def close(self) -> None:

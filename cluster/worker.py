@@ -23,6 +23,7 @@ from torch.utils.data import default_collate
 
 from cluster.checkpoints import CheckpointError, checkpoint_sha256, load_checkpoint
 from cluster.distributed import ShardedEvaluator, ShardedOperator
+from cluster.errors import NonFiniteError
 from cluster.hf import load_state_into
 from cluster.pipeline import PipelineHessian, build_stage, grid_groups, stage_bounds
 from cluster.runners import ProbeContext, run_probe
@@ -31,7 +32,7 @@ from probe.batches import IGNORE_INDEX, batch_size_of, split_batch, token_count
 from probe.evaluate import Evaluator
 from probe.hessian import HessianOperator
 
-__all__ = ["ProbeWorker", "Shard", "probe_subset", "build_loss", "task_seed"]
+__all__ = ["ProbeWorker", "Shard", "probe_subset", "build_loss", "task_seed", "worker_device"]
 
 # bfloat16: the model and its products in bf16; operators and evaluators keep vectors in float32.
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -235,6 +236,27 @@ def task_seed(job_seed: int, probe_index: int) -> int:
     return job_seed * 1_000_003 + probe_index
 
 
+def worker_device(rank: int, local_rank: int, gpus_per_worker: float, cuda_available: bool,
+                  device_count: int) -> torch.device:
+    """The device of worker ``rank``: ``cuda:(local_rank mod device_count)`` when the spec asks
+    for GPUs and CUDA has any, else the CPU.
+
+    ``local_rank`` is the worker's index among the workers of its host: under
+    ``torch.multiprocessing`` every rank is on this host (``local_rank = rank``), so ranks
+    0..N-1 take devices 0..N-1 (NCCL refuses two ranks on one device); under Ray each actor
+    sees only the GPUs Ray assigned it (``CUDA_VISIBLE_DEVICES``), so its group passes
+    ``local_rank = 0``. ``rank`` names the worker in the message only.
+
+    Raises:
+        ValueError: for a negative ``local_rank``.
+    """
+    if local_rank < 0:
+        raise ValueError(f"local_rank of worker {rank} must be >= 0, got local_rank={local_rank}")
+    if gpus_per_worker > 0 and cuda_available and device_count > 0:
+        return torch.device("cuda", local_rank % device_count)
+    return torch.device("cpu")
+
+
 class ProbeWorker:
     """One worker of a group.
 
@@ -242,15 +264,23 @@ class ProbeWorker:
         spec: the job spec as plain data (``JobSpec.to_dict()``), so it crosses process boundaries.
         rank: this worker's rank in ``[0, world_size)``.
         world_size: workers in the group.
+        local_rank: this worker's index among the workers of its host, which picks its GPU
+            (:func:`worker_device`); default ``rank`` (every worker on one host, as under
+            ``torch.multiprocessing``); Ray actors pass 0 (each sees only its own GPUs).
     """
 
-    def __init__(self, spec: dict, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, spec: dict, rank: int = 0, world_size: int = 1, local_rank: int | None = None) -> None:
         self.spec = parse_spec(spec)
         self.rank = rank
         self.world_size = world_size
         self.dtype = DTYPES[self._precision()]
-        use_gpu = self.spec.cluster.gpus_per_worker > 0 and torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+        # one device per rank of this host (see worker_device); local_rank defaults to rank (one host)
+        cuda = torch.cuda.is_available()
+        self.device = worker_device(rank, rank if local_rank is None else local_rank, self.spec.cluster.gpus_per_worker,
+                                    cuda, torch.cuda.device_count() if cuda else 0)
+        use_gpu = self.device.type == "cuda"
+        if use_gpu:
+            torch.cuda.set_device(self.device)  # NCCL's collectives run on the current device
         self.backend = "nccl" if use_gpu else "gloo"
         self.batches: list = []
         self.data_sha256 = ""
@@ -334,9 +364,12 @@ class ProbeWorker:
         if self.stages > 1:
             raise SpecError("loss evaluations need the whole model on each worker; they are not available with cluster.stages > 1")
         shard = self.shard(eval_set)
+        # train mode: every evaluation draws the same dropout masks (seeded per job and rank), so a
+        # job is reproducible and differences between points are common-random-number differences
+        extra = {"mode": self.spec.mode, "dropout_seed": self.spec.seed * 1_000_003 + self.rank, **self._weighting(shard)}
         if self.world_size > 1:
-            return ShardedEvaluator(model, self.loss_fn, shard.batches, **self._weighting(shard))
-        return Evaluator(model, self.loss_fn, shard.batches, **self._weighting(shard))
+            return ShardedEvaluator(model, self.loss_fn, shard.batches, **extra)
+        return Evaluator(model, self.loss_fn, shard.batches, **extra)
 
     def build_model(self, checkpoint: str) -> tuple[torch.nn.Module, dict]:
         """Model from the factory with the checkpoint's weights, in the spec's precision and on this device.
@@ -421,7 +454,7 @@ class ProbeWorker:
             return PipelineHessian(
                 model, self.loss_fn, self.batches, stage_index=self.stage, ranks=self.pipe_ranks,
                 offset=self.stage_offset, dim=self.stage_dim, pipe_group=self.pipe_group, data_group=self.data_group,
-                **self._weighting(shard),
+                mode=self.spec.mode, **self._weighting(shard),
             )
         """The Hessian of the probe set's mean loss (over examples or tokens, as the spec weights it)."""
         local = HessianOperator(model, self.loss_fn, self.batches, mode=self.spec.mode,
@@ -440,7 +473,7 @@ class ProbeWorker:
             ev = self.evaluator(model)
             loss = ev.loss(ev.center())
             if not math.isfinite(loss):
-                raise ValueError(
+                raise NonFiniteError(
                     f"non-finite loss ({loss}) at checkpoint {task['checkpoint']!r} on the probe set: check the "
                     "probe data for NaN/Inf and the loss function"
                 )
