@@ -25,7 +25,8 @@ from pathlib import Path
 from cluster.checkpoints import CheckpointError, CheckpointInfo, checkpoint_entries, checkpoint_info, checkpoint_sha256
 from cluster.estimate import check_fits, estimate
 from cluster.groups import LocalGroup, ProcessGroup, RayGroup, TaskError, WorkerLost
-from cluster.metrics import FAILURE_REASONS, Metrics, failure_category
+from cluster.errors import category_of
+from cluster.metrics import FAILURE_REASONS, Metrics
 from cluster.schema import SCHEMA_VERSION
 from cluster.spec import JobSpec, import_factory
 from cluster.store import ResultStore, StoreError
@@ -118,9 +119,18 @@ def prepare_model(spec: JobSpec, paths: list[str], progress: Callable[[str], Non
 
 
 def _task_key(spec: JobSpec, ckpt_sha: str, kind: str, options: dict, probe_index: int, data_sha: str) -> str:
+    """The storage key of a task: a hash of every input that changes its result, so that a changed
+    input re-runs the task instead of reusing a stale row.
+
+    It covers the checkpoint's contents, the kind and resolved options, the seed, precision, mode,
+    model, loss, the probe set's contents (``data_sha``), ``data.batch_size`` (train-mode batch
+    statistics and BatchNorm re-estimation along paths depend on it) and the definitions of the
+    evaluation sets the probe reads (``options["eval_sets"]`` other than ``probe``).
+    """
+    eval_sets = {n: spec.data.eval_sets.get(n) for n in options.get("eval_sets") or [] if n != "probe"}
     ident = json.dumps(
         [spec.name, ckpt_sha, kind, options, task_seed(spec.seed, probe_index), spec.precision, spec.mode,
-         *_model_ident(spec), spec.loss, data_sha],
+         *_model_ident(spec), spec.loss, data_sha, spec.data.batch_size, eval_sets],
         sort_keys=True,
         default=str,
     )
@@ -349,6 +359,7 @@ def run_job(
         for reason in FAILURE_REASONS:  # every reason exported from 0, so increase() sees the first failure
             metrics.failures.labels(job_name=spec.name, reason=reason)
         metrics.tasks_planned.labels(job_name=spec.name).set(len(todo))
+        metrics.series_order(spec.name, paths)  # the headline gauges follow the latest checkpoint
         metrics.tasks_done.labels(job_name=spec.name).set(0)
         for t in tasks:
             if pending[t.key] is None:
@@ -377,13 +388,13 @@ def run_job(
             "versions": json.dumps(versions, sort_keys=True),
         }
 
-    def _record_failure(task: Task, reason: str, attempts: int) -> None:
+    def _record_failure(task: Task, reason: str, category: str, attempts: int) -> None:
         keys = task.row_keys or (task.key,)
         for key in keys:
             store.write_failure({
                 "run_id": run_id, "job": spec.name, "task_key": key, "kind": task.kind,
                 "checkpoint": task.checkpoint, "checkpoint_sha256": task.checkpoint_sha256,
-                "probe_config": json.dumps(task.options, sort_keys=True), "category": failure_category(reason),
+                "probe_config": json.dumps(task.options, sort_keys=True), "category": category,
                 "reason": reason, "attempts": attempts, "created_at": _now(), "schema_version": SCHEMA_VERSION,
             })
 
@@ -421,9 +432,9 @@ def run_job(
                             summary.num_failed += 1
                             summary.failures.append({"task": task.key, "checkpoint": task.checkpoint, "kind": task.kind, "reason": str(exc)})
                         progress(f"[{spec.name}] FAILED {task.kind} @ {task.checkpoint}: {exc}")
-                        _record_failure(task, str(exc), attempts)
+                        _record_failure(task, str(exc), category_of(exc), attempts)
                         if metrics:
-                            metrics.task_failed(spec.name, task.kind, str(exc))
+                            metrics.task_failed(spec.name, task.kind, category_of(exc))
                             metrics.tasks_done.labels(job_name=spec.name).inc()
                         break
                     common = {**base_row(task), **{k: v for k, v in record.items() if k != "rows"},
@@ -466,6 +477,8 @@ def run_job(
             serve(i)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the driver thread
             errors.append(exc)
+            if metrics:  # a job-level failure (placement, a result write): counted under its type
+                metrics.failure(spec.name, category_of(exc))
 
     threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(num_groups)]
     for th in threads:

@@ -286,3 +286,44 @@ def test_basis_storage_is_chosen_in_the_spec_and_recorded(make_spec, tmp_path):
     budget, eig = rows["budget"]
     assert budget["reorth"] == "none" and budget["basis_storage"] == "none" and "ghost" in budget["note"]
     assert eig["num_steps"] <= 5 and "max_steps" in eig["note"]  # eigenvalues shorten the run instead, and say so
+
+
+def _with_data(spec, **changes):
+    return dataclasses.replace(spec, data=dataclasses.replace(spec.data, **changes))
+
+
+def test_task_key_covers_the_batch_size_and_the_eval_sets_a_probe_reads(make_spec, checkpoints):
+    from cluster.job import plan_tasks
+
+    between = [str(checkpoints[0]), str(checkpoints[1])]
+    test_set = {"factory": "cluster.data:digits", "kwargs": {"split": "test"}, "num_examples": 40}
+    spec = _with_data(load_spec(make_spec(name="keys", probes=[
+        {"kind": "eigenvalues", "k": 2}, {"kind": "barrier", "between": between, "eval_sets": ["probe", "test"],
+                                          "points": 3}])), eval_sets={"test": test_set})
+    pairs = [(str(p), file_sha256(p)) for p in checkpoints]
+
+    def keys(s):
+        return {(t.kind, t.checkpoint): t.key for t in plan_tasks(s, pairs, "data-sha")}
+
+    base = keys(spec)
+    assert keys(spec) == base  # deterministic
+    other_batch = keys(_with_data(spec, batch_size=64))
+    assert set(other_batch.values()).isdisjoint(base.values())  # every task depends on the batch size
+    other_test = keys(_with_data(spec, eval_sets={"test": {**test_set, "num_examples": 41}}))
+    for (kind, ckpt), key in base.items():  # only the probe that reads the eval set changes
+        assert (other_test[kind, ckpt] != key) == (kind == "barrier")
+    unused = keys(_with_data(spec, eval_sets={"test": test_set, "extra": test_set}))
+    assert unused == base  # an eval set nobody reads changes nothing
+
+
+def test_a_changed_batch_size_reruns_stored_tasks(make_spec, checkpoints):
+    spec = load_spec(make_spec(name="rebatch", probes=[{"kind": "eigenvalues", "k": 2}]))
+    first = run_job(spec, backend="local", progress=lambda m: None)
+    assert first.num_done == 2 and first.num_skipped == 0
+    assert run_job(spec, backend="local", progress=lambda m: None).num_skipped == 2
+    second = run_job(_with_data(spec, batch_size=64), backend="local", progress=lambda m: None)
+    assert second.num_done == 2 and second.num_skipped == 0  # not the rows of batch size 50
+    from pathlib import Path
+
+    rows = read(Path(spec.output.path), "eigenvalues").to_pylist()
+    assert len(rows) == 4 and len({r["task_key"] for r in rows}) == 4
