@@ -43,7 +43,7 @@ from urllib.parse import quote
 
 from cluster.checkpoints import CheckpointError, checkpoint_sha256, expand_checkpoints, hashed_files
 from cluster.job import Task, choose_backend, run_job
-from cluster.metrics import Metrics
+from cluster.metrics import Metrics, hessian_lambda_max
 from cluster.spec import JobSpec
 from cluster.store import ResultStore
 
@@ -187,6 +187,12 @@ class Auditor:
         """Seconds to wait after the ``failures``-th consecutive failure of a task."""
         return min(self.backoff_base_s * 2 ** max(failures - 1, 0), self.backoff_cap_s)
 
+    @staticmethod
+    def pass_retry_delay(errors_in_row: int, every_s: float) -> float:
+        """Seconds to wait after the ``errors_in_row``-th consecutive pass that could not run:
+        1, 2, 4, … minutes, never later than the next scheduled pass (``every_s``)."""
+        return min(PASS_RETRY_BASE_S * 2 ** (errors_in_row - 1), every_s)
+
     def _failure_history(self) -> dict[str, tuple[int, float]]:
         """``task_key -> (failures, unix time of the last one)`` for this job."""
         table = self.store.read("failures")
@@ -270,12 +276,13 @@ class Auditor:
             return sorted(out, key=lambda r: (rank[r["checkpoint"]], r["created_at"]))
 
         lam: dict[str, float] = {}
-        for r in rows("sharpness"):
-            if r["measure"] == "lambda_max":
-                lam[r["checkpoint"]] = r["value"]
-        for r in rows("eigenvalues"):  # preferred over the sharpness probe's λ_max where both exist
-            if r["which"] == "largest" and r["eigenvalues"]:
-                lam[r["checkpoint"]] = r["eigenvalues"][0]
+        # the Hessian's λ_max (never Adam's λ_max(P⁻¹H)); where several kinds hold one for a
+        # checkpoint, the later kind here wins: eigenvalues over sharpness over critical over eos
+        for kind in ("eos", "critical", "sharpness", "eigenvalues"):
+            for r in rows(kind):
+                value = hessian_lambda_max(kind, r)
+                if value is not None:
+                    lam[r["checkpoint"]] = value
         series = sorted(lam, key=rank.__getitem__)
         if series:
             m.lambda_max.labels(series=name).set(lam[series[-1]])
@@ -295,14 +302,18 @@ class Auditor:
             m.barrier.labels(series=name, path=path).set(r["barrier_height"])
 
     def run(self, every_s: float | None = None, *, max_passes: int | None = None,
-            stop: threading.Event | None = None) -> PassReport:
+            stop: threading.Event | None = None, sleep: Callable[[float], object] | None = None) -> PassReport:
         """Run passes every ``every_s`` seconds (one pass when None) until ``stop`` is set or
         ``max_passes`` passes have run; returns the last pass's report.
 
         A pass that raises is counted (``outcome="failed"``) and retried after
-        1, 2, 4, … minutes, capped at ``every_s``; with ``every_s=None`` it propagates.
+        1, 2, 4, … minutes, capped at ``every_s`` (:meth:`pass_retry_delay`); with
+        ``every_s=None`` it propagates. ``sleep(seconds)`` waits between passes
+        (default ``stop.wait``, which returns early once ``stop`` is set); tests pass
+        one that records the waits instead of waiting.
         """
         stop = stop or threading.Event()
+        sleep = sleep or stop.wait
         errors_in_row, last = 0, PassReport()
         while not stop.is_set():
             started = time.monotonic()
@@ -318,7 +329,7 @@ class Auditor:
                 if self.metrics:
                     self.metrics.audit_passes.labels(job_name=self.spec.name, outcome="failed").inc()
                     self.metrics.audit_last_pass.labels(job_name=self.spec.name).set(self.clock())
-                wait = min(PASS_RETRY_BASE_S * 2 ** (errors_in_row - 1), every_s)
+                wait = self.pass_retry_delay(errors_in_row, every_s)
                 self.progress(f"[{self.spec.name}] audit pass failed ({errors_in_row} in a row): "
                               f"{type(exc).__name__}: {exc}; retrying in {wait:.0f} s")
             if every_s is None or (max_passes is not None and self.passes >= max_passes):
@@ -326,7 +337,7 @@ class Auditor:
             # passes start on a fixed cadence; a failed pass is retried after its backoff
             remaining = max(every_s - (time.monotonic() - started), 0.0) if errors_in_row == 0 else wait
             self.progress(f"[{self.spec.name}] next audit pass in {remaining:.0f} s")
-            stop.wait(remaining)
+            sleep(remaining)
         return last
 
 

@@ -13,30 +13,22 @@ The driver and the audit service expose a private registry over HTTP with
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["Metrics", "serve", "FAILURE_REASONS", "DURATION_BUCKETS_S", "DEFAULT_PORT", "failure_category"]
+from cluster.errors import CATEGORIES
+
+__all__ = ["Metrics", "serve", "hessian_lambda_max", "FAILURE_REASONS", "DURATION_BUCKETS_S", "DEFAULT_PORT"]
 
 DEFAULT_PORT = 9464  # the port OpenTelemetry/Prometheus exporters conventionally use
 
 # Probe durations run from seconds (a small model's trace) to hours (SLQ on a large model).
 DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
-FAILURE_REASONS = ("bad_checkpoint", "bad_spec", "worker_lost", "non_finite", "placement", "write_failed", "other")
+FAILURE_REASONS = CATEGORIES  # the error types' categories (cluster/errors.py)
 OUTCOMES = ("succeeded", "failed", "skipped")
 
 
-def failure_category(message: str) -> str:
-    """The bounded reason (one of :data:`FAILURE_REASONS`) for a failure message."""
-    text = message.lower()
-    if "checkpoint" in text:
-        return "bad_checkpoint"
-    if "worker died" in text or "worker lost" in text:
-        return "worker_lost"
-    if "non-finite" in text or " nan" in text:
-        return "non_finite"
-    if "cannot write results" in text:
-        return "write_failed"
-    return "other"
 
 
 class Metrics:
@@ -67,7 +59,7 @@ class Metrics:
         self.audit_pending = Gauge(
             "probe_audit_tasks_pending", "Tasks not yet stored after the last audit pass (failed or backing off).", ["job_name"], registry=r
         )
-        self.lambda_max = Gauge("probe_lambda_max", "Latest top Hessian eigenvalue of the series.", ["series"], registry=r)
+        self.lambda_max = Gauge("probe_lambda_max", "Top eigenvalue of the Hessian (never a preconditioned one's) at the series' latest checkpoint.", ["series"], registry=r)
         self.trace = Gauge("probe_hessian_trace", "Latest Hessian trace estimate of the series.", ["series"], registry=r)
         self.eos_ratio = Gauge("probe_eos_ratio", "Latest λ_max / stability threshold of the series.", ["series"], registry=r)
         self.lambda_max_change = Gauge(
@@ -76,15 +68,19 @@ class Metrics:
             ["series"], registry=r,
         )
         self.barrier = Gauge("probe_barrier_height", "Latest loss barrier height of the series.", ["series", "path"], registry=r)
+        # per series: its checkpoints' order, and the (step, index) of the checkpoint each headline gauge shows
+        self._order: dict[str, dict[str, int]] = {}
+        self._held: dict[tuple[str, str], tuple[int | None, int | None]] = {}
+        self._lock = threading.Lock()
 
     def failure(self, job: str, reason: str) -> None:
         """Count a failure; unknown reasons are folded into ``other`` to keep labels bounded."""
         self.failures.labels(job_name=job, reason=reason if reason in FAILURE_REASONS else "other").inc()
 
-    def task_failed(self, job: str, kind: str, message: str) -> None:
-        """Count a failed task, its reason classified from the message into :data:`FAILURE_REASONS`."""
+    def task_failed(self, job: str, kind: str, category: str) -> None:
+        """Count a failed task under its category (the error's type, :func:`cluster.errors.category_of`)."""
         self.tasks.labels(job_name=job, kind=kind, outcome="failed").inc()
-        self.failure(job, failure_category(message))
+        self.failure(job, category)
 
     def task_succeeded(self, job: str, kind: str, rows: list[dict], *, duration_s: float, num_matvecs: int,
                        timestamp_s: float) -> None:
@@ -94,18 +90,63 @@ class Metrics:
         self.duration.labels(job_name=job, kind=kind).observe(duration_s)
         self.last_success.labels(job_name=job, kind=kind).set(timestamp_s)
         for row in rows:
-            if kind == "eigenvalues" and row.get("which") == "largest" and row.get("eigenvalues"):
-                self.lambda_max.labels(series=job).set(row["eigenvalues"][0])
-            elif kind == "sharpness" and row.get("measure") == "lambda_max":
-                self.lambda_max.labels(series=job).set(row["value"])
-            elif kind == "trace":
-                self.trace.labels(series=job).set(row["trace"])
+            lam = hessian_lambda_max(kind, row)
+            if lam is not None:
+                self._set_latest("lambda_max", job, row, lam)
+            if kind == "trace":
+                self._set_latest("trace", job, row, row["trace"])
+            elif kind == "eos":
+                self._set_latest("eos_ratio", job, row, row["ratio"])
             elif kind == "barrier" and row.get("eval_set") == "probe":
                 self.barrier.labels(series=job, path=row["path"]).set(row["barrier_height"])
-        if kind == "eos" and rows:
-            last = max(rows, key=lambda r: r["step"])
-            self.eos_ratio.labels(series=job).set(last["ratio"])
-            self.lambda_max.labels(series=job).set(last["lambda_max"])
+
+    def series_order(self, job: str, checkpoints: list[str]) -> None:
+        """The checkpoints of series ``job`` in order (the job's): the headline gauges follow the
+        latest of them where rows carry no training step."""
+        self._order[job] = {c: i for i, c in enumerate(checkpoints)}
+
+    def _position(self, job: str, row: dict) -> tuple[int | None, int | None]:
+        """``(step, index in the series)`` of the checkpoint a row is about; None where unknown."""
+        step = row.get("step")
+        return (None if step is None else int(step)), self._order.get(job, {}).get(row.get("checkpoint"))
+
+    def _set_latest(self, gauge: str, job: str, row: dict, value: float) -> None:
+        """Set gauge ``gauge`` (an attribute name) of series ``job`` to ``value`` unless it shows a
+        later checkpoint of the series: later by training step where both steps are known, else by
+        the series' checkpoint order (:meth:`series_order`); where neither tells, the newer task
+        wins (a re-run of one checkpoint). Groups finish tasks in any order: an earlier
+        checkpoint's task that finishes last does not overwrite the latest checkpoint's value."""
+        key = (gauge, job)
+        new = self._position(job, row)
+        with self._lock:  # the driver's groups report from their own threads
+            held = self._held.get(key)
+            if held is not None:
+                (step, index), (held_step, held_index) = new, held
+                if step is not None and held_step is not None and step != held_step:
+                    if step < held_step:
+                        return
+                elif index is not None and held_index is not None and index < held_index:
+                    return
+            self._held[key] = new
+            getattr(self, gauge).labels(series=job).set(value)
+
+
+def hessian_lambda_max(kind: str, row: dict) -> float | None:
+    """The Hessian's largest eigenvalue in a result row, or None where the row has none.
+
+    Sources: ``eigenvalues`` (``which: largest``), ``sharpness`` (measure ``lambda_max``),
+    ``critical`` and ``eos`` rows, except Adam's: those hold λ_max(P⁻¹H) of the
+    preconditioned Hessian, not the Hessian's.
+    """
+    if kind == "eigenvalues" and row.get("which") == "largest" and row.get("eigenvalues"):
+        return row["eigenvalues"][0]
+    if kind == "sharpness" and row.get("measure") == "lambda_max":
+        return row["value"]
+    if kind == "critical":
+        return row.get("lambda_max")
+    if kind == "eos" and row.get("optimizer") != "adam":
+        return row.get("lambda_max")
+    return None
 
 
 def serve(metrics: Metrics, *, port: int = DEFAULT_PORT, addr: str = "127.0.0.1"):

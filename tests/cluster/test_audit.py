@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -249,6 +251,79 @@ def test_a_pass_that_cannot_run_is_counted_and_retried_with_backoff(tmp_path):
     assert any("(3 in a row)" in m and "retrying in 0 s" in m for m in messages)
     with pytest.raises(OSError):  # one-shot audits report the error instead
         auditor.run(None)
+
+
+def test_passes_that_cannot_run_are_retried_after_1_2_4_minutes_capped_and_reset_by_a_success(tmp_path):
+    """The waits the loop asks for, recorded instead of slept: the retry schedule itself."""
+    folder = tmp_path / "ckpts"
+    folder.mkdir()  # no checkpoint yet: a pass that can run is quick and succeeds
+    spec_path = write_spec(tmp_path, folder)
+    results = tmp_path / "results"
+    fails = [True] * 8 + [False, True, True, False]  # outcome of passes 1..12
+
+    def set_up(pass_fails: bool) -> None:  # a file where the results folder should be: the pass cannot run
+        if results.is_dir():
+            shutil.rmtree(results)
+        if pass_fails:
+            results.write_text("a file where the results folder should be")
+        elif results.exists():
+            results.unlink()
+
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        set_up(fails[len(waits)])  # the next pass's outcome
+
+    set_up(fails[0])
+    metrics, messages = Metrics(), []
+    auditor = Auditor(load_spec(spec_path), metrics=metrics, progress=messages.append)
+    auditor.run(every_s=3600, max_passes=len(fails), sleep=sleep)
+    assert auditor.passes == 12 and len(waits) == 11  # no wait after the last pass
+    # passes 1-8 fail: 1, 2, 4, 8, 16, 32 min, then capped at the next scheduled pass (every_s)
+    assert waits[:8] == [60, 120, 240, 480, 960, 1920, 3600, 3600]
+    assert 3600 - 60 < waits[8] <= 3600  # pass 9 succeeds: back on the cadence, less its own duration
+    assert waits[9:11] == [60, 120]  # passes 10, 11 fail: the backoff starts again at 1 min
+    retries = [m for m in messages if "audit pass failed" in m]
+    assert len(retries) == 10 and "(2 in a row)" in retries[-1] and "retrying in 120 s" in retries[-1]
+    outcomes = {s.labels["outcome"]: s.value for m in metrics.registry.collect() for s in m.samples
+                if s.name == "probe_audit_passes_total"}
+    assert outcomes == {"failed": 10, "succeeded": 2}
+
+
+def test_pass_retry_delay_doubles_from_a_minute_up_to_the_schedule():
+    got = [Auditor.pass_retry_delay(n, every_s=86400) for n in range(1, 14)]
+    assert got == [60 * 2 ** k for k in range(11)] + [86400, 86400]
+    assert [Auditor.pass_retry_delay(n, every_s=90) for n in (1, 2, 3)] == [60, 90, 90]
+
+
+def test_a_failing_task_backs_off_5_10_20_minutes_up_to_6_hours_by_its_stored_failures(tmp_path):
+    """retry_at of a pass is the last stored failure of the task plus min(5 min · 2^(n−1), 6 h)
+    for n stored failures: the history is the failures dataset, so a restarted audit keeps it."""
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    bad = save_checkpoint(folder, 1)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # truncated: every attempt fails at load
+    spec_path = write_spec(tmp_path, folder, probes=[{"kind": "trace", "matvecs": 12}])
+    spec = load_spec(spec_path)
+    assert Auditor(spec, **quiet).run_pass().failed == 1
+    store = ResultStore(spec.output.path)
+    (first,) = store.read("failures").to_pylist()
+    last = datetime(2030, 1, 1, tzinfo=UTC)  # later than the real failure: the latest one counts
+    expected_min = [5, 10, 20, 40, 80, 160, 320, 360, 360, 360]
+    for n, minutes in enumerate(expected_min, start=1):
+        if n > 1:  # one more stored failure of the same task, the latest so far
+            last += timedelta(hours=7)
+            store.write_failure({**first, "run_id": f"earlier-{n}", "created_at": last})
+        history = store.read("failures").to_pylist()
+        assert len(history) == n
+        t_last = max(r["created_at"] for r in history).timestamp()
+        for now in (t_last, t_last + minutes * 60 - 1):  # still waiting: nothing runs, nothing new is stored
+            report = Auditor(spec, clock=lambda now=now: now, **quiet).run_pass()  # a fresh auditor: as after a restart
+            assert (report.ran, report.failed, report.backing_off) == (0, 0, 1)
+            assert report.retry_at - t_last == pytest.approx(minutes * 60, abs=1e-3), n
+    assert len(store.read("failures")) == len(expected_min)
 
 
 def test_cli_audit_once_and_bad_duration(tmp_path, capsys):
