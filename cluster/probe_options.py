@@ -23,7 +23,9 @@ PROBE_OPTIONS: dict[str, dict[str, Any]] = {
         "measures": ["lambda_max", "keskar", "sam", "adaptive"],
         "epsilon": 1e-3,  # Keskar et al. 2017
         "rho": 0.05,  # SAM, Foret et al. 2021
-        "adaptive_rho": 0.5,  # ASAM, Kwon et al. 2021 (worst case, L2)
+        "adaptive_rho": 0.5,  # ASAM, Kwon et al. 2021 (worst case, L2); to be set for any other kind or p
+        "adaptive_kind": "worst",  # worst (projected ascent) | average (Monte Carlo); Kwon et al. 2021: worst
+        "adaptive_p": 2,  # 2 | "inf": the norm of the ball of u in δ = |θ| ⊙ u; Kwon et al. 2021: 2
         "sigma": None,  # average-case: required when 'average' is listed
         "steps": 20,
         "num_samples": 20,
@@ -64,7 +66,9 @@ PROBE_OPTIONS: dict[str, dict[str, Any]] = {
     "noise": {
         "lr": None,  # from checkpoint metadata ("lr") when absent
         "batch_size": None,  # from checkpoint metadata ("batch_size") when absent
-        "chunk_size": 64,  # examples per vectorized per-example gradient computation
+        # examples per vectorized per-example gradient computation; None: probe.noise.default_chunk_size()
+        # (64, lowered on CPU until the largest parameter's per-example block fits in 30 MiB)
+        "chunk_size": None,
     },
     "critical": {
         "grad_norm": 1e-3,  # threshold on ‖∇L‖ (a convention, model dependent)
@@ -131,6 +135,8 @@ OPTION_CHECKS["sharpness"] = {
     "epsilon": (lambda v: _is_num(v) and v > 0, "a positive number"),
     "rho": (lambda v: _is_num(v) and v > 0, "a positive number"),
     "adaptive_rho": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "adaptive_kind": (lambda v: v in ("worst", "average"), "'worst' or 'average'"),
+    "adaptive_p": (lambda v: (_is_int(v) and v == 2) or v == "inf", "2 or 'inf' (the L2 or L∞ ball of u)"),
     "sigma": (lambda v: v is None or (_is_num(v) and v > 0), "a positive number or null"),
     "steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "num_samples": (lambda v: _is_int(v) and v >= 2, "an integer of at least 2"),
@@ -176,7 +182,8 @@ OPTION_CHECKS["pacbayes"] = {
 OPTION_CHECKS["noise"] = {
     "lr": (lambda v: v is None or (_is_num(v) and v > 0), "a positive number or null (read from checkpoints)"),
     "batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null (read from checkpoints)"),
-    "chunk_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "chunk_size": (lambda v: v is None or (_is_int(v) and v >= 1),
+                   "a positive integer or null (null: probe.noise.default_chunk_size(), by the model and device)"),
 }
 OPTION_CHECKS["critical"] = {
     "grad_norm": (lambda v: _is_num(v) and v >= 0, "a non-negative number"),

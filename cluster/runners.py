@@ -21,6 +21,7 @@ import torch
 
 from cluster.basis import DiskBasis
 from cluster.checkpoints import checkpoint_sha256
+from cluster.errors import NonFiniteError
 from probe.barrier import barrier
 from probe.critical import classify_critical_point
 from probe.noise import gradient_moments, noise_statistics
@@ -35,7 +36,7 @@ from probe.sharpness import adaptive_sharpness, average_sharpness, keskar_sharpn
 from probe.slq import spectral_density
 from probe.trace import trace
 
-__all__ = ["ProbeContext", "RUNNERS", "run_probe"]
+__all__ = ["ProbeContext", "RUNNERS", "run_probe", "HEADLINE_FIELDS", "check_headlines"]
 
 
 @dataclass
@@ -183,7 +184,9 @@ def _sharpness(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
             results.append(sam_sharpness(ev, rho=o["rho"], steps=1, generator=g))
             results.append(sam_sharpness(ev, rho=o["rho"], steps=o["steps"], generator=g))
         elif measure == "adaptive":
-            results.append(adaptive_sharpness(ev, kind="worst", p=2, rho=o["adaptive_rho"], steps=o["steps"], generator=g))
+            results.append(adaptive_sharpness(ev, kind=o.get("adaptive_kind", "worst"), p=o.get("adaptive_p", 2),
+                                              rho=o["adaptive_rho"], steps=o["steps"], num_samples=o["num_samples"],
+                                              generator=g))
         elif measure == "average":
             results.append(average_sharpness(ev, sigma=o["sigma"], num_samples=o["num_samples"], generator=g))
     sym = sym or _Symmetry()
@@ -422,7 +425,7 @@ def _from_metadata(option, meta: dict, key: str, cast):
 
 def _noise(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
     w = ctx.worker
-    moments = gradient_moments(ctx.model, w.loss_fn, w.batches, chunk_size=o["chunk_size"])
+    moments = gradient_moments(ctx.model, w.loss_fn, w.batches, chunk_size=o["chunk_size"], mode=w.spec.mode)
     if w.world_size > 1:
         def total(t: torch.Tensor) -> torch.Tensor:
             torch.distributed.all_reduce(t)
@@ -447,7 +450,7 @@ def _noise(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
 
 
 def _critical(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
-    ev = ctx.evaluator()
+    ev = ctx.evaluator()  # in the spec's mode, as the operator: gradient and Hessian of the same loss
     theta = ev.center().detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(ev.loss_with_grad(theta), theta)  # summed over workers by the evaluator
     op = ctx.operator()
@@ -478,12 +481,66 @@ RUNNERS: dict[str, Callable[[ProbeContext, dict, torch.Generator], dict]] = {
 }
 
 
+# The headline quantities of each kind's rows (a number or a list of numbers). One that is NaN or
+# infinite fails the task (NonFiniteError): no row is stored, the failure is recorded and an audit
+# retries it after its backoff. Left out, because they legitimately hold NaN or inf and say so in
+# their rows (style.md 13): losses along barrier paths and surface grids (num_nonfinite), pacbayes'
+# expected increase (inf where perturbed losses are), negative masses (0/0 for a zero Hessian),
+# standard errors and every column the runners already store as null when not finite.
+HEADLINE_FIELDS: dict[str, tuple[str, ...]] = {
+    "eigenvalues": ("eigenvalues",),
+    "trace": ("trace",),
+    "spectrum": ("lambda_min", "lambda_max"),
+    "sharpness": ("value",),  # base_loss: NaN for lambda_max by design; the worker checks the loss
+    "barrier": ("loss_a", "loss_b"),
+    "surface": (),
+    "eos": ("lambda_max", "ratio"),
+    "pacbayes": ("sigma", "base_loss"),
+    "noise": ("grad_norm", "noise_trace", "loss"),
+    "critical": ("grad_norm", "lambda_min", "lambda_max"),
+}
+# What names a row among a task's rows, for the failure message.
+_ROW_LABELS = ("measure", "path", "eval_set")
+
+
+def check_headlines(kind: str, record: dict, checkpoint: str) -> None:
+    """Refuse a record whose headline quantities (:data:`HEADLINE_FIELDS`) are not all finite.
+
+    Args:
+        kind: the probe kind.
+        record: the runner's record (``{"rows": [...]}`` or one row).
+        checkpoint: the task's checkpoint, named where a row does not carry its own.
+
+    Raises:
+        NonFiniteError: naming the kind, the quantity (and row), the value and the checkpoint.
+    """
+    for row in record.get("rows", [record]):
+        for name in HEADLINE_FIELDS.get(kind, ()):
+            value = row.get(name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for i, v in enumerate(values):
+                if v is None or math.isfinite(v):
+                    continue
+                quantity = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+                where = ", ".join(f"{k} {row[k]}" for k in _ROW_LABELS if row.get(k) is not None)
+                raise NonFiniteError(
+                    f"non-finite result: {kind} {quantity}{f' ({where})' if where else ''} is {v} at checkpoint "
+                    f"{row.get('checkpoint', checkpoint)!r}: the products, gradients or losses this probe evaluated "
+                    "overflowed or are undefined (check the loss function's derivatives, the precision, the data "
+                    "and the weights); no row is stored and the task is retried after its backoff"
+                )
+
+
 def run_probe(kind: str, ctx: ProbeContext, options: dict[str, Any], seed: int) -> dict:
     """Run probe ``kind`` with resolved ``options`` and randomness from ``seed``.
 
     Raises:
         ValueError: for a kind without a runner.
+        NonFiniteError: when a headline quantity of the record is NaN or infinite (see
+            :func:`check_headlines`).
     """
     if kind not in RUNNERS:
         raise ValueError(f"no runner for probe kind {kind!r}; available: {', '.join(RUNNERS)}")
-    return RUNNERS[kind](ctx, options, torch.Generator().manual_seed(seed))
+    record = RUNNERS[kind](ctx, options, torch.Generator().manual_seed(seed))
+    check_headlines(kind, record, ctx.checkpoint)
+    return record

@@ -260,6 +260,15 @@ class ProbeSpec:
         if self.kind == "sharpness" and "average" in self.resolved()["measures"] and self.resolved()["sigma"] is None:
             raise SpecError("probes[sharpness].sigma is required when measures lists 'average' (no paper fixes a default); "
                             "e.g. sigma: 0.01")
+        if self.kind == "sharpness" and "adaptive" in self.resolved()["measures"] and "adaptive_rho" not in self.options:
+            o = self.resolved()
+            if (o["adaptive_kind"], o["adaptive_p"]) != ("worst", 2):
+                raise SpecError(
+                    f"probes[sharpness].adaptive_rho is required with adaptive_kind={o['adaptive_kind']!r}, "
+                    f"adaptive_p={o['adaptive_p']!r}: its default 0.5 is ASAM's for worst-case p=2 and no paper "
+                    "fixes one otherwise (Andriushchenko et al. 2023 sweep 0.05-0.4 for average L2, 0.1-0.8 for "
+                    "average L∞, 0.001-0.008 for worst L∞); e.g. adaptive_rho: 0.1"
+                )
         if self.kind == "barrier" and self.options.get("between") is None:
             raise SpecError("probes[barrier].between is required: two checkpoint paths, or ['init', PATH]")
 

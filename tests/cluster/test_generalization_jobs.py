@@ -108,3 +108,33 @@ def test_noise_without_batch_size_says_how_to_give_it(tmp_path, checkpoints, mak
     row = ResultStore(spec.output.path).read("noise").to_pylist()[0]
     assert row["temperature"] is None and row["lr"] == 0.1 and row["batch_size"] is None
     assert "set probes[noise].batch_size or save 'batch_size' in the checkpoint's metadata" in row["note"]
+
+
+def test_noise_without_chunk_size_uses_and_records_the_default_chunk(tmp_path, make_spec):
+    """No probes[noise].chunk_size: probe.noise.default_chunk_size() (lowered on CPU), not a fixed 64."""
+    from safetensors.torch import save_file
+
+    from probe.models import digits_cnn
+    from probe.noise import default_chunk_size
+    from probe.params import ParameterSpace
+
+    torch.manual_seed(0)
+    model = digits_cnn(channels=96)  # a Conv2d: per-example gradients by vmap, in chunks
+    path = tmp_path / "cnn.safetensors"
+    save_file(model.state_dict(), str(path), metadata={"lr": "0.1"})
+    want = default_chunk_size(ParameterSpace.of(model), torch.float64, "cpu")
+    assert want != 64  # the 96×96×3×3 kernel's per-example block (0.66 MB in float64) lowers it on CPU
+    spec = load_spec(make_spec(name="chunks", probes=[{"kind": "noise", "batch_size": 16}], num_examples=64,
+                               model={"factory": "probe.models:digits_cnn", "kwargs": {"channels": 96},
+                                      "checkpoints": [str(path)]}))
+    summary = run_job(spec, backend="local", progress=lambda m: None)
+    assert summary.num_done == 1, summary.failures
+    (row,) = ResultStore(spec.output.path).read("noise").to_pylist()
+    assert row["method"] == "vmap" and row["chunk_size"] == want
+    assert json.loads(row["probe_config"])["chunk_size"] is None
+    # the statistics do not depend on the chunking
+    dataset, indices, _ = probe_subset(spec)
+    batches = [torch.utils.data.default_collate([dataset[i] for i in indices[j: j + 50].tolist()])
+               for j in range(0, len(indices), 50)]
+    direct = gradient_moments(model.double(), F.cross_entropy, batches, chunk_size=64)
+    assert row["noise_trace"] == pytest.approx(noise_statistics(direct).noise_trace, rel=1e-9)

@@ -205,3 +205,34 @@ def test_eos_with_adam_reads_second_moments_from_both_checkpoint_layouts(tmp_pat
         op = PreconditionedOperator(HessianOperator(m64, build_loss("cross_entropy"), worker.batches), diag)
         ref = eigenvalues(op, 1, generator=torch.Generator().manual_seed(0), tol=1e-10).eigenvalues[0].item()
         assert row["lambda_max"] == pytest.approx(ref, rel=1e-8)
+
+
+@pytest.mark.parametrize("kind, p, rho", [("average", "inf", 0.2), ("worst", "inf", 0.005), ("average", 2, 0.1)])
+def test_adaptive_sharpness_kind_and_norm_come_from_the_spec(make_spec, checkpoints, kind, p, rho):
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from cluster.worker import probe_subset, task_seed
+    from probe.evaluate import Evaluator
+    from probe.sharpness import adaptive_sharpness
+
+    probe = {"kind": "sharpness", "measures": ["adaptive"], "adaptive_kind": kind, "adaptive_p": p,
+             "adaptive_rho": rho, "steps": 5, "num_samples": 6}
+    spec = load_spec(make_spec(name="adaptive", probes=[probe]))
+    spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, checkpoints=spec.model.checkpoints[:1]))
+    assert run_job(spec, backend="local", progress=lambda m: None).num_done == 1
+    (row,) = ResultStore(spec.output.path).read("sharpness").to_pylist()
+    dataset, indices, _ = probe_subset(spec)
+    batches = [torch.utils.data.default_collate([dataset[i] for i in indices[j: j + 50].tolist()])
+               for j in range(0, len(indices), 50)]
+    model = digits_mlp(hidden=16)
+    model.load_state_dict(load_file(str(checkpoints[0])))
+    direct = adaptive_sharpness(Evaluator(model.double(), F.cross_entropy, batches), kind=kind, p=p, rho=rho,
+                                steps=5, num_samples=6, generator=torch.Generator().manual_seed(task_seed(spec.seed, 0)))
+    assert row["measure"] == "adaptive" and row["value"] == pytest.approx(direct.value, rel=1e-9, abs=1e-12)
+    assert row["norm"] == {2: "l2", "inf": "linf"}[p] and row["rho"] == rho
+    params = json.loads(row["params"])
+    assert params["kind"] == kind and params["norm"] == row["norm"]
+    assert (row["num_samples"], row["steps"]) == ((6, None) if kind == "average" else (None, 5))
+    assert (row["stderr"] is not None) == (kind == "average")

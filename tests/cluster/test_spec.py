@@ -275,16 +275,42 @@ def test_bad_probe_option_values_are_rejected(probe):
         parse_spec(raw_spec(probes=[probe]))
 
 
-def test_exponent_notation_in_yaml_is_a_number_or_rejected(tmp_path):
+def write_with_tol(tmp_path, text: str) -> Path:
+    """The minimal spec file with ``tol: <text>`` written verbatim into the eigenvalues probe."""
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(raw_spec()).replace("k: 3", "k: 3\n  tol: 1e-8"))
-    assert "tol: 1e-8" in path.read_text()
-    try:
-        spec = load_spec(path)
-    except SpecError as exc:
-        assert "tol" in str(exc)
-    else:
-        assert spec.probes[0].resolved()["tol"] == 1e-8
+    path.write_text(yaml.safe_dump(raw_spec()).replace("k: 3", f"k: 3\n  tol: {text}"))
+    assert f"tol: {text}\n" in path.read_text()  # the YAML text itself, not a dumped float
+    return path
+
+
+@pytest.mark.parametrize("text, value", [("1e-8", 1e-8), ("1E5", 100000.0), ("3.0e-7", 3e-7), ("+2e0", 2.0)])
+def test_exponent_notation_in_a_spec_file_is_a_float(tmp_path, text, value):
+    """YAML 1.2 reads ``1e-8`` as a float; PyYAML's 1.1 rules need a dot and would give the string '1e-8'."""
+    tol = load_spec(write_with_tol(tmp_path, text)).probes[0].resolved()["tol"]
+    assert type(tol) is float and tol == value
+
+
+def test_exponent_notation_in_a_set_override_is_a_float(tmp_path):
+    path = write_with_tol(tmp_path, "0.001")
+    for text, value in [("1e-8", 1e-8), ("1E5", 100000.0)]:
+        tol = load_spec(path, [f"probes.0.tol={text}"]).probes[0].resolved()["tol"]
+        assert type(tol) is float and tol == value
+    matvecs = apply_overrides(raw_spec(), ["probes.1.matvecs=1e3"])["probes"][1]["matvecs"]
+    assert type(matvecs) is float and matvecs == 1000.0
+
+
+def test_a_negative_exponent_value_is_rejected_as_the_number_it_is(tmp_path):
+    with pytest.raises(SpecError, match=r"probes\[eigenvalues\]\.tol must be a positive number, got -2500\.0$"):
+        load_spec(write_with_tol(tmp_path, "-25e2"))
+
+
+@pytest.mark.parametrize("text", ["1e-8x", "e-8", "1e"])
+def test_exponent_lookalikes_stay_strings_and_are_rejected_naming_the_key(tmp_path, text):
+    message = rf"probes\[eigenvalues\]\.tol must be a positive number, got '{text}'$"
+    with pytest.raises(SpecError, match=message):
+        load_spec(write_with_tol(tmp_path, text))
+    with pytest.raises(SpecError, match=message):
+        load_spec(write_with_tol(tmp_path, "0.001"), [f"probes.0.tol={text}"])
 
 
 def test_data_kwargs_must_be_a_mapping():
@@ -447,3 +473,23 @@ def test_to_dict_round_trips_through_parse_spec(tmp_path):
     path.write_text(yaml.safe_dump(raw_spec()))
     loaded = load_spec(path)
     assert parse_spec(loaded.to_dict()) == loaded
+
+
+@pytest.mark.parametrize("probe, message", [
+    ({"adaptive_kind": "typical"}, "probes[sharpness].adaptive_kind must be 'worst' or 'average', got 'typical'"),
+    ({"adaptive_p": 1}, "probes[sharpness].adaptive_p must be 2 or 'inf' (the L2 or L∞ ball of u), got 1"),
+    ({"adaptive_kind": "average"}, "probes[sharpness].adaptive_rho is required with adaptive_kind='average', adaptive_p=2"),
+    ({"adaptive_p": "inf"}, "probes[sharpness].adaptive_rho is required with adaptive_kind='worst', adaptive_p='inf'"),
+])
+def test_adaptive_sharpness_options_are_checked(probe, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec(raw_spec(probes=[{"kind": "sharpness", **probe}]))
+
+
+def test_adaptive_sharpness_defaults_are_asams_worst_case_l2():
+    (p,) = parse_spec(raw_spec(probes=[{"kind": "sharpness"}])).probes
+    assert {k: p.resolved()[k] for k in ("adaptive_kind", "adaptive_p", "adaptive_rho")} == \
+        {"adaptive_kind": "worst", "adaptive_p": 2, "adaptive_rho": 0.5}
+    # the radius is given: any kind and norm; without 'adaptive' in the measures none is needed
+    parse_spec(raw_spec(probes=[{"kind": "sharpness", "adaptive_kind": "average", "adaptive_p": "inf", "adaptive_rho": 0.2}]))
+    parse_spec(raw_spec(probes=[{"kind": "sharpness", "measures": ["keskar"], "adaptive_kind": "average"}]))
