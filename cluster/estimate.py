@@ -35,9 +35,11 @@ the estimate counts what the run allocates, probe by probe, as configured:
   - other kinds: a few vectors (as before: 2 × 16 for ``pacbayes``);
   - **the product** of a block of ``k`` columns (1 for ``eigenvalues``, ``runs`` for
     SLQ, 8 for ``trace``): ``k·D`` gathered input entries on ``W > 1`` workers
-    (``ShardedOperator.gather``), the per-parameter copy of the block (``k > 1``),
-    the gradients autograd returns (per column then stacked: ``2k·D·b_p`` on the CPU;
-    ``k·D·b_p`` batched on CUDA) and the output ``k·D·b_v``.
+    (``ShardedOperator.gather``) and the output ``k·D·b_v`` (twice on ``W > 1``: the
+    reduce-scatter sends a contiguous ``(D, k)`` copy of it); batched on CUDA, the
+    per-parameter copy of the block and its gradients (``k·D·b_p`` each); on the CPU
+    one backward per column from views of it: one column's gradients (``D·b_p``) and,
+    as measured peaks show, about the block once more (``k·D·b_p``).
 
 With ``gpus_per_worker > 0`` and CUDA here, parameters, graphs and device vectors are
 compared with the GPU's total memory (``torch.cuda.get_device_properties``) and the
@@ -269,9 +271,17 @@ def _graph_bytes(cal: GraphCalibration, param_bytes: int, budget: int) -> int:
 
 def _product_bytes(k: int, dim: int, local: int, bp: int, bv: int, world: int, batched: bool) -> int:
     """Peak of one product of a block of ``k`` columns beyond its input (see the module docstring)."""
-    unflatten = k * dim * bp if (k > 1 or bp != bv) else 0
-    grads = (2 * k if (k > 1 and not batched) else k) * dim * bp
+    if batched or k == 1:  # one backward for the block, from per-parameter copies of it
+        unflatten = k * dim * bp if (k > 1 or bp != bv) else 0
+        grads = k * dim * bp
+    else:  # one backward per column, from views of it, written into its output row; measured peaks
+        # still hold about the block once more (autograd makes the strided views contiguous per
+        # parameter, and the allocator keeps what the columns freed), so it is counted once
+        unflatten = k * dim * bp
+        grads = dim * bp
     out = k * dim * bv
+    if world > 1 and k > 1:  # the reduce-scatter sends a (D, k) contiguous copy of the (k, D) product
+        out *= 2
     gathered = k * dim * bv if world > 1 else 0
     return gathered + unflatten + grads + out
 

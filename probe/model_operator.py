@@ -285,22 +285,31 @@ class ModelOperator(CurvatureOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         k = V.shape[1]
-        vs = [v.to(self.param_dtype) for v in self.space.unflatten(V)]  # per parameter: (k, *shape)
-        out_t = None  # (k, dim): each parameter's block is a contiguous column range
+        # Batched (CUDA): one backward for the block, from per-parameter (k, *shape) copies.
+        # Otherwise one backward per column, each from views of its column, written straight
+        # into its row of the output: a block of k columns then holds k output rows and one
+        # column's gradients, not k gradients and their stack (same arithmetic, element by element).
+        if self.batched or k == 1:
+            columns = [(slice(None), [v.to(self.param_dtype) for v in self.space.unflatten(V)], k)]
+        else:
+            columns = [(slice(j, j + 1), [v.to(self.param_dtype).unsqueeze(0) for v in self.space.unflatten(V[:, j])], 1)
+                       for j in range(k)]
+        out_t = torch.empty((k, self.dim), dtype=self.dtype, device=V.device)  # each parameter: a column range
         all_cached = len(self._cached) == len(self.batches)
         # Kept graphs need no mode switch; rebuilding a graph does.
         with contextlib.nullcontext() if all_cached else model_mode(self.model, self.mode):
             for i, (batch, w, s) in enumerate(zip(self.batches, self._graph_weights, self._sum_weights)):
                 state = self._cached[i] if i < len(self._cached) else self._build(batch, w)
-                parts = self._apply(state, vs, k)
-                if out_t is None:
-                    # The first batch is written once, by concatenation (no zero fill and add).
-                    out_t = torch.cat([p.reshape(k, -1).to(self.dtype) for p in parts], dim=1)
-                    if s != 1.0:
-                        out_t.mul_(s)
-                    continue
-                for p, block in zip(parts, out_t.split(self.space.numels, dim=1)):
-                    block.add_(p.reshape(k, -1), alpha=s)  # in self.dtype; s = 1.0 is exact
+                for rows, vs, width in columns:
+                    parts = self._apply(state, vs, width)
+                    target = out_t[rows]
+                    for p, block in zip(parts, target.split(self.space.numels, dim=1)):
+                        if i == 0:  # the first batch is written once (no zero fill and add)
+                            block.copy_(p.reshape(width, -1))
+                        else:
+                            block.add_(p.reshape(width, -1), alpha=s)  # in self.dtype; s = 1.0 is exact
+                    if i == 0 and s != 1.0:
+                        target.mul_(s)
         self.num_matvecs += k
         return out_t.T
 

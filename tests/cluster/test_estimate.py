@@ -54,9 +54,9 @@ def test_estimate_is_printed_and_grows_with_the_probe_plan(make_spec, checkpoint
                    str(checkpoints[0]), workers_here=1)
     assert big.vector_bytes_per_worker > 100 * small.vector_bytes_per_worker
     basis = 50 * 201 * n * 8  # float64 basis of every run
-    # plus 4 recurrence vectors per run and the 50-column product (input copy, gradients per column
-    # and stacked, output): 400 vectors
-    assert big.vector_bytes_per_worker == basis + 400 * n * 8
+    # plus 4 recurrence vectors per run (200) and the 50-column product on the CPU (one backward per
+    # column from views of it: one column's gradients, the block once more, the 50 output rows): 301
+    assert big.vector_bytes_per_worker == basis + 301 * n * 8
     assert 0 < small.available_bytes == pytest.approx(available_memory_bytes(), rel=0.2)
 
 
@@ -149,7 +149,7 @@ MEASURE = ("import json, sys; import bench_estimate as be; "
 
 
 def _minilm_case(folder: Path) -> dict:
-    be = pytest.importorskip("bench_estimate")
+    import bench_estimate as be  # bench/ is on sys.path (the measured fixture puts it there)
     ckpt = be.minilm_checkpoint(folder / "minilm.safetensors")
     probes = [{"kind": "eigenvalues", "k": 1, "tol": 1e-3, "max_steps": 4}, {"kind": "trace", "matvecs": 6}]
     return be.minilm_spec(str(ckpt), str(folder / "out-minilm"), probes=probes, num_examples=4, batch_size=4)
@@ -179,8 +179,7 @@ def _gpt_case(folder: Path) -> dict:
 def measured(tmp_path_factory):
     """Each case's spec and the measured peak RSS of a worker running its probes (a fresh process each,
     both at once), above the worker's resident size before its first model."""
-    if not Path("/proc/self/status").exists():
-        pytest.skip("peak RSS is read from /proc (Linux)")
+    assert Path("/proc/self/status").exists(), "peak RSS is read from /proc (Linux)"
     sys.path.insert(0, str(BENCH))
     folder = tmp_path_factory.mktemp("estimate")
     cases = {"gpt-3.2M": _gpt_case(folder), "minilm-22.7M": _minilm_case(folder)}
@@ -204,6 +203,8 @@ def test_estimate_is_within_30_percent_of_the_measured_worker_peak(measured, cas
     est = estimate(spec, spec.model.checkpoints[0], workers_here=1)
     assert est.graph_how.startswith("measured")
     measured_bytes = peaks["peak_mb"] * (1 << 20)
+    print(f"\n{case}: estimate {est.per_worker_bytes / 2**20:,.0f} MB, measured {peaks['peak_mb']:,.0f} MB, "
+          f"ratio {est.per_worker_bytes / measured_bytes:.2f}")
     assert est.per_worker_bytes == pytest.approx(measured_bytes, rel=0.3), (est.summary(), peaks)
     if case.startswith("minilm"):
         assert est.parameters == 22_713_216
