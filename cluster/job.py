@@ -6,26 +6,28 @@ queue concurrently (fan-out over checkpoints and probes). Finished tasks are
 written at once (see :mod:`cluster.store`), so a re-run skips them and adds no
 rows. A worker that dies makes its group be rebuilt and the task re-run, as the
 :class:`FailurePolicy` decides; the row's ``attempts`` column records it.
+
+Planning (:func:`plan_tasks`, :func:`pending_tasks`, the task keys) is pure; running
+(:func:`cluster.driver.run_tasks`) turns each attempt into a value and hands it to the
+handlers of :mod:`cluster.job_events` (Parquet, metrics, progress) and the summary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import queue
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from pathlib import Path
 
 from cluster.checkpoints import CheckpointError, CheckpointInfo, checkpoint_entries, checkpoint_info, checkpoint_sha256
 from cluster.estimate import check_fits, estimate
-from cluster.groups import LocalGroup, ProcessGroup, RayGroup, TaskError, WorkerLost
-from cluster.errors import category_of
+from cluster.driver import FailurePolicy, JobSummary, Stored, SummaryEvents, run_tasks
+from cluster.groups import LocalGroup, ProcessGroup, RayGroup
+from cluster.job_events import MetricsEvents, ProgressEvents, StoreEvents, now
 from cluster.metrics import FAILURE_REASONS, Metrics
 from cluster.schema import SCHEMA_VERSION
 from cluster.spec import JobSpec, import_factory
@@ -186,41 +188,6 @@ def plan_tasks(spec: JobSpec, checkpoints: list[tuple[str, str]], data_sha: str,
     return tasks
 
 
-@dataclass(frozen=True)
-class FailurePolicy:
-    """Decides what a failed task attempt leads to.
-
-    ``decide`` returns ``"restart"`` (rebuild the group, run the task again) for a
-    lost worker while attempts remain, and ``"fail"`` (record the failure, go on
-    with the next task) otherwise or for task errors that a restart cannot fix.
-    """
-
-    max_restarts: int = 3
-
-    def decide(self, error: BaseException, attempts: int) -> str:
-        if isinstance(error, WorkerLost) and attempts <= self.max_restarts:
-            return "restart"
-        return "fail"
-
-
-@dataclass
-class JobSummary:
-    run_id: str
-    job: str
-    output: str
-    num_tasks: int = 0
-    num_done: int = 0
-    num_skipped: int = 0
-    num_failed: int = 0
-    restarts: int = 0
-    failures: list[dict] = field(default_factory=list)
-    records: list[dict] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.num_failed == 0
-
-
 def _pending(task: Task, done: set[str]) -> Task | None:
     """``task`` reduced to what is not stored yet, or None when nothing is left."""
     if not task.row_keys:
@@ -251,21 +218,11 @@ def _make_group(spec: JobSpec, size: int, backend: str, name: str):
     )
 
 
-def _short(path: str) -> str:
-    """A checkpoint's folder and file name, for progress lines."""
-    p = Path(path)
-    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
-
-
 def choose_backend(spec: JobSpec) -> str:
     """``cluster.backend``, with ``auto`` resolved: one worker and no address runs in-process, else Ray."""
     if spec.cluster.backend != "auto":
         return spec.cluster.backend
     return "local" if spec.cluster.num_workers == 1 and not spec.cluster.address else "ray"
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def run_job(
@@ -302,13 +259,60 @@ def run_job(
             estimate is printed first; nothing is written).
     """
     policy = policy or FailurePolicy(spec.cluster.max_restarts)
-    t_start = time.perf_counter()
-    started_at = _now()
-    run_id = uuid.uuid4().hex[:16]
+    t_start, started_at, run_id = time.perf_counter(), now(), uuid.uuid4().hex[:16]
     store = ResultStore(spec.output.path)
-    versions = library_versions()
-    # factories that do not import fail here, before any worker starts, naming the spec key
-    if spec.model.factory is not None:
+    spec, checkpoints, names, est = _prepare(spec, checkpoints, backend, progress)
+    _, indices, data_sha = probe_subset(spec)
+    tasks = plan_tasks(spec, checkpoints, data_sha, names.infos)
+    if exclude is not None:
+        tasks = [t for t in tasks if not exclude(t)]
+    todo = pending_tasks(tasks, {kind: store.done_task_keys(kind, spec.name) for kind in {t.kind for t in tasks}})
+    summary = JobSummary(run_id, spec.name, spec.output.path, num_tasks=len(tasks), num_skipped=len(tasks) - len(todo))
+    group_size = spec.cluster.group_size or spec.cluster.num_workers
+    num_groups = max(1, spec.cluster.num_workers // group_size)
+    if backend == "local" and spec.cluster.num_workers != 1:
+        raise ValueError(f"backend 'local' runs one worker, got cluster.num_workers={spec.cluster.num_workers}")
+    progress(f"[{spec.name}] {len(checkpoints)} checkpoint(s) × {len(spec.probes)} probe(s) = {len(tasks)} task(s); "
+             f"{summary.num_skipped} already stored; {num_groups} group(s) of {group_size} worker(s) ({backend}); "
+             f"{len(indices)} probe examples")
+    if est is not None:
+        progress(f"[{spec.name}] {est.summary()}")
+    if metrics:
+        _metrics_start(metrics, spec.name, tasks, todo, [p for p, _ in checkpoints])
+    rows = RowBuilder(spec, run_id, data_sha, len(indices), names)
+    handlers = [StoreEvents(store, spec.name, run_id), *([MetricsEvents(metrics, spec.name)] if metrics else []),
+                SummaryEvents(summary), ProgressEvents(progress, spec.name, summary, len(todo), t_start)]
+    errors = run_tasks(todo, num_groups=num_groups, policy=policy, rows_of=rows.of, handlers=handlers,
+                       on_start=on_task_start,
+                       make_group=lambda i: _make_group(spec, group_size, backend, f"probe-{spec.name}-g{i}"))
+    _write_run(store, spec, summary, errors, started_at, rows.versions)
+    if errors:
+        raise errors[0]
+    progress(f"[{spec.name}] done: {summary.num_done} run, {summary.num_skipped} skipped, {summary.num_failed} failed, "
+             f"{summary.restarts} restart(s) in {time.perf_counter() - t_start:.1f} s; results in {spec.output.path}")
+    return summary
+
+
+class CheckpointNames:
+    """Each checkpoint's run-relative name, step and lr (the rows' common columns), from the
+    spec entry it came from; asked lazily for paths outside the job's checkpoints (barrier ends)."""
+
+    def __init__(self, entry_of: dict[str, str], paths: list[str]) -> None:
+        self.entry_of = entry_of
+        self.infos: dict[str, CheckpointInfo] = {p: checkpoint_info(p, entry_of.get(p)) for p in paths}
+
+    def columns(self, path: str) -> dict:
+        if path not in self.infos:  # a barrier endpoint outside model.checkpoints, or 'init'
+            self.infos[path] = checkpoint_info(path, self.entry_of.get(path))
+        info = self.infos[path]
+        return {"checkpoint_name": info.name, "step": info.step, "lr": info.lr}
+
+
+def _prepare(spec: JobSpec, checkpoints, backend: str, progress: Callable[[str], None]):
+    """Every check before work: factories import, checkpoints found and hashed, the model checked
+    (``precision: auto`` resolved), the memory estimate against this host. Returns
+    ``(spec, checkpoints, names, estimate)``."""
+    if spec.model.factory is not None:  # fail here, before any worker starts, naming the spec key
         import_factory(spec.model.factory, key="model.factory")
     if isinstance(spec.loss, dict):
         import_factory(spec.loss["factory"], key="loss.factory")
@@ -317,17 +321,8 @@ def run_job(
     entry_of = checkpoint_entries(spec.model.checkpoints, missing_ok=checkpoints is not None)
     if checkpoints is None:
         checkpoints = [(p, checkpoint_sha256(p)) for p in entry_of]
-    infos: dict[str, CheckpointInfo] = {p: checkpoint_info(p, entry_of.get(p)) for p, _ in checkpoints}
-
-    def info_columns(path: str) -> dict:
-        """The common checkpoint_name, step and lr columns of a row about ``path``."""
-        if path not in infos:  # a barrier endpoint outside model.checkpoints, or 'init'
-            infos[path] = checkpoint_info(path, entry_of.get(path))
-        info = infos[path]
-        return {"checkpoint_name": info.name, "step": info.step, "lr": info.lr}
-
-    paths = [p for p, _ in checkpoints]
-    spec = prepare_model(spec, paths, progress)
+    names = CheckpointNames(entry_of, [p for p, _ in checkpoints])
+    spec = prepare_model(spec, [p for p, _ in checkpoints], progress)
     est = None
     if checkpoints:
         # workers on this host: all of them unless they go to a cluster at an address
@@ -335,182 +330,74 @@ def run_job(
         est = estimate(spec, checkpoints[0][0], workers_here=here)
         if here:
             check_fits(est)
-    _, indices, data_sha = probe_subset(spec)
-    tasks = plan_tasks(spec, checkpoints, data_sha, infos)
-    if exclude is not None:
-        tasks = [t for t in tasks if not exclude(t)]
-    summary = JobSummary(run_id, spec.name, spec.output.path, num_tasks=len(tasks))
-    done = {kind: store.done_task_keys(kind, spec.name) for kind in {t.kind for t in tasks}}
-    pending = {t.key: _pending(t, done[t.kind]) for t in tasks}
-    todo = [p for p in pending.values() if p is not None]
-    summary.num_skipped = len(tasks) - len(todo)
-    group_size = spec.cluster.group_size or spec.cluster.num_workers
-    num_groups = max(1, spec.cluster.num_workers // group_size)
-    if backend == "local" and spec.cluster.num_workers != 1:
-        raise ValueError(f"backend 'local' runs one worker, got cluster.num_workers={spec.cluster.num_workers}")
-    progress(
-        f"[{spec.name}] {len(paths)} checkpoint(s) × {len(spec.probes)} probe(s) = {len(tasks)} task(s); "
-        f"{summary.num_skipped} already stored; {num_groups} group(s) of {group_size} worker(s) ({backend}); "
-        f"{len(indices)} probe examples"
-    )
-    if est is not None:
-        progress(f"[{spec.name}] {est.summary()}")
-    if metrics:
-        for reason in FAILURE_REASONS:  # every reason exported from 0, so increase() sees the first failure
-            metrics.failures.labels(job_name=spec.name, reason=reason)
-        metrics.tasks_planned.labels(job_name=spec.name).set(len(todo))
-        metrics.series_order(spec.name, paths)  # the headline gauges follow the latest checkpoint
-        metrics.tasks_done.labels(job_name=spec.name).set(0)
-        for t in tasks:
-            if pending[t.key] is None:
-                metrics.tasks.labels(job_name=spec.name, kind=t.kind, outcome="skipped").inc()
-    lock = threading.Lock()
-    work: queue.Queue[Task] = queue.Queue()
-    for t in todo:
-        work.put(t)
+    return spec, checkpoints, names, est
 
-    def base_row(task: Task) -> dict:
+
+def pending_tasks(tasks: list[Task], done: dict[str, set[str]]) -> list[Task]:
+    """The tasks (or the parts of series tasks) whose rows are not stored yet, in plan order."""
+    return [p for p in (_pending(t, done[t.kind]) for t in tasks) if p is not None]
+
+
+def _metrics_start(metrics: Metrics, job: str, tasks: list[Task], todo: list[Task], paths: list[str]) -> None:
+    for reason in FAILURE_REASONS:  # every reason exported from 0, so increase() sees the first failure
+        metrics.failures.labels(job_name=job, reason=reason)
+    metrics.tasks_planned.labels(job_name=job).set(len(todo))
+    metrics.series_order(job, paths)  # the headline gauges follow the latest checkpoint
+    metrics.tasks_done.labels(job_name=job).set(0)
+    running = {t.key for t in todo} | {k for t in todo for k in t.row_keys}
+    for t in tasks:
+        if t.key not in running and not (set(t.row_keys) & running):
+            metrics.tasks.labels(job_name=job, kind=t.kind, outcome="skipped").inc()
+
+
+class RowBuilder:
+    """A finished task's complete rows: provenance, the record's scalars, each row's own values."""
+
+    def __init__(self, spec: JobSpec, run_id: str, data_sha: str, num_examples: int, names: CheckpointNames) -> None:
+        self.spec, self.run_id, self.data_sha, self.num_examples, self.names = spec, run_id, data_sha, num_examples, names
+        self.versions = library_versions()
+
+    def base(self, task: Task) -> dict:
+        spec = self.spec
         return {
-            "run_id": run_id,
-            "job": spec.name,
-            "task_key": task.key,
-            "checkpoint": task.checkpoint,
-            "checkpoint_sha256": task.checkpoint_sha256,
-            **info_columns(task.checkpoint),
-            "probe_config": json.dumps(task.options, sort_keys=True),
-            "seed": task_seed(spec.seed, task.probe_index),
-            "schema_version": SCHEMA_VERSION,
-            "model_factory": spec.model.source,
-            "data_sha256": data_sha,
-            "num_examples": len(indices),
-            "dtype": spec.precision,
-            "mode": spec.mode,
-            "versions": json.dumps(versions, sort_keys=True),
+            "run_id": self.run_id, "job": spec.name, "task_key": task.key, "checkpoint": task.checkpoint,
+            "checkpoint_sha256": task.checkpoint_sha256, **self.names.columns(task.checkpoint),
+            "probe_config": json.dumps(task.options, sort_keys=True), "seed": task_seed(spec.seed, task.probe_index),
+            "schema_version": SCHEMA_VERSION, "model_factory": spec.model.source, "data_sha256": self.data_sha,
+            "num_examples": self.num_examples, "dtype": spec.precision, "mode": spec.mode,
+            "versions": json.dumps(self.versions, sort_keys=True),
         }
 
-    def _record_failure(task: Task, reason: str, category: str, attempts: int) -> None:
-        keys = task.row_keys or (task.key,)
-        for key in keys:
-            store.write_failure({
-                "run_id": run_id, "job": spec.name, "task_key": key, "kind": task.kind,
-                "checkpoint": task.checkpoint, "checkpoint_sha256": task.checkpoint_sha256,
-                "probe_config": json.dumps(task.options, sort_keys=True), "category": category,
-                "reason": reason, "attempts": attempts, "created_at": _now(), "schema_version": SCHEMA_VERSION,
-            })
+    def of(self, outcome: Stored) -> list[dict]:
+        task, record = outcome.task, outcome.record
+        common = {**self.base(task), **{k: v for k, v in record.items() if k != "rows"},
+                  "created_at": now(), "attempts": outcome.attempts, "device": outcome.device,
+                  "checkpoint_metadata": json.dumps(record.get("checkpoint_metadata", {}), sort_keys=True)}
+        # rows about their own checkpoint (eos: one per checkpoint of the series) take its
+        # name, step and lr; a probe's own step or lr (eos, noise: the one it used) wins
+        rows = [{**common, **(self.names.columns(r["checkpoint"]) if "checkpoint" in r else {}), **r}
+                for r in record.get("rows", [{}])]
+        if task.row_keys:  # each checkpoint's row under its own storage key
+            keys = dict(zip(task.options["series"], task.row_keys))
+            for r in rows:
+                r["task_key"] = keys[r["checkpoint"]]
+        return rows
 
-    def serve(group_index: int) -> None:
-        group = None
-        try:
-            while True:
-                try:
-                    task = work.get_nowait()
-                except queue.Empty:
-                    return
-                attempts = 0
-                while True:
-                    attempts += 1
-                    try:
-                        if group is None:
-                            group = _make_group(spec, group_size, backend, f"probe-{spec.name}-g{group_index}")
-                        if on_task_start:
-                            on_task_start(task, attempts)
-                        record = group.run(task.payload())
-                    except (WorkerLost, TaskError) as exc:
-                        decision = policy.decide(exc, attempts)
-                        unusable = isinstance(exc, WorkerLost) or not getattr(exc, "group_usable", True)
-                        if unusable and group is not None:
-                            group.close()
-                            group = None
-                        if decision == "restart":
-                            if metrics:
-                                metrics.restarts.labels(job_name=spec.name).inc()
-                            with lock:
-                                summary.restarts += 1
-                            progress(f"[{spec.name}] worker lost on {task.kind} @ {task.checkpoint}: {exc}; restarting (attempt {attempts + 1})")
-                            continue
-                        with lock:
-                            summary.num_failed += 1
-                            summary.failures.append({"task": task.key, "checkpoint": task.checkpoint, "kind": task.kind, "reason": str(exc)})
-                        progress(f"[{spec.name}] FAILED {task.kind} @ {task.checkpoint}: {exc}")
-                        _record_failure(task, str(exc), category_of(exc), attempts)
-                        if metrics:
-                            metrics.task_failed(spec.name, task.kind, category_of(exc))
-                            metrics.tasks_done.labels(job_name=spec.name).inc()
-                        break
-                    common = {**base_row(task), **{k: v for k, v in record.items() if k != "rows"},
-                              "created_at": _now(), "attempts": attempts,
-                              "checkpoint_metadata": json.dumps(record.get("checkpoint_metadata", {}), sort_keys=True),
-                              "device": str(group.info[0].get("device", "cpu"))}
-                    # rows about their own checkpoint (eos: one per checkpoint of the series) take its
-                    # name, step and lr; a probe's own step or lr (eos, noise: the one it used) wins
-                    rows = [{**common, **(info_columns(r["checkpoint"]) if "checkpoint" in r else {}), **r}
-                            for r in record.get("rows", [{}])]
-                    if task.row_keys:  # one stored file per checkpoint's row
-                        keys = dict(zip(task.options["series"], task.row_keys))
-                        for r in rows:
-                            r["task_key"] = keys[r["checkpoint"]]
-                            store.write_result(task.kind, [r])
-                    else:
-                        store.write_result(task.kind, rows)
-                    if metrics:
-                        metrics.task_succeeded(spec.name, task.kind, rows, duration_s=record["duration_s"],
-                                               num_matvecs=record.get("num_matvecs", 0), timestamp_s=time.time())
-                        metrics.tasks_done.labels(job_name=spec.name).inc()
-                    with lock:
-                        summary.num_done += 1
-                        summary.records.extend(rows)
-                        n = summary.num_done + summary.num_failed
-                    progress(
-                        f"[{spec.name}] {n}/{len(todo)} {task.kind} @ {_short(task.checkpoint)}: "
-                        f"{record['duration_s']:.1f} s, {record.get('num_matvecs', 0)} HVPs"
-                        f"{f', attempt {attempts}' if attempts > 1 else ''}; elapsed {time.perf_counter() - t_start:.0f} s"
-                    )
-                    break
-        finally:
-            if group is not None:
-                group.close()
 
-    errors: list[BaseException] = []
-
-    def guarded(i: int) -> None:
-        try:
-            serve(i)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the driver thread
-            errors.append(exc)
-            if metrics:  # a job-level failure (placement, a result write): counted under its type
-                metrics.failure(spec.name, category_of(exc))
-
-    threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(num_groups)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    status = "failed" if errors or summary.num_failed else "succeeded"
+def _write_run(store: ResultStore, spec: JobSpec, summary: JobSummary, errors: list[BaseException],
+               started_at, versions: dict) -> None:
+    """The run's row in ``runs/``; if it cannot be written, the job's own first error is the one reported."""
     try:
         store.write_run({
-            "run_id": run_id,
-            "job": spec.name,
-            "started_at": started_at,
-            "finished_at": _now(),
-            "status": status,
-            "num_tasks": summary.num_tasks,
-            "num_done": summary.num_done,
-            "num_skipped": summary.num_skipped,
-            "num_failed": summary.num_failed,
-            "restarts": summary.restarts,
+            "run_id": summary.run_id, "job": spec.name, "started_at": started_at, "finished_at": now(),
+            "status": "failed" if errors or summary.num_failed else "succeeded",
+            "num_tasks": summary.num_tasks, "num_done": summary.num_done, "num_skipped": summary.num_skipped,
+            "num_failed": summary.num_failed, "restarts": summary.restarts,
             "failures": json.dumps(summary.failures + [{"reason": str(e)} for e in errors]),
             "spec": json.dumps(spec.to_dict(), sort_keys=True, default=str),
-            "versions": json.dumps(versions, sort_keys=True),
-            "schema_version": SCHEMA_VERSION,
+            "versions": json.dumps(versions, sort_keys=True), "schema_version": SCHEMA_VERSION,
         })
     except StoreError:
         if errors:  # the first error (e.g. the result write that failed) is the one to report
             raise errors[0] from None
         raise
-    if errors:
-        raise errors[0]
-    progress(
-        f"[{spec.name}] done: {summary.num_done} run, {summary.num_skipped} skipped, {summary.num_failed} failed, "
-        f"{summary.restarts} restart(s) in {time.perf_counter() - t_start:.1f} s; results in {spec.output.path}"
-    )
-    return summary
