@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import struct
 from pathlib import Path
 
@@ -209,16 +210,20 @@ def test_every_http_endpoint_binds_to_loopback_by_default(tmp_path, checkpoints,
 
 def test_a_local_ray_instance_is_started_on_loopback_without_a_dashboard(monkeypatch):
     """connect() with no address starts Ray on 127.0.0.1 and without the dashboard (no HTTP endpoint);
-    shown by the arguments Ray receives, without starting it."""
-    import ray
+    shown by the arguments Ray receives, without starting it. A stand-in module takes ray's place:
+    importing the real one here would fix Ray's settings (its auth mode) for the whole test session,
+    before the session's token-authenticated head is started."""
+    import types
 
     from cluster.raytools import connect
 
     calls = []
+    fake = types.ModuleType("ray")
+    fake.is_initialized = lambda: False
+    fake.init = lambda **kwargs: calls.append(kwargs)
+    monkeypatch.setitem(sys.modules, "ray", fake)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)  # connect() must set it itself
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     connect(None, num_cpus=2)
     (kwargs,) = calls
     assert kwargs["address"] == "local"
