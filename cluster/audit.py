@@ -43,7 +43,8 @@ from urllib.parse import quote
 
 from cluster.checkpoints import CheckpointError, checkpoint_sha256, expand_checkpoints, hashed_files
 from cluster.job import Task, choose_backend, run_job
-from cluster.metrics import Metrics, hessian_lambda_max
+from cluster.kinds import KINDS
+from cluster.metrics import Metrics
 from cluster.spec import JobSpec
 from cluster.store import ResultStore
 
@@ -270,17 +271,29 @@ class Auditor:
         name, m = self.spec.name, self.metrics
         rank = {p: i for i, p in enumerate(order)}
 
+        tables: dict[str, list[dict]] = {}
+
+        def job_rows(kind: str) -> list[dict]:
+            """The series' rows of ``kind``, in stored order."""
+            if kind not in tables:
+                t = self.store.read(kind)
+                tables[kind] = [r for r in t.to_pylist() if r["job"] == name] if t.num_rows else []
+            return tables[kind]
+
         def rows(kind: str) -> list[dict]:
-            t = self.store.read(kind)
-            out = [r for r in t.to_pylist() if r["job"] == name and r["checkpoint"] in rank] if t.num_rows else []
+            """Rows about the series' checkpoints, in checkpoint order (then creation)."""
+            out = [r for r in job_rows(kind) if r["checkpoint"] in rank]
             return sorted(out, key=lambda r: (rank[r["checkpoint"]], r["created_at"]))
 
         lam: dict[str, float] = {}
         # the Hessian's λ_max (never Adam's λ_max(P⁻¹H)); where several kinds hold one for a
-        # checkpoint, the later kind here wins: eigenvalues over sharpness over critical over eos
-        for kind in ("eos", "critical", "sharpness", "eigenvalues"):
-            for r in rows(kind):
-                value = hessian_lambda_max(kind, r)
+        # checkpoint, the kind of higher Headline.lambda_max_priority wins (eigenvalues over
+        # sharpness over critical over eos)
+        holders = sorted((k for k in KINDS.values() if k.headline.lambda_max is not None),
+                         key=lambda k: k.headline.lambda_max_priority)
+        for kind in holders:
+            for r in rows(kind.name):
+                value = kind.headline.lambda_max(r)
                 if value is not None:
                     lam[r["checkpoint"]] = value
         series = sorted(lam, key=rank.__getitem__)
@@ -288,18 +301,19 @@ class Auditor:
             m.lambda_max.labels(series=name).set(lam[series[-1]])
             if len(series) > 1 and lam[series[-2]] != 0:
                 m.lambda_max_change.labels(series=name).set((lam[series[-1]] - lam[series[-2]]) / abs(lam[series[-2]]))
-        if tr := rows("trace"):
-            m.trace.labels(series=name).set(tr[-1]["trace"])
-        if eos := rows("eos"):
-            m.eos_ratio.labels(series=name).set(eos[-1]["ratio"])
-        t = self.store.read("barrier")
-        latest: dict[str, dict] = {}
-        for r in t.to_pylist() if t.num_rows else []:
-            if r["job"] == name and r["eval_set"] == "probe":
-                if r["path"] not in latest or r["created_at"] >= latest[r["path"]]["created_at"]:
-                    latest[r["path"]] = r
-        for path, r in latest.items():
-            m.barrier.labels(series=name, path=path).set(r["barrier_height"])
+        # the other gauges (Headline.gauges): the latest checkpoint's row, or the newest row
+        latest: dict[tuple, float] = {}
+        with_gauges = [k for k in KINDS.values() if k.headline.gauges is not None]
+        for kind in with_gauges:
+            by_checkpoint = rows(kind.name)
+            by_time = sorted(job_rows(kind.name), key=lambda r: r["created_at"])
+            for order, ordered in (("checkpoint", by_checkpoint), ("time", by_time)):
+                for r in ordered:
+                    for g in kind.headline.gauges(r):
+                        if g.latest == order:
+                            latest[(g.name, g.labels)] = g.value
+        for (gauge, labels), value in latest.items():
+            getattr(m, gauge).labels(series=name, **dict(labels)).set(value)
 
     def run(self, every_s: float | None = None, *, max_passes: int | None = None,
             stop: threading.Event | None = None, sleep: Callable[[float], object] | None = None) -> PassReport:

@@ -27,6 +27,7 @@ from cluster.checkpoints import CheckpointError, CheckpointInfo, checkpoint_entr
 from cluster.estimate import check_fits, estimate
 from cluster.driver import FailurePolicy, JobSummary, Stored, SummaryEvents, run_tasks
 from cluster.groups import LocalGroup, ProcessGroup, RayGroup
+from cluster.kinds import KINDS
 from cluster.job_events import MetricsEvents, ProgressEvents, StoreEvents, now
 from cluster.metrics import FAILURE_REASONS, Metrics
 from cluster.schema import SCHEMA_VERSION
@@ -139,15 +140,17 @@ def _task_key(spec: JobSpec, ckpt_sha: str, kind: str, options: dict, probe_inde
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
-# Kinds that run once per spec entry over named checkpoints, not once per checkpoint.
-PAIRWISE_KINDS = ("barrier", "eos")
+# Kinds that run once per spec entry over named checkpoints (Kind.pairwise: barrier) or over the
+# job's series (Kind.per_series: eos), not once per checkpoint.
+PAIRWISE_KINDS = tuple(name for name, k in KINDS.items() if k.pairwise)
+SERIES_KINDS = tuple(name for name, k in KINDS.items() if k.per_series)
 
 
-def _sha(path: str) -> str:
+def _sha(path: str, kind: str) -> str:
     if path == "init":
         return "init"
     if not Path(path).is_file():
-        raise CheckpointError(f"barrier endpoint {path!r} does not exist; give a checkpoint file or 'init'")
+        raise CheckpointError(f"{kind} endpoint {path!r} does not exist; give a checkpoint file or 'init'")
     return checkpoint_sha256(path)
 
 
@@ -155,36 +158,40 @@ def plan_tasks(spec: JobSpec, checkpoints: list[tuple[str, str]], data_sha: str,
                infos: dict[str, CheckpointInfo] | None = None) -> list[Task]:
     """Tasks for ``checkpoints`` (``(path, sha256)`` pairs) × the spec's probes, in checkpoint order.
 
-    A barrier probe is one task over its two endpoints (its row's ``checkpoint`` is
-    the second endpoint; the task key covers both endpoints' contents). An eos probe
-    is one task over the series with a row (and a storage key) per checkpoint; its
-    ``series_steps`` are the checkpoints' training steps (``infos``, else
-    :func:`cluster.checkpoints.checkpoint_info`), a checkpoint's index where unknown.
+    A pairwise probe (barrier) is one task over its endpoints (``Kind.checkpoint_options``;
+    its row's ``checkpoint`` is the last endpoint; the task key covers every endpoint's
+    contents). A per-series probe (eos) is one task over the series with a row (and a
+    storage key) per checkpoint; its ``series_steps`` are the checkpoints' training steps
+    (``infos``, else :func:`cluster.checkpoints.checkpoint_info`), a checkpoint's index
+    where unknown. A probe whose ``Kind.series`` says so (surface's PCA directions) gets
+    the job's checkpoints as ``options["series"]``.
     """
     infos = infos if infos is not None else {}
     tasks = []
     for path, sha in checkpoints:
         for i, p in enumerate(spec.probes):
-            if p.kind in PAIRWISE_KINDS:
+            kind = KINDS[p.kind]
+            if kind.pairwise or kind.per_series:
                 continue
             options = p.resolved()
-            if p.kind == "surface" and options["directions"] == "pca":  # PCA of the checkpoint trajectory
+            if kind.series is not None and kind.series(options):  # e.g. PCA of the checkpoint trajectory
                 options = {**options, "series": [c for c, _ in checkpoints]}
             tasks.append(Task(path, sha, p.kind, options, i, _task_key(spec, sha, p.kind, options, i, data_sha)))
     for i, p in enumerate(spec.probes):
-        if p.kind == "eos" and checkpoints:  # one task over the series, in order (warm starts), one row per checkpoint
+        kind = KINDS[p.kind]
+        if kind.per_series and checkpoints:  # one task over the series, in order (warm starts), one row per checkpoint
             steps = [(infos.get(c) or checkpoint_info(c)).step for c, _ in checkpoints]
             steps = [i if s is None else s for i, s in enumerate(steps)]
             options = {**p.resolved(), "series": [c for c, _ in checkpoints], "series_steps": steps}
             row_keys = tuple(_task_key(spec, sha, p.kind, p.resolved(), i, data_sha) for _, sha in checkpoints)
             key = hashlib.sha256("".join(row_keys).encode()).hexdigest()[:24]
             tasks.append(Task(checkpoints[-1][0], checkpoints[-1][1], p.kind, options, i, key, row_keys))
-        if p.kind == "barrier":
+        if kind.pairwise:
             options = p.resolved()
-            a, b = options["between"]
-            sha_a, sha_b = _sha(a), _sha(b)
-            key = _task_key(spec, sha_a + sha_b, p.kind, options, i, data_sha)
-            tasks.append(Task(b, sha_b, p.kind, options, i, key))
+            ends = [e for name in kind.checkpoint_options for e in options[name]]
+            shas = [_sha(e, p.kind) for e in ends]
+            key = _task_key(spec, "".join(shas), p.kind, options, i, data_sha)
+            tasks.append(Task(ends[-1], shas[-1], p.kind, options, i, key))
     return tasks
 
 

@@ -18,6 +18,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from cluster.errors import CATEGORIES
+from cluster.kinds import KINDS
 
 __all__ = ["Metrics", "serve", "hessian_lambda_max", "FAILURE_REASONS", "DURATION_BUCKETS_S", "DEFAULT_PORT"]
 
@@ -89,16 +90,16 @@ class Metrics:
         self.hvps.labels(job_name=job, kind=kind).inc(max(int(num_matvecs or 0), 0))
         self.duration.labels(job_name=job, kind=kind).observe(duration_s)
         self.last_success.labels(job_name=job, kind=kind).set(timestamp_s)
+        gauges = KINDS[kind].headline.gauges if kind in KINDS else None
         for row in rows:
             lam = hessian_lambda_max(kind, row)
             if lam is not None:
                 self._set_latest("lambda_max", job, row, lam)
-            if kind == "trace":
-                self._set_latest("trace", job, row, row["trace"])
-            elif kind == "eos":
-                self._set_latest("eos_ratio", job, row, row["ratio"])
-            elif kind == "barrier" and row.get("eval_set") == "probe":
-                self.barrier.labels(series=job, path=row["path"]).set(row["barrier_height"])
+            for g in gauges(row) if gauges else ():
+                if g.latest == "checkpoint":
+                    self._set_latest(g.name, job, row, g.value, g.labels)
+                else:  # the newest row's value
+                    getattr(self, g.name).labels(series=job, **dict(g.labels)).set(g.value)
 
     def series_order(self, job: str, checkpoints: list[str]) -> None:
         """The checkpoints of series ``job`` in order (the job's): the headline gauges follow the
@@ -110,13 +111,14 @@ class Metrics:
         step = row.get("step")
         return (None if step is None else int(step)), self._order.get(job, {}).get(row.get("checkpoint"))
 
-    def _set_latest(self, gauge: str, job: str, row: dict, value: float) -> None:
+    def _set_latest(self, gauge: str, job: str, row: dict, value: float,
+                    labels: tuple[tuple[str, str], ...] = ()) -> None:
         """Set gauge ``gauge`` (an attribute name) of series ``job`` to ``value`` unless it shows a
         later checkpoint of the series: later by training step where both steps are known, else by
         the series' checkpoint order (:meth:`series_order`); where neither tells, the newer task
         wins (a re-run of one checkpoint). Groups finish tasks in any order: an earlier
         checkpoint's task that finishes last does not overwrite the latest checkpoint's value."""
-        key = (gauge, job)
+        key = (gauge, job, labels)
         new = self._position(job, row)
         with self._lock:  # the driver's groups report from their own threads
             held = self._held.get(key)
@@ -128,25 +130,19 @@ class Metrics:
                 elif index is not None and held_index is not None and index < held_index:
                     return
             self._held[key] = new
-            getattr(self, gauge).labels(series=job).set(value)
+            getattr(self, gauge).labels(series=job, **dict(labels)).set(value)
 
 
 def hessian_lambda_max(kind: str, row: dict) -> float | None:
     """The Hessian's largest eigenvalue in a result row, or None where the row has none.
 
-    Sources: ``eigenvalues`` (``which: largest``), ``sharpness`` (measure ``lambda_max``),
+    Each kind says where its rows hold one (:attr:`cluster.kinds.Headline.lambda_max`):
+    ``eigenvalues`` (``which: largest``), ``sharpness`` (measure ``lambda_max``),
     ``critical`` and ``eos`` rows, except Adam's: those hold λ_max(P⁻¹H) of the
     preconditioned Hessian, not the Hessian's.
     """
-    if kind == "eigenvalues" and row.get("which") == "largest" and row.get("eigenvalues"):
-        return row["eigenvalues"][0]
-    if kind == "sharpness" and row.get("measure") == "lambda_max":
-        return row["value"]
-    if kind == "critical":
-        return row.get("lambda_max")
-    if kind == "eos" and row.get("optimizer") != "adam":
-        return row.get("lambda_max")
-    return None
+    read = KINDS[kind].headline.lambda_max if kind in KINDS else None
+    return read(row) if read is not None else None
 
 
 def serve(metrics: Metrics, *, port: int = DEFAULT_PORT, addr: str = "127.0.0.1"):

@@ -20,7 +20,8 @@ from typing import Any, Callable
 import yaml
 
 from cluster.errors import ProbeError
-from cluster.probe_options import ALL_KINDS, OPTION_CHECKS, PIPELINE_KINDS, PROBE_OPTIONS
+from cluster.kinds import KINDS
+from cluster.probe_options import PROBE_OPTIONS  # noqa: F401 - importable from here (tests, callers)
 
 __all__ = [
     "SpecError",
@@ -75,8 +76,6 @@ MODES = ("eval", "train")
 # model: the loss the model itself returns when given the labels (per-batch, weighted by examples).
 LOSSES = ("cross_entropy", "mse", "lm_cross_entropy", "causal_lm", "model")
 WEIGHTINGS = ("examples", "tokens")
-# Kinds whose quantities are per-example statistics: no token-weighted definition.
-EXAMPLE_ONLY_KINDS = ("noise",)
 BACKENDS = ("auto", "ray", "process", "local")
 
 
@@ -250,31 +249,20 @@ class ProbeSpec:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in ALL_KINDS:
-            raise SpecError(f"unknown probe kind {self.kind!r}; valid kinds: {', '.join(ALL_KINDS)}")
-        _check_keys(f"probes[{self.kind}]", self.options, list(PROBE_OPTIONS[self.kind]))
+        if self.kind not in KINDS:
+            raise SpecError(f"unknown probe kind {self.kind!r}; valid kinds: {', '.join(KINDS)}")
+        kind = KINDS[self.kind]
+        _check_keys(f"probes[{self.kind}]", self.options, list(kind.options))
         for name, value in self.options.items():
-            check, expected = OPTION_CHECKS[self.kind][name]
+            check, expected = kind.checks[name]
             if not check(value):
                 raise SpecError(f"probes[{self.kind}].{name} must be {expected}, got {value!r}")
-        if self.kind == "sharpness" and "average" in self.resolved()["measures"] and self.resolved()["sigma"] is None:
-            raise SpecError("probes[sharpness].sigma is required when measures lists 'average' (no paper fixes a default); "
-                            "e.g. sigma: 0.01")
-        if self.kind == "sharpness" and "adaptive" in self.resolved()["measures"] and "adaptive_rho" not in self.options:
-            o = self.resolved()
-            if (o["adaptive_kind"], o["adaptive_p"]) != ("worst", 2):
-                raise SpecError(
-                    f"probes[sharpness].adaptive_rho is required with adaptive_kind={o['adaptive_kind']!r}, "
-                    f"adaptive_p={o['adaptive_p']!r}: its default 0.5 is ASAM's for worst-case p=2 and no paper "
-                    "fixes one otherwise (Andriushchenko et al. 2023 sweep 0.05-0.4 for average L2, 0.1-0.8 for "
-                    "average L∞, 0.001-0.008 for worst L∞); e.g. adaptive_rho: 0.1"
-                )
-        if self.kind == "barrier" and self.options.get("between") is None:
-            raise SpecError("probes[barrier].between is required: two checkpoint paths, or ['init', PATH]")
+        if kind.validate is not None and (message := kind.validate(self.options, self.resolved())):
+            raise SpecError(message)
 
     def resolved(self) -> dict:
         """The options with defaults filled in (what the probe runs with and what is recorded)."""
-        return {**PROBE_OPTIONS[self.kind], **self.options}
+        return {**KINDS[self.kind].options, **self.options}
 
 
 @dataclass(frozen=True)
@@ -328,7 +316,7 @@ class JobSpec:
             raise SpecError("probes is empty: list at least one probe, e.g. [{kind: eigenvalues}]")
         if self.weighting == "tokens":
             for p in self.probes:
-                if p.kind in EXAMPLE_ONLY_KINDS:
+                if KINDS[p.kind].example_only:
                     raise SpecError(
                         f"probes[{p.kind}] computes per-example gradient statistics and has no token-weighted "
                         f"form; remove it from a job whose loss is weighted by tokens, or use weighting: examples"
@@ -342,11 +330,12 @@ class JobSpec:
             raise SpecError("loss: model uses the loss a Hugging Face model returns; it needs model.hf "
                             "(for a factory model give loss: {factory: ...})")
         if self.cluster.stages > 1:
+            pipeline = [name for name, k in KINDS.items() if k.pipeline]
             for p in self.probes:
-                if p.kind not in PIPELINE_KINDS:
+                if not KINDS[p.kind].pipeline:
                     raise SpecError(
                         f"probes[{p.kind}] needs the whole model on every worker; with cluster.stages="
-                        f"{self.cluster.stages} (a model split over workers) use {', '.join(PIPELINE_KINDS)}, "
+                        f"{self.cluster.stages} (a model split over workers) use {', '.join(pipeline)}, "
                         "or set cluster.stages: 1"
                     )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -491,11 +480,10 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     hf = near(spec.model.hf) if spec.model.hf is not None else None
     out = near(spec.output.path)
     probes = []
-    for p in spec.probes:
-        if p.kind == "barrier":
-            ends = [e if e == "init" else near(e) for e in p.options["between"]]
-            p = ProbeSpec(p.kind, {**p.options, "between": ends})
-        probes.append(p)
+    for p in spec.probes:  # options naming checkpoints (barrier's endpoints), as the checkpoints
+        named = {name: [e if e == "init" else near(e) for e in p.options[name]]
+                 for name in KINDS[p.kind].checkpoint_options if p.options.get(name) is not None}
+        probes.append(ProbeSpec(p.kind, {**p.options, **named}) if named else p)
     return dataclasses.replace(
         spec,
         model=dataclasses.replace(spec.model, checkpoints=checkpoints, hf=hf),

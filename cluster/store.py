@@ -9,6 +9,12 @@ nothing visible. The file name of a result is its task key (job, checkpoint
 content, probe options, seed, precision, mode, data), so re-running a job rewrites
 the same files instead of adding rows. A ``_SUCCESS`` marker is touched in the
 partition after each write.
+
+A result row must match its kind's declared columns (``cluster/schema.py``: the common
+columns plus ``Kind.columns``): a key the schema does not declare (a misspelled column)
+and a missing non-nullable column are refused with :class:`RowColumnsError`, naming the
+kind and the keys, before anything is written; a nullable column the row omits is
+written as null. (``pa.Table.from_pylist`` alone would silently drop the undeclared key.)
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import pyarrow.parquet as pq
 from cluster.errors import ProbeError
 from cluster.schema import FAILURES_SCHEMA, RUNS_SCHEMA, schema_for
 
-__all__ = ["ResultStore", "StoreError"]
+__all__ = ["ResultStore", "StoreError", "RowColumnsError", "check_row"]
 
 _JOB_PARTITIONING = ds.partitioning(pa.schema([("job", pa.string())]), flavor="hive")
 
@@ -33,6 +39,38 @@ class StoreError(ProbeError, OSError):
     """A result that could not be written; earlier results are untouched."""
 
     category = "write_failed"
+
+
+class RowColumnsError(ProbeError, pa.ArrowInvalid):
+    """A result row whose keys do not match its kind's declared columns: a bug in the kind's runner
+    (or the driver), not bad input (category ``other``). Also an ``ArrowInvalid``, what writing
+    the row would raise for a missing non-nullable column."""
+
+    category = "other"
+
+
+def check_row(kind: str, schema: pa.Schema, row: dict) -> dict:
+    """``row`` with every declared column: refused when it holds an undeclared key or lacks a
+    non-nullable column; a missing nullable column becomes None.
+
+    Raises:
+        RowColumnsError: naming the kind, the offending keys and where columns are declared.
+    """
+    names = set(schema.names)
+    undeclared = sorted(k for k in row if k not in names)
+    if undeclared:
+        raise RowColumnsError(
+            f"result row of probe kind {kind!r} has undeclared column(s) {', '.join(map(repr, undeclared))}: "
+            f"a misspelled key or a column missing from the kind's columns (cluster/kinds/{kind}.py); "
+            "nothing was written"
+        )
+    missing = [f.name for f in schema if not f.nullable and f.name not in row]
+    if missing:
+        raise RowColumnsError(
+            f"result row of probe kind {kind!r} lacks the required column(s) {', '.join(map(repr, missing))}; "
+            "nothing was written"
+        )
+    return {name: row.get(name) for name in schema.names}
 
 
 def _partition(name: str) -> str:
@@ -73,9 +111,17 @@ class ResultStore:
         return final
 
     def write_result(self, kind: str, row: dict | list[dict]) -> Path:
-        """Write the row(s) of one task of ``kind`` (the file is named by the rows' ``task_key``)."""
+        """Write the row(s) of one task of ``kind`` (the file is named by the rows' ``task_key``).
+
+        Raises:
+            RowColumnsError: for a row with an undeclared key or without a required column
+                (:func:`check_row`); nothing is written.
+            StoreError: when the file cannot be written.
+        """
         rows = row if isinstance(row, list) else [row]
-        table = pa.Table.from_pylist(rows, schema=schema_for(kind))
+        schema = schema_for(kind)
+        rows = [check_row(kind, schema, r) for r in rows]
+        table = pa.Table.from_pylist(rows, schema=schema)
         first = rows[0]
         return self._write(table, self.root / kind / _partition(first["job"]), f"part-{first['task_key']}.parquet")
 

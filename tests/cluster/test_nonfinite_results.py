@@ -1,4 +1,5 @@
-"""Non-finite results are failures (cluster.runners.check_headlines): a task whose record holds
+"""Non-finite results are failures (cluster.runners.check_headlines, with each kind's
+Headline.finite): a task whose record holds
 a NaN or infinite headline quantity stores no row and records a failure with a clear reason."""
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import pytest
 from cluster.errors import NonFiniteError
 from cluster.job import run_job
 from cluster.metrics import Metrics
-from cluster.runners import HEADLINE_FIELDS, RUNNERS, check_headlines
+from cluster.kinds import KINDS
+from cluster.runners import check_headlines
 from cluster.spec import load_spec
 from cluster.store import ResultStore
 
@@ -19,7 +21,12 @@ NAN, INF = float("nan"), float("inf")
 
 
 def test_every_kind_declares_its_headline_quantities():
-    assert set(HEADLINE_FIELDS) == set(RUNNERS)
+    assert all(k.run is not None for k in KINDS.values())
+    for name, k in KINDS.items():  # each headline quantity is one of the kind's columns
+        assert set(k.headline.finite) <= set(k.column_names), name
+    assert {n: KINDS[n].headline.finite for n in ("eigenvalues", "trace", "eos", "barrier", "surface")} == {
+        "eigenvalues": ("eigenvalues",), "trace": ("trace",), "eos": ("lambda_max", "ratio"),
+        "barrier": ("loss_a", "loss_b"), "surface": ()}
 
 
 @pytest.mark.parametrize("kind, record, message", [

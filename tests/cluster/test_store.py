@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.schema import FAILURES_SCHEMA, KIND_FIELDS, RUNS_SCHEMA, SCHEMA_VERSION, schema_for
-from cluster.store import ResultStore, StoreError
+from cluster.store import ResultStore, RowColumnsError, StoreError
 
 KINDS = sorted(KIND_FIELDS)
-CREATED = datetime(2024, 5, 1, 12, 30, tzinfo=timezone.utc)
+CREATED = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
 
 
 def value_for(field: pa.Field, i: int):
@@ -142,6 +142,24 @@ def test_row_missing_a_required_column_is_refused(tmp_path):
     assert visible_files(tmp_path) == []
 
 
+def test_row_with_an_undeclared_key_is_refused_naming_the_kind_and_key(tmp_path):
+    row = make_row(schema_for("eigenvalues"))
+    row["lamda_max"] = 1.0  # pa.Table.from_pylist would drop it silently
+    with pytest.raises(RowColumnsError, match=r"result row of probe kind 'eigenvalues' has undeclared column\(s\) "
+                                              r"'lamda_max'.*cluster/kinds/eigenvalues\.py") as info:
+        ResultStore(tmp_path).write_result("eigenvalues", [make_row(schema_for("eigenvalues")), row])
+    assert info.value.category == "other" and isinstance(info.value, pa.ArrowInvalid)
+    assert visible_files(tmp_path) == []
+
+
+def test_row_missing_a_nullable_column_is_written_with_null(tmp_path):
+    row = make_row(schema_for("trace"))
+    del row["symmetry_defect"], row["num_parameters"]
+    ResultStore(tmp_path).write_result("trace", row)
+    (back,) = read_plain(tmp_path / "trace").to_pylist()
+    assert back["symmetry_defect"] is None and back["num_parameters"] is None and back["trace"] == row["trace"]
+
+
 def test_job_name_with_unsafe_characters_reads_back_unchanged(tmp_path):
     store = ResultStore(tmp_path)
     store.write_result("trace", make_row(schema_for("trace"), job="my job"))
@@ -153,9 +171,7 @@ def test_numeric_job_name_is_readable_by_the_store_and_refused_by_specs(tmp_path
     store.write_result("trace", make_row(schema_for("trace"), job="2024"))
     assert store.read("trace").column("job").to_pylist() == ["2024"]
     # Plain hive inference would type the partition as int32: specs refuse such names.
-    from cluster.spec import SpecError
-
-    from cluster.spec import _check_name
+    from cluster.spec import SpecError, _check_name
 
     with pytest.raises(SpecError, match=r"name must start with a letter"):
         _check_name("2024")
@@ -219,7 +235,10 @@ def test_non_os_error_during_write_leaves_no_temporary_file(tmp_path, monkeypatc
 
 
 def unwritable_root(tmp_path):
-    """A root under which writing fails: a read-only folder, or (as root, whom modes do not stop) a path under a file."""
+    """A root under which writing fails.
+
+    A read-only folder, or (as root, whom modes do not stop) a path under a file.
+    """
     if os.geteuid() != 0:
         root = tmp_path / "readonly"
         root.mkdir()

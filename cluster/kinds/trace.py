@@ -1,0 +1,60 @@
+"""``trace``: the Hessian's trace with its standard error, Hutchinson or Hutch++ (:func:`probe.trace.trace`)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from cluster.kinds.base import F64, Gauge, Headline, Kind, Sizes, Working, is_int, no_basis
+from cluster.runners import ProbeContext, measure_symmetry
+from probe.trace import trace
+
+OPTIONS = {"method": "hutch++", "matvecs": 102}
+
+CHECKS = {
+    "method": (lambda v: v in ("hutchinson", "hutch++"), "'hutchinson' or 'hutch++'"),
+    "matvecs": (lambda v: is_int(v) and v >= 6, "an integer of at least 6"),
+}
+
+COLUMNS = (
+    pa.field("method", pa.string()),
+    pa.field("trace", F64),
+    pa.field("trace_stderr", F64),
+    pa.field("num_matvecs", pa.int64()),
+    pa.field("symmetry_defect", F64),  # |uᵀHv − vᵀHu|/|uᵀHv| (probe.symmetry); null: not measured
+)
+
+
+def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    op = ctx.operator()
+    sym = measure_symmetry(op, o, g)
+    r = trace(op, method=o["method"], num_matvecs=o["matvecs"], generator=g)
+    return {"method": r.method, "trace": r.trace, "trace_stderr": r.trace_stderr,
+            "num_matvecs": r.num_matvecs + sym.num_matvecs, "symmetry_defect": sym.defect}
+
+
+def vectors(o: dict, s: Sizes) -> Working:
+    """Hutch++ with ``m`` products keeps ``s = m/3`` sketch vectors S, their orthonormalized image Q
+    and AQ (a list of blocks and its concatenation): 4s vectors; Hutchinson a draw of 16 probes and
+    its projection; products in blocks of 8."""
+    m = o.get("matvecs", 102)
+    v = s.local * s.bv
+    if o.get("method", "hutch++") == "hutch++":
+        # S, Q and AQ stay alive to the end; the deflated probes come DRAW_CHUNK at a time,
+        # projected (Z − Q(QᵀZ): three blocks at once) and applied in blocks of 8
+        sk = min(m // 3, s.dim)
+        c = min(16, max(m - 2 * sk, 1))
+        return no_basis(max(4 * sk * v, 3 * sk * v + 3 * c * v, 3 * sk * v + s.product(min(8, sk)),
+                            3 * sk * v + c * v + s.product(min(8, c))))
+    c = min(16, m)
+    return no_basis(c * v + s.product(min(8, c)))
+
+
+def gauges(row: dict) -> list[Gauge]:
+    return [Gauge("trace", row["trace"])]
+
+
+KIND = Kind(
+    name="trace", options=OPTIONS, checks=CHECKS, columns=COLUMNS, run=run, vectors=vectors,
+    headline=Headline(finite=("trace",), gauges=gauges), pipeline=True, uses_hessian=True,
+)
