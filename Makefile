@@ -2,6 +2,8 @@
 #   make demo   install into .venv and run the embedded default job
 #   make test   install into .venv (with test extras), install Prometheus and Chromium
 #               when missing (Debian packages), and run the test suite
+#   make lint   ruff (lint and format check), pyright (basic, probe/ and cluster/) and
+#               the doctests in probe/; CI runs it before make test
 # On a CPU machine the install pins torch==2.13.0 (the CPU build) before the
 # package, so pip never pulls a CUDA build to satisfy pyproject's torch range.
 PYTHON ?= python3
@@ -9,7 +11,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install system demo test bench-env bench clean
+.PHONY: install demo system lint test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +38,16 @@ system:
 	   $$sudo apt-get update -qq && \
 	   DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$need >/dev/null; \
 	 fi
+
+# Lint and type settings live in pyproject.toml ([tool.ruff], [tool.pyright]); ruff and
+# pyright (with its own Node.js) come with the test extras.
+LINT_PATHS := probe cluster tests bench
+
+lint: install
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/pyright --pythonpath $(PY)
+	$(PY) -m pytest -q --doctest-modules probe
 
 test: install system
 	$(PY) -m pytest -q

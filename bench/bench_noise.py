@@ -107,7 +107,7 @@ def loop_moments(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
     sum_sq = torch.zeros((), dtype=torch.float64, device=x.device)
     for i in range(len(y)):
         grads = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
-        for s, g in zip(sums, grads):
+        for s, g in zip(sums, grads, strict=True):
             s += g
         sum_sq += sum(torch.linalg.vector_norm(g).double() ** 2 for g in grads)
     return torch.cat([s.reshape(-1) for s in sums]).double(), float(sum_sq)
@@ -197,7 +197,8 @@ def run(threads: int, args, model, x, y, device) -> dict:
     print(f"  tr(Σ) {result.noise_trace:.6g} vs loop {ref_trace:.6g}: relative difference {trace_diff:.2e}; "
           f"Σg relative difference {grad_diff:.2e}; noise scale {result.noise_scale:.4g}")
     print(f"  library default (method={default.method!r}): {min(ident_s) * 1e3:.4f} ms/example, "
-          f"{default_ratio:.1f}× the loop (target ≥ {TARGET_SPEEDUP:g}×: {verdict}); tr(Σ) relative difference {ident_diff:.2e}")
+          f"{default_ratio:.1f}× the loop (target ≥ {TARGET_SPEEDUP:g}×: {verdict}); "
+          f"tr(Σ) relative difference {ident_diff:.2e}")
     return {
         "threads": threads,
         "load_average_1min": os.getloadavg()[0],

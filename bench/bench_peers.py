@@ -47,15 +47,16 @@ import subprocess
 import sys
 import traceback
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
-
-from cluster.data import digits_tensors
 from peer_common import FULL_MODELS, QUICK_MODELS, SEED, Record, say, short_reason, timed
 from peer_tasks import dense_reference, large_reference, run_eig, run_hvp, run_slq, run_trace, train
 from peer_tools import Curvlinops, Eigenthings, Ours, PyHessian
+
+from cluster.data import digits_tensors
 
 # --------------------------------------------------------------------------- summary
 
@@ -124,7 +125,8 @@ def _fmt_s(t: float) -> str:
 
 
 def detail_table(records: list[Record]) -> str:
-    lines = [f"{'model':11s} {'task':6s} {'tool':20s} {'method':11s} {'setting':46s} {'time':>9s} {'prods':>6s}  accuracy / status"]
+    lines = [f"{'model':11s} {'task':6s} {'tool':20s} {'method':11s} {'setting':46s} "
+             f"{'time':>9s} {'prods':>6s}  accuracy / status"]
     for r in records:
         acc = "  ".join(f"{k}={v:.2e}" for k, v in r.accuracy.items())
         if r.status != "ok":
@@ -133,7 +135,8 @@ def detail_table(records: list[Record]) -> str:
             acc += "  (target not reached)"
         lines.append(
             f"{r.model:11s} {r.task:6s} {r.tool:20s} {r.method[:11]:11s} {r.setting[:46]:46s} "
-            f"{_fmt_s(r.time_s) if r.time_s == r.time_s else '-':>9s} {r.num_matvecs if r.num_matvecs is not None else '-':>6}  {acc}"
+            f"{_fmt_s(r.time_s) if r.time_s == r.time_s else '-':>9s} "
+            f"{r.num_matvecs if r.num_matvecs is not None else '-':>6}  {acc}"
             + (f"  [{r.note}]" if r.note else "")
         )
     return "\n".join(lines)
@@ -177,6 +180,12 @@ def machine() -> dict[str, Any]:
     }
 
 
+def reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, wide_trace_ref: str) -> dict[str, Any]:
+    """The exact reference (dense Hessian) up to 10,000 parameters, else the large-model one."""
+    dim = sum(p.numel() for p in model.parameters())
+    return dense_reference(model, x, y) if dim <= 10_000 else large_reference(model, x, y, wide_trace_ref)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="digits models only, fewer SLQ runs and Hutchinson probes (a few minutes)")
@@ -197,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         specs = [next((q for q in specs if q.name == n), every[n]) for n in args.models]
 
     env = machine()
-    say(f"machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, {env['threads']} thread(s), load {env['loadavg_start']}")
+    say(f"machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, {env['threads']} thread(s), "
+        f"load {env['loadavg_start']}")
     say(f"peers: {env['peers']}; this project at commit {env['commit']}")
 
     tools: list[Any] = [Ours(), Ours(batched=True), Ours(batched=False)]
@@ -231,12 +241,13 @@ def main(argv: list[str] | None = None) -> int:
                 ref["evals"] = torch.tensor(ref["evals"], dtype=torch.float64)
             ref["kind"] += " (from --reference-cache)"
         else:
-            (ref, dt) = timed(lambda: dense_reference(model, x, y) if dim <= 10_000 else large_reference(model, x, y, args.wide_trace_ref))
+            (ref, dt) = timed(partial(reference, model, x, y, args.wide_trace_ref))
             if args.reference_cache:
                 cache[spec.name] = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in ref.items()} | {"dim": dim, "train_loss": loss}
                 with open(args.reference_cache, "w") as fh:
                     json.dump(cache, fh)
-        say(f"   reference ({dt:.1f}s): lambda_max {ref['lambda_max']:.8g}, lambda_2 {ref['lambda_2']:.6g}, trace {ref['trace']:.8g}  [{ref['kind']}]")
+        say(f"   reference ({dt:.1f}s): lambda_max {ref['lambda_max']:.8g}, lambda_2 {ref['lambda_2']:.6g}, "
+            f"trace {ref['trace']:.8g}  [{ref['kind']}]")
         refs[spec.name] = {k: v for k, v in ref.items() if k != "evals"} | {"dim": dim, "train_loss": loss}
         for name, reason in tool_errors.items():
             for task in args.tasks:

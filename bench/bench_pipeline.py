@@ -235,13 +235,15 @@ def main() -> None:
               f"Ritz range [{r0['slq_lambda_min']:.3g}, {r0['slq_lambda_max']:.3g}]")
     if base:
         print(f"\nsingle process ({base['threads']} threads): forward {base['forward_s']:.2f} s, gradient "
-              f"{base['gradient_s']:.2f} s, product {base['product_s']:.2f} s = {base['product_s'] / base['forward_s']:.1f}× "
+              f"{base['gradient_s']:.2f} s, product {base['product_s']:.2f} s "
+              f"= {base['product_s'] / base['forward_s']:.1f}× "
               f"forward = {base['product_s'] / base['gradient_s']:.2f}× gradient")
         print(f"single process ({base['threads']} threads): product {base['product_s']:.2f} s, "
               f"peak RSS {base['peak_rss_mb']:.0f} MB, graph {base['graph_mb']:.0f} MB")
+        rss_ratio = max(r["rss_products_mb"] for r in ranks) / base["rss_products_mb"]
+        memory_ratio = max(r["param_mb"] + r["graph_mb"] for r in ranks) / (base["params"] * 4 / 2**20 + base["graph_mb"])
         print(f"ratios pipeline/single: product time {r0['product_s'] / base['product_s']:.2f}×, "
-              f"largest worker RSS during products {max(r['rss_products_mb'] for r in ranks) / base['rss_products_mb']:.2f}×, "
-              f"parameters + graphs {max(r['param_mb'] + r['graph_mb'] for r in ranks) / (base['params'] * 4 / 2**20 + base['graph_mb']):.2f}×")
+              f"largest worker RSS during products {rss_ratio:.2f}×, parameters + graphs {memory_ratio:.2f}×")
     if a.json:
         Path(a.json).write_text(json.dumps({
             "args": vars(a), "parameters": n, "ranks": ranks, "baseline": base, "wall_s": wall,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,41 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def compare(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ks: tuple[int, ...],
+            repeats: int) -> None:
+    """Print the three methods' milliseconds per column and differences for each block size in ``ks``."""
+    loop = HessianOperator(model, F.cross_entropy, [(x, y)], batched=False)
+    batched = HessianOperator(model, F.cross_entropy, [(x, y)], batched=True)
+    names = [n for n, _ in model.named_parameters()]
+    primals = tuple(p.detach() for p in model.parameters())
+
+    def loss_of(params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, dict(zip(names, params, strict=True)), (x,)), y)
+
+    gradient = grad(loss_of)
+
+    def column(v: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return jvp(gradient, (primals,), (v,))[1]
+
+    print(f"{name} ({loop.dim:,} parameters)")
+    for k in ks:
+        V = torch.randn(loop.dim, k, generator=torch.Generator().manual_seed(k))
+        parts = tuple(loop.space.unflatten(V))
+
+        def fwd_over_rev(parts: tuple[torch.Tensor, ...] = parts, k: int = k) -> torch.Tensor:
+            out = vmap(column)(parts)
+            return torch.cat([t.reshape(k, -1) for t in out], dim=1).T
+
+        ref = loop.matmat(V)
+        row = []
+        for label, fn in (("loop", partial(loop.matmat, V)), ("batched", partial(batched.matmat, V)),
+                          ("fwd-over-rev", fwd_over_rev)):
+            ms = best_of(fn, repeats) / k * 1e3
+            diff = float((fn() - ref).norm() / ref.norm())
+            row.append(f"{label} {ms:7.2f} ms (diff {diff:.0e})")
+        print(f"  k={k:3d}: " + "   ".join(row))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
@@ -56,37 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         factory, ks = MODELS[name]
         torch.manual_seed(0)
-        model = factory().eval()
-        loop = HessianOperator(model, F.cross_entropy, [(x, y)], batched=False)
-        batched = HessianOperator(model, F.cross_entropy, [(x, y)], batched=True)
-        names = [n for n, _ in model.named_parameters()]
-        primals = tuple(p.detach() for p in model.parameters())
-
-        def loss_of(params: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            return F.cross_entropy(functional_call(model, dict(zip(names, params)), (x,)), y)
-
-        gradient = grad(loss_of)
-
-        def column(v: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            return jvp(gradient, (primals,), (v,))[1]
-
-        print(f"{name} ({loop.dim:,} parameters)")
-        for k in ks:
-            V = torch.randn(loop.dim, k, generator=torch.Generator().manual_seed(k))
-            parts = tuple(loop.space.unflatten(V))
-
-            def fwd_over_rev() -> torch.Tensor:
-                out = vmap(column)(parts)
-                return torch.cat([t.reshape(k, -1) for t in out], dim=1).T
-
-            ref = loop.matmat(V)
-            row = []
-            for label, fn in (("loop", lambda: loop.matmat(V)), ("batched", lambda: batched.matmat(V)),
-                              ("fwd-over-rev", fwd_over_rev)):
-                ms = best_of(fn, args.repeats) / k * 1e3
-                diff = float((fn() - ref).norm() / ref.norm())
-                row.append(f"{label} {ms:7.2f} ms (diff {diff:.0e})")
-            print(f"  k={k:3d}: " + "   ".join(row))
+        compare(name, factory().eval(), x, y, ks, args.repeats)
     return 0
 
 

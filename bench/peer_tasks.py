@@ -11,13 +11,13 @@ import copy
 import gc
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from peer_common import (
     EIG_SEEDS,
     EIG_TARGET,
@@ -38,6 +38,8 @@ from peer_common import (
     timed,
 )
 from peer_tools import Curvlinops, Eigenthings, Ours, PyHessian
+from torch import nn
+
 from probe.eigen import eigenvalues
 from probe.hessian import HessianOperator
 from probe.slq import SIGMA_FRACTION
@@ -75,8 +77,8 @@ def dense_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[
     x64 = x.double()
 
     def loss_of(flat: torch.Tensor) -> torch.Tensor:
-        tensors = [c.view(s) for c, s in zip(flat.split(numels), shapes)]
-        return F.cross_entropy(functional_call(m64, dict(zip(names, tensors)), (x64,)), y)
+        tensors = [c.view(s) for c, s in zip(flat.split(numels), shapes, strict=True)]
+        return F.cross_entropy(functional_call(m64, dict(zip(names, tensors, strict=True)), (x64,)), y)
 
     hess = jacrev(jacrev(loss_of), chunk_size=128)(theta)
     hess = (hess + hess.T) / 2
@@ -186,7 +188,7 @@ def run_eig(spec, model, x, y, ref, tools) -> list[Record]:
             for setting in ladder:
                 runs = []  # per seed: (value, products, time, error)
                 for seed in EIG_SEEDS:
-                    (val, n), dt = timed(lambda: fn(setting, seed))
+                    (val, n), dt = timed(partial(fn, setting, seed))
                     runs.append((val, n, dt, rel(val, lam)))
                     if runs[-1][3] > EIG_TARGET:
                         break  # this setting fails; the remaining seeds need not run
@@ -198,10 +200,10 @@ def run_eig(spec, model, x, y, ref, tools) -> list[Record]:
                 best = cand if best is None or worst < best[4] else best
                 if worst <= EIG_TARGET and len(runs) == len(EIG_SEEDS):
                     times = []
-                    for seed, r in zip(EIG_SEEDS, runs):
+                    for seed, r in zip(EIG_SEEDS, runs, strict=True):
                         ts = [r[2]]
                         for _ in range(spec.repeats - 1 if r[2] < LONG_RUN_S else 0):
-                            ts.append(timed(lambda: fn(setting, seed))[1])
+                            ts.append(timed(partial(fn, setting, seed))[1])
                         times.append(min(ts))
                     best = (*cand[:3], sum(times) / len(times), worst)
                     break
@@ -211,7 +213,8 @@ def run_eig(spec, model, x, y, ref, tools) -> list[Record]:
             rec.accuracy = {"rel_err": err}
             rec.reached = err <= EIG_TARGET
             if not rec.reached:
-                rec.note = f"no setting of the ladder reached 1e-3 from all {len(EIG_SEEDS)} seeds; the most accurate one is shown"
+                rec.note = (f"no setting of the ladder reached 1e-3 from all {len(EIG_SEEDS)} seeds; "
+                            "the most accurate one is shown")
         except Exception as exc:  # a failing peer is reported, the rest go on
             rec.status = f"failed: {short_reason(exc)}"
             say(f"    {name:20s} FAILED {rec.status}")
@@ -278,7 +281,8 @@ def run_trace(spec, model, x, y, ref, tools) -> tuple[list[Record], dict[str, An
                     rec.note = "returns no standard error; given the product count that gives 1%"
                 say(
                     f"    {t.name:20s} {method:10s} {n_probes:6d} products {dt:8.3f}s  trace {est:.5g}"
-                    f"  rel err {rec.accuracy['rel_err']:.2e}  stderr {rec.accuracy.get('rel_stderr', float('nan')):.2e}"
+                    f"  rel err {rec.accuracy['rel_err']:.2e}"
+                    f"  stderr {rec.accuracy.get('rel_stderr', float('nan')):.2e}"
                 )
             except Exception as exc:
                 rec.status = f"failed: {short_reason(exc)}"
@@ -289,7 +293,7 @@ def run_trace(spec, model, x, y, ref, tools) -> tuple[list[Record], dict[str, An
 
 def smoothed(nodes: list[torch.Tensor], weights: list[torch.Tensor], grid: torch.Tensor, sigma: float) -> torch.Tensor:
     dens = torch.zeros_like(grid)
-    for v, w in zip(nodes, weights):
+    for v, w in zip(nodes, weights, strict=True):
         k = torch.exp(-0.5 * ((grid[:, None] - v[None].to(grid)) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
         dens += k @ w.to(grid)
     return dens / len(nodes)
@@ -312,20 +316,20 @@ def run_slq(spec, model, x, y, ref, tools) -> list[Record]:
         if isinstance(t, PyHessian) and t.shim:
             rec.note = "torch.eig shimmed with torch.linalg.eigh (removed from PyTorch)"
         try:
-            fn = lambda t=t: t.slq(model, x, y, runs, steps)
+            fn = partial(t.slq, model, x, y, runs, steps)
             (nodes, weights, n), dt = timed(fn)
             for _ in range(spec.repeats - 1 if dt < LONG_RUN_S else 0):
                 dt = min(dt, timed(fn)[1])
             rec.time_s, rec.num_matvecs = dt, n
             if n < runs * steps:
                 rec.note = (rec.note + "; " if rec.note else "") + f"runs stopped early (breakdown declared): {n} of {runs * steps} products"
-            m1 = float(np.mean([float((w * v).sum()) for v, w in zip(nodes, weights)]))
+            m1 = float(np.mean([float((w * v).sum()) for v, w in zip(nodes, weights, strict=True)]))
             rec.accuracy = {
                 "moment1_rel_err": rel(m1 * dim, ref["trace"]),
                 "top_ritz_rel_err": rel(max(float(v.max()) for v in nodes), ref["lambda_max"]),
             }
             if exact is not None:
-                m2 = float(np.mean([float((w * v**2).sum()) for v, w in zip(nodes, weights)]))
+                m2 = float(np.mean([float((w * v**2).sum()) for v, w in zip(nodes, weights, strict=True)]))
                 rec.accuracy["moment2_rel_err"] = rel(m2 * dim, ref["fro2"])
                 diff = (smoothed(nodes, weights, grid, sigma) - exact_density).abs()
                 rec.accuracy["density_l1"] = float(torch.trapezoid(diff, grid))
@@ -388,7 +392,8 @@ def run_hvp(spec, model, x, y, tools, reps: int) -> list[Record]:
             if tool == "ours":
                 rec.reached = rec.value <= 1.6
         rec.note = f"gradient (ours, loss_and_gradient) {t_grad * 1e3:.2f} ms"
-        say(f"    {tool:20s} HVP {rec.time_s * 1e3:9.2f} ms  = {rec.value if rec.value else float('nan'):.2f} x gradient ({t_grad * 1e3:.2f} ms)")
+        ratio = rec.value if rec.value else float("nan")
+        say(f"    {tool:20s} HVP {rec.time_s * 1e3:9.2f} ms  = {ratio:.2f} x gradient ({t_grad * 1e3:.2f} ms)")
         out.append(rec)
     for name, reason in extra.items():
         out.append(Record(spec.name, "hvp", name, "one HVP", status=reason))

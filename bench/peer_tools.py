@@ -15,13 +15,14 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peer_common import SEED, generator
 from torch import nn
 
-from peer_common import SEED, generator
 from probe.eigen import eigenvalues
 from probe.hessian import HessianOperator
 from probe.slq import spectral_density
 from probe.trace import hutchinson, hutchpp
+
 
 class Counter:
     def __init__(self) -> None:
@@ -224,7 +225,7 @@ class Eigenthings:
         op = self.op(model, x, y)
         r = self.he.spectral_density(op, num_runs=runs, lanczos_steps=steps, num_grid_points=1000, seed=SEED)
         nodes = [row[~torch.isnan(row)].double() for row in r.raw_eigenvalues]
-        weights = [w[: len(v)].double() for w, v in zip(r.raw_weights, nodes)]
+        weights = [w[: len(v)].double() for w, v in zip(r.raw_weights, nodes, strict=True)]
         return nodes, weights, op.counter.n
 
 

@@ -90,7 +90,8 @@ class DiskBasis(HostBasis):
             fd, path = tempfile.mkstemp(prefix=FILE_PREFIX, suffix=".bin", dir=self.folder)
         except PermissionError as e:
             raise PermissionError(
-                f"DiskBasis folder {self.folder} is not writable ({e.strerror}); pass a folder this process can write to"
+                f"DiskBasis folder {self.folder} is not writable ({e.strerror}); "
+                "pass a folder this process can write to"
             ) from e
         except OSError as e:
             raise OSError(

@@ -526,6 +526,7 @@ def load_checkpoint(
     """Load ``(state_dict, metadata)`` from a checkpoint file or sharded index without executing code.
 
     Args:
+        path: a ``.safetensors``, ``.pt``/``.pth``/``.bin`` file or a sharded index (``*.index.json``).
         keys: load only these tensors (a pipeline stage's parameters). Safetensors files
             are memory-mapped and only the named tensors are read; a sharded index
             opens only the shards that hold them. PyTorch files are read whole.

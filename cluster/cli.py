@@ -111,6 +111,7 @@ def _submit(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``probe`` command: parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit code."""
     args = _parser().parse_args(argv)
     from cluster.errors import ProbeError
 

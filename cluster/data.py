@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,9 +30,9 @@ def digits_tensors(*, split: str = "train", test_fraction: float = 0.25, seed: i
 
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got split={split!r}")
-    bunch = load_digits()
-    x = torch.tensor(bunch.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(bunch.target, dtype=torch.long)
+    pixels, labels = load_digits(return_X_y=True)  # (1797, 64) in 0..16, (1797,)
+    x = torch.tensor(pixels / 16.0, dtype=torch.float32)
+    y = torch.tensor(labels, dtype=torch.long)
     if split == "all":
         return x, y
     order = np.random.default_rng(seed).permutation(len(y))
@@ -302,6 +303,7 @@ class _Tokenizer:
         else:
             folder, file = local, os.path.join(local, "tokenizer.json")
         self.where = where
+        self._tok: Any  # a tokenizers.Tokenizer (tokenizer.json, fast) or a transformers tokenizer
         if os.path.isfile(file):
             try:
                 from tokenizers import Tokenizer
@@ -327,8 +329,9 @@ class _Tokenizer:
             for key in ("eos_token", "sep_token"):
                 content = special.get(key)
                 content = content.get("content") if isinstance(content, dict) else content
-                if isinstance(content, str) and tok.token_to_id(content) is not None:
-                    self.eos_id = int(tok.token_to_id(content))
+                token_id = tok.token_to_id(content) if isinstance(content, str) else None
+                if token_id is not None:
+                    self.eos_id = int(token_id)
                     break
         else:
             try:
@@ -399,7 +402,8 @@ def _table_stream(local: str, path: str, column: str | None, tok: _Tokenizer | N
         raise ValueError(f"token_windows({path!r}): no column {column!r}; the columns are {names}")
     field = table.schema.field(column)
     arr = table.column(column).combine_chunks() if table.num_rows else pa.array([], field.type)
-    arr = pc.drop_null(arr)
+    # pyarrow.compute generates its functions at import time: pyright cannot see them.
+    arr = pc.drop_null(arr)  # pyright: ignore[reportAttributeAccessIssue]
     t = arr.type
     is_list = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
     is_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
@@ -409,7 +413,8 @@ def _table_stream(local: str, path: str, column: str | None, tok: _Tokenizer | N
         values = arr.flatten()
         if values.null_count:
             raise ValueError(f"{where} holds {values.null_count} null token id(s) inside its lists; drop or fill them")
-        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+        row_lengths = pc.list_value_length(arr)  # pyright: ignore[reportAttributeAccessIssue]  # as drop_null
+        lengths = row_lengths.to_numpy(zero_copy_only=False).astype(np.int64)
         ids = values.to_numpy(zero_copy_only=False)
         if ids.size and (int(ids.min()) < 0 or (ids.dtype == np.uint64 and int(ids.max()) > np.iinfo(np.int64).max)):
             raise ValueError(f"{where} holds token ids outside [0, 2**63) (min {int(ids.min())}); "

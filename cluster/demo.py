@@ -164,7 +164,8 @@ def run_demo(out_dir: str | Path = "out/demo", *, seed: int = 0, num_workers: in
     a = train_series(out / "checkpoints" / "run-a", seed=seed)
     b = train_series(out / "checkpoints" / "run-b", seed=seed + 1, save_at=(max(DEMO_STEPS),))
     for name, path in (("A", a[-1]), ("B", b[-1])):
-        say(f"      run {name}: train accuracy {_accuracy(path, 'train'):.3f}, test accuracy {_accuracy(path, 'test'):.3f}"
+        say(f"      run {name}: train accuracy {_accuracy(path, 'train'):.3f}, "
+            f"test accuracy {_accuracy(path, 'test'):.3f}"
             f"  ({path.relative_to(out)})")
     specs = _specs(out, a, b, num_workers, seed)
 

@@ -21,6 +21,7 @@ not depend on the number of workers beyond rounding.
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 
 import torch
 import torch.distributed as dist
@@ -73,8 +74,8 @@ class ShardedOperator(CurvatureOperator):
         self.bounds = shard_bounds(self.dim, self.world_size)
         self._slice = slice(self.bounds[self.rank], self.bounds[self.rank + 1])
         self.local_dim = self._slice.stop - self._slice.start
-        self._max_shard = max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
-        self._even = all(b - a == self._max_shard for a, b in zip(self.bounds[:-1], self.bounds[1:]))
+        self._max_shard = max(b - a for a, b in pairwise(self.bounds))
+        self._even = all(b - a == self._max_shard for a, b in pairwise(self.bounds))
         self.num_collectives = 0
         self.collective_s = 0.0  # wall time inside collectives (includes waiting for slower peers)
 
@@ -84,7 +85,8 @@ class ShardedOperator(CurvatureOperator):
 
     @property
     def num_matvecs(self) -> int:
-        return self.local.num_matvecs
+        # every operator it wraps (model operators, PreconditionedOperator) counts its products
+        return self.local.num_matvecs  # pyright: ignore[reportAttributeAccessIssue]
 
     def _collective(self, fn, *args) -> None:
         t0 = time.perf_counter()
@@ -102,7 +104,7 @@ class ShardedOperator(CurvatureOperator):
         if self._even:
             return full.contiguous()
         padded = full.new_zeros(self.world_size * self._max_shard, full.shape[1])
-        for r, (a, b) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
+        for r, (a, b) in enumerate(pairwise(self.bounds)):
             padded[r * self._max_shard : r * self._max_shard + (b - a)] = full[a:b]
         return padded
 
@@ -110,7 +112,7 @@ class ShardedOperator(CurvatureOperator):
         if self._even:
             return padded
         m = self._max_shard
-        return torch.cat([padded[r * m : r * m + (b - a)] for r, (a, b) in enumerate(zip(self.bounds[:-1], self.bounds[1:]))])
+        return torch.cat([padded[r * m : r * m + (b - a)] for r, (a, b) in enumerate(pairwise(self.bounds))])
 
     def gather(self, V: Tensor) -> Tensor:
         """Full vectors ``(dim, k)`` from every worker's shard ``(local_dim, k)``."""

@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-class Decision(str, enum.Enum):
+class Decision(enum.StrEnum):
     """What a failed attempt leads to."""
 
     RESTART = "restart"  # rebuild the group, run the task again
@@ -57,6 +57,8 @@ class FailurePolicy:
 
 @dataclass(frozen=True)
 class Stored:
+    """A task whose record was written: its ``record``, after ``attempts`` attempts, on ``device``."""
+
     task: Any
     record: dict
     attempts: int
@@ -65,6 +67,8 @@ class Stored:
 
 @dataclass(frozen=True)
 class Failed:
+    """A task that failed for good: the last ``error`` after ``attempts`` attempts."""
+
     task: Any
     error: BaseException
     attempts: int
@@ -76,6 +80,8 @@ class Failed:
 
 @dataclass(frozen=True)
 class Retry:
+    """A task that lost its worker and runs again (:attr:`Decision.RESTART`)."""
+
     task: Any
     error: BaseException
     attempts: int
@@ -145,6 +151,8 @@ class Events:
 
 @dataclass
 class JobSummary:
+    """What a job did: task counts by outcome, restarts, the failures and the stored records."""
+
     run_id: str
     job: str
     output: str

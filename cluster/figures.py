@@ -21,6 +21,7 @@ __all__ = ["plot_density", "save_png"]
 
 
 def save_png(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``path`` as a PNG (atomically: a temporary file, then a rename), close it, return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -144,6 +144,7 @@ class RayGroup:
         name: str = "probe-worker",
     ) -> None:
         import ray
+        from ray.exceptions import RayActorError, RayTaskError
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -175,15 +176,17 @@ class RayGroup:
         try:
             init_method = ray.get(self.actors[0].rendezvous.remote())
             self.info = ray.get([a.setup.remote(init_method) for a in self.actors])
-        except ray.exceptions.RayActorError as exc:
+        except RayActorError as exc:
             self.close()
             raise WorkerLost(f"a worker died during setup: {exc}") from exc
-        except ray.exceptions.RayTaskError as exc:
+        except RayTaskError as exc:
             self.close()
             raise TaskError(str(exc.cause) if exc.cause else str(exc),
                             category=category_of(exc.cause) if exc.cause is not None else "other") from exc
 
     def run(self, task: dict) -> dict:
+        from ray.exceptions import RayActorError, RayTaskError
+
         ray = self._ray
         refs = [a.run.remote(task) for a in self.actors]
         results: dict[Any, dict] = {}
@@ -194,9 +197,9 @@ class RayGroup:
             done, pending = ray.wait(pending, num_returns=1)
             try:
                 results[done[0]] = ray.get(done[0])
-            except ray.exceptions.RayActorError as exc:
+            except RayActorError as exc:
                 raise WorkerLost(f"worker died mid-task: {type(exc).__name__}") from exc
-            except ray.exceptions.RayTaskError as exc:
+            except RayTaskError as exc:
                 cause = exc.cause if exc.cause is not None else exc
                 message = next(iter(str(cause).splitlines()), "") or type(cause).__name__
                 # Peers that did not fail too may be blocked in a collective.
@@ -209,7 +212,7 @@ class RayGroup:
 
         for a in self.actors:
             try:
-                self._ray.kill(a)
+                self._ray.kill(a)  # pyright: ignore[reportArgumentType]  # an actor handle, typed by Ray as a proxy
             except Exception:  # noqa: BLE001 - already dead
                 pass
         try:

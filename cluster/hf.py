@@ -30,8 +30,9 @@ import contextlib
 import copy
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,7 +105,7 @@ def _parameters_on_meta() -> Iterator[None]:
         if p is not None and not p.is_meta:
             module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
 
-    nn.Module.register_parameter = on_meta
+    nn.Module.register_parameter = on_meta  # pyright: ignore[reportAttributeAccessIssue]  # patched for the block
     try:
         yield
     finally:
@@ -184,7 +185,8 @@ def hf_skeleton(config_file: str | Path, hf_class: str = "auto", attn_implementa
     except Exception as exc:  # noqa: BLE001
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise HfError(
-            f"config {str(config_file)!r}: transformers cannot build {hf_class if hf_class != 'auto' else 'its architecture'} "
+            f"config {str(config_file)!r}: transformers cannot build "
+            f"{hf_class if hf_class != 'auto' else 'its architecture'} "
             f"from it: {first}; check the config's values or model.hf_class"
         ) from exc
     model.eval()
@@ -265,7 +267,8 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], checkpoint
     unexpected = sorted(set(unexpected) - _ignored(model, "_keys_to_ignore_on_load_unexpected", unexpected))
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {checkpoint!r} does not match {what}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+            f"checkpoint {checkpoint!r} does not match {what}: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}"
         )
     for p, names, src in chosen:
         if src.shape != p.shape:
@@ -320,7 +323,7 @@ def checkpoint_dtype(path: str | Path) -> str | None:
     counts: dict[str, int] = {}
     try:
         for info in _header_tensors(path).values():
-            name = _DTYPE_NAMES.get(info.get("dtype"))
+            name = _DTYPE_NAMES.get(str(info.get("dtype")))
             if name:
                 n = 1
                 for d in info.get("shape", []):
@@ -329,7 +332,7 @@ def checkpoint_dtype(path: str | Path) -> str | None:
     except (CheckpointError, OSError):
         counts = {}
     if counts:
-        return max(counts, key=counts.get)
+        return max(counts, key=lambda k: counts[k])
     cfg = path.parent / "config.json"
     if cfg.is_file():
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cluster.driver import Events, Failed, JobSummary, Retry, Stored
@@ -18,7 +18,8 @@ __all__ = ["StoreEvents", "MetricsEvents", "ProgressEvents", "now", "short"]
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    """The current time in UTC (timezone-aware)."""
+    return datetime.now(UTC)
 
 
 def short(path: str) -> str:

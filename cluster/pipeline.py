@@ -42,6 +42,7 @@ every build.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -192,30 +193,43 @@ class PipelineHessian(CurvatureOperator):
         dist.all_reduce(t, group=self.pipe_group)
         return t
 
+    @property
+    def _prev_rank(self) -> int:
+        """Global rank of the previous stage; only stages after the first have one."""
+        if self.first:
+            raise RuntimeError("the first pipeline stage has no previous stage")
+        return self.ranks[self.k - 1]
+
+    @property
+    def _next_rank(self) -> int:
+        """Global rank of the next stage; only stages before the last have one."""
+        if self.last:
+            raise RuntimeError("the last pipeline stage has no next stage")
+        return self.ranks[self.k + 1]
+
     # -------------------------------------------------------------- sweeps 1–2
 
     def _forward_backward(self, batch, weight: float) -> _BatchGraph:
         x, y = batch
-        prev, nxt = (None if self.first else self.ranks[self.k - 1]), (None if self.last else self.ranks[self.k + 1])
         # sweep 1
-        h_leaf = x if self.first else _recv(prev, self.dtype, self.device).requires_grad_(True)
+        h_leaf = x if self.first else _recv(self._prev_rank, self.dtype, self.device).requires_grad_(True)
         out = self.stage(h_leaf)
         if self.last:
             out = weight * self.loss_fn(out, y)
         else:
-            _send(out.detach(), nxt)
+            _send(out.detach(), self._next_rank)
         # sweep 2
         inputs = self.params if self.first else [h_leaf, *self.params]
         if self.last:
             c_leaf = None
             grads = torch.autograd.grad(out, inputs, create_graph=True, allow_unused=True)
         else:
-            c_leaf = _recv(nxt, self.dtype, self.device).requires_grad_(True)
+            c_leaf = _recv(self._next_rank, self.dtype, self.device).requires_grad_(True)
             grads = torch.autograd.grad(out, inputs, grad_outputs=c_leaf, create_graph=True, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, inputs)]
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, inputs, strict=True)]
         grads_h = None if self.first else grads[0]
         if grads_h is not None:
-            _send(grads_h.detach(), prev)
+            _send(grads_h.detach(), self._prev_rank)
         return _BatchGraph(None if self.first else h_leaf, out, c_leaf, grads_h, grads[0 if self.first else 1 :])
 
     def _graphs(self):
@@ -226,7 +240,7 @@ class PipelineHessian(CurvatureOperator):
             return self._train_graphs()
         counter = SavedBytes()
         with model_mode(self.stage, self.mode), counter.counting():
-            graphs = [self._forward_backward(b, w) for b, w in zip(self.batches, self.weights)]
+            graphs = [self._forward_backward(b, w) for b, w in zip(self.batches, self.weights, strict=True)]
         self.peak_graph_bytes = max(self.peak_graph_bytes, counter.bytes)
         if counter.bytes <= self.graph_memory_bytes:
             self._kept, self.graph_bytes = graphs, counter.bytes
@@ -241,7 +255,7 @@ class PipelineHessian(CurvatureOperator):
         ``model_mode``, which restores the statistics before the next batch. Every
         stage runs the same order, so the messages pair up as in eval mode.
         """
-        for batch, weight in zip(self.batches, self.weights):
+        for batch, weight in zip(self.batches, self.weights, strict=True):
             counter = SavedBytes()
             with model_mode(self.stage, "train"):
                 with counter.counting():
@@ -253,17 +267,16 @@ class PipelineHessian(CurvatureOperator):
     # -------------------------------------------------------------- sweeps 3–4
 
     def _column(self, g: _BatchGraph, v: list[Tensor]) -> list[Tensor]:
-        prev, nxt = (None if self.first else self.ranks[self.k - 1]), (None if self.last else self.ranks[self.k + 1])
         # sweep 3: adjoints of (∂L/∂θ_k, g_k) given (v_k, ā_k); outputs ā_{k+1}, h̄_k (via sweep 2), θ̄_k (via sweep 2)
-        s = sum((gt * vk).sum() for gt, vk in zip(g.grads_theta, v))
+        s = cast(Tensor, sum((gt * vk).sum() for gt, vk in zip(g.grads_theta, v, strict=True)))  # a stage has parameters
         if not self.first:
-            a_bar = _recv(prev, self.dtype, self.device)
+            a_bar = _recv(self._prev_rank, self.dtype, self.device)
             s = s + (g.grads_h * a_bar).sum()
         wrt = ([] if self.last else [g.c_leaf]) + ([] if self.first else [g.h_leaf]) + self.params
         adj = torch.autograd.grad(s, wrt, retain_graph=True, allow_unused=True)
-        adj = [torch.zeros_like(w) if a is None else a for a, w in zip(adj, wrt)]
+        adj = [torch.zeros_like(w) if a is None else a for a, w in zip(adj, wrt, strict=True)]
         if not self.last:
-            _send(adj[0], nxt)
+            _send(adj[0], self._next_rank)
             adj = adj[1:]
         h_bar2 = None if self.first else adj[0]
         theta_bar = list(adj[0 if self.first else 1 :])
@@ -271,14 +284,14 @@ class PipelineHessian(CurvatureOperator):
         if self.last:
             h_bar = h_bar2
         else:
-            out_bar = _recv(nxt, self.dtype, self.device)
+            out_bar = _recv(self._next_rank, self.dtype, self.device)
             wrt = ([] if self.first else [g.h_leaf]) + self.params
             adj = torch.autograd.grad(g.out, wrt, grad_outputs=out_bar, retain_graph=True, allow_unused=True)
-            adj = [torch.zeros_like(w) if a is None else a for a, w in zip(adj, wrt)]
-            h_bar = None if self.first else adj[0] + h_bar2
-            theta_bar = [t + a for t, a in zip(theta_bar, adj[0 if self.first else 1 :])]
-        if not self.first:
-            _send(h_bar, prev)
+            adj = [torch.zeros_like(w) if a is None else a for a, w in zip(adj, wrt, strict=True)]
+            h_bar = None if h_bar2 is None else adj[0] + h_bar2  # h_bar2 is None on the first stage only
+            theta_bar = [t + a for t, a in zip(theta_bar, adj[0 if self.first else 1 :], strict=True)]
+        if h_bar is not None:  # every stage but the first
+            _send(h_bar, self._prev_rank)
         return theta_bar
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -288,7 +301,7 @@ class PipelineHessian(CurvatureOperator):
         with torch.enable_grad():
             for g in self._graphs():
                 for j in range(V.shape[1]):
-                    v = [c.view(s) for c, s in zip(torch.split(V[:, j], numels), shapes)]
+                    v = [c.view(s) for c, s in zip(torch.split(V[:, j], numels), shapes, strict=True)]
                     out[:, j] += torch.cat([t.reshape(-1) for t in self._column(g, v)])
         if self.data_group is not None:
             dist.all_reduce(out, group=self.data_group)

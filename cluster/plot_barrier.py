@@ -24,6 +24,7 @@ _STYLES = ("-", "--", ":", "-.")
 
 
 def _labelled(results: Sequence[BarrierResult] | Mapping[str, BarrierResult]) -> list[tuple[str, BarrierResult]]:
+    items: list[tuple[str, BarrierResult]]
     if isinstance(results, Mapping):
         items = [(str(k), r) for k, r in results.items()]
     elif isinstance(results, BarrierResult):
@@ -72,7 +73,7 @@ def plot_barriers(
         style = _STYLES[eval_sets.index(r.eval_set) % len(_STYLES)]
         t = r.t.numpy()
         ax_loss.plot(t, r.loss.numpy(), color=color, ls=style, lw=1.5, label=f"{label} (barrier {r.barrier_height:.3g})")
-        if r.num_nonfinite:
+        if r.num_nonfinite and r.first_nonfinite_t is not None:
             ax_loss.axvline(r.first_nonfinite_t, color=color, ls=style, lw=0.8, alpha=0.6)
         if ax_err is not None and not math.isnan(r.error_barrier_height):
             ax_err.plot(t, 100 * r.error.numpy(), color=color, ls=style, lw=1.5, label=label)

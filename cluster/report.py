@@ -56,8 +56,10 @@ th{background:#e8eef6}tr:nth-child(even) td{background:#f7f9fc}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 code{font-size:.78rem;word-break:break-all}
 figure{margin:1rem 0;padding:.5rem;border:1px solid #dde3ea;background:#fcfdff}
-figure img{max-width:min(100%,1100px);height:auto;display:block}figcaption{font-size:.85rem;color:#46505f;margin-top:.3rem}
-.meta{color:#46505f;font-size:.9rem}.meta dt{font-weight:600;float:left;clear:left;width:11rem}.meta dd{margin-left:11rem}
+figure img{max-width:min(100%,1100px);height:auto;display:block}
+figcaption{font-size:.85rem;color:#46505f;margin-top:.3rem}
+.meta{color:#46505f;font-size:.9rem}
+.meta dt{font-weight:600;float:left;clear:left;width:11rem}.meta dd{margin-left:11rem}
 .bad{color:#a3141c;font-weight:600}.ok{color:#1b7a35;font-weight:600}.warn{color:#8a5a00}
 nav a{margin-right:1rem}
 """
@@ -100,7 +102,7 @@ def _time(ts) -> str:
         return "—"
     if isinstance(ts, dt.datetime):
         if ts.tzinfo is not None:
-            ts = ts.astimezone(dt.timezone.utc)
+            ts = ts.astimezone(dt.UTC)
         return ts.strftime("%Y-%m-%d %H:%M:%S UTC")
     return str(ts)
 
@@ -294,7 +296,8 @@ def _section_critical(rows, _figs) -> str:
         [[r["job"], _cell(r), r.get("label"),
           f"{_num(r.get('grad_norm'))} ({_num(r.get('grad_norm_threshold'))})", _num(r.get("lambda_min")),
           _num(r.get("lambda_max")),
-          f"{_pm(r.get('negative_mass'), r.get('negative_mass_stderr'))} ({_num(r.get('negative_mass_threshold'))})",
+          f"{_pm(r.get('negative_mass'), r.get('negative_mass_stderr'))} "
+          f"({_num(r.get('negative_mass_threshold'))})",
           r.get("num_matvecs"), r.get("rule") or ""] for r in rows],
         numeric=[3, 4, 5, 6, 7],
     )
@@ -480,9 +483,10 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     body = [
         f"<h1>Loss-landscape report</h1><dl class=meta><dt>results folder</dt><dd><code>{_e(root)}</code></dd>",
         f"<dt>jobs</dt><dd>{len(jobs)}: {_e(', '.join(jobs))}</dd>",
-        f"<dt>runs</dt><dd>{len(runs)}</dd><dt>result rows</dt><dd>{sum(len(v) for v in data.values())} ({_e(counts)})</dd>",
+        f"<dt>runs</dt><dd>{len(runs)}</dd>"
+        f"<dt>result rows</dt><dd>{sum(len(v) for v in data.values())} ({_e(counts)})</dd>",
         f"<dt>failed tasks</dt><dd>{len(failures)}</dd>",
-        f"<dt>generated</dt><dd>{_e(_time(dt.datetime.now(dt.timezone.utc)))}</dd>",
+        f"<dt>generated</dt><dd>{_e(_time(dt.datetime.now(dt.UTC)))}</dd>",
         f"<dt>library</dt><dd>landscape-probe {_e(_version())}</dd></dl>",
         "<nav>" + "".join(f'<a href="#{k}">{_e(k)}</a>' for k in ["runs", *present, "failures"]) + "</nav>",
         '<section id="runs"><h2>Runs</h2>', _runs_section(runs) if runs else "<p>No runs rows.</p>", "</section>",

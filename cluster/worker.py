@@ -126,6 +126,8 @@ def build_loss(loss: str | dict):
         from probe.batches import model_loss
 
         return model_loss
+    if isinstance(loss, str):  # the spec rejects unknown names; this guards direct callers
+        raise ValueError(f"unknown loss {loss!r}; give a loss name or {{factory: 'pkg.module:callable'}}")
     factory = import_factory(loss["factory"], key="loss.factory")
     return factory(**loss.get("kwargs", {}))
 
@@ -192,7 +194,8 @@ class ShiftedLabels:
         if not isinstance(item, dict) or "labels" not in item:
             raise SpecError(
                 f"loss causal_lm needs dict items with 'labels' (token ids, Hugging Face's unshifted "
-                f"convention), got {type(item).__name__}{' keys ' + str(sorted(item)) if isinstance(item, dict) else ''}"
+                f"convention), got {type(item).__name__}"
+                f"{' keys ' + str(sorted(item)) if isinstance(item, dict) else ''}"
             )
         labels = torch.as_tensor(item["labels"])
         shifted = torch.full_like(labels, IGNORE_INDEX)
@@ -381,6 +384,7 @@ class ProbeWorker:
         """
         if self.spec.model.hf is not None:
             return self._build_hf(checkpoint)
+        assert self.spec.model.factory is not None  # the spec gives a model either hf or factory
         factory = import_factory(self.spec.model.factory, key="model.factory")
         if self.stages > 1:
             return self._build_stage(factory, checkpoint)

@@ -13,10 +13,10 @@ from probe.eos import EosPoint, PreconditionedOperator, eos_point, eos_series, l
 from probe.evaluate import Evaluator
 from probe.ggn import GGNOperator
 from probe.hessian import HessianOperator
-from probe.noise import GradientMoments, NoiseResult, gradient_moments, noise_statistics
-from probe.pacbayes import PacBayesResult, pacbayes
 from probe.lanczos import LanczosResult, lanczos
+from probe.noise import GradientMoments, NoiseResult, gradient_moments, noise_statistics
 from probe.operators import CurvatureOperator, DenseOperator
+from probe.pacbayes import PacBayesResult, pacbayes
 from probe.params import ParameterSpace
 from probe.sharpness import (
     SharpnessResult,

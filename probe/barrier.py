@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -165,9 +166,27 @@ class BarrierResult:
         return self.t.numel()
 
 
+class PathEvaluator(Protocol):
+    """What :func:`barrier` reads of an evaluator; :class:`~probe.evaluate.Evaluator` is one."""
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def mode(self) -> str: ...
+
+    def losses(self, points: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
 def barrier(
     path: LinearPath,
-    evaluators: Mapping[str, object],
+    evaluators: Mapping[str, PathEvaluator],
     *,
     points: int = DEFAULT_POINTS,
 ) -> dict[str, BarrierResult]:

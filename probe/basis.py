@@ -45,6 +45,13 @@ INITIAL_CAPACITY = 16  # vectors per run before the first growth when no capacit
 EAGER_HOST_BYTES = 2 * 1024**3  # a CPU DeviceBasis reserves a given capacity up to this size at once
 
 
+def _allocated(buf: Tensor | None) -> Tensor:
+    """The store's buffer; a store is used only between :meth:`BasisStore.allocate` and ``close``."""
+    if buf is None:
+        raise RuntimeError("the basis store holds no buffer: call allocate() before put, get or view")
+    return buf
+
+
 @runtime_checkable
 class BasisStore(Protocol):
     """What :class:`probe.lanczos.LanczosProcess` asks of a basis store.
@@ -95,7 +102,8 @@ class BasisStore(Protocol):
 def _check_block_size(block_size: int | None) -> None:
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(
-            f"block_size must be a positive number of vectors per run or None (one block), got block_size={block_size!r}"
+            "block_size must be a positive number of vectors per run or None (one block), "
+            f"got block_size={block_size!r}"
         )
 
 
@@ -141,7 +149,7 @@ class DeviceBasis:
         self._buf = torch.empty(runs, first, local_dim, dtype=dtype, device=device)
 
     def put(self, index: int, vectors: Tensor) -> None:
-        buf = self._buf
+        buf = _allocated(self._buf)
         if index >= buf.shape[1]:
             size = 2 * buf.shape[1]
             if self._capacity is not None and self._capacity > index:
@@ -152,10 +160,11 @@ class DeviceBasis:
         buf[:, index, :] = vectors
 
     def get(self, start: int, stop: int, run: int | None = None) -> Tensor:
-        return self._buf[:, start:stop, :] if run is None else self._buf[run, start:stop, :]
+        buf = _allocated(self._buf)
+        return buf[:, start:stop, :] if run is None else buf[run, start:stop, :]
 
     def view(self, count: int) -> Tensor:
-        return self._buf[:, :count, :]
+        return _allocated(self._buf)[:, :count, :]
 
     def resident_bytes(self, runs: int, capacity: int, local_dim: int, dtype: torch.dtype) -> int:
         return runs * capacity * local_dim * _itemsize(dtype)
@@ -213,9 +222,9 @@ class HostBasis:
         self._buf, self._token = self._new_buffer((first, runs, local_dim), dtype)
 
     def put(self, index: int, vectors: Tensor) -> None:
-        buf = self._buf
+        buf = _allocated(self._buf)
         if index >= buf.shape[0]:
-            grown, token = self._new_buffer((max(2 * buf.shape[0], index + 1), *buf.shape[1:]), buf.dtype)
+            grown, token = self._new_buffer((max(2 * buf.shape[0], index + 1), buf.shape[1], buf.shape[2]), buf.dtype)
             grown[: buf.shape[0]] = buf
             old = self._token
             self._buf, self._token = grown, token
@@ -224,12 +233,13 @@ class HostBasis:
         buf[index].copy_(vectors)  # device -> host, synchronous
 
     def get(self, start: int, stop: int, run: int | None = None) -> Tensor:
-        host = self._buf[start:stop] if run is None else self._buf[start:stop, run]
+        buf = _allocated(self._buf)
+        host = buf[start:stop] if run is None else buf[start:stop, run]
         moved = host.to(self._device, non_blocking=self._pinned)
         return moved.transpose(0, 1) if run is None else moved  # (runs, stop-start, local_dim)
 
     def view(self, count: int) -> Tensor:
-        return self._buf[:count].transpose(0, 1)
+        return _allocated(self._buf)[:count].transpose(0, 1)
 
     def resident_bytes(self, runs: int, capacity: int, local_dim: int, dtype: torch.dtype) -> int:
         return runs * capacity * local_dim * _itemsize(dtype)

@@ -34,10 +34,10 @@ Garipov et al. train the curve in train mode with batch statistics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Union
+from typing import Any, ClassVar, TypeAlias, cast
 
 import torch
 from torch import Tensor
@@ -154,14 +154,17 @@ class CurvedPath(LinearPath):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.bend is None:
-            object.__setattr__(self, "bend", (self.a + self.b) / 2)
-        _check_vector("bend", self.bend, self.a)
+        bend = self.bend
+        if bend is None:
+            bend = (self.a + self.b) / 2
+            object.__setattr__(self, "bend", bend)
+        _check_vector("bend", bend, self.a)
 
     def nodes(self) -> Tensor:
+        assert self.bend is not None  # set by __post_init__
         return torch.stack([self.a, self.bend, self.b])
 
-    def with_bend(self, bend: Tensor) -> "CurvedPath":
+    def with_bend(self, bend: Tensor) -> CurvedPath:
         """The same kind of path with another bend (endpoints shared)."""
         return replace(self, bend=bend)
 
@@ -200,7 +203,7 @@ class PolychainPath(CurvedPath):
         return torch.stack([c_a, c_bend, c_b], dim=1)
 
 
-Path = Union[LinearPath, BezierPath, PolychainPath]
+Path: TypeAlias = LinearPath | BezierPath | PolychainPath
 PATH_KINDS = {cls.kind: cls for cls in (LinearPath, BezierPath, PolychainPath)}  # spec ``path`` value → class
 
 
@@ -234,11 +237,11 @@ class BendTraining:
     t_per_step: int
 
 
-def _objective(loss) -> Callable[[Tensor], Tensor]:
+def _objective(loss: Any) -> Callable[[Tensor], Tensor]:
     if hasattr(loss, "loss_with_grad"):
         return loss.loss_with_grad
     if callable(loss):
-        return loss
+        return cast(Callable[[Tensor], Tensor], loss)  # the documented contract: flat vector -> scalar tensor
     raise TypeError(
         "loss must be an Evaluator (its loss_with_grad is used) or a callable flat vector -> scalar tensor, "
         f"got {type(loss).__name__}"
@@ -309,6 +312,7 @@ def train_bend(
         raise TypeError(f"generator must be a torch.Generator (randomness is an argument), got {type(generator).__name__}")
     objective = _objective(loss)
 
+    assert path.bend is not None  # set by BezierPath.__post_init__
     bend = path.bend.detach().clone().requires_grad_(True)
     if optimizer == "sgd":
         opt = torch.optim.SGD([bend], lr=lr, momentum=momentum, weight_decay=weight_decay)

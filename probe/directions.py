@@ -177,7 +177,7 @@ def normalize(
             f"{direction.device} and center {center.dtype} on {center.device}; convert one with .to(other)"
         )
     parts = []
-    for d, t in zip(space.unflatten(direction), space.unflatten(center)):
+    for d, t in zip(space.unflatten(direction), space.unflatten(center), strict=True):
         if d.ndim <= 1 and ignore_1d:
             parts.append(torch.zeros_like(d))
         elif mode == "none":

@@ -251,7 +251,8 @@ def power_iteration(
         raise ValueError(f"k must be in [1, dim={op.dim}], got k={k}; lower k")
     if tol <= 0 or max_iter <= 0:
         raise ValueError(
-            f"tol and max_iter must be positive, got tol={tol}, max_iter={max_iter}; the defaults are tol=1e-3, max_iter=100"
+            f"tol and max_iter must be positive, got tol={tol}, max_iter={max_iter}; "
+            "the defaults are tol=1e-3, max_iter=100"
         )
     found: list[Tensor] = []
     values: list[float] = []
@@ -268,7 +269,7 @@ def power_iteration(
             w = op.matvec(v)
             matvecs += 1
             steps += 1
-            for u, mu in zip(found, values):
+            for u, mu in zip(found, values, strict=True):
                 w = w - mu * inner(op, u, v) * u
             new = float(inner(op, v, w))
             wn = norm(op, w)
@@ -279,10 +280,11 @@ def power_iteration(
                 break
             lam, v = new, v_next
         converged &= ok
+        assert lam is not None  # max_iter ≥ 1 (checked above): the loop ran
         found.append(v)
         values.append(lam)
         w = op.matvec(v)
-        for u, mu in zip(found[:-1], values[:-1]):
+        for u, mu in zip(found[:-1], values[:-1], strict=True):
             w = w - mu * inner(op, u, v) * u
         residuals.append(float(norm(op, w - lam * v)))
         matvecs += 1

@@ -60,9 +60,9 @@ of a 300×300 matrix, 14% on the digits GD series every 100 steps, in the tests)
 Limits: the thresholds are linear-stability statements about a frozen quadratic
 model; they ignore weight decay (L2 decay coupled into the gradient shifts the
 Hessian by the decay coefficient: pass a loss that contains it; decoupled decay,
-as in AdamW, is not modelled), learning-rate warm-up and, for Adam, the drift of P. Minibatch training is governed by other
-quantities (batch sharpness); these thresholds are for full-batch (or large-batch)
-training.
+as in AdamW, is not modelled), learning-rate warm-up and, for Adam, the drift of P.
+Minibatch training is governed by other quantities (batch sharpness); these thresholds
+are for full-batch (or large-batch) training.
 """
 
 from __future__ import annotations
@@ -326,7 +326,8 @@ def eos_point(
     try:
         result = lambda_max_warm(op, previous, mix=mix, tol=tol, max_steps=max_steps, generator=generator)
         failure = "" if bool(torch.isfinite(result.eigenvalues).all()) else "λ_max is not finite"
-    except torch.linalg.LinAlgError as err:  # eigh of a tridiagonal that holds NaN or inf
+    # torch.linalg.LinAlgError is public (documented) but re-exported from torch._C without __all__
+    except torch.linalg.LinAlgError as err:  # pyright: ignore[reportPrivateImportUsage]  # eigh of a tridiagonal that holds NaN or inf
         result, failure = None, f"Lanczos failed ({err})"
     if result is None or failure:
         nan = float("nan")
@@ -338,6 +339,7 @@ def eos_point(
             "check the checkpoint, the next point starts cold",
         )
     lam = float(result.eigenvalues[0])
+    assert result.eigenvectors is not None  # lambda_max_warm returns its eigenvector
     return EosPoint(
         step=int(step),
         lr=float(lr),

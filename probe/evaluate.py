@@ -240,7 +240,7 @@ class Evaluator:
 
     def _state(self, flat: Tensor) -> dict[str, Tensor]:
         """Parameters at ``flat`` (a vector, or a block ``(dim, k)`` giving ``(k, *shape)``) in the model's dtype."""
-        return {n: t.to(self.param_dtype) for n, t in zip(self.space.names, self.space.unflatten(flat))}
+        return {n: t.to(self.param_dtype) for n, t in zip(self.space.names, self.space.unflatten(flat), strict=True)}
 
     def _errors(self, out: Tensor, y: Tensor, b: int) -> Tensor:
         """Error rate of batch ``b`` from outputs ``(..., *y.shape, classes)``; leading dims kept.
@@ -289,7 +289,7 @@ class Evaluator:
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         err = torch.zeros((), dtype=torch.float64, device=self.device)
         with self._running():
-            for b, ((x, y), w) in enumerate(zip(self.batches, self.weights)):
+            for b, ((x, y), w) in enumerate(zip(self.batches, self.weights, strict=True)):
                 out = call_model(self.model, x, {**self._scratch_bn_buffers(), **state})
                 loss = loss + w * self.loss_fn(out, y).to(torch.float64)
                 if self.classification:
@@ -334,9 +334,10 @@ class Evaluator:
                 stacked = self._state(chunk.T)  # each (c, *shape)
                 loss = torch.zeros(chunk.shape[0], dtype=torch.float64, device=self.device)
                 err = torch.zeros_like(loss)
-                for b, ((x, y), w) in enumerate(zip(self.batches, self.weights)):
-                    out = torch.vmap(lambda s: call_model(self.model, x, s))(stacked)  # (c, n, ...)
-                    loss += w * torch.vmap(lambda o: self.loss_fn(o, y))(out).to(torch.float64)
+                for b, ((x, y), w) in enumerate(zip(self.batches, self.weights, strict=True)):
+                    # vmap calls both lambdas in this iteration: the loop variables cannot go stale
+                    out = torch.vmap(lambda s: call_model(self.model, x, s))(stacked)  # noqa: B023  # (c, n, ...)
+                    loss += w * torch.vmap(lambda o: self.loss_fn(o, y))(out).to(torch.float64)  # noqa: B023
                     if self.classification:
                         err += w * self._errors(out, y, b)
                 losses.append(loss)

@@ -21,8 +21,17 @@ class HessianOperator(ModelOperator):
     """Exact Hessian of the mean loss. Arguments as in :class:`probe.model_operator.ModelOperator`.
 
     Example:
-        >>> H = HessianOperator(model, torch.nn.functional.cross_entropy, [(x, y)])
-        >>> Hv = H @ v          # v: flat vector of length H.dim
+        A least-squares loss ``½·mean‖Wx − y‖²`` over one input ``x = (1, 2)`` has the
+        Hessian ``x xᵀ = [[1, 2], [2, 4]]`` in the weights of ``W`` (one output):
+
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> x, y = torch.tensor([[1.0, 2.0]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+        >>> H = HessianOperator(model, lambda out, target: 0.5 * (out - target).pow(2).sum(), [(x, y)])
+        >>> H.dim
+        2
+        >>> H @ torch.tensor([1.0, 0.0], dtype=torch.float64)
+        tensor([1., 2.], dtype=torch.float64)
     """
 
     def _build(self, batch: Batch, weight: float) -> tuple[Tensor, ...]:

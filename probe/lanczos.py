@@ -197,7 +197,7 @@ class LanczosProcess:
         self._q = q.T.contiguous()
         self._q_prev: Tensor | None = None
         self._store = resolve_basis(basis) if keep_basis else None
-        self.basis_storage = self._store.name if keep_basis else "none"
+        self.basis_storage = self._store.name if self._store is not None else "none"
         if self._store is not None:
             capacity = None if max_steps is None else max_steps + 1
             self._store.allocate(self.k, op.local_dim, op.dtype, op.device, capacity)
@@ -216,12 +216,21 @@ class LanczosProcess:
 
     @property
     def basis(self) -> Tensor | None:
-        """The stored basis vectors, run-major ``(k, n, local_dim)``, a view where the store keeps them (None if not kept)."""
+        """The stored basis vectors, run-major ``(k, n, local_dim)``.
+
+        A view where the store keeps them; None if not kept.
+        """
         return self._store.view(self._n) if self._store is not None else None
+
+    def _kept(self) -> BasisStore:
+        """The basis store, for the steps that read the basis (reorthogonalization, Ritz vectors, Gram)."""
+        if self._store is None:
+            raise ValueError("this needs the Lanczos basis; pass keep_basis=True")
+        return self._store
 
     def _blocks(self, n: int) -> list[tuple[int, int]]:
         """``[start, stop)`` ranges of at most ``block_size`` vectors covering the first ``n``."""
-        size = self._store.block_size
+        size = self._kept().block_size
         if size is None or size >= n:
             return [(0, n)]
         return [(a, min(a + size, n)) for a in range(0, n, size)]
@@ -242,7 +251,7 @@ class LanczosProcess:
         if a.shape[1] < _DOT_LOOP_MIN_DIM:
             local = torch.linalg.vecdot(a, b, dim=1)
         else:
-            local = torch.stack([torch.dot(x, y) for x, y in zip(a, b)])
+            local = torch.stack([torch.dot(x, y) for x, y in zip(a, b, strict=True)])
         return self.op.allreduce(local)
 
     def step(self) -> None:
@@ -259,6 +268,7 @@ class LanczosProcess:
         alpha_dev = self._dots(q, w)
         w.addcmul_(q, alpha_dev.unsqueeze(1), value=-1)
         if self.betas:
+            assert self._q_prev is not None  # set by the first step, which appended betas[0]
             w.addcmul_(self._q_prev, self.betas[-1].to(w.device, w.dtype).unsqueeze(1), value=-1)
         sq = None  # squared norms of w once known
         if self.reorth == "full":
@@ -308,10 +318,11 @@ class LanczosProcess:
         w_row = w.unsqueeze(1)  # (k, 1, local_dim), a view: updated in place below
         # Row form (w as a 1×d matrix against the stored n×d blocks) reads each block
         # once at memory speed; the column form measured 1.3-2.8× slower.
-        parts = [torch.bmm(w_row, self._store.get(a, b).transpose(1, 2)) for a, b in blocks]  # each (k, 1, b-a)
+        store = self._kept()
+        parts = [torch.bmm(w_row, store.get(a, b).transpose(1, 2)) for a, b in blocks]  # each (k, 1, b-a)
         coeff = self.op.allreduce(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))  # (k, 1, n)
         for a, b in blocks:
-            w_row.baddbmm_(coeff[:, :, a:b], self._store.get(a, b), alpha=-1)
+            w_row.baddbmm_(coeff[:, :, a:b], store.get(a, b), alpha=-1)
 
     def ritz_vectors(self, coeffs: Tensor, run: int = 0) -> Tensor:
         """``Q_n @ coeffs``: combinations of run ``run``'s first ``n`` basis vectors, ``(local_dim, c)``.
@@ -328,6 +339,8 @@ class LanczosProcess:
         for a, b in self._blocks(coeffs.shape[0]):
             part = self._store.get(a, b, run=run).T @ coeffs[a:b]
             out = part if out is None else out + part
+        if out is None:
+            raise ValueError(f"coeffs must have at least one row, got shape {tuple(coeffs.shape)}")
         return out
 
     def _selective(self, w: Tensor, alpha: Tensor) -> Tensor:
@@ -359,7 +372,8 @@ class LanczosProcess:
         m = self.steps_done
         alphas = torch.stack(self.alphas, dim=1) if m else torch.zeros(self.k, 0, dtype=torch.float64)
         betas = torch.stack(self.betas, dim=1) if m else torch.zeros(self.k, 0, dtype=torch.float64)
-        basis = self.basis.permute(1, 2, 0) if self.keep_basis else None  # (m+1, local_dim, k) view
+        kept = self.basis
+        basis = kept.permute(1, 2, 0) if kept is not None else None  # (m+1, local_dim, k) view
         if basis is not None:
             n = self._n
             gram = self.op.allreduce(self._gram(n)).to("cpu", torch.float64)
@@ -387,20 +401,22 @@ class LanczosProcess:
 
     def _gram(self, n: int) -> Tensor:
         """Local ``(k, n, n)`` Gram matrices of the first ``n`` basis vectors, two blocks on the device at a time."""
+        store = self._kept()
         blocks = self._blocks(n)
         if len(blocks) == 1:
-            q = self._store.get(0, n)
+            q = store.get(0, n)
             return torch.bmm(q, q.transpose(1, 2))
         gram = None
         for i, (a, b) in enumerate(blocks):
-            left = self._store.get(a, b)
+            left = store.get(a, b)
             for c, d in blocks[: i + 1]:
-                right = left if c == a else self._store.get(c, d)
+                right = left if c == a else store.get(c, d)
                 g = torch.bmm(left, right.transpose(1, 2))  # (k, b-a, d-c)
                 if gram is None:
                     gram = torch.empty(self.k, n, n, dtype=g.dtype, device=g.device)
                 gram[:, a:b, c:d] = g
                 gram[:, c:d, a:b] = g.transpose(1, 2)
+        assert gram is not None  # n ≥ 1: at least one block
         return gram
 
 

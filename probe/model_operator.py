@@ -48,8 +48,8 @@ of the same relative order (1.2e-3 for the MLP's λ_max).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 import contextlib
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -168,7 +168,7 @@ class SavedBytes:
         return t
 
     @contextmanager
-    def counting(self) -> Iterator["SavedBytes"]:
+    def counting(self) -> Iterator[SavedBytes]:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield self
 
@@ -262,7 +262,7 @@ class ModelOperator(CurvatureOperator):
             graph_memory_bytes = 0  # redraw dropout masks per product; see the module docstring
         self.graph_memory_bytes = graph_memory_bytes
         with model_mode(model, mode):
-            for i, (batch, w) in enumerate(zip(self.batches, self._graph_weights)):
+            for batch, w in zip(self.batches, self._graph_weights, strict=True):
                 counter = SavedBytes()
                 with counter.counting():
                     state = self._build(batch, w)
@@ -298,12 +298,12 @@ class ModelOperator(CurvatureOperator):
         all_cached = len(self._cached) == len(self.batches)
         # Kept graphs need no mode switch; rebuilding a graph does.
         with contextlib.nullcontext() if all_cached else model_mode(self.model, self.mode):
-            for i, (batch, w, s) in enumerate(zip(self.batches, self._graph_weights, self._sum_weights)):
+            for i, (batch, w, s) in enumerate(zip(self.batches, self._graph_weights, self._sum_weights, strict=True)):
                 state = self._cached[i] if i < len(self._cached) else self._build(batch, w)
                 for rows, vs, width in columns:
                     parts = self._apply(state, vs, width)
                     target = out_t[rows]
-                    for p, block in zip(parts, target.split(self.space.numels, dim=1)):
+                    for p, block in zip(parts, target.split(self.space.numels, dim=1), strict=True):
                         if i == 0:  # the first batch is written once (no zero fill and add)
                             block.copy_(p.reshape(width, -1))
                         else:
@@ -326,14 +326,14 @@ class ModelOperator(CurvatureOperator):
             torch.autograd.grad(outputs, inputs, grad_outputs=[g[j] for g in grad_outputs], retain_graph=True)
             for j in range(k)
         ]
-        return tuple(torch.stack(parts) for parts in zip(*cols))
+        return tuple(torch.stack(parts) for parts in zip(*cols, strict=True))
 
     def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
         """Mean loss over the probe set and its flat gradient (no graph kept), in ``self.dtype``."""
         loss = torch.zeros((), dtype=self.dtype, device=self.device)
         grad = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         with model_mode(self.model, self.mode):
-            for (x, y), w, s in zip(self.batches, self._graph_weights, self._sum_weights):
+            for (x, y), w, s in zip(self.batches, self._graph_weights, self._sum_weights, strict=True):
                 batch_loss = self.loss_fn(call_model(self.model, x), y) * w
                 grad.add_(self.space.flatten(torch.autograd.grad(batch_loss, self.params)), alpha=s)
                 loss.add_(batch_loss.detach(), alpha=s)

@@ -56,10 +56,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from probe.evaluate import has_batchnorm
 from probe.batches import call_model
-from probe.model_operator import MODES, Batch, LossFn, batch_size_of, model_mode, prepare_batches
+from probe.evaluate import has_batchnorm
 from probe.linear_identity import NotLinear, linear_owners, linear_sums
+from probe.model_operator import MODES, Batch, LossFn, batch_size_of, model_mode, prepare_batches
 from probe.params import ParameterSpace
 
 __all__ = ["GradientMoments", "NoiseResult", "default_chunk_size", "gradient_moments", "noise_statistics"]
@@ -106,7 +106,7 @@ class GradientMoments:
         """``ḡ = Σᵢ gᵢ / n``, the gradient of the mean loss over the examples (float64)."""
         return self.sum_grad / self.count
 
-    def merge(self, other: "GradientMoments") -> "GradientMoments":
+    def merge(self, other: GradientMoments) -> GradientMoments:
         """The moments of the union of two disjoint example sets (``self + other`` does the same).
 
         ``chunk_size`` becomes the larger of the two.
@@ -152,7 +152,7 @@ class GradientMoments:
     @classmethod
     def from_tensor(
         cls, packed: Tensor, *, dtype: str | torch.dtype, chunk_size: int, mode: str = "eval"
-    ) -> "GradientMoments":
+    ) -> GradientMoments:
         """Inverse of :meth:`to_tensor` (typically after summing it over shards).
 
         Raises:
@@ -176,7 +176,7 @@ class GradientMoments:
             mode=mode,
         )
 
-    def all_reduced(self, reduce: Callable[[Tensor], Tensor]) -> "GradientMoments":
+    def all_reduced(self, reduce: Callable[[Tensor], Tensor]) -> GradientMoments:
         """The moments summed over shards: ``reduce`` sums a tensor over every shard and
         returns the result (e.g. an operator's ``allreduce``)."""
         out = GradientMoments.from_tensor(
@@ -302,7 +302,7 @@ def gradient_moments(
         chunk_size = default_chunk_size(space, dtype, device)
     chosen = set(space.names)
     fixed = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in chosen}
-    theta = {n: p.detach() for n, p in zip(space.names, selected)}
+    theta = {n: p.detach() for n, p in zip(space.names, selected, strict=True)}
 
     def example_loss(theta: dict[str, Tensor], x: Any, y: Any) -> tuple[Tensor, Tensor]:
         unsqueeze = lambda t: t.unsqueeze(0)  # noqa: E731 - a batch of one
@@ -324,11 +324,12 @@ def gradient_moments(
         for x, y in moved:
             size = batch_size_of(y)
             for start in range(0, size, chunk_size):
-                cut = lambda t: t[start : start + chunk_size]  # noqa: E731
+                # used in this iteration only, so the loop variable cannot go stale
+                cut = lambda t: t[start : start + chunk_size]  # noqa: E731, B023
                 grads, losses = per_example(theta, _map(cut, x), _map(cut, y))  # each (c, *shape); (c,)
                 c = losses.shape[0]
                 sq_norms = torch.zeros(c, dtype=torch.float64, device=device)
-                for name, a, b in zip(space.names, offsets[:-1], offsets[1:]):
+                for name, a, b in zip(space.names, offsets[:-1], offsets[1:], strict=True):
                     g = grads[name].reshape(c, -1)  # (c, numel)
                     sum_grad[a:b] += g.sum(0)  # in the model dtype: sum(dtype=float64) costs 10× more on CPU
                     sq_norms += torch.linalg.vector_norm(g, dim=1).to(torch.float64) ** 2
@@ -468,7 +469,8 @@ def noise_statistics(
     batch = int(batch_size) if batch_size is not None else None
     both = lr is not None and batch is not None
     gd_reg = eta / 4 * grad_sq if lr is not None else nan
-    sgd_reg = eta / (4 * batch) * noise_trace if both else nan
+    sgd_reg = eta / (4 * batch) * noise_trace if lr is not None and batch is not None else nan
+    temperature = eta / (2 * batch) if lr is not None and batch is not None else nan
     return NoiseResult(
         num_examples=n,
         loss=float(moments.sum_loss) / n,
@@ -480,7 +482,7 @@ def noise_statistics(
         noise_scale_debiased=debiased,
         lr=eta,
         batch_size=batch,
-        temperature=eta / (2 * batch) if both else nan,
+        temperature=temperature,
         gd_regularizer=gd_reg,
         sgd_regularizer=sgd_reg,
         modified_loss_term=gd_reg + sgd_reg if both else nan,

@@ -111,6 +111,8 @@ class CurvatureOperator:
         pipeline stage of a large model.
 
         Args:
+            k: number of vectors (columns).
+            generator: the shared random stream; every process must pass one in the same state.
             kind: ``"rademacher"`` (entries ±1) or ``"gaussian"`` (standard normal).
         """
         if kind == "rademacher":
@@ -163,6 +165,26 @@ class DenseOperator(CurvatureOperator):
 
     Raises:
         ValueError: if ``matrix`` is not square or not symmetric.
+
+    Example:
+        A diagonal matrix has its diagonal as eigenvalues, and their sum as trace:
+
+        >>> import torch
+        >>> from probe import eigenvalues, spectral_density, trace
+        >>> op = DenseOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0, 0.5], dtype=torch.float64)))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> eigenvalues(op, k=2, which="largest", generator=g).eigenvalues.round(decimals=10).tolist()
+        [3.0, 1.0]
+        >>> eigenvalues(op, k=1, which="smallest", generator=g).eigenvalues.round(decimals=10).tolist()
+        [-2.0]
+        >>> round(trace(op, method="hutch++", num_matvecs=12, generator=g).trace, 10)
+        2.5
+
+        Four Lanczos steps on a 4 × 4 matrix find every eigenvalue (the Ritz values):
+
+        >>> ritz = spectral_density(op, runs=2, steps=4, generator=g).ritz_values[0]
+        >>> ritz.sort().values.round(decimals=10).tolist()
+        [-2.0, 0.5, 1.0, 3.0]
     """
 
     def __init__(self, matrix: Tensor, *, symmetry_tol: float = 1e-6) -> None:

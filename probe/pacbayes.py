@@ -219,18 +219,18 @@ def pacbayes(
     rms = float(theta.to(torch.float64).pow(2).mean().sqrt()) or 1.0
     hi = 1e-2 * (rms if variant == "isotropic" else 1.0)
     lo, f_lo = 0.0, 0.0
-    f_hi, loss_hi, err_hi = excess(hi)
+    f_hi = excess(hi)[0]  # only the lower end's losses enter the standard error
     while f_hi <= target and f.calls < max_steps:
         lo, f_lo = hi, f_hi
         hi *= 4.0
-        f_hi, loss_hi, err_hi = excess(hi)
+        f_hi = excess(hi)[0]
     while lo == 0.0 and f.calls < max_steps:  # the guess overshot: shrink until below the target
         hi_next = hi / 4.0
-        f_mid, loss_mid, err_mid = excess(hi_next)
+        f_mid = excess(hi_next)[0]
         if f_mid <= target:
             lo, f_lo = hi_next, f_mid
         else:
-            hi, f_hi, loss_hi, err_hi = hi_next, f_mid, loss_mid, err_mid
+            hi, f_hi = hi_next, f_mid
     if f_hi <= target or lo == 0.0:
         notes.append(f"search did not bracket σ* within {max_steps} evaluations")
     if getattr(ev, "randomness_note", ""):  # train mode, live dropout: f(σ) is no longer a smooth function of σ
@@ -242,7 +242,7 @@ def pacbayes(
         if f_mid <= target:
             lo, f_lo, loss_lo, err_lo = mid, f_mid, loss_mid, err_mid
         else:
-            hi, f_hi, loss_hi, err_hi = mid, f_mid, loss_mid, err_mid
+            hi, f_hi = mid, f_mid
     if loss_lo is None:
         f_lo, loss_lo, err_lo = excess(lo) if lo > 0 else (0.0, torch.full((samples // 2,), base_loss), None)
     sigma = lo  # the largest σ known to satisfy the constraint

@@ -25,6 +25,22 @@ class ParameterSpace:
         names: parameter names in module order.
         shapes: their shapes.
         numels: their element counts; ``dim`` is their sum.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(2, 1)
+        >>> space = ParameterSpace.of(layer)
+        >>> space.names, space.numels, space.dim
+        (('weight', 'bias'), (2, 1), 3)
+        >>> space.set_flat(layer, torch.tensor([1.0, 2.0, 3.0]))
+        >>> layer.weight, layer.bias
+        (Parameter containing:
+        tensor([[1., 2.]], requires_grad=True), Parameter containing:
+        tensor([3.], requires_grad=True))
+        >>> space.unflatten(space.get_flat(layer))
+        [tensor([[1., 2.]]), tensor([3.])]
+        >>> space.flatten([torch.zeros(1, 2), torch.ones(1)])
+        tensor([0., 0., 1.])
     """
 
     names: tuple[str, ...]
@@ -36,7 +52,7 @@ class ParameterSpace:
         return sum(self.numels)
 
     @classmethod
-    def of(cls, model: nn.Module, select: Sequence[str] | None = None) -> "ParameterSpace":
+    def of(cls, model: nn.Module, select: Sequence[str] | None = None) -> ParameterSpace:
         """Select parameters of ``model`` that require gradients.
 
         Args:
@@ -97,11 +113,11 @@ class ParameterSpace:
         """
         if vec.shape[0] != self.dim:
             raise ValueError(f"expected a vector with leading dimension dim={self.dim}, got shape {tuple(vec.shape)}")
-        chunks = torch.split(vec, self.numels, dim=0)
+        chunks = torch.split(vec, list(self.numels), dim=0)
         if vec.ndim == 1:
-            return [c.view(s) for c, s in zip(chunks, self.shapes)]
+            return [c.view(s) for c, s in zip(chunks, self.shapes, strict=True)]
         k = vec.shape[1]
-        return [c.T.reshape(k, *s) for c, s in zip(chunks, self.shapes)]
+        return [c.T.reshape(k, *s) for c, s in zip(chunks, self.shapes, strict=True)]
 
     def get_flat(self, model: nn.Module) -> Tensor:
         """A detached flat copy of the selected parameters."""
@@ -110,5 +126,5 @@ class ParameterSpace:
     @torch.no_grad()
     def set_flat(self, model: nn.Module, vec: Tensor) -> None:
         """Write a flat vector into the selected parameters in place."""
-        for p, v in zip(self.parameters(model), self.unflatten(vec)):
+        for p, v in zip(self.parameters(model), self.unflatten(vec), strict=True):
             p.copy_(v)

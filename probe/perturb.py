@@ -98,11 +98,13 @@ class Objective:
 
 
 def nonfinite_note(losses: Tensor) -> str:
+    """A note counting the non-finite entries of ``losses``; empty when there are none."""
     bad = int((~torch.isfinite(losses)).sum())
     return f"{bad} of {losses.numel()} perturbed losses were non-finite" if bad else ""
 
 
 def join_notes(*notes: str) -> str:
+    """The non-empty ``notes`` joined by ``"; "``."""
     return "; ".join(n for n in notes if n)
 
 
@@ -111,6 +113,8 @@ def join_notes(*notes: str) -> str:
 
 @dataclass(frozen=True)
 class Ascent:
+    """The result of :func:`ascend`: the loss at θ, the best perturbed loss, its δ, every loss seen, notes."""
+
     base_loss: float
     best_loss: float
     delta: Tensor

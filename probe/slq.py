@@ -96,7 +96,7 @@ class SpectrumResult:
         return float(max(v[-1] for v in self.ritz_values))
 
     def _per_run(self, f) -> tuple[float, float]:
-        per_run = torch.stack([f(v, w) for v, w in zip(self.ritz_values, self.ritz_weights)])
+        per_run = torch.stack([f(v, w) for v, w in zip(self.ritz_values, self.ritz_weights, strict=True)])
         stderr = float(per_run.std(unbiased=True) / math.sqrt(self.runs)) if self.runs > 1 else float("nan")
         return float(per_run.mean()), stderr
 
@@ -108,8 +108,8 @@ class SpectrumResult:
         integrand is a ramp (continuous), so Gauss quadrature converges for it; a plain
         *count* of negative eigenvalues does not (see :meth:`negative_fraction`).
         """
-        neg = torch.stack([(w * (-v).clamp_min(0)).sum() for v, w in zip(self.ritz_values, self.ritz_weights)])
-        tot = torch.stack([(w * v.abs()).sum() for v, w in zip(self.ritz_values, self.ritz_weights)])
+        neg = torch.stack([(w * (-v).clamp_min(0)).sum() for v, w in zip(self.ritz_values, self.ritz_weights, strict=True)])
+        tot = torch.stack([(w * v.abs()).sum() for v, w in zip(self.ritz_values, self.ritz_weights, strict=True)])
         # Ratio of the run means (a mean of per-run ratios is biased at order 1/runs),
         # with the delta-method standard error.
         ratio = float(neg.mean() / tot.mean().clamp_min(1e-300))
@@ -143,7 +143,7 @@ class SpectrumResult:
         grid = torch.linspace(lo, hi, grid_points, dtype=torch.float64)
         pos = torch.zeros_like(grid)
         neg = torch.zeros_like(grid)
-        for v, w in zip(self.ritz_values, self.ritz_weights):
+        for v, w in zip(self.ritz_values, self.ritz_weights, strict=True):
             keep = v.abs() >= cut
             u, ww, sign = v[keep].abs().log10(), w[keep], v[keep] > 0
             kern = torch.exp(-0.5 * ((grid[:, None] - u[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
@@ -157,7 +157,7 @@ def density_from_ritz(
 ) -> tuple[Tensor, Tensor]:
     """Gaussian-smoothed density per run on ``grid``; returns ``(mean, stderr)`` over runs."""
     per_run = []
-    for v, w in zip(values, weights):
+    for v, w in zip(values, weights, strict=True):
         kern = torch.exp(-0.5 * ((grid[:, None] - v[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
         per_run.append(kern @ w)
     stack = torch.stack(per_run)  # (runs, grid_points)
@@ -181,6 +181,7 @@ def spectral_density(
     """Estimate the spectral density of ``op`` by SLQ.
 
     Args:
+        op: the symmetric operator (a Hessian, GGN, or any :class:`CurvatureOperator`).
         runs: random start vectors (≥ 1; ≥ 2 for standard errors). Default 10.
         steps: Lanczos steps per run, in ``[1, dim]``. Default 80: the quadrature
             is then exact for polynomials of degree < 160.

@@ -93,8 +93,10 @@ def hutchinson(
     """Hutchinson's trace estimate from ``num_matvecs`` Rademacher probes.
 
     Args:
+        op: the symmetric operator whose trace is estimated.
         num_matvecs: probes (≥ 2). Default 100: a 10% relative standard error of
             the per-probe spread.
+        generator: randomness of the Rademacher probes.
         block_size: probes applied per ``matmat`` (memory vs speed; the estimate
             does not depend on it).
 

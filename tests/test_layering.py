@@ -1,4 +1,7 @@
-"""probe/ is pure math (docs/style.md, point 2; docs/design.md, "Layers"): it never imports the world's packages nor opens files."""
+"""probe/ is pure math (docs/style.md, point 2; docs/design.md, "Layers").
+
+It never imports the world's packages nor opens files.
+"""
 
 import ast
 from pathlib import Path

@@ -20,5 +20,5 @@ def assert_close(got: dict, want: dict, rtol: float) -> None:
             xs, ys = flat(got[key][col]), flat(want[key][col])
             assert len(xs) == len(ys), col
             scale = max(abs(y) for y in ys) or 1.0
-            err = max(abs(x - y) for x, y in zip(xs, ys)) / scale
+            err = max(abs(x - y) for x, y in zip(xs, ys, strict=True)) / scale
             assert err <= rtol, f"{col}: relative difference {err:.3g} > {rtol:g}"

@@ -107,10 +107,10 @@ def ray_head(tmp_path_factory):
         try:
             ray.init(address=address, log_to_driver=False)
             break
-        except Exception:
+        except Exception as exc:
             if time.monotonic() > deadline or head.poll() is not None:
                 os.killpg(head.pid, signal.SIGKILL)
-                raise RuntimeError(f"the Ray head did not start; see {tmp / 'head.log'}")
+                raise RuntimeError(f"the Ray head did not start; see {tmp / 'head.log'}") from exc
             time.sleep(1)
     yield {"address": address, "dashboard": f"http://127.0.0.1:{dash_port}", "env": env,
            "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}

@@ -94,7 +94,7 @@ def dense_hessian(folder: Path, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     causal = not is_masked
 
     def f(theta):
-        state = {n: c.view(s) for n, c, s in zip(names, torch.split(theta, numels), shapes)}
+        state = {n: c.view(s) for n, c, s in zip(names, torch.split(theta, numels), shapes, strict=True)}
         logits = functional_call(ref, state, (), {"input_ids": ids, "attention_mask": mask}).logits
         # in float64 here: transformers' own losses cast logits to float32
         if causal:  # position t scores token t+1, the mean over every such pair

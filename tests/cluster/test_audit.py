@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from checkpoint_files import save_step  # tests/cluster/checkpoint_files.py
 from safetensors.torch import load_file, save_file
 
-from checkpoint_files import save_step  # tests/cluster/checkpoint_files.py
 from cluster.audit import AuditLock, Auditor, parse_duration
 from cluster.checkpoints import CheckpointError
 from cluster.cli import main

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import struct
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import save_file
 

@@ -100,9 +100,9 @@ def test_eigenvalues_and_density_on_disk_match_the_device_store(tmp_path):
         ref_slq = spectral_density(op, runs=4, steps=40, generator=seeded(7))
         got_slq = spectral_density(op, runs=4, steps=40, generator=seeded(7), basis=store)
     assert got_slq.basis_storage == "disk" and got_slq.reorth == "full"
-    for a, b in zip(got_slq.ritz_values, ref_slq.ritz_values):
+    for a, b in zip(got_slq.ritz_values, ref_slq.ritz_values, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(got_slq.ritz_weights, ref_slq.ritz_weights):
+    for a, b in zip(got_slq.ritz_weights, ref_slq.ritz_weights, strict=True):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 

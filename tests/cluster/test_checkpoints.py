@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-from pathlib import Path
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,9 +270,8 @@ def test_sharded_index_loads_every_tensor_and_the_folder_lists_only_the_index(tm
 
 
 def test_sharded_hash_covers_every_shard_and_a_missing_shard_is_named(tmp_path):
-    from probe.models import digits_mlp
-
     from cluster.checkpoints import checkpoint_sha256
+    from probe.models import digits_mlp
 
     index = _sharded(tmp_path, digits_mlp(hidden=8))
     first = checkpoint_sha256(index)

@@ -11,7 +11,8 @@ import pytest
 
 from cluster.schema import schema_for
 
-EXPECTED_ROWS = {  # 2 final checkpoints (A, B) for geometry (sharpness: 5 rows each, SAM at 1 and n steps); 7 of run A for eos
+# 2 final checkpoints (A, B) for geometry (sharpness: 5 rows each, SAM at 1 and n steps); 7 of run A for eos
+EXPECTED_ROWS = {
     "eigenvalues": 4, "trace": 2, "spectrum": 2, "sharpness": 10, "surface": 2, "barrier": 4, "eos": 7,
     "pacbayes": 2, "noise": 2, "critical": 2,
 }

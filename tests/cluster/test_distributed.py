@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from itertools import pairwise
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_shard_bounds_cover_the_range_in_near_equal_contiguous_pieces(dim, world
     bounds = shard_bounds(dim, world_size)
     assert len(bounds) == world_size + 1
     assert bounds[0] == 0 and bounds[-1] == dim
-    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    sizes = [b - a for a, b in pairwise(bounds)]
     assert all(s >= 0 for s in sizes)
     assert max(sizes) - min(sizes) <= 1
     assert sizes == sorted(sizes, reverse=True)  # the larger shards come first
@@ -206,8 +207,8 @@ def test_shards_tile_the_vector(sharded_results, reference, size):
     ranks = sharded_results[size]
     dim = reference["matmat"].shape[0]
     bounds = shard_bounds(dim, size)
-    assert [r["local_slice"] for r in ranks] == list(zip(bounds[:-1], bounds[1:]))
-    assert [r["local_dim"] for r in ranks] == [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    assert [r["local_slice"] for r in ranks] == list(pairwise(bounds))
+    assert [r["local_dim"] for r in ranks] == [b - a for a, b in pairwise(bounds)]
 
 
 @pytest.mark.parametrize("size", GROUP_SIZES)

@@ -7,7 +7,17 @@ from dataclasses import dataclass
 
 from cluster.checkpoints import CheckpointError
 from cluster.driver import (
-    Decision, Events, Failed, FailurePolicy, GroupSlot, JobSummary, Retry, Stored, SummaryEvents, attempt, run_tasks,
+    Decision,
+    Events,
+    Failed,
+    FailurePolicy,
+    GroupSlot,
+    JobSummary,
+    Retry,
+    Stored,
+    SummaryEvents,
+    attempt,
+    run_tasks,
 )
 from cluster.groups import TaskError, WorkerLost
 from cluster.job import Task, pending_tasks

@@ -21,12 +21,12 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import yaml
+from compare import assert_close, by_task  # tests/cluster/compare.py
+from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.job import run_job
 from cluster.spec import load_spec
-from conftest import free_port
-from compare import assert_close, by_task  # tests/cluster/compare.py
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("eigenvalues", "trace", "spectrum")

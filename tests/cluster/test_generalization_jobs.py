@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from compare import assert_close, by_task  # tests/cluster/compare.py
 from safetensors.torch import load_file
 
 from cluster.job import run_job
 from cluster.spec import load_spec
 from cluster.store import ResultStore
 from cluster.worker import probe_subset
-from compare import assert_close, by_task  # tests/cluster/compare.py
 from probe.models import digits_mlp
 from probe.noise import gradient_moments, noise_statistics
 

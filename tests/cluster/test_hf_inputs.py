@@ -8,11 +8,10 @@ import json
 import subprocess
 import sys
 
+import hf_files
 import pytest
 import torch
 import yaml
-
-import hf_files
 
 
 def run_cli(spec_path):

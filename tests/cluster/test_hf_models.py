@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 import math
 
+import hf_files
 import pyarrow.dataset as ds
 import pytest
 import torch
 import yaml
 
-import hf_files
 from cluster.cli import main
 from cluster.worker import task_seed
 from probe.operators import DenseOperator
 from probe.trace import trace
-
 
 TRACE_MATVECS = 30
 
@@ -121,8 +120,8 @@ def test_per_layer_restriction_names_a_tied_head_by_either_name(tmp_path):
     """``params=["lm_head"]`` selects the tied embedding: the diagonal block of that one tensor."""
     import transformers
 
-    from probe.hessian import HessianOperator
     from probe.gpt import lm_loss
+    from probe.hessian import HessianOperator
 
     model = hf_files.write_model("llama_tied", tmp_path / "m")
     ids = hf_files.all_windows(hf_files.write_tokens(tmp_path / "t.parquet"))

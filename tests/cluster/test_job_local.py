@@ -14,6 +14,7 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 import torch.nn.functional as F
+from compare import assert_close, by_task  # tests/cluster/compare.py
 from safetensors.torch import load_file, save_file
 
 from cluster.checkpoints import file_sha256
@@ -26,7 +27,6 @@ from probe.eigen import eigenvalues
 from probe.hessian import HessianOperator
 from probe.models import digits_mlp
 from probe.trace import trace
-from compare import assert_close, by_task  # tests/cluster/compare.py
 
 RTOL = 1e-10
 KINDS = ("eigenvalues", "trace", "spectrum")
@@ -280,8 +280,8 @@ def test_basis_storage_is_chosen_in_the_spec_and_recorded(make_spec, tmp_path):
     for name in ("device", "host", "disk"):
         spectrum, eig = rows[name]
         assert spectrum["basis_storage"] == eig["basis_storage"] == name
-        for a, b in zip(spectrum["ritz_values"], rows["device"][0]["ritz_values"]):
-            assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-12 * max(abs(y) for y in b)
+        for a, b in zip(spectrum["ritz_values"], rows["device"][0]["ritz_values"], strict=True):
+            assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-12 * max(abs(y) for y in b)
         assert eig["eigenvalues"] == pytest.approx(rows["device"][1]["eigenvalues"], rel=1e-12)
     budget, eig = rows["budget"]
     assert budget["reorth"] == "none" and budget["basis_storage"] == "none" and "ghost" in budget["note"]

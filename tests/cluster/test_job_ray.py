@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from compare import assert_close, by_task  # tests/cluster/compare.py
 
 from cluster.groups import PlacementError, RayGroup
 from cluster.job import run_job
 from cluster.spec import load_spec
 from cluster.store import ResultStore
-from compare import assert_close, by_task  # tests/cluster/compare.py
 
 pytestmark = pytest.mark.usefixtures("ray_head")
 
@@ -84,7 +84,7 @@ def test_worker_killed_mid_lanczos_restarts_and_numbers_are_unchanged(make_spec,
     assert summary.restarts == 1 and summary.num_done == 2 and summary.num_failed == 0
     assert any("worker lost" in m for m in messages)
     table = ResultStore(tmp_path / "killed").read("spectrum")
-    attempts = dict(zip(table.column("task_key").to_pylist(), table.column("attempts").to_pylist()))
+    attempts = dict(zip(table.column("task_key").to_pylist(), table.column("attempts").to_pylist(), strict=True))
     assert attempts[killed[0]] == 2 and sorted(attempts.values()) == [1, 2]
     runs = ResultStore(tmp_path / "killed").read("runs")
     assert runs.column("restarts").to_pylist() == [1]

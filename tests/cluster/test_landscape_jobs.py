@@ -84,7 +84,7 @@ def _values(store: ResultStore, kind: str, column: str) -> list[float]:
 
 
 def _close(a: list[float], b: list[float], rtol: float) -> bool:
-    return len(a) == len(b) and all(abs(x - y) <= rtol * max(abs(y), 1e-12) for x, y in zip(a, b))
+    return len(a) == len(b) and all(abs(x - y) <= rtol * max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture(scope="module")

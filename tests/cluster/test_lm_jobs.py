@@ -15,6 +15,7 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 import yaml
+from compare import assert_close, by_task  # tests/cluster/compare.py
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import default_collate
@@ -23,7 +24,6 @@ from cluster.data import tokens_tensors
 from cluster.job import run_job
 from cluster.spec import PROBE_OPTIONS, load_spec
 from cluster.worker import probe_subset, task_seed
-from compare import assert_close, by_task  # tests/cluster/compare.py
 from probe.eigen import eigenvalues
 from probe.gpt import gpt, lm_loss
 from probe.hessian import HessianOperator

@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+from checkpoint_files import save_step  # tests/cluster/checkpoint_files.py
 from prometheus_client.parser import text_string_to_metric_families
 
-from checkpoint_files import save_step  # tests/cluster/checkpoint_files.py
 from cluster.audit import Auditor
 from cluster.job import run_job
 from cluster.metrics import FAILURE_REASONS, Metrics, serve

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import socket
+from itertools import pairwise
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
-from cluster.pipeline import build_stage, grid_groups, stage_bounds, PipelineHessian
+from cluster.pipeline import PipelineHessian, build_stage, grid_groups, stage_bounds
 from probe.eigen import eigenvalues
 from probe.gpt import gpt, lm_loss
 from probe.hessian import HessianOperator
@@ -82,7 +82,7 @@ def test_stage_bounds_are_contiguous_and_balanced():
     for k in (1, 2, 3, 6):
         bounds = stage_bounds(m, k)
         assert bounds[0][0] == 0 and bounds[-1][1] == len(m) and len(bounds) == k
-        assert all(a < b for a, b in bounds) and all(b1 == a2 for (_, b1), (a2, _) in zip(bounds, bounds[1:]))
+        assert all(a < b for a, b in bounds) and all(b1 == a2 for (_, b1), (a2, _) in pairwise(bounds))
     with pytest.raises(ValueError, match="cannot split 6 stage modules over 7 workers"):
         stage_bounds(m, 7)
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from compare import assert_close, by_task  # tests/cluster/compare.py
 
 from cluster.checkpoints import save_sharded
 from cluster.job import run_job
 from cluster.spec import SpecError, load_spec
 from cluster.store import ResultStore
-from compare import assert_close, by_task  # tests/cluster/compare.py
 from probe.gpt import gpt
 
 MODEL = {"vocab": 16, "dim": 8, "layers": 3, "heads": 2, "max_len": 8}

@@ -7,7 +7,6 @@ the headline values it stores equal the Parquet rows. ``promtool`` lints the exp
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import free_port  # tests/cluster/conftest.py
 from safetensors.torch import save_file
 
 from cluster.store import ResultStore
 from probe.models import digits_mlp
-from conftest import free_port  # tests/cluster/conftest.py
 
 
 def need(binary: str) -> str:
@@ -164,10 +163,11 @@ def test_prometheus_scrapes_the_audit_and_its_headlines_equal_the_parquet_rows(t
 def test_promtool_accepts_the_exposition(tmp_path, audited_folder):
     """``promtool check metrics`` lints names, units, suffixes and help text of every family."""
     promtool = need("promtool")
+    from prometheus_client import generate_latest
+
     from cluster.audit import Auditor
     from cluster.metrics import Metrics
     from cluster.spec import load_spec
-    from prometheus_client import generate_latest
 
     spec_path, _ = audited_folder
     metrics = Metrics()

@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import quote
@@ -87,7 +87,7 @@ def results(tmp_path_factory, checkpoints):
                       progress=lambda m: None)
     assert failing.num_failed == 1
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     ResultStore(root).write_run({
         "run_id": "hostile0run", "job": HOSTILE, "started_at": now, "finished_at": now, "status": "failed",
         "num_tasks": 1, "num_done": 0, "num_skipped": 0, "num_failed": 1, "restarts": 0,

@@ -19,7 +19,13 @@ from safetensors.torch import save_file
 
 from cluster.audit import Auditor
 from cluster.checkpoints import (
-    CheckpointError, checkpoint_info, checkpoint_sha256, expand_checkpoints, file_sha256, load_checkpoint, parse_step,
+    CheckpointError,
+    checkpoint_info,
+    checkpoint_sha256,
+    expand_checkpoints,
+    file_sha256,
+    load_checkpoint,
+    parse_step,
     save_sharded,
 )
 from cluster.cli import main
@@ -287,7 +293,7 @@ def test_a_job_over_a_trainer_run_writes_names_steps_and_lrs_and_an_audit_adds_t
     before = {k: rows(spec_path, k) for k in KINDS}
     for kind in KINDS:
         got = sorted((r["checkpoint_name"], r["step"], r["lr"], r["checkpoint"]) for r in before[kind])
-        assert got == [(f"checkpoint-{s}", s, lr_at(s), str(w)) for s, w in zip((10, 20, 30), weights)], kind
+        assert got == [(f"checkpoint-{s}", s, lr_at(s), str(w)) for s, w in zip((10, 20, 30), weights, strict=True)], kind
         assert all(r["schema_version"] == 2 for r in before[kind])
     for r in before["eos"]:  # the eos runner read the same rate (from the Trainer's state) for its threshold
         assert r["lr_source"] == "metadata" and r["threshold"] == pytest.approx(2 / r["lr"])

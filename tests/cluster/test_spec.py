@@ -163,11 +163,12 @@ def test_unknown_loss_factory_key_is_rejected():
         (lambda r: r.update(cluster={"backend": "slurm"}), "cluster.backend must be one of auto, ray, process, local, got 'slurm'"),
         (lambda r: r.update(precision="float16"), "precision must be one of auto, float32, float64, bfloat16, got 'float16'"),
         (lambda r: r.update(mode="weird"), "mode must be one of eval, train, got 'weird'"),
-        (lambda r: r.update(loss="hinge"), "loss must be one of cross_entropy, mse, lm_cross_entropy, causal_lm, model or {factory: 'pkg.module:callable'}, got 'hinge'"),
+        (lambda r: r.update(loss="hinge"), "loss must be one of cross_entropy, mse, lm_cross_entropy, causal_lm, model or "
+         "{factory: 'pkg.module:callable'}, got 'hinge'"),
         (lambda r: r.update(loss={"kwargs": {}}), "loss.factory must be 'package.module:callable', got None"),
         (lambda r: r.update(loss={"factory": "a.b:c", "weighting": "sequences"}),
-         "loss.weighting must be one of examples, tokens (tokens: the loss is a per-batch mean over targets != -100), "
-         "got 'sequences'"),
+         "loss.weighting must be one of examples, tokens "
+         "(tokens: the loss is a per-batch mean over targets != -100), got 'sequences'"),
         (lambda r: r.update(loss="lm_cross_entropy", probes=[{"kind": "noise"}]),
          "probes[noise] computes per-example gradient statistics and has no token-weighted form; remove it from a "
          "job whose loss is weighted by tokens, or use weighting: examples"),

@@ -27,8 +27,7 @@ from torch.utils.data import default_collate
 
 from cluster.data import token_windows
 from cluster.job import run_job
-from cluster.spec import load_spec
-from cluster.spec import PROBE_OPTIONS
+from cluster.spec import PROBE_OPTIONS, load_spec
 from cluster.worker import probe_subset, task_seed
 from probe.eigen import eigenvalues
 from probe.gpt import gpt, lm_loss

@@ -162,11 +162,11 @@ def test_train_rows_differ_from_eval_rows(runs):
                        ("critical", ("grad_norm", "lambda_max")), ("surface", ("loss",))):
         t_rows, e_rows = train.read(kind).to_pylist(), evals.read(kind).to_pylist()
         assert {r["mode"] for r in t_rows} == {"train"} and {r["mode"] for r in e_rows} <= {"eval", "eval+bn_recompute"}
-        for t, e in zip(sorted(t_rows, key=str), sorted(e_rows, key=str)):
+        for t, e in zip(sorted(t_rows, key=str), sorted(e_rows, key=str), strict=True):
             for c in cols:
                 a, b = t[c], e[c]
                 if isinstance(a, list):
-                    assert max(abs(x - y) for x, y in zip(a, b)) > 1e-3, (kind, c)
+                    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) > 1e-3, (kind, c)
                 else:
                     assert abs(a - b) > 1e-4 * max(abs(b), 1e-12), (kind, c, a, b)
 
@@ -180,7 +180,7 @@ def test_two_workers_agree_with_one_process_in_train_mode(runs):
         a = sorted(one.read(kind).to_pylist(), key=lambda r: str(r.get("measure")))
         b = sorted(two.read(kind).to_pylist(), key=lambda r: str(r.get("measure")))
         assert {r["world_size"] for r in b} == {2}
-        for r1, r2 in zip(a, b):
+        for r1, r2 in zip(a, b, strict=True):
             for c in cols:
                 assert r2[c] == pytest.approx(r1[c], rel=1e-9), (kind, c)
 

@@ -34,12 +34,12 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
+from monitoring_files import alert_rules, declared_labels
 
 from cluster.audit import parse_duration
 from cluster.cli import _parser
 from cluster.metrics import DEFAULT_PORT
 from cluster.spec import load_spec
-from monitoring_files import alert_rules, declared_labels
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -309,8 +309,10 @@ def test_ray_and_torch_versions_agree():
     torch_version = re.search(r"^ARG TORCH_VERSION=(\S+)", dockerfile, re.M).group(1)
     for _, doc in _objects():
         for cluster in _ray_cluster_specs(doc):
-            assert cluster.get("rayVersion") == ray_version, \
-                f"{doc['kind']}/{doc['metadata']['name']}: rayVersion {cluster.get('rayVersion')!r} != Dockerfile's {ray_version}"
+            assert cluster.get("rayVersion") == ray_version, (
+                f"{doc['kind']}/{doc['metadata']['name']}: "
+                f"rayVersion {cluster.get('rayVersion')!r} != Dockerfile's {ray_version}"
+            )
     makefile_pin = re.search(r"^TORCH_CPU \?= torch==(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
     assert torch_version == makefile_pin, f"Dockerfile torch {torch_version} != Makefile's CPU pin {makefile_pin}"
 
@@ -454,8 +456,10 @@ def test_prometheus_targets_are_declared_services_and_ports():
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     probe_jobs = {j for j, _, p in targets if p == DEFAULT_PORT}
     assert probe_jobs, "no scrape job reaches cluster.metrics.DEFAULT_PORT"
-    assert not clashing or all(jobs[j].get("honor_labels") for j in probe_jobs), \
-        f"{sorted(clashing)} declare a label in {sorted(TARGET_LABELS)}: scrape jobs {sorted(probe_jobs)} need honor_labels"
+    assert not clashing or all(jobs[j].get("honor_labels") for j in probe_jobs), (
+        f"{sorted(clashing)} declare a label in {sorted(TARGET_LABELS)}: "
+        f"scrape jobs {sorted(probe_jobs)} need honor_labels"
+    )
 
 
 def test_stale_audit_alert_allows_for_the_audit_interval():

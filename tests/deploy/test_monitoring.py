@@ -18,7 +18,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from monitoring_files import (
     DASHBOARD,
     PROMETHEUS,

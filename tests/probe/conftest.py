@@ -114,7 +114,7 @@ def _dense_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     theta0 = torch.cat([named[n].detach().reshape(-1) for n in names])
 
     def loss(theta: Tensor) -> Tensor:
-        params = {n: c.view(s) for n, c, s in zip(names, torch.split(theta, numels), shapes)}
+        params = {n: c.view(s) for n, c, s in zip(names, torch.split(theta, numels), shapes, strict=True)}
         return F.cross_entropy(functional_call(model, params, (x,)), y)
 
     return hessian(loss)(theta0).detach()

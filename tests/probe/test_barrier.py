@@ -226,7 +226,7 @@ def test_paths_hit_endpoints_and_formula(cls):
         BezierPath: lambda s: (1 - s) ** 2 * a + 2 * s * (1 - s) * bend + s**2 * b,
         PolychainPath: lambda s: (1 - 2 * s) * a + 2 * s * bend if s <= 0.5 else (2 - 2 * s) * bend + (2 * s - 1) * b,
     }[cls]
-    for s, p in zip(t.tolist(), pts):
+    for s, p in zip(t.tolist(), pts, strict=True):
         torch.testing.assert_close(p, expected(s), rtol=0, atol=1e-15)
     if cls is not LinearPath:
         mid = cls(a, b)  # bend initialized at the midpoint: the curve is the straight line
@@ -401,7 +401,7 @@ def test_batchnorm_stale_statistics_give_a_different_wrong_barrier():
     assert (s.mode, r.mode) == ("eval", "eval+bn_recompute")
 
     # The recomputed curve is the correct one: it matches statistics re-estimated by hand.
-    for t, loss in zip(r.t.tolist(), r.loss.tolist()):
+    for t, loss in zip(r.t.tolist(), r.loss.tolist(), strict=True):
         assert loss == pytest.approx(_recomputed_by_hand(model_a, (1 - t) * a + t * b, batches), rel=1e-10)
 
     # Both endpoints fit the data once their own statistics are used; with a's they do not at b.

@@ -15,7 +15,7 @@ from torch import Tensor
 from probe.basis import BasisStore, DeviceBasis, HostBasis, resolve_basis
 from probe.eigen import eigenvalues, power_iteration
 from probe.lanczos import LanczosProcess, lanczos
-from probe.operators import CurvatureOperator, DenseOperator
+from probe.operators import DenseOperator
 from probe.slq import reorth_within_budget, spectral_density
 
 N = 240
@@ -168,9 +168,9 @@ def test_spectral_density_with_any_store_matches_the_device_store(known_spectrum
     store = make_store()
     got = spectral_density(spec.op, runs=4, steps=40, generator=seeded(7), basis=store)
     assert got.basis_storage == store.name and got.reorth == "full" and got.note == ""
-    for a, b in zip(got.ritz_values, ref.ritz_values):
+    for a, b in zip(got.ritz_values, ref.ritz_values, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(got.ritz_weights, ref.ritz_weights):
+    for a, b in zip(got.ritz_weights, ref.ritz_weights, strict=True):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
     assert torch.allclose(got.density, ref.density, rtol=1e-9, atol=1e-12)
 
@@ -184,7 +184,7 @@ def test_digits_hessian_through_a_host_store_matches_the_device_store(mlp_proble
     assert torch.allclose(got.eigenvalues, mlp_problem.eigenvalues.flip(0)[:2], rtol=1e-9, atol=0)
     ref_slq = spectral_density(op, runs=2, steps=30, generator=seeded(9))
     got_slq = spectral_density(op, runs=2, steps=30, generator=seeded(9), basis=HostBasis(block_size=7))
-    for a, b in zip(got_slq.ritz_values, ref_slq.ritz_values):
+    for a, b in zip(got_slq.ritz_values, ref_slq.ritz_values, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * mlp_problem.spectral_norm)
 
 
@@ -248,7 +248,7 @@ def test_budget_below_the_basis_falls_back_to_no_reorthogonalization_and_keeps_t
         assert words in result.note, words
     ghosts = [int(((v - 100).abs() < 1e-6).sum()) for v in result.ritz_values]
     assert min(ghosts) >= 2, ghosts  # the fallback really ran without reorthogonalization
-    for v, w in zip(result.ritz_values, result.ritz_weights):  # the ghosts share the outlier's weight
+    for v, w in zip(result.ritz_values, result.ritz_weights, strict=True):  # the ghosts share the outlier's weight
         assert 0 < w[(v - 100).abs() < 1e-6].sum().item() < 0.05
     exact = {1: spec.eigenvalues.sum().item() / p, 2: (spec.eigenvalues**2).sum().item() / p}
     for q, ref in exact.items():
@@ -263,7 +263,7 @@ def test_budget_that_holds_the_basis_keeps_reorthogonalization(known_spectrum):
     fits = spectral_density(spec.op, runs=runs, steps=steps, generator=seeded(1), basis_memory_bytes=required)
     plain = spectral_density(spec.op, runs=runs, steps=steps, generator=seeded(1))
     assert fits.reorth == "full" and fits.note == "" and fits.basis_storage == "device"
-    assert all(torch.equal(a, b) for a, b in zip(fits.ritz_values, plain.ritz_values))
+    assert all(torch.equal(a, b) for a, b in zip(fits.ritz_values, plain.ritz_values, strict=True))
     host = spectral_density(spec.op, runs=runs, steps=steps, generator=seeded(1), basis="host",
                             reorth="selective", basis_memory_bytes=required - 8)
     assert host.reorth == "none" and "in the host store" in host.note

@@ -155,7 +155,7 @@ def test_adam_preconditioner_reproduces_torch_adam_update():
     theta = torch.randn(a.shape[0], generator=g, dtype=torch.float64).requires_grad_(True)
     lr = 0.01
     opt = torch.optim.Adam([theta], lr=lr, betas=(0.8, 0.99), eps=1e-6)
-    for step in range(1, 6):
+    for _ in range(5):
         before = theta.detach().clone()
         opt.zero_grad()
         (0.5 * theta @ (a @ theta)).backward()

@@ -5,6 +5,8 @@ References are direct float64 evaluations over the whole probe set at once.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ SIZES = (37, 150, 113)
 
 def split(x, y, sizes=SIZES):
     bounds = torch.tensor((0, *sizes)).cumsum(0).tolist()
-    return [(x[a:b], y[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(x[a:b], y[a:b]) for a, b in pairwise(bounds)]
 
 
 def masked_labels(y):
@@ -112,7 +114,7 @@ def test_labels_dicts_evaluate_like_pairs(trained_mlp, digits64):
     keyed = Evaluator(KeywordMLP(trained_mlp), F.cross_entropy, [{"pixels": bx, "labels": by} for bx, by in split(x, y)])
     assert keyed.classification and keyed.space.names == tuple(f"inner.{n}" for n in plain.space.names)
     points = points_around(plain.center(), 3, seed=6)
-    for a, b in zip(plain.losses(points), keyed.losses(points)):
+    for a, b in zip(plain.losses(points), keyed.losses(points), strict=True):
         assert torch.allclose(a, b, rtol=1e-14, atol=0)
 
 

@@ -34,7 +34,7 @@ def flat_function(model: nn.Module, loss):
     theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     def f(theta):
-        return loss({n: c.view(s) for n, c, s in zip(names, torch.split(theta, numels), shapes)})
+        return loss({n: c.view(s) for n, c, s in zip(names, torch.split(theta, numels), shapes, strict=True)})
 
     return f, theta0
 

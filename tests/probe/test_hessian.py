@@ -7,6 +7,7 @@ whole probe set from ``torch.func.hessian`` through ``torch.func.functional_call
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def split(x, y, sizes):
     """``(inputs, targets)`` batches of the given sizes, in order."""
     bounds = torch.tensor((0, *sizes)).cumsum(0).tolist()
     assert bounds[-1] == len(y)
-    return [(x[a:b], y[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(x[a:b], y[a:b]) for a, b in pairwise(bounds)]
 
 
 def gaussian_block(dim, k, seed, dtype=torch.float64):
@@ -105,7 +106,7 @@ def test_unequal_batches_weighted_by_size(trained_mlp, digits64, mlp_dense, rela
     unweighted_mean = naive_sum / len(batches)
     assert relative_error(naive_sum, reference) > 1.5  # measured 1.93
     assert relative_error(unweighted_mean, reference) > 0.05  # measured 0.13
-    weighted = sum(n / 300 * hv for n, hv in zip(SIZES, per_batch))
+    weighted = sum(n / 300 * hv for n, hv in zip(SIZES, per_batch, strict=True))
     assert relative_error(weighted, reference) < TOL
 
 
@@ -130,8 +131,8 @@ def test_shards_with_global_total_sum_to_full_operator(trained_mlp, digits64, re
     shard_b = HessianOperator(trained_mlp, F.cross_entropy, batches[2:], total_examples=300)
     V = gaussian_block(full.dim, 2, seed=4)
     assert relative_error(shard_a @ V + shard_b @ V, full @ V) < 1e-12
-    (la, ga), (lb, gb), (l, g) = shard_a.loss_and_gradient(), shard_b.loss_and_gradient(), full.loss_and_gradient()
-    assert torch.allclose(la + lb, l, rtol=1e-13, atol=0)
+    (la, ga), (lb, gb), (lf, g) = shard_a.loss_and_gradient(), shard_b.loss_and_gradient(), full.loss_and_gradient()
+    assert torch.allclose(la + lb, lf, rtol=1e-13, atol=0)
     assert relative_error(ga + gb, g) < 1e-12
 
 
@@ -401,8 +402,8 @@ def test_token_shards_with_the_global_count_sum_to_the_whole(trained_mlp, digits
               for part in (batches[:2], batches[2:])]
     V = gaussian_block(full.dim, 2, seed=16)
     assert relative_error(shards[0] @ V + shards[1] @ V, full @ V) < 1e-12
-    (la, ga), (lb, gb), (l, g) = shards[0].loss_and_gradient(), shards[1].loss_and_gradient(), full.loss_and_gradient()
-    assert torch.allclose(la + lb, l, rtol=1e-13, atol=0) and relative_error(ga + gb, g) < 1e-12
+    (la, ga), (lb, gb), (lf, g) = shards[0].loss_and_gradient(), shards[1].loss_and_gradient(), full.loss_and_gradient()
+    assert torch.allclose(la + lb, lf, rtol=1e-13, atol=0) and relative_error(ga + gb, g) < 1e-12
 
 
 def test_unknown_weighting_rejected(trained_mlp, digits64):
@@ -446,7 +447,7 @@ def test_bf16_batches_are_weighted_and_summed_in_float32(bf16_case, relative_err
     H = HessianOperator(model16, F.cross_entropy, batches)
     V = gaussian_block(H.dim, 2, seed=18, dtype=torch.float32)
     per_batch = [HessianOperator(model16, F.cross_entropy, [b]) @ V for b in batches]  # weight 1 each
-    summed = sum(w * hv.to(torch.float64) for w, hv in zip(H.weights, per_batch))
+    summed = sum(w * hv.to(torch.float64) for w, hv in zip(H.weights, per_batch, strict=True))
     assert relative_error((H @ V).to(torch.float64), summed) < 1e-6
 
 

@@ -378,7 +378,6 @@ def moments_of(G: Tensor, losses: Tensor | None = None) -> GradientMoments:
 
 def test_noise_statistics_formulas():
     G = torch.tensor([[3.0, 0.0], [1.0, 2.0], [2.0, -1.0], [2.0, 3.0]], dtype=torch.float64)
-    n = 4
     gbar = G.mean(0)  # (2, 1)
     grad_sq = float(gbar.square().sum())  # 5
     trace = float(two_pass_trace(G))  # (1 + 1 + 0 + 0)/4 + (1 + 1 + 4 + 4)/4 = 3

@@ -10,6 +10,7 @@ dtypes and devices rejected with a message that names expected and got.
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 
 import pytest
 import torch
@@ -172,7 +173,7 @@ class ModelOperatorContract(OperatorContract):
         x, y = data
         model = seeded_model(self.factory, seed=0).to(dtype=dtype, device=device)
         cuts = torch.tensor(self.batch_sizes).cumsum(0).tolist()
-        batches = [(x[a:b], y[a:b]) for a, b in zip([0, *cuts[:-1]], cuts)]
+        batches = [(x[a:b], y[a:b]) for a, b in zip([0, *cuts[:-1]], cuts, strict=True)]
         return self.operator_cls(model, self.loss_fn, batches, **self.op_kwargs)
 
     def test_caches_expected_batches(self, op):
@@ -255,6 +256,6 @@ def test_random_vectors_of_a_large_dimension_are_drawn_in_blocks_identically_for
         whole = Slice(dim, 0, dim).random_vectors(3, generator=torch.Generator().manual_seed(1), kind=kind)
         bounds = [0, 50, 64, 200, dim]
         parts = [Slice(dim, a, b).random_vectors(3, generator=torch.Generator().manual_seed(1), kind=kind)
-                 for a, b in zip(bounds[:-1], bounds[1:])]
+                 for a, b in pairwise(bounds)]
         assert torch.equal(torch.cat(parts), whole)
         assert whole.shape == (dim, 3) and whole.std() > 0.5

@@ -39,7 +39,7 @@ def test_flatten_unflatten_round_trip(deep_model):
     assert torch.equal(flat[9:12], tensors[1])
     back = space.unflatten(flat)
     assert [t.shape for t in back] == list(space.shapes)
-    assert all(torch.equal(a, b) for a, b in zip(back, tensors))
+    assert all(torch.equal(a, b) for a, b in zip(back, tensors, strict=True))
 
 
 def test_unflatten_vector_gives_views(deep_model):
@@ -58,7 +58,7 @@ def test_unflatten_block_is_k_first(deep_model):
     assert [b.shape for b in blocks] == [(k, *s) for s in space.shapes]
     for j in range(k):
         column = space.unflatten(V[:, j])
-        assert all(torch.equal(b[j], c) for b, c in zip(blocks, column))
+        assert all(torch.equal(b[j], c) for b, c in zip(blocks, column, strict=True))
 
 
 def test_unflatten_wrong_length_rejected(deep_model):

@@ -21,7 +21,7 @@ def seeded(seed: int) -> torch.Generator:
 
 
 def per_run_moment(result, q: int) -> torch.Tensor:
-    return torch.stack([(w * v**q).sum() for v, w in zip(result.ritz_values, result.ritz_weights)])
+    return torch.stack([(w * v**q).sum() for v, w in zip(result.ritz_values, result.ritz_weights, strict=True)])
 
 
 def gapped_spectrum(n: int = 400) -> torch.Tensor:
@@ -149,7 +149,7 @@ def test_log_abs_density_splits_the_weight_by_sign(known_spectrum):
     spec = known_spectrum(gapped_spectrum(), seed=1)
     result = spectral_density(spec.op, runs=10, steps=40, generator=seeded(4))
     grid, pos, neg = result.log_abs_density(sigma=0.05)
-    negative_weight = torch.stack([w[v < 0].sum() for v, w in zip(result.ritz_values, result.ritz_weights)]).mean()
+    negative_weight = torch.stack([w[v < 0].sum() for v, w in zip(result.ritz_values, result.ritz_weights, strict=True)]).mean()
     assert torch.trapezoid(neg, grid).item() == pytest.approx(negative_weight.item(), abs=2e-3)
     assert torch.trapezoid(pos, grid).item() == pytest.approx(1 - negative_weight.item(), abs=2e-3)
     # |λ| ≤ 1 on the negative side: its density has only the kernel's tail above log10(1) = 0.
@@ -167,7 +167,7 @@ def test_sigma_is_a_standard_deviation_in_eigenvalue_units():
     result = spectral_density(op, runs=3, steps=10, sigma=sigma, grid_points=1201, generator=seeded(0))
     assert result.breakdown.tolist() == [True, True, True]
     assert result.num_matvecs == 3
-    for v, w in zip(result.ritz_values, result.ritz_weights):
+    for v, w in zip(result.ritz_values, result.ritz_weights, strict=True):
         assert torch.allclose(v, torch.tensor([c], dtype=torch.float64), rtol=1e-15)
         assert torch.allclose(w, torch.ones(1, dtype=torch.float64), rtol=1e-15)
     assert result.sigma == sigma
@@ -202,8 +202,8 @@ def test_same_seed_same_numbers(mlp_problem):
     b = spectral_density(op, runs=3, steps=10, generator=seeded(11))
     c = spectral_density(op, runs=3, steps=10, generator=seeded(12))
     assert torch.equal(a.density, b.density) and torch.equal(a.grid, b.grid) and a.sigma == b.sigma
-    assert all(torch.equal(x, y) for x, y in zip(a.ritz_values, b.ritz_values))
-    assert all(torch.equal(x, y) for x, y in zip(a.ritz_weights, b.ritz_weights))
+    assert all(torch.equal(x, y) for x, y in zip(a.ritz_values, b.ritz_values, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(a.ritz_weights, b.ritz_weights, strict=True))
     assert not torch.equal(a.density, c.density)
 
 

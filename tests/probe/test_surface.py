@@ -91,7 +91,7 @@ def test_filter_normalized_filters_have_the_norms_of_theta_filters(factory):
     theta = space.get_flat(model)
     d = normalize(random_direction(space, seeded(1)), theta, space, "filter")
     checked = 0
-    for name, dp, tp in zip(space.names, space.unflatten(d), space.unflatten(theta)):
+    for name, dp, tp in zip(space.names, space.unflatten(d), space.unflatten(theta), strict=True):
         if tp.ndim <= 1:
             assert torch.all(dp == 0), f"{name}: 1-D parameter not zeroed"
             continue
@@ -108,14 +108,14 @@ def test_layer_and_weight_normalization_and_kept_1d_parameters():
     space = ParameterSpace.of(model)
     theta, raw = space.get_flat(model), random_direction(space, seeded(2))
     layer = normalize(raw, theta, space, "layer", ignore_1d=False)
-    for dp, tp in zip(space.unflatten(layer), space.unflatten(theta)):
+    for dp, tp in zip(space.unflatten(layer), space.unflatten(theta), strict=True):
         torch.testing.assert_close(dp.norm(), tp.norm(), rtol=1e-14, atol=0)  # biases kept, at θ's norm
     weight = normalize(raw, theta, space, "weight")
-    for dp, rp, tp in zip(space.unflatten(weight), space.unflatten(raw), space.unflatten(theta)):
+    for dp, rp, tp in zip(space.unflatten(weight), space.unflatten(raw), space.unflatten(theta), strict=True):
         expected = torch.zeros_like(rp) if tp.ndim <= 1 else rp * tp.abs()
         assert torch.equal(dp, expected)
     filt = normalize(raw, theta, space, "filter", ignore_1d=False)
-    for dp, tp in zip(space.unflatten(filt), space.unflatten(theta)):
+    for dp, tp in zip(space.unflatten(filt), space.unflatten(theta), strict=True):
         if tp.ndim == 1:  # one filter: the whole bias vector at θ's norm
             torch.testing.assert_close(dp.norm(), tp.norm(), rtol=1e-14, atol=0)
     assert torch.equal(normalize(raw, theta, space, "none", ignore_1d=False), raw)

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from probe.evaluate import Evaluator
 from probe.noise import gradient_moments
-from probe.params import ParameterSpace
 from probe.pacbayes import pacbayes
+from probe.params import ParameterSpace
 from probe.sharpness import keskar_sharpness, sam_sharpness
 
 
