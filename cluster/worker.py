@@ -10,11 +10,9 @@ with its peers. Methods return only small records.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
-from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,9 +24,10 @@ from cluster.distributed import ShardedEvaluator, ShardedOperator
 from cluster.errors import NonFiniteError
 from cluster.hf import load_state_into
 from cluster.pipeline import PipelineHessian, build_stage, grid_groups, stage_bounds
+from cluster.probe_data import Shard, probe_subset
 from cluster.runners import ProbeContext, run_probe
-from cluster.spec import JobSpec, SpecError, import_factory, parse_spec
-from probe.batches import IGNORE_INDEX, batch_size_of, split_batch, token_count
+from cluster.spec import SpecError, import_factory, parse_spec
+from probe.batches import batch_size_of, split_batch, token_count
 from probe.evaluate import Evaluator
 from probe.hessian import HessianOperator
 
@@ -50,10 +49,15 @@ class _RayWorkerMetrics:
         from cluster.metrics import DURATION_BUCKETS_S
 
         tags = ("job_name", "kind")
-        self.hvps = Counter("probe_worker_hvps", description="Hessian-vector products this worker took part in.",
-                            tag_keys=tags)
-        self.seconds = Histogram("probe_worker_task_seconds", description="Wall time of probe tasks on this worker.",
-                                 boundaries=list(DURATION_BUCKETS_S), tag_keys=tags)
+        self.hvps = Counter(
+            "probe_worker_hvps", description="Hessian-vector products this worker took part in.", tag_keys=tags
+        )
+        self.seconds = Histogram(
+            "probe_worker_task_seconds",
+            description="Wall time of probe tasks on this worker.",
+            boundaries=list(DURATION_BUCKETS_S),
+            tag_keys=tags,
+        )
 
     def record(self, job_name: str, kind: str, num_matvecs: int, duration_s: float) -> None:
         tags = {"job_name": job_name, "kind": kind}
@@ -77,28 +81,6 @@ def _ray_worker_metrics() -> _RayWorkerMetrics | None:
     except Exception:  # noqa: BLE001 - no runtime context: not a Ray worker
         return None
     return _RayWorkerMetrics()
-
-
-class Shard(NamedTuple):
-    """One worker's batches of a data set and the set's global counts.
-
-    ``total_tokens`` (targets ``!= -100`` over the whole set) is counted only for a
-    job weighted by tokens, else ``None``.
-    """
-
-    batches: list
-    total_examples: int
-    total_tokens: int | None
-    sha256: str
-
-
-def _leaves(item: Any) -> list:
-    """The values of a dataset item in a fixed order: pairs and lists in order, dicts by sorted key."""
-    if isinstance(item, dict):
-        return [leaf for k in sorted(item) for leaf in _leaves(item[k])]
-    if isinstance(item, (tuple, list)):
-        return [leaf for v in item for leaf in _leaves(v)]
-    return [item]
 
 
 def _check_finite(state: dict, checkpoint: str) -> None:
@@ -132,115 +114,14 @@ def build_loss(loss: str | dict):
     return factory(**loss.get("kwargs", {}))
 
 
-def probe_subset(spec: JobSpec, eval_set: str = "probe") -> tuple[Any, torch.Tensor, str]:
-    """``(dataset, indices, sha256)``: the fixed, seeded subset of a data set and its content hash.
-
-    ``eval_set`` is ``"probe"`` (``data.factory``) or a name under ``data.eval_sets``.
-
-    Raises:
-        SpecError: when the data factory fails or returns fewer than ``num_examples`` examples.
-    """
-    if eval_set == "probe":
-        key, path, kwargs, count = "data.factory", spec.data.factory, spec.data.kwargs, spec.data.num_examples
-    elif eval_set in spec.data.eval_sets:
-        es = spec.data.eval_sets[eval_set]
-        key, path, kwargs = f"data.eval_sets.{eval_set}.factory", es["factory"], es.get("kwargs", {})
-        count = es.get("num_examples")
-    else:
-        raise SpecError(
-            f"evaluation set {eval_set!r} is not defined; define it under data.eval_sets "
-            f"(defined: {', '.join(['probe', *spec.data.eval_sets])})"
-        )
-    factory = import_factory(path, key=key)
-    try:
-        dataset = factory(**kwargs)
-    except (ValueError, TypeError, OSError, ImportError, KeyError) as exc:  # the factory's own one-line reason
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SpecError(f"{key} {path!r} failed: {first}") from exc
-    if spec.loss == "causal_lm":
-        dataset = ShiftedLabels(dataset)
-    n = len(dataset)
-    if n == 0:
-        raise SpecError(f"{key} {path!r} returned an empty dataset")
-    count = n if count is None else count
-    if count > n:
-        raise SpecError(f"{key}: num_examples={count} exceeds the dataset size {n}; lower it")
-    if spec.loss == "lm_cross_entropy" and _causal(spec):
-        _refuse_unshifted(dataset[0], key)
-    g = torch.Generator().manual_seed(spec.seed)
-    indices = torch.randperm(n, generator=g)[:count].sort().values
-    h = hashlib.sha256()
-    h.update(indices.numpy().tobytes())
-    for i in indices.tolist():
-        for t in _leaves(dataset[i]):  # (x, y) pairs hash as they always did
-            h.update(torch.as_tensor(t).detach().cpu().contiguous().numpy().tobytes())
-    return dataset, indices, h.hexdigest()
-
-
-class ShiftedLabels:
-    """A dataset of Hugging Face causal-LM items (``labels`` equal to ``input_ids``, unshifted) with
-    each item's labels moved one position left and ``-100`` appended, so that position t's logits
-    are scored against token t+1 exactly as transformers' own causal-LM loss does; the last
-    position (and any ``-100`` already there) counts for nothing."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        item = self.dataset[i]
-        if not isinstance(item, dict) or "labels" not in item:
-            raise SpecError(
-                f"loss causal_lm needs dict items with 'labels' (token ids, Hugging Face's unshifted "
-                f"convention), got {type(item).__name__}"
-                f"{' keys ' + str(sorted(item)) if isinstance(item, dict) else ''}"
-            )
-        labels = torch.as_tensor(item["labels"])
-        shifted = torch.full_like(labels, IGNORE_INDEX)
-        shifted[..., :-1] = labels[..., 1:]
-        return {**item, "labels": shifted}
-
-
-def _causal(spec: JobSpec) -> bool:
-    """Whether the model predicts the next token: any factory model (the built-in GPT is causal),
-    an hf model whose class is a causal LM. A masked LM scores labels equal to its inputs legitimately."""
-    m = spec.model
-    if m.hf is None:
-        return True
-    if m.hf_class != "auto":
-        return m.hf_class == "causal_lm"
-    from cluster.hf import config_path
-
-    try:
-        import json as _json
-
-        archs = _json.loads(config_path(m.checkpoints[0], m.hf).read_text()).get("architectures") or []
-    except Exception:  # noqa: BLE001 - a run folder: the driver's checks name its faults
-        return False
-    return any("CausalLM" in a or "LMHead" in a for a in archs)
-
-
-def _refuse_unshifted(item, key: str) -> None:
-    """``lm_cross_entropy`` scores position t against label t: labels equal to input_ids are
-    Hugging Face's unshifted convention and would train the model to copy its input."""
-    if isinstance(item, dict) and "labels" in item and "input_ids" in item:
-        labels, ids = torch.as_tensor(item["labels"]), torch.as_tensor(item["input_ids"])
-        if labels.shape == ids.shape and bool((labels == ids).all()):
-            raise SpecError(
-                f"{key}: labels equal input_ids (Hugging Face's unshifted causal-LM convention), which "
-                "loss lm_cross_entropy would score as copying the input; use loss: causal_lm, which shifts them"
-            )
-
-
 def task_seed(job_seed: int, probe_index: int) -> int:
     """Seed of a probe's randomness: the same for every checkpoint, so checkpoints are compared on the same probes."""
     return job_seed * 1_000_003 + probe_index
 
 
-def worker_device(rank: int, local_rank: int, gpus_per_worker: float, cuda_available: bool,
-                  device_count: int) -> torch.device:
+def worker_device(
+    rank: int, local_rank: int, gpus_per_worker: float, cuda_available: bool, device_count: int
+) -> torch.device:
     """The device of worker ``rank``: ``cuda:(local_rank mod device_count)`` when the spec asks
     for GPUs and CUDA has any, else the CPU.
 
@@ -279,8 +160,13 @@ class ProbeWorker:
         self.dtype = DTYPES[self._precision()]
         # one device per rank of this host (see worker_device); local_rank defaults to rank (one host)
         cuda = torch.cuda.is_available()
-        self.device = worker_device(rank, rank if local_rank is None else local_rank, self.spec.cluster.gpus_per_worker,
-                                    cuda, torch.cuda.device_count() if cuda else 0)
+        self.device = worker_device(
+            rank,
+            rank if local_rank is None else local_rank,
+            self.spec.cluster.gpus_per_worker,
+            cuda,
+            torch.cuda.device_count() if cuda else 0,
+        )
         use_gpu = self.device.type == "cuda"
         if use_gpu:
             torch.cuda.set_device(self.device)  # NCCL's collectives run on the current device
@@ -328,7 +214,8 @@ class ProbeWorker:
         if self.stages > 1:
             self.replicas = self.world_size // self.stages
             self.pipe_ranks, self.pipe_group, self.data_group, self.stage, self.replica = grid_groups(
-                self.stages, self.replicas)
+                self.stages, self.replicas
+            )
         probe = self.shard("probe")
         self.batches, self.total_examples, self.total_tokens, self.data_sha256 = probe
         self._eval_shards: dict[str, Shard] = {"probe": probe}
@@ -343,7 +230,11 @@ class ProbeWorker:
             return self._eval_shards[eval_set]
         dataset, indices, sha = probe_subset(self.spec, eval_set)
         # data replicas split the set; the stages of one pipeline share their replica's part
-        mine = indices.tensor_split(self.replicas)[self.replica] if self.stages > 1 else indices.tensor_split(self.world_size)[self.rank]
+        mine = (
+            indices.tensor_split(self.replicas)[self.replica]
+            if self.stages > 1
+            else indices.tensor_split(self.world_size)[self.rank]
+        )
         bs = self.spec.data.batch_size
         batches = [default_collate([dataset[i] for i in mine[j : j + bs].tolist()]) for j in range(0, len(mine), bs)]
         if self.spec.loss == "model":  # the model computes its own loss: it gets the labels with its inputs
@@ -365,11 +256,17 @@ class ProbeWorker:
     def evaluator(self, model: torch.nn.Module, eval_set: str = "probe"):
         """Loss/error evaluator on a data set (whole-set means, also when data-parallel)."""
         if self.stages > 1:
-            raise SpecError("loss evaluations need the whole model on each worker; they are not available with cluster.stages > 1")
+            raise SpecError(
+                "loss evaluations need the whole model on each worker; they are not available with cluster.stages > 1"
+            )
         shard = self.shard(eval_set)
         # train mode: every evaluation draws the same dropout masks (seeded per job and rank), so a
         # job is reproducible and differences between points are common-random-number differences
-        extra = {"mode": self.spec.mode, "dropout_seed": self.spec.seed * 1_000_003 + self.rank, **self._weighting(shard)}
+        extra = {
+            "mode": self.spec.mode,
+            "dropout_seed": self.spec.seed * 1_000_003 + self.rank,
+            **self._weighting(shard),
+        }
         if self.world_size > 1:
             return ShardedEvaluator(model, self.loss_fn, shard.batches, **extra)
         return Evaluator(model, self.loss_fn, shard.batches, **extra)
@@ -398,8 +295,14 @@ class ProbeWorker:
         model = factory(**self.spec.model.kwargs).to(dtype=self.dtype)
         state, meta = self._read(checkpoint)
         # tied parameters load from whichever of their names the file holds (see load_state_into)
-        load_state_into(model, state, checkpoint, what=f"model.factory {self.spec.model.factory!r}",
-                        dtype=self.dtype, device=self.device)
+        load_state_into(
+            model,
+            state,
+            checkpoint,
+            what=f"model.factory {self.spec.model.factory!r}",
+            dtype=self.dtype,
+            device=self.device,
+        )
         return model.to(device=self.device, dtype=self.dtype), meta
 
     def _read(self, checkpoint: str) -> tuple[dict, dict]:
@@ -420,8 +323,15 @@ class ProbeWorker:
             raise SpecError("checkpoint 'init' is not available with model.hf; give two checkpoint folders")
         state, meta = self._read(checkpoint)
         m = self.spec.model
-        model = build_hf_model(checkpoint, state, hf_root=m.hf, hf_class=m.hf_class,
-                               attn_implementation=m.attn_implementation, dtype=self.dtype, device=self.device)
+        model = build_hf_model(
+            checkpoint,
+            state,
+            hf_root=m.hf,
+            hf_class=m.hf_class,
+            attn_implementation=m.attn_implementation,
+            dtype=self.dtype,
+            device=self.device,
+        )
         self.model_info = describe(model)
         return model, meta
 
@@ -456,13 +366,22 @@ class ProbeWorker:
         if self.stages > 1:
             shard = self.shard("probe")
             return PipelineHessian(
-                model, self.loss_fn, self.batches, stage_index=self.stage, ranks=self.pipe_ranks,
-                offset=self.stage_offset, dim=self.stage_dim, pipe_group=self.pipe_group, data_group=self.data_group,
-                mode=self.spec.mode, **self._weighting(shard),
+                model,
+                self.loss_fn,
+                self.batches,
+                stage_index=self.stage,
+                ranks=self.pipe_ranks,
+                offset=self.stage_offset,
+                dim=self.stage_dim,
+                pipe_group=self.pipe_group,
+                data_group=self.data_group,
+                mode=self.spec.mode,
+                **self._weighting(shard),
             )
         """The Hessian of the probe set's mean loss (over examples or tokens, as the spec weights it)."""
-        local = HessianOperator(model, self.loss_fn, self.batches, mode=self.spec.mode,
-                                **self._weighting(self._eval_shards["probe"]))
+        local = HessianOperator(
+            model, self.loss_fn, self.batches, mode=self.spec.mode, **self._weighting(self._eval_shards["probe"])
+        )
         return ShardedOperator(local) if self.world_size > 1 else local
 
     def run(self, task: dict) -> dict:
