@@ -55,8 +55,10 @@ def _run(rank: int, world: int, threads: int, port: int, cfg: dict, q) -> None:
     torch.set_num_threads(threads)
     model, x, y = _setup(cfg["hidden"], cfg["examples"])
     idx = torch.arange(len(y)).tensor_split(world)[rank]
-    batches = [(x[idx][i : i + cfg["batch_size"]], y[idx][i : i + cfg["batch_size"]])
-               for i in range(0, len(idx), cfg["batch_size"])]
+    batches = [
+        (x[idx][i : i + cfg["batch_size"]], y[idx][i : i + cfg["batch_size"]])
+        for i in range(0, len(idx), cfg["batch_size"])
+    ]
     local = HessianOperator(model, F.cross_entropy, batches, total_examples=len(y))
     if world > 1:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -92,9 +94,16 @@ def _run(rank: int, world: int, threads: int, port: int, cfg: dict, q) -> None:
             op.allreduce(torch.zeros(4, 3, dtype=torch.float64))
         transfer = time.perf_counter() - t1
         dist.barrier()
-    report = {"rank": rank, "wall_s": wall, "collective_s": collective, "transfer_s": transfer,
-              "basis_bytes": basis_bytes,
-              "local_dim": op.local_dim, "dim": op.dim, "alpha0": float(proc.alphas[-1][0])}
+    report = {
+        "rank": rank,
+        "wall_s": wall,
+        "collective_s": collective,
+        "transfer_s": transfer,
+        "basis_bytes": basis_bytes,
+        "local_dim": op.local_dim,
+        "dim": op.dim,
+        "alpha0": float(proc.alphas[-1][0]),
+    }
     q.put(report)
     if world > 1:
         dist.destroy_process_group()
@@ -130,28 +139,37 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps")
     parser.add_argument("--json", help="write results here")
-    parser.add_argument("--examples", type=int, default=1797,
-                        help="probe examples (default: all 1,797 digits; more are tiled copies)")
+    parser.add_argument(
+        "--examples", type=int, default=1797, help="probe examples (default: all 1,797 digits; more are tiled copies)"
+    )
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     cfg = {"hidden": 1024, "runs": 4, "steps": 8 if args.quick else 20, "batch_size": 1024, "examples": args.examples}
-    print(f"# data-parallel SLQ scaling: wide_mlp(hidden={cfg['hidden']}), {cfg['examples']} digits examples, "
-          f"float32, {cfg['runs']} runs x {cfg['steps']} timed steps, full reorthogonalization")
+    print(
+        f"# data-parallel SLQ scaling: wide_mlp(hidden={cfg['hidden']}), {cfg['examples']} digits examples, "
+        f"float32, {cfg['runs']} runs x {cfg['steps']} timed steps, full reorthogonalization"
+    )
     print(f"# machine: {platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}")
     rows = [measure(1, 1, cfg)]
     for n in range(2, cores + 1):
         rows.append(measure(n, 1, cfg))
     rows.append(measure(1, cores, cfg))
     base = rows[0]["wall_s"]
-    print(f"{'config':<28}{'wall s':>9}{'s/step':>9}{'speed-up':>10}{'in colls':>10}{'transfer':>10}"
-          f"{'basis MiB/worker':>18}")
+    print(
+        f"{'config':<28}{'wall s':>9}{'s/step':>9}{'speed-up':>10}{'in colls':>10}{'transfer':>10}"
+        f"{'basis MiB/worker':>18}"
+    )
     for r in rows:
         name = f"{r['workers']} worker(s) x {r['threads_per_worker']} thread(s)"
-        print(f"{name:<28}{r['wall_s']:>9.2f}{r['step_s']:>9.3f}{base / r['wall_s']:>9.2f}x"
-              f"{100 * r['collective_share']:>9.1f}%{100 * r['transfer_share']:>9.1f}%{r['basis_mib_per_worker']:>18.1f}")
+        print(
+            f"{name:<28}{r['wall_s']:>9.2f}{r['step_s']:>9.3f}{base / r['wall_s']:>9.2f}x"
+            f"{100 * r['collective_share']:>9.1f}%{100 * r['transfer_share']:>9.1f}%{r['basis_mib_per_worker']:>18.1f}"
+        )
         r["speedup_vs_1x1"] = base / r["wall_s"]
-    print("# in colls: step time inside collectives, waiting for the slower peer included; "
-          "transfer: the same collectives timed alone")
+    print(
+        "# in colls: step time inside collectives, waiting for the slower peer included; "
+        "transfer: the same collectives timed alone"
+    )
     agree = max(abs(r["alpha_last"] - rows[0]["alpha_last"]) / abs(rows[0]["alpha_last"]) for r in rows)
     print(f"# last Lanczos alpha agrees across configurations to {agree:.1e} relative")
     if args.json:

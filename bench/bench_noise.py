@@ -151,8 +151,10 @@ def run(threads: int, args, model, x, y, device) -> dict:
             "peak_rss_above_baseline_mib": peak_mib,
             "chunk_grads_mib": grads_mib,
         }
-        print(f"  chunk_size {cs:4d}: {min(times) * 1e3:7.3f} ms/example on {args.sweep_examples}; "
-              f"chunk gradients {grads_mib:6.0f} MiB, peak RSS +{peak_mib:6.0f} MiB")
+        print(
+            f"  chunk_size {cs:4d}: {min(times) * 1e3:7.3f} ms/example on {args.sweep_examples}; "
+            f"chunk gradients {grads_mib:6.0f} MiB, peak RSS +{peak_mib:6.0f} MiB"
+        )
     fastest = min(tuning, key=lambda c: tuning[c]["s_per_example"])
     auto = default_chunk_size(ParameterSpace.of(model), next(model.parameters()).dtype, device)
     best = args.chunk_size or auto
@@ -172,9 +174,11 @@ def run(threads: int, args, model, x, y, device) -> dict:
         ref = loop_moments(model, x, y)
         _sync(device)
         loop_s.append((time.perf_counter() - t0) / len(y))
-        print(f"  repeat {r}: gradient_moments {vmap_s[-1] * 1e3:.3f} ms/example, "
-              f"loop {loop_s[-1] * 1e3:.3f} ms/example (loop total {loop_s[-1] * len(y):.1f} s; "
-              f"load average {os.getloadavg()[0]:.2f})")
+        print(
+            f"  repeat {r}: gradient_moments {vmap_s[-1] * 1e3:.3f} ms/example, "
+            f"loop {loop_s[-1] * 1e3:.3f} ms/example (loop total {loop_s[-1] * len(y):.1f} s; "
+            f"load average {os.getloadavg()[0]:.2f})"
+        )
     default = None
     for _ in range(args.repeats):  # the library default: the layer identity for an all-Linear model
         t0 = time.perf_counter()
@@ -192,13 +196,19 @@ def run(threads: int, args, model, x, y, device) -> dict:
     ratio = min(loop_s) / min(vmap_s)
     default_ratio = min(loop_s) / min(ident_s)
     verdict = "met" if default_ratio >= TARGET_SPEEDUP else "NOT met"
-    print(f"  method='vmap', chunk_size {best}: {min(vmap_s) * 1e3:.3f} ms/example, loop {min(loop_s) * 1e3:.3f} "
-          f"ms/example: {ratio:.2f}×")
-    print(f"  tr(Σ) {result.noise_trace:.6g} vs loop {ref_trace:.6g}: relative difference {trace_diff:.2e}; "
-          f"Σg relative difference {grad_diff:.2e}; noise scale {result.noise_scale:.4g}")
-    print(f"  library default (method={default.method!r}): {min(ident_s) * 1e3:.4f} ms/example, "
-          f"{default_ratio:.1f}× the loop (target ≥ {TARGET_SPEEDUP:g}×: {verdict}); "
-          f"tr(Σ) relative difference {ident_diff:.2e}")
+    print(
+        f"  method='vmap', chunk_size {best}: {min(vmap_s) * 1e3:.3f} ms/example, loop {min(loop_s) * 1e3:.3f} "
+        f"ms/example: {ratio:.2f}×"
+    )
+    print(
+        f"  tr(Σ) {result.noise_trace:.6g} vs loop {ref_trace:.6g}: relative difference {trace_diff:.2e}; "
+        f"Σg relative difference {grad_diff:.2e}; noise scale {result.noise_scale:.4g}"
+    )
+    print(
+        f"  library default (method={default.method!r}): {min(ident_s) * 1e3:.4f} ms/example, "
+        f"{default_ratio:.1f}× the loop (target ≥ {TARGET_SPEEDUP:g}×: {verdict}); "
+        f"tr(Σ) relative difference {ident_diff:.2e}"
+    )
     return {
         "threads": threads,
         "load_average_1min": os.getloadavg()[0],

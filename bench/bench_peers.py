@@ -73,7 +73,11 @@ def best(records: list[Record], tool: str) -> Record | None:
 def summarize(records: list[Record], models: list[str]) -> tuple[str, list[dict[str, Any]]]:
     rows = []
     lines = []
-    head = f"{'model':11s} {'task':6s} {'ours':>10s} " + " ".join(f"{p:>24s}" for p in PEERS) + f" {'vs faster peer':>15s}  target"
+    head = (
+        f"{'model':11s} {'task':6s} {'ours':>10s} "
+        + " ".join(f"{p:>24s}" for p in PEERS)
+        + f" {'vs faster peer':>15s}  target"
+    )
     lines += [head, "-" * len(head)]
     for model in models:
         for task in ("eig", "trace", "slq", "hvp"):
@@ -116,7 +120,9 @@ def summarize(records: list[Record], models: list[str]) -> tuple[str, list[dict[
             our_cell = (_fmt_s(ours.time_s) + (f" {ours.method[:5]}" if task == "trace" else "")) if ours else "failed"
             lines.append(f"{model:11s} {task:6s} {our_cell:>10s} " + " ".join(cells) + f" {vs:>15s}  {verdict}")
             rows.append(row)
-    lines.append("ratios are ours / theirs (below 1: ours faster); * = Hutchinson time scaled to the probes a 1% stderr needs")
+    lines.append(
+        "ratios are ours / theirs (below 1: ours faster); * = Hutchinson time scaled to the probes a 1% stderr needs"
+    )
     return "\n".join(lines), rows
 
 
@@ -125,8 +131,10 @@ def _fmt_s(t: float) -> str:
 
 
 def detail_table(records: list[Record]) -> str:
-    lines = [f"{'model':11s} {'task':6s} {'tool':20s} {'method':11s} {'setting':46s} "
-             f"{'time':>9s} {'prods':>6s}  accuracy / status"]
+    lines = [
+        f"{'model':11s} {'task':6s} {'tool':20s} {'method':11s} {'setting':46s} "
+        f"{'time':>9s} {'prods':>6s}  accuracy / status"
+    ]
     for r in records:
         acc = "  ".join(f"{k}={v:.2e}" for k, v in r.accuracy.items())
         if r.status != "ok":
@@ -136,8 +144,7 @@ def detail_table(records: list[Record]) -> str:
         lines.append(
             f"{r.model:11s} {r.task:6s} {r.tool:20s} {r.method[:11]:11s} {r.setting[:46]:46s} "
             f"{_fmt_s(r.time_s) if r.time_s == r.time_s else '-':>9s} "
-            f"{r.num_matvecs if r.num_matvecs is not None else '-':>6}  {acc}"
-            + (f"  [{r.note}]" if r.note else "")
+            f"{r.num_matvecs if r.num_matvecs is not None else '-':>6}  {acc}" + (f"  [{r.note}]" if r.note else "")
         )
     return "\n".join(lines)
 
@@ -154,7 +161,12 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     versions = {}
-    for mod, dist in (("pyhessian", "pyhessian"), ("curvlinops", "curvlinops-for-pytorch"), ("hessian_eigenthings", "hessian-eigenthings"), ("backpack", "backpack-for-pytorch")):
+    for mod, dist in (
+        ("pyhessian", "pyhessian"),
+        ("curvlinops", "curvlinops-for-pytorch"),
+        ("hessian_eigenthings", "hessian-eigenthings"),
+        ("backpack", "backpack-for-pytorch"),
+    ):
         try:
             from importlib.metadata import version
 
@@ -163,8 +175,12 @@ def machine() -> dict[str, Any]:
             versions[mod] = "missing"
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "probe"], capture_output=True, text=True, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "probe"], capture_output=True, text=True, check=False
+        ).stdout.strip()
         commit += " (probe/ modified)" if dirty else ""
     except OSError:
         commit = "unknown"
@@ -188,13 +204,19 @@ def reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, wide_tra
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="digits models only, fewer SLQ runs and Hutchinson probes (a few minutes)")
+    ap.add_argument(
+        "--quick", action="store_true", help="digits models only, fewer SLQ runs and Hutchinson probes (a few minutes)"
+    )
     ap.add_argument("--json", metavar="PATH", help="save every record and the summary as JSON")
     ap.add_argument("--models", nargs="*", help="subset of model names to run")
     ap.add_argument("--tasks", nargs="*", default=["eig", "trace", "slq", "hvp"], help="subset of eig trace slq hvp")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see docs/benchmarks.md)")
-    ap.add_argument("--reference-cache", metavar="PATH", help="reuse (or save) the references of identically trained models")
-    ap.add_argument("--wide-trace-ref", choices=["backpack", "hutchpp"], default="backpack", help="reference trace of the 1M model")
+    ap.add_argument(
+        "--reference-cache", metavar="PATH", help="reuse (or save) the references of identically trained models"
+    )
+    ap.add_argument(
+        "--wide-trace-ref", choices=["backpack", "hutchpp"], default="backpack", help="reference trace of the 1M model"
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -206,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         specs = [next((q for q in specs if q.name == n), every[n]) for n in args.models]
 
     env = machine()
-    say(f"machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, {env['threads']} thread(s), "
-        f"load {env['loadavg_start']}")
+    say(
+        f"machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, {env['threads']} thread(s), "
+        f"load {env['loadavg_start']}"
+    )
     say(f"peers: {env['peers']}; this project at commit {env['commit']}")
 
     tools: list[Any] = [Ours(), Ours(batched=True), Ours(batched=False)]
@@ -219,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             tool_errors[cls.name] = f"failed: {short_reason(exc)}"
             say(f"peer {cls.name} unavailable: {tool_errors[cls.name]}")
     if any(isinstance(t, PyHessian) and t.shim for t in tools):
-        say("note: PyHessian's density() calls torch.eig, removed from PyTorch; shimmed with torch.linalg.eigh "
-            "on the symmetric tridiagonal, returned in torch.eig's (n, 2) real/imag format")
+        say(
+            "note: PyHessian's density() calls torch.eig, removed from PyTorch; shimmed with torch.linalg.eigh "
+            "on the symmetric tridiagonal, returned in torch.eig's (n, 2) real/imag format"
+        )
 
     cache: dict[str, Any] = {}
     if args.reference_cache and os.path.exists(args.reference_cache):
@@ -243,11 +269,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             (ref, dt) = timed(partial(reference, model, x, y, args.wide_trace_ref))
             if args.reference_cache:
-                cache[spec.name] = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in ref.items()} | {"dim": dim, "train_loss": loss}
+                cache[spec.name] = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in ref.items()} | {
+                    "dim": dim,
+                    "train_loss": loss,
+                }
                 with open(args.reference_cache, "w") as fh:
                     json.dump(cache, fh)
-        say(f"   reference ({dt:.1f}s): lambda_max {ref['lambda_max']:.8g}, lambda_2 {ref['lambda_2']:.6g}, "
-            f"trace {ref['trace']:.8g}  [{ref['kind']}]")
+        say(
+            f"   reference ({dt:.1f}s): lambda_max {ref['lambda_max']:.8g}, lambda_2 {ref['lambda_2']:.6g}, "
+            f"trace {ref['trace']:.8g}  [{ref['kind']}]"
+        )
         refs[spec.name] = {k: v for k, v in ref.items() if k != "evals"} | {"dim": dim, "train_loss": loss}
         for name, reason in tool_errors.items():
             for task in args.tasks:
@@ -279,7 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(
-                {"machine": env, "references": refs, "trace_setup": trace_info, "records": [asdict(r) for r in records], "summary": rows},
+                {
+                    "machine": env,
+                    "references": refs,
+                    "trace_setup": trace_info,
+                    "records": [asdict(r) for r in records],
+                    "summary": rows,
+                },
                 fh,
                 indent=1,
                 default=float,
@@ -290,4 +327,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -96,17 +96,28 @@ def measure(op, a, rank_is_reporter: bool) -> dict:
     if a.eig:
         t = time.perf_counter()
         with basis_store(a) as store:
-            top = eigenvalues(op, 1, tol=1e-3, max_steps=a.eig_max_steps, generator=torch.Generator().manual_seed(3),
-                              basis=store)
-        out.update(top_s=time.perf_counter() - t, top_matvecs=top.num_matvecs, lambda_max=float(top.eigenvalues[0]),
-                   top_residual=float(top.residuals[0]))
+            top = eigenvalues(
+                op, 1, tol=1e-3, max_steps=a.eig_max_steps, generator=torch.Generator().manual_seed(3), basis=store
+            )
+        out.update(
+            top_s=time.perf_counter() - t,
+            top_matvecs=top.num_matvecs,
+            lambda_max=float(top.eigenvalues[0]),
+            top_residual=float(top.residuals[0]),
+        )
     if a.steps:
         t = time.perf_counter()
         with basis_store(a) as store:
             spec = spectral_density(op, runs=1, steps=a.steps, generator=torch.Generator().manual_seed(4), basis=store)
         slq_s = time.perf_counter() - t
-        out.update(basis=spec.basis_storage, slq_s=slq_s, slq_steps=a.steps, slq_step_s=slq_s / a.steps, slq_lambda_max=spec.lambda_max,
-                   slq_lambda_min=spec.lambda_min)
+        out.update(
+            basis=spec.basis_storage,
+            slq_s=slq_s,
+            slq_steps=a.steps,
+            slq_step_s=slq_s / a.steps,
+            slq_lambda_max=spec.lambda_max,
+            slq_lambda_min=spec.lambda_min,
+        )
     return out
 
 
@@ -131,13 +142,33 @@ def worker(rank: int, world: int, port: int, a, index: str, out_dir: str) -> Non
         part.load_state_dict({f"{int(k.split('.', 1)[0]) - a0}.{k.split('.', 1)[1]}": v for k, v in state.items()})
         del state
         part = part.to(getattr(torch, a.dtype))
-        op = PipelineHessian(part, lm_loss, batches(a), stage_index=stage, ranks=ranks, offset=offset, dim=dim,
-                             pipe_group=pipe, data_group=data_group, graph_memory_bytes=a.graph_budget_mb * MB)
+        op = PipelineHessian(
+            part,
+            lm_loss,
+            batches(a),
+            stage_index=stage,
+            ranks=ranks,
+            offset=offset,
+            dim=dim,
+            pipe_group=pipe,
+            data_group=data_group,
+            graph_memory_bytes=a.graph_budget_mb * MB,
+        )
         result = measure(op, a, rank == 0)
-        result.update(rank=rank, stage_children=list(bounds), params=op.local_dim, dim=dim,
-                      param_mb=op.local_dim * op.dtype.itemsize / MB, graph_mb=op.peak_graph_bytes / MB,
-                      kept_graph_mb=op.graph_bytes / MB, read_mb=stats.bytes / MB, read_tensors=stats.tensors,
-                      shards_opened=len(stats.files), load_s=load_s, peak_rss_mb=peak_rss_mb())
+        result.update(
+            rank=rank,
+            stage_children=list(bounds),
+            params=op.local_dim,
+            dim=dim,
+            param_mb=op.local_dim * op.dtype.itemsize / MB,
+            graph_mb=op.peak_graph_bytes / MB,
+            kept_graph_mb=op.graph_bytes / MB,
+            read_mb=stats.bytes / MB,
+            read_tensors=stats.tensors,
+            shards_opened=len(stats.files),
+            load_s=load_s,
+            peak_rss_mb=peak_rss_mb(),
+        )
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         torch.distributed.destroy_process_group()
@@ -188,15 +219,22 @@ def main() -> None:
     p.add_argument("--eig", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--steps", type=int, default=32, help="SLQ Lanczos steps (0: skip)")
     p.add_argument("--graph-budget-mb", type=int, default=8192)
-    p.add_argument("--basis", default="disk", choices=["device", "host", "disk"],
-                   help="where Lanczos vectors live (default disk: 33 vectors of a 56M-parameter stage are 7.4 GB)")
+    p.add_argument(
+        "--basis",
+        default="disk",
+        choices=["device", "host", "disk"],
+        help="where Lanczos vectors live (default disk: 33 vectors of a 56M-parameter stage are 7.4 GB)",
+    )
     p.add_argument("--scratch", default=None, help="folder for --basis disk (default: a temporary folder)")
     p.add_argument("--eig-max-steps", type=int, default=40)
     p.add_argument("--json", default=None)
     a = p.parse_args()
     n = gpt_num_parameters(vocab=a.vocab, dim=a.dim, layers=a.layers, max_len=a.seq)
-    print(f"GPT-style model: vocab {a.vocab}, dim {a.dim}, {a.layers} layers, {a.heads} heads, seq {a.seq}: "
-          f"{n:,} parameters; {a.batches} batch(es) of {a.batch} sequences; {a.dtype}; {a.stages} stage(s)", flush=True)
+    print(
+        f"GPT-style model: vocab {a.vocab}, dim {a.dim}, {a.layers} layers, {a.heads} heads, seq {a.seq}: "
+        f"{n:,} parameters; {a.batches} batch(es) of {a.batch} sequences; {a.dtype}; {a.stages} stage(s)",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         torch.manual_seed(0)
         t = time.perf_counter()
@@ -210,8 +248,13 @@ def main() -> None:
             a.scratch = str(Path(tmp) / "scratch")
             Path(a.scratch).mkdir()
         t = time.perf_counter()
-        mp.start_processes(worker, args=(a.stages, free_port(), a, str(index), str(out)), nprocs=a.stages,
-                           join=True, start_method="spawn")
+        mp.start_processes(
+            worker,
+            args=(a.stages, free_port(), a, str(index), str(out)),
+            nprocs=a.stages,
+            join=True,
+            start_method="spawn",
+        )
         wall = time.perf_counter() - t
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(a.stages)]
         base = None
@@ -220,35 +263,60 @@ def main() -> None:
             base = json.loads((out / "baseline.json").read_text())
     r0 = ranks[0]
     print(f"\npipeline over {a.stages} workers ({a.threads} thread(s) each), wall {wall:.0f} s")
-    print(f"{'rank':>4} {'children':>9} {'params':>12} {'param MB':>9} {'graph MB':>9} {'read MB':>8} "
-          f"{'shards':>6} {'RSS@products MB':>15} {'peak RSS MB':>11}")
+    print(
+        f"{'rank':>4} {'children':>9} {'params':>12} {'param MB':>9} {'graph MB':>9} {'read MB':>8} "
+        f"{'shards':>6} {'RSS@products MB':>15} {'peak RSS MB':>11}"
+    )
     for r in ranks:
-        print(f"{r['rank']:>4} {str(r['stage_children']):>9} {r['params']:>12,} {r['param_mb']:>9.0f} "
-              f"{r['graph_mb']:>9.0f} {r['read_mb']:>8.0f} {r['shards_opened']:>6} {r['rss_products_mb']:>15.0f} "
-              f"{r['peak_rss_mb']:>11.0f}")
+        print(
+            f"{r['rank']:>4} {str(r['stage_children']):>9} {r['params']:>12,} {r['param_mb']:>9.0f} "
+            f"{r['graph_mb']:>9.0f} {r['read_mb']:>8.0f} {r['shards_opened']:>6} {r['rss_products_mb']:>15.0f} "
+            f"{r['peak_rss_mb']:>11.0f}"
+        )
     print(f"product: {r0['product_s']:.2f} s (first, building graphs: {r0['first_product_s']:.2f} s)")
     if "top_s" in r0:
-        print(f"top eigenvalue: {r0['lambda_max']:.6g} (residual {r0['top_residual']:.1e}) in {r0['top_s']:.1f} s, "
-              f"{r0['top_matvecs']} products")
+        print(
+            f"top eigenvalue: {r0['lambda_max']:.6g} (residual {r0['top_residual']:.1e}) in {r0['top_s']:.1f} s, "
+            f"{r0['top_matvecs']} products"
+        )
     if "slq_s" in r0:
-        print(f"SLQ 1 run × {r0['slq_steps']} steps: {r0['slq_s']:.1f} s = {r0['slq_step_s']:.2f} s per Lanczos step; "
-              f"Ritz range [{r0['slq_lambda_min']:.3g}, {r0['slq_lambda_max']:.3g}]")
+        print(
+            f"SLQ 1 run × {r0['slq_steps']} steps: {r0['slq_s']:.1f} s = {r0['slq_step_s']:.2f} s per Lanczos step; "
+            f"Ritz range [{r0['slq_lambda_min']:.3g}, {r0['slq_lambda_max']:.3g}]"
+        )
     if base:
-        print(f"\nsingle process ({base['threads']} threads): forward {base['forward_s']:.2f} s, gradient "
-              f"{base['gradient_s']:.2f} s, product {base['product_s']:.2f} s "
-              f"= {base['product_s'] / base['forward_s']:.1f}× "
-              f"forward = {base['product_s'] / base['gradient_s']:.2f}× gradient")
-        print(f"single process ({base['threads']} threads): product {base['product_s']:.2f} s, "
-              f"peak RSS {base['peak_rss_mb']:.0f} MB, graph {base['graph_mb']:.0f} MB")
+        print(
+            f"\nsingle process ({base['threads']} threads): forward {base['forward_s']:.2f} s, gradient "
+            f"{base['gradient_s']:.2f} s, product {base['product_s']:.2f} s "
+            f"= {base['product_s'] / base['forward_s']:.1f}× "
+            f"forward = {base['product_s'] / base['gradient_s']:.2f}× gradient"
+        )
+        print(
+            f"single process ({base['threads']} threads): product {base['product_s']:.2f} s, "
+            f"peak RSS {base['peak_rss_mb']:.0f} MB, graph {base['graph_mb']:.0f} MB"
+        )
         rss_ratio = max(r["rss_products_mb"] for r in ranks) / base["rss_products_mb"]
-        memory_ratio = max(r["param_mb"] + r["graph_mb"] for r in ranks) / (base["params"] * 4 / 2**20 + base["graph_mb"])
-        print(f"ratios pipeline/single: product time {r0['product_s'] / base['product_s']:.2f}×, "
-              f"largest worker RSS during products {rss_ratio:.2f}×, parameters + graphs {memory_ratio:.2f}×")
+        memory_ratio = max(r["param_mb"] + r["graph_mb"] for r in ranks) / (
+            base["params"] * 4 / 2**20 + base["graph_mb"]
+        )
+        print(
+            f"ratios pipeline/single: product time {r0['product_s'] / base['product_s']:.2f}×, "
+            f"largest worker RSS during products {rss_ratio:.2f}×, parameters + graphs {memory_ratio:.2f}×"
+        )
     if a.json:
-        Path(a.json).write_text(json.dumps({
-            "args": vars(a), "parameters": n, "ranks": ranks, "baseline": base, "wall_s": wall,
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        }, indent=1))
+        Path(a.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(a),
+                    "parameters": n,
+                    "ranks": ranks,
+                    "baseline": base,
+                    "wall_s": wall,
+                    "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

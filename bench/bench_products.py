@@ -31,8 +31,11 @@ from cluster.data import digits_tensors
 from probe.hessian import HessianOperator
 from probe.models import digits_cnn, digits_mlp, wide_mlp
 
-MODELS = {"digits_mlp": (digits_mlp, (1, 4, 10, 20)), "digits_cnn": (digits_cnn, (1, 4, 10, 20)),
-          "wide_mlp": (wide_mlp, (1, 4))}
+MODELS = {
+    "digits_mlp": (digits_mlp, (1, 4, 10, 20)),
+    "digits_cnn": (digits_cnn, (1, 4, 10, 20)),
+    "wide_mlp": (wide_mlp, (1, 4)),
+}
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -45,8 +48,9 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def compare(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ks: tuple[int, ...],
-            repeats: int) -> None:
+def compare(
+    name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ks: tuple[int, ...], repeats: int
+) -> None:
     """Print the three methods' milliseconds per column and differences for each block size in ``ks``."""
     loop = HessianOperator(model, F.cross_entropy, [(x, y)], batched=False)
     batched = HessianOperator(model, F.cross_entropy, [(x, y)], batched=True)
@@ -72,8 +76,11 @@ def compare(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
         ref = loop.matmat(V)
         row = []
-        for label, fn in (("loop", partial(loop.matmat, V)), ("batched", partial(batched.matmat, V)),
-                          ("fwd-over-rev", fwd_over_rev)):
+        for label, fn in (
+            ("loop", partial(loop.matmat, V)),
+            ("batched", partial(batched.matmat, V)),
+            ("fwd-over-rev", fwd_over_rev),
+        ):
             ms = best_of(fn, repeats) / k * 1e3
             diff = float((fn() - ref).norm() / ref.norm())
             row.append(f"{label} {ms:7.2f} ms (diff {diff:.0e})")

@@ -63,9 +63,11 @@ def main() -> None:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
-    print(f"{platform.processor() or platform.machine()}: {args.scrapes} scrapes of {sizes[0]} bytes from "
-          f"{args.threads} threads in {elapsed:.2f} s ({args.scrapes / elapsed:.0f} scrapes/s, "
-          f"{elapsed / args.scrapes * 1000:.1f} ms each)")
+    print(
+        f"{platform.processor() or platform.machine()}: {args.scrapes} scrapes of {sizes[0]} bytes from "
+        f"{args.threads} threads in {elapsed:.2f} s ({args.scrapes / elapsed:.0f} scrapes/s, "
+        f"{elapsed / args.scrapes * 1000:.1f} ms each)"
+    )
 
 
 if __name__ == "__main__":

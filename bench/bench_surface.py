@@ -119,9 +119,11 @@ def main() -> None:
     dirs = random_directions(ev.space, theta, 2, torch.Generator().manual_seed(0))
     grid = torch.linspace(-args.span, args.span, args.resolution, dtype=torch.float64)
     num_points = args.resolution**2
-    print(f"model digits_mlp(hidden={args.hidden}, depth={args.depth}, relu): {ev.dim:,} parameters; "
-          f"{args.examples} examples in batches of {args.batch_size}; grid {args.resolution}×{args.resolution} "
-          f"= {num_points} points; device {device}, {torch.get_num_threads()} threads")
+    print(
+        f"model digits_mlp(hidden={args.hidden}, depth={args.depth}, relu): {ev.dim:,} parameters; "
+        f"{args.examples} examples in batches of {args.batch_size}; grid {args.resolution}×{args.resolution} "
+        f"= {num_points} points; device {device}, {torch.get_num_threads()} threads"
+    )
 
     # chunk size: best time per point on a 16×16 sub-grid (after one warm-up call each)
     sub = grid[:: max(1, args.resolution // 16)][:16]
@@ -178,11 +180,15 @@ def main() -> None:
         "max_abs_loss_difference": diff,
         "loss_range": [result.loss.min().item(), result.loss.max().item()],
     }
-    print(f"chunk_size {ev.chunk_size}; min over {args.repeats} repeats: surface {min(surface_s) * 1e3:.3f} ms/point "
-          f"({min(surface_s) * num_points:.2f} s for the grid), loop {min(loop_s) * 1e3:.3f} ms/point")
+    print(
+        f"chunk_size {ev.chunk_size}; min over {args.repeats} repeats: surface {min(surface_s) * 1e3:.3f} ms/point "
+        f"({min(surface_s) * num_points:.2f} s for the grid), loop {min(loop_s) * 1e3:.3f} ms/point"
+    )
     verdict = "met" if ratio >= TARGET_SPEEDUP else "NOT met"
-    print(f"speedup {ratio:.2f}× (target ≥ {TARGET_SPEEDUP:g}×: {verdict}); "
-          f"surface vs loop losses differ by at most {diff:.2e}")
+    print(
+        f"speedup {ratio:.2f}× (target ≥ {TARGET_SPEEDUP:g}×: {verdict}); "
+        f"surface vs loop losses differ by at most {diff:.2e}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2))
 

@@ -108,11 +108,22 @@ def check_nccl() -> dict:
     per = ((torch.tensor(est) - ref).abs() / ref.abs()).tolist()
     rel = max(per)
     same = float(((torch.tensor(est) - torch.tensor(plain)).abs() / ref.abs()).max())
-    print(f"[nccl] backend={backend}, world size {world}, {collectives} collectives: sharded vs plain operator "
-          f"in the same process {same:.2e}; vs the driver process {rel:.2e} (per estimate "
-          f"{', '.join(f'{x:.1e}' for x in per)}); operator determinism {determinism:.1e}", flush=True)
-    return {"world_size": world, "backend": backend, "max_rel": rel, "same_process_rel": same,
-            "per_estimate_rel": per, "determinism": determinism, "collectives": collectives, "ok": same < 1e-10}
+    print(
+        f"[nccl] backend={backend}, world size {world}, {collectives} collectives: sharded vs plain operator "
+        f"in the same process {same:.2e}; vs the driver process {rel:.2e} (per estimate "
+        f"{', '.join(f'{x:.1e}' for x in per)}); operator determinism {determinism:.1e}",
+        flush=True,
+    )
+    return {
+        "world_size": world,
+        "backend": backend,
+        "max_rel": rel,
+        "same_process_rel": same,
+        "per_estimate_rel": per,
+        "determinism": determinism,
+        "collectives": collectives,
+        "ok": same < 1e-10,
+    }
 
 
 def _time(fn, repeats: int) -> float:
@@ -127,7 +138,7 @@ def _time(fn, repeats: int) -> float:
 
 def check_throughput(quick: bool) -> list[dict]:
     rows = []
-    for hidden, n in ([(1024, 4096)] if quick else [(1024, 4096), (4096, 8192)]):
+    for hidden, n in [(1024, 4096)] if quick else [(1024, 4096), (4096, 8192)]:
         x, y = _data(n)
         model = _model(hidden, torch.float32, "cuda")
         op = HessianOperator(model, F.cross_entropy, [(x, y)])
@@ -136,11 +147,21 @@ def check_throughput(quick: bool) -> list[dict]:
         v8 = torch.randn(op.dim, 8, device="cuda")
         hvp_s = _time(partial(op.matmat, v1), 10)
         hvp8_s = _time(partial(op.matmat, v8), 5) / 8
-        row = {"params": op.dim, "examples": n, "grad_s": grad_s, "hvp_s": hvp_s, "hvp_per_s": 1 / hvp_s,
-               "hvp_over_grad": hvp_s / grad_s, "hvp_batched8_s": hvp8_s}
-        print(f"[throughput] {op.dim:,} params, {n} examples, float32: gradient {grad_s * 1e3:.2f} ms, "
-              f"HVP {hvp_s * 1e3:.2f} ms ({1 / hvp_s:.0f}/s, {hvp_s / grad_s:.2f}× gradient), "
-              f"batched k=8 {hvp8_s * 1e3:.2f} ms per vector", flush=True)
+        row = {
+            "params": op.dim,
+            "examples": n,
+            "grad_s": grad_s,
+            "hvp_s": hvp_s,
+            "hvp_per_s": 1 / hvp_s,
+            "hvp_over_grad": hvp_s / grad_s,
+            "hvp_batched8_s": hvp8_s,
+        }
+        print(
+            f"[throughput] {op.dim:,} params, {n} examples, float32: gradient {grad_s * 1e3:.2f} ms, "
+            f"HVP {hvp_s * 1e3:.2f} ms ({1 / hvp_s:.0f}/s, {hvp_s / grad_s:.2f}× gradient), "
+            f"batched k=8 {hvp8_s * 1e3:.2f} ms per vector",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -154,8 +175,13 @@ def main() -> int:
         print("no CUDA device: nothing to check", file=sys.stderr)
         return 2
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    info = {"device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "nccl": ".".join(map(str, torch.cuda.nccl.version()))}
+    info = {
+        "device": torch.cuda.get_device_name(0),
+        "gpus": torch.cuda.device_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+    }
     print(f"[device] {info}", flush=True)
     summary = {"info": info, "parity": check_parity(), "nccl": check_nccl(), "throughput": check_throughput(args.quick)}
     ok = summary["parity"]["ok"] and summary["nccl"]["ok"]

@@ -65,10 +65,22 @@ def worker(rank: int, world: int, port: int, cfg: dict, dtype: str, n: int, V, p
         part, offset, dim = build_stage(model, world, stage)
         part = part.to(device)
         batches = [(x.to(device), y.to(device)) for x, y in data(cfg, n)]
-        op = PipelineHessian(part, lm_loss, batches, stage_index=stage, ranks=ranks, offset=offset, dim=dim,
-                             pipe_group=pipe, data_group=data_group)
-        v = (V[op.local_slice] if V is not None else op.random_vectors(1, generator=torch.Generator().manual_seed(2),
-                                                                        kind="gaussian").cpu()).to(device, op.dtype)
+        op = PipelineHessian(
+            part,
+            lm_loss,
+            batches,
+            stage_index=stage,
+            ranks=ranks,
+            offset=offset,
+            dim=dim,
+            pipe_group=pipe,
+            data_group=data_group,
+        )
+        v = (
+            V[op.local_slice]
+            if V is not None
+            else op.random_vectors(1, generator=torch.Generator().manual_seed(2), kind="gaussian").cpu()
+        ).to(device, op.dtype)
         hv = op.matmat(v.reshape(-1, 1))
         torch.cuda.synchronize()
         times = []
@@ -77,16 +89,29 @@ def worker(rank: int, world: int, port: int, cfg: dict, dtype: str, n: int, V, p
             op.matmat(v.reshape(-1, 1))
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-        torch.save({"slice": (offset, offset + op.local_dim), "hv": hv.cpu(), "backend": backend,
-                    "product_s": min(times) if times else None, "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20,
-                    "params": op.local_dim}, os.path.join(out, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "slice": (offset, offset + op.local_dim),
+                "hv": hv.cpu(),
+                "backend": backend,
+                "product_s": min(times) if times else None,
+                "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20,
+                "params": op.local_dim,
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
     finally:
         torch.distributed.destroy_process_group()
 
 
 def pipeline(world: int, cfg: dict, dtype: str, n: int, V, products: int, out: str) -> list[dict]:
-    mp.start_processes(worker, args=(world, free_port(), cfg, dtype, n, V, products, out), nprocs=world, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        worker,
+        args=(world, free_port(), cfg, dtype, n, V, products, out),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
     return sorted((torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)), key=lambda p: p["slice"])
 
 
@@ -125,7 +150,11 @@ def host_basis_peak_check() -> dict:
     vector = dim * 8
     host = HostBasis(block_size=4)
     device_peak, host_peak = peak(DeviceBasis()), peak(host)
-    ok = device_peak >= runs * (steps + 1) * vector and host_peak <= runs * (2 * 4 + 12) * vector and host.view(1).is_pinned()
+    ok = (
+        device_peak >= runs * (steps + 1) * vector
+        and host_peak <= runs * (2 * 4 + 12) * vector
+        and host.view(1).is_pinned()
+    )
     return {"device_peak_vectors": device_peak / vector, "host_peak_vectors": host_peak / vector, "pass": bool(ok)}
 
 
@@ -138,7 +167,10 @@ def main() -> None:
         sys.exit("no CUDA device visible: run this on a GPU machine")
     out = Path(a.json).parent if a.json else Path("out/gpu")
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], "torch": torch.__version__}
+    summary = {
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "torch": torch.__version__,
+    }
     torch.manual_seed(0)
     model = gpt(**SMALL).double()
     batches = data(SMALL, 10)
@@ -157,18 +189,27 @@ def main() -> None:
         summary[f"pipeline{world}_rel"] = rel
         summary[f"pipeline{world}_backend"] = parts[0]["backend"]
         ok &= rel < 1e-10
-        print(f"pipeline HVP over {world} stages ({parts[0]['backend']}) vs single process: {rel:.2e} relative", flush=True)
+        print(
+            f"pipeline HVP over {world} stages ({parts[0]['backend']}) vs single process: {rel:.2e} relative",
+            flush=True,
+        )
     basis = host_basis_peak_check()
     summary["host_basis"] = basis
     ok &= basis["pass"]
-    print(f"host Lanczos basis: peak device memory {basis['host_peak_vectors']:.0f} vectors vs "
-          f"{basis['device_peak_vectors']:.0f} with the device basis ({'ok' if basis['pass'] else 'FAIL'})", flush=True)
+    print(
+        f"host Lanczos basis: peak device memory {basis['host_peak_vectors']:.0f} vectors vs "
+        f"{basis['device_peak_vectors']:.0f} with the device basis ({'ok' if basis['pass'] else 'FAIL'})",
+        flush=True,
+    )
     if not a.quick:
         parts = pipeline(2, LARGE, "float32", 8, None, 3, str(out))
         summary["large"] = [{k: q[k] for k in ("params", "product_s", "peak_mem_mb", "backend")} for q in parts]
         for q in parts:
-            print(f"~110M GPT, stage {q['slice']}: {q['params']:,} parameters, product {q['product_s']:.3f} s, "
-                  f"peak GPU memory {q['peak_mem_mb']:.0f} MiB ({q['backend']})", flush=True)
+            print(
+                f"~110M GPT, stage {q['slice']}: {q['params']:,} parameters, product {q['product_s']:.3f} s, "
+                f"peak GPU memory {q['peak_mem_mb']:.0f} MiB ({q['backend']})",
+                flush=True,
+            )
     summary["pass"] = bool(ok)
     print("PASS" if ok else "FAIL", flush=True)
     if a.json:

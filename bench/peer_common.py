@@ -95,6 +95,5 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-
 def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)

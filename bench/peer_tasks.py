@@ -147,10 +147,6 @@ def backpack_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: in
     return total / len(y)
 
 
-
-
-
-
 def run_eig(spec, model, x, y, ref, tools) -> list[Record]:
     """Each tool's loosest setting that reaches EIG_TARGET from every start seed in EIG_SEEDS.
 
@@ -175,12 +171,18 @@ def run_eig(spec, model, x, y, ref, tools) -> list[Record]:
                 lambda s: f"power iteration, tol={s:g}, maxIter={spec.power_max_iter}",
             )
         elif isinstance(t, Curvlinops):
-            ladders[t.name] = (EIGSH_TOLS, lambda s, seed, t=t: t.top_eig(model, x, y, s, seed),
-                               lambda s: f"scipy eigsh, tol={s:g}")
+            ladders[t.name] = (
+                EIGSH_TOLS,
+                lambda s, seed, t=t: t.top_eig(model, x, y, s, seed),
+                lambda s: f"scipy eigsh, tol={s:g}",
+            )
         elif isinstance(t, Eigenthings):
             iters = [n for n in EIGENTHINGS_ITERS if n < sum(p.numel() for p in model.parameters())]
-            ladders[t.name] = (iters, lambda s, seed, t=t: t.top_eig(model, x, y, s, seed),
-                               lambda s: f"lanczos, max_iter={s}")
+            ladders[t.name] = (
+                iters,
+                lambda s, seed, t=t: t.top_eig(model, x, y, s, seed),
+                lambda s: f"lanczos, max_iter={s}",
+            )
     for name, (ladder, fn, describe) in ladders.items():
         rec = Record(spec.name, "eig", name, "top eigenvalue")
         try:
@@ -193,10 +195,18 @@ def run_eig(spec, model, x, y, ref, tools) -> list[Record]:
                     if runs[-1][3] > EIG_TARGET:
                         break  # this setting fails; the remaining seeds need not run
                 worst = max(r[3] for r in runs)
-                say(f"    {name:20s} {describe(setting):45s} {sum(r[2] for r in runs) / len(runs):8.3f}s  "
+                say(
+                    f"    {name:20s} {describe(setting):45s} {sum(r[2] for r in runs) / len(runs):8.3f}s  "
                     f"{sum(r[1] for r in runs) / len(runs):6.1f} products  worst rel err {worst:.2e} "
-                    f"over {len(runs)} seed(s)")
-                cand = (setting, runs[0][0], sum(r[1] for r in runs) / len(runs), sum(r[2] for r in runs) / len(runs), worst)
+                    f"over {len(runs)} seed(s)"
+                )
+                cand = (
+                    setting,
+                    runs[0][0],
+                    sum(r[1] for r in runs) / len(runs),
+                    sum(r[2] for r in runs) / len(runs),
+                    worst,
+                )
                 best = cand if best is None or worst < best[4] else best
                 if worst <= EIG_TARGET and len(runs) == len(EIG_SEEDS):
                     times = []
@@ -213,8 +223,10 @@ def run_eig(spec, model, x, y, ref, tools) -> list[Record]:
             rec.accuracy = {"rel_err": err}
             rec.reached = err <= EIG_TARGET
             if not rec.reached:
-                rec.note = (f"no setting of the ladder reached 1e-3 from all {len(EIG_SEEDS)} seeds; "
-                            "the most accurate one is shown")
+                rec.note = (
+                    f"no setting of the ladder reached 1e-3 from all {len(EIG_SEEDS)} seeds; "
+                    "the most accurate one is shown"
+                )
         except Exception as exc:  # a failing peer is reported, the rest go on
             rec.status = f"failed: {short_reason(exc)}"
             say(f"    {name:20s} FAILED {rec.status}")
@@ -322,7 +334,9 @@ def run_slq(spec, model, x, y, ref, tools) -> list[Record]:
                 dt = min(dt, timed(fn)[1])
             rec.time_s, rec.num_matvecs = dt, n
             if n < runs * steps:
-                rec.note = (rec.note + "; " if rec.note else "") + f"runs stopped early (breakdown declared): {n} of {runs * steps} products"
+                rec.note = (
+                    rec.note + "; " if rec.note else ""
+                ) + f"runs stopped early (breakdown declared): {n} of {runs * steps} products"
             m1 = float(np.mean([float((w * v).sum()) for v, w in zip(nodes, weights, strict=True)]))
             rec.accuracy = {
                 "moment1_rel_err": rel(m1 * dim, ref["trace"]),
@@ -333,7 +347,10 @@ def run_slq(spec, model, x, y, ref, tools) -> list[Record]:
                 rec.accuracy["moment2_rel_err"] = rel(m2 * dim, ref["fro2"])
                 diff = (smoothed(nodes, weights, grid, sigma) - exact_density).abs()
                 rec.accuracy["density_l1"] = float(torch.trapezoid(diff, grid))
-            say(f"    {t.name:20s} {rec.setting:20s} {dt:8.3f}s  {n:5d} products  " + "  ".join(f"{k} {v:.2e}" for k, v in rec.accuracy.items()))
+            say(
+                f"    {t.name:20s} {rec.setting:20s} {dt:8.3f}s  {n:5d} products  "
+                + "  ".join(f"{k} {v:.2e}" for k, v in rec.accuracy.items())
+            )
         except Exception as exc:
             rec.status = f"failed: {short_reason(exc)}"
             say(f"    {t.name:20s} FAILED {rec.status}")
@@ -382,7 +399,13 @@ def run_hvp(spec, model, x, y, tools, reps: int) -> list[Record]:
         tool, what = k.split(":")
         if what == "grad":
             continue
-        rec = Record(spec.name, "hvp", tool, "one HVP", setting="graph kept" if tool in ("ours", "pyhessian") else "graph rebuilt per product")
+        rec = Record(
+            spec.name,
+            "hvp",
+            tool,
+            "one HVP",
+            setting="graph kept" if tool in ("ours", "pyhessian") else "graph rebuilt per product",
+        )
         if k in failed:
             rec.status = failed[k]
         else:
@@ -400,5 +423,3 @@ def run_hvp(spec, model, x, y, tools, reps: int) -> list[Record]:
     del holders
     model.zero_grad(set_to_none=True)
     return out
-
-

@@ -140,9 +140,7 @@ class Curvlinops:
 
     def op(self, model, x, y):
         params = [p for p in model.parameters() if p.requires_grad]
-        return self.cl.HessianLinearOperator(
-            model, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False
-        )
+        return self.cl.HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
 
     def top_eig(self, model, x, y, tol, seed=SEED):
         from scipy.sparse.linalg import LinearOperator, eigsh
@@ -227,5 +225,3 @@ class Eigenthings:
         nodes = [row[~torch.isnan(row)].double() for row in r.raw_eigenvalues]
         weights = [w[: len(v)].double() for w, v in zip(r.raw_weights, nodes, strict=True)]
         return nodes, weights, op.counter.n
-
-

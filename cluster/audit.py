@@ -35,10 +35,10 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 from urllib.parse import quote
 
 from cluster.checkpoints import CheckpointError, checkpoint_sha256, expand_checkpoints, hashed_files
@@ -89,7 +89,7 @@ class AuditLock:
         self.progress = progress
         self._file = None
 
-    def __enter__(self) -> "AuditLock":
+    def __enter__(self) -> AuditLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:
@@ -101,7 +101,7 @@ class AuditLock:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}\n")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}\n")
         f.flush()
         self._file = f
         return self
@@ -159,9 +159,17 @@ class Auditor:
         clock: wall-clock seconds (injectable so backoff can be tested without waiting).
     """
 
-    def __init__(self, spec: JobSpec, *, backend: str = "auto", metrics: Metrics | None = None,
-                 progress: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
-                 backoff_base_s: float = BACKOFF_BASE_S, backoff_cap_s: float = BACKOFF_CAP_S) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        *,
+        backend: str = "auto",
+        metrics: Metrics | None = None,
+        progress: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.time,
+        backoff_base_s: float = BACKOFF_BASE_S,
+        backoff_cap_s: float = BACKOFF_CAP_S,
+    ) -> None:
         self.spec = spec
         self.backend = choose_backend(spec) if backend == "auto" else backend
         self.metrics = metrics
@@ -237,8 +245,18 @@ class Auditor:
                     return True
                 return False
 
-            summary = run_job(spec, backend=self.backend, progress=self.progress, metrics=self.metrics,
-                              checkpoints=checkpoints, exclude=backing_off) if checkpoints else None
+            summary = (
+                run_job(
+                    spec,
+                    backend=self.backend,
+                    progress=self.progress,
+                    metrics=self.metrics,
+                    checkpoints=checkpoints,
+                    exclude=backing_off,
+                )
+                if checkpoints
+                else None
+            )
             if summary is not None:
                 report.ran, report.stored = summary.num_done, summary.num_skipped
                 report.failed += summary.num_failed
@@ -289,11 +307,13 @@ class Auditor:
         # the Hessian's λ_max (never Adam's λ_max(P⁻¹H)); where several kinds hold one for a
         # checkpoint, the kind of higher Headline.lambda_max_priority wins (eigenvalues over
         # sharpness over critical over eos)
-        holders = sorted((k for k in KINDS.values() if k.headline.lambda_max is not None),
-                         key=lambda k: k.headline.lambda_max_priority)
-        for kind in holders:
+        holders = sorted(
+            ((k, k.headline.lambda_max) for k in KINDS.values() if k.headline.lambda_max is not None),
+            key=lambda holder: holder[0].headline.lambda_max_priority,
+        )
+        for kind, lambda_max in holders:
             for r in rows(kind.name):
-                value = kind.headline.lambda_max(r)
+                value = lambda_max(r)
                 if value is not None:
                     lam[r["checkpoint"]] = value
         series = sorted(lam, key=rank.__getitem__)
@@ -303,20 +323,26 @@ class Auditor:
                 m.lambda_max_change.labels(series=name).set((lam[series[-1]] - lam[series[-2]]) / abs(lam[series[-2]]))
         # the other gauges (Headline.gauges): the latest checkpoint's row, or the newest row
         latest: dict[tuple, float] = {}
-        with_gauges = [k for k in KINDS.values() if k.headline.gauges is not None]
-        for kind in with_gauges:
+        with_gauges = [(k, k.headline.gauges) for k in KINDS.values() if k.headline.gauges is not None]
+        for kind, gauges in with_gauges:
             by_checkpoint = rows(kind.name)
             by_time = sorted(job_rows(kind.name), key=lambda r: r["created_at"])
-            for order, ordered in (("checkpoint", by_checkpoint), ("time", by_time)):
+            for latest_by, ordered in (("checkpoint", by_checkpoint), ("time", by_time)):
                 for r in ordered:
-                    for g in kind.headline.gauges(r):
-                        if g.latest == order:
+                    for g in gauges(r):
+                        if g.latest == latest_by:
                             latest[(g.name, g.labels)] = g.value
         for (gauge, labels), value in latest.items():
             getattr(m, gauge).labels(series=name, **dict(labels)).set(value)
 
-    def run(self, every_s: float | None = None, *, max_passes: int | None = None,
-            stop: threading.Event | None = None, sleep: Callable[[float], object] | None = None) -> PassReport:
+    def run(
+        self,
+        every_s: float | None = None,
+        *,
+        max_passes: int | None = None,
+        stop: threading.Event | None = None,
+        sleep: Callable[[float], object] | None = None,
+    ) -> PassReport:
         """Run passes every ``every_s`` seconds (one pass when None) until ``stop`` is set or
         ``max_passes`` passes have run; returns the last pass's report.
 
@@ -344,8 +370,10 @@ class Auditor:
                     self.metrics.audit_passes.labels(job_name=self.spec.name, outcome="failed").inc()
                     self.metrics.audit_last_pass.labels(job_name=self.spec.name).set(self.clock())
                 wait = self.pass_retry_delay(errors_in_row, every_s)
-                self.progress(f"[{self.spec.name}] audit pass failed ({errors_in_row} in a row): "
-                              f"{type(exc).__name__}: {exc}; retrying in {wait:.0f} s")
+                self.progress(
+                    f"[{self.spec.name}] audit pass failed ({errors_in_row} in a row): "
+                    f"{type(exc).__name__}: {exc}; retrying in {wait:.0f} s"
+                )
             if every_s is None or (max_passes is not None and self.passes >= max_passes):
                 break
             # passes start on a fixed cadence; a failed pass is retried after its backoff
@@ -365,7 +393,8 @@ def audit_main(args) -> int:
         every = parse_duration(args.every) if args.every else None
     except ValueError as exc:
         raise SpecError(f"--every: {exc}") from None
-    auditor = Auditor(spec, metrics=Metrics())
+    metrics = Metrics()
+    auditor = Auditor(spec, metrics=metrics)
     if auditor.backend == "ray":
         from cluster.raytools import connect
 
@@ -373,7 +402,7 @@ def audit_main(args) -> int:
     port = args.metrics_port if args.metrics_port is not None else (DEFAULT_PORT if every else None)
     server = None
     if port is not None:
-        server, _ = serve(auditor.metrics, port=port, addr=args.metrics_addr)
+        server, _ = serve(metrics, port=port, addr=args.metrics_addr)
         print(f"metrics at http://{args.metrics_addr}:{server.server_port}/metrics", file=sys.stderr, flush=True)
     stop = threading.Event()
 

@@ -73,7 +73,9 @@ class DiskBasis(HostBasis):
         if not self.folder.exists():
             raise FileNotFoundError(f"DiskBasis folder {self.folder} does not exist; create it or pass another folder")
         if not self.folder.is_dir():
-            raise NotADirectoryError(f"DiskBasis folder {self.folder} is not a folder; pass a folder for the basis file")
+            raise NotADirectoryError(
+                f"DiskBasis folder {self.folder} is not a folder; pass a folder for the basis file"
+            )
         path = self._create_file()  # fails now, naming the folder, if nothing can be written there
         _remove(path)
         self.path: Path | None = None
@@ -95,7 +97,8 @@ class DiskBasis(HostBasis):
             ) from e
         except OSError as e:
             raise OSError(
-                e.errno, f"cannot create a basis file in DiskBasis folder {self.folder} ({e.strerror}); pass another folder"
+                e.errno,
+                f"cannot create a basis file in DiskBasis folder {self.folder} ({e.strerror}); pass another folder",
             ) from e
         os.close(fd)
         return path

@@ -25,10 +25,20 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a job spec (local Ray instance, or cluster.address)")
     run.add_argument("spec", help="job spec (YAML)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                     help="override a spec value, e.g. --set cluster.num_workers=2 (repeatable)")
-    run.add_argument("--metrics-port", type=int, default=None,
-                     help="serve Prometheus metrics at http://ADDR:PORT/metrics while the job runs")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a spec value, e.g. --set cluster.num_workers=2 (repeatable)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics while the job runs",
+    )
     run.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default: loopback)")
 
     submit = sub.add_parser("submit", help="submit a job spec to a Ray cluster as a Ray job")
@@ -36,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     submit.add_argument("--no-wait", action="store_true", help="return once submitted instead of streaming logs")
-    submit.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory (default: .)")
+    submit.add_argument(
+        "--working-dir", default=".", help="folder uploaded as the job's working directory (default: .)"
+    )
     submit.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job (default 3600)")
 
     audit = sub.add_parser("audit", help="audit a checkpoint folder: once, or every DURATION")
@@ -45,10 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     when.add_argument("--every", metavar="DURATION", help="run a pass every DURATION (e.g. 30m, 1h, 90s) until stopped")
     when.add_argument("--once", action="store_true", help="run one pass and exit")
     audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    audit.add_argument("--metrics-port", type=int, default=None,
-                       help="serve Prometheus metrics at http://ADDR:PORT/metrics (default with --every: 9464; off with --once)")
-    audit.add_argument("--metrics-addr", default="127.0.0.1", help="address for the metrics endpoint (default: loopback)")
-    audit.add_argument("--max-passes", type=int, default=None, help="stop after this many passes (default: run until stopped)")
+    audit.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics (default with --every: 9464; off with --once)",
+    )
+    audit.add_argument(
+        "--metrics-addr", default="127.0.0.1", help="address for the metrics endpoint (default: loopback)"
+    )
+    audit.add_argument(
+        "--max-passes", type=int, default=None, help="stop after this many passes (default: run until stopped)"
+    )
 
     report = sub.add_parser("report", help="render a results folder into PNG figures and one self-contained HTML page")
     report.add_argument("results", metavar="RESULTS_DIR", help="a job's output.path")
@@ -58,8 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--workers", type=int, default=2, help="Ray workers in the local instance (default: 2)")
-    demo.add_argument("--metrics-port", type=int, default=9464,
-                      help="loopback port for the metrics endpoint while the demo runs (default 9464; a free one if taken)")
+    demo.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9464,
+        help="loopback port for the metrics endpoint while the demo runs (default 9464; a free one if taken)",
+    )
     return parser
 
 
@@ -89,8 +113,11 @@ def _run(args) -> int:
             server.shutdown()
     if not summary.ok:
         first = summary.failures[0]
-        print(f"probe run: {summary.num_failed} of {summary.num_tasks} task(s) failed; first: {first['kind']} @ "
-              f"{first['checkpoint']}: {str(first['reason']).splitlines()[0]}", file=sys.stderr)
+        print(
+            f"probe run: {summary.num_failed} of {summary.num_tasks} task(s) failed; first: {first['kind']} @ "
+            f"{first['checkpoint']}: {str(first['reason']).splitlines()[0]}",
+            file=sys.stderr,
+        )
         return EXIT_OTHER
     return 0
 

@@ -17,7 +17,9 @@ PAD_ID = 0  # input id at padded positions (their targets are IGNORE_INDEX)
 IGNORE_INDEX = -100  # as probe.batches: targets that no token-mean loss counts
 
 
-def digits_tensors(*, split: str = "train", test_fraction: float = 0.25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def digits_tensors(
+    *, split: str = "train", test_fraction: float = 0.25, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 8×8 digits (1,797 images, 10 classes) as ``(x, y)`` tensors.
 
     Pixels are scaled to [0, 1] (the raw range is 0..16) and flattened to 64
@@ -59,7 +61,12 @@ def bigram_chain(vocab: int, *, seed: int = 0, sharpness: float = 2.0) -> torch.
 
 
 def tokens_tensors(
-    *, num_sequences: int = 256, seq_len: int = 16, vocab: int = 16, seed: int = 0, chain_seed: int = 0,
+    *,
+    num_sequences: int = 256,
+    seq_len: int = 16,
+    vocab: int = 16,
+    seed: int = 0,
+    chain_seed: int = 0,
     min_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token data from :func:`bigram_chain`: ``(ids, targets)``, each ``(num_sequences, seq_len)`` int64.
@@ -110,19 +117,29 @@ class _TokenDicts(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": (self.targets[i] != IGNORE_INDEX).long(),
-                "labels": self.targets[i]}
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": (self.targets[i] != IGNORE_INDEX).long(),
+            "labels": self.targets[i],
+        }
 
 
 def tokens(
-    *, num_sequences: int = 256, seq_len: int = 16, vocab: int = 16, seed: int = 0, chain_seed: int = 0,
-    min_len: int | None = None, as_dict: bool = False,
+    *,
+    num_sequences: int = 256,
+    seq_len: int = 16,
+    vocab: int = 16,
+    seed: int = 0,
+    chain_seed: int = 0,
+    min_len: int | None = None,
+    as_dict: bool = False,
 ) -> Dataset:
     """:func:`tokens_tensors` as a map-style dataset: ``(ids[T], next_ids[T])`` pairs, or with
     ``as_dict`` dicts ``{"input_ids", "attention_mask", "labels"}`` (the model is then called
     with the first two as keywords; ``attention_mask`` is 1 at kept positions)."""
-    ids, targets = tokens_tensors(num_sequences=num_sequences, seq_len=seq_len, vocab=vocab, seed=seed,
-                                  chain_seed=chain_seed, min_len=min_len)
+    ids, targets = tokens_tensors(
+        num_sequences=num_sequences, seq_len=seq_len, vocab=vocab, seed=seed, chain_seed=chain_seed, min_len=min_len
+    )
     return _TokenDicts(ids, targets) if as_dict else TensorDataset(ids, targets)
 
 
@@ -150,8 +167,17 @@ class TokenWindows(Dataset):
         total_windows: windows the stream holds (``len(self)`` when ``count`` is None).
     """
 
-    def __init__(self, path: str, windows: torch.Tensor, starts: torch.Tensor, *, window: int, labels: str,
-                 num_tokens: int, total_windows: int) -> None:
+    def __init__(
+        self,
+        path: str,
+        windows: torch.Tensor,
+        starts: torch.Tensor,
+        *,
+        window: int,
+        labels: str,
+        num_tokens: int,
+        total_windows: int,
+    ) -> None:
         self.path, self.window, self.labels = path, window, labels
         self.windows, self.starts = windows, starts  # (n, window) or (n, window + 1) with labels="next"
         self.num_tokens, self.total_windows = num_tokens, total_windows
@@ -163,12 +189,17 @@ class TokenWindows(Dataset):
         w = self.windows[i]
         ids, labels = (w[:-1], w[1:]) if self.labels == "next" else (w, w)
         ids = ids.clone()
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "labels": ids.clone() if self.labels == "input_ids" else labels.clone()}
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": ids.clone() if self.labels == "input_ids" else labels.clone(),
+        }
 
     def __repr__(self) -> str:
-        return (f"TokenWindows({self.path!r}, window={self.window}, windows={len(self)} of {self.total_windows}, "
-                f"tokens={self.num_tokens}, labels={self.labels!r})")
+        return (
+            f"TokenWindows({self.path!r}, window={self.window}, windows={len(self)} of {self.total_windows}, "
+            f"tokens={self.num_tokens}, labels={self.labels!r})"
+        )
 
 
 def token_windows(
@@ -225,42 +256,53 @@ def token_windows(
     """
     path = os.fspath(path)
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ValueError(f"token_windows({path!r}): window must be an integer of at least 2 tokens, "
-                         f"got window={window!r}")
+        raise ValueError(
+            f"token_windows({path!r}): window must be an integer of at least 2 tokens, got window={window!r}"
+        )
     if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
-        raise ValueError(f"token_windows({path!r}): stride must be a positive integer or None (= window), "
-                         f"got stride={stride!r}")
+        raise ValueError(
+            f"token_windows({path!r}): stride must be a positive integer or None (= window), got stride={stride!r}"
+        )
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-        raise ValueError(f"token_windows({path!r}): count must be a positive integer or None (every window), "
-                         f"got count={count!r}")
+        raise ValueError(
+            f"token_windows({path!r}): count must be a positive integer or None (every window), got count={count!r}"
+        )
     if labels not in LABEL_MODES:
         raise ValueError(f"token_windows({path!r}): labels must be one of {LABEL_MODES}, got labels={labels!r}")
     stride = window if stride is None else stride
     local = os.path.expanduser(path)
     if not os.path.exists(local):
-        raise FileNotFoundError(f"token_windows: data file {path!r} does not exist (relative paths are taken from "
-                                f"{os.getcwd()!r}); check data.kwargs.path")
+        raise FileNotFoundError(
+            f"token_windows: data file {path!r} does not exist (relative paths are taken from "
+            f"{os.getcwd()!r}); check data.kwargs.path"
+        )
     if os.path.isdir(local):
-        raise ValueError(f"token_windows: {path!r} is a folder; "
-                         f"give one {'/'.join(TEXT_SUFFIXES + TABLE_SUFFIXES)} file")
+        raise ValueError(
+            f"token_windows: {path!r} is a folder; give one {'/'.join(TEXT_SUFFIXES + TABLE_SUFFIXES)} file"
+        )
     suffix = os.path.splitext(local)[1].lower()
     if suffix not in TEXT_SUFFIXES + TABLE_SUFFIXES:
-        raise ValueError(f"token_windows: cannot read {path!r} (suffix {suffix or 'none'!r}); "
-                         f"give a {', '.join(TEXT_SUFFIXES + TABLE_SUFFIXES)} file")
+        raise ValueError(
+            f"token_windows: cannot read {path!r} (suffix {suffix or 'none'!r}); "
+            f"give a {', '.join(TEXT_SUFFIXES + TABLE_SUFFIXES)} file"
+        )
     tok = None if tokenizer is None else _Tokenizer(os.fspath(tokenizer), path)
 
     if suffix in TEXT_SUFFIXES:
         if column is not None:
             raise ValueError(f"token_windows({path!r}): column={column!r} applies to Parquet/Arrow files only; drop it")
         if tok is None:
-            raise ValueError(f"token_windows({path!r}): the text must be tokenized: give tokenizer: the model folder "
-                             f"(one holding tokenizer.json)")
+            raise ValueError(
+                f"token_windows({path!r}): the text must be tokenized: give tokenizer: the model folder "
+                f"(one holding tokenizer.json)"
+            )
         try:
             with open(local, encoding="utf-8") as f:
                 text = f.read()
         except UnicodeDecodeError as exc:
-            raise ValueError(f"token_windows({path!r}): not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                             f"convert the file to UTF-8") from None
+            raise ValueError(
+                f"token_windows({path!r}): not UTF-8 text ({exc.reason} at byte {exc.start}); convert the file to UTF-8"
+            ) from None
         stream = np.asarray(tok.encode([text])[0], dtype=np.int64)
     else:
         stream = _table_stream(local, path, column, tok)
@@ -270,8 +312,11 @@ def token_windows(
     total = (n_tokens - span) // stride + 1 if n_tokens >= span else 0
     if total < (1 if count is None else count):
         extra = " + 1 (labels='next')" if labels == "next" else ""
-        wanted, fix = ("not one window", "lower window") if count is None else (f"fewer than count={count}",
-                                                                               "lower count or window")
+        wanted, fix = (
+            ("not one window", "lower window")
+            if count is None
+            else (f"fewer than count={count}", "lower count or window")
+        )
         raise ValueError(
             f"token_windows({path!r}): {n_tokens} tokens make {total} window(s) of {window}{extra} tokens every "
             f"{stride}, {wanted}; {fix}, or give a longer file"
@@ -285,8 +330,9 @@ def token_windows(
         g = torch.Generator().manual_seed(int(seed))
         chosen = torch.randperm(total, generator=g)[:count].sort().values
         windows = all_windows[chosen].contiguous()
-    return TokenWindows(path, windows, chosen * stride, window=window, labels=labels, num_tokens=n_tokens,
-                        total_windows=total)
+    return TokenWindows(
+        path, windows, chosen * stride, window=window, labels=labels, num_tokens=n_tokens, total_windows=total
+    )
 
 
 class _Tokenizer:
@@ -296,8 +342,10 @@ class _Tokenizer:
     def __init__(self, where: str, data_path: str) -> None:
         local = os.path.expanduser(where)
         if not os.path.exists(local):
-            raise FileNotFoundError(f"token_windows({data_path!r}): tokenizer folder {where!r} does not exist; "
-                                    f"give tokenizer: the model folder (one holding tokenizer.json)")
+            raise FileNotFoundError(
+                f"token_windows({data_path!r}): tokenizer folder {where!r} does not exist; "
+                f"give tokenizer: the model folder (one holding tokenizer.json)"
+            )
         if os.path.isfile(local):  # the tokenizer.json itself
             folder, file = os.path.dirname(local), local
         else:
@@ -308,13 +356,16 @@ class _Tokenizer:
             try:
                 from tokenizers import Tokenizer
             except ImportError:
-                raise ImportError(f"token_windows: reading tokenizer {where!r} needs the tokenizers library: "
-                                  f"{HF_EXTRA}") from None
+                raise ImportError(
+                    f"token_windows: reading tokenizer {where!r} needs the tokenizers library: {HF_EXTRA}"
+                ) from None
             try:
                 tok = Tokenizer.from_file(file)
             except Exception as exc:  # noqa: BLE001 - the Rust error, reduced to one line
-                raise ValueError(f"token_windows: cannot read tokenizer {file!r} ({_first_line(exc)}); "
-                                 f"give the model folder's tokenizer.json") from None
+                raise ValueError(
+                    f"token_windows: cannot read tokenizer {file!r} ({_first_line(exc)}); "
+                    f"give the model folder's tokenizer.json"
+                ) from None
             tok.no_truncation()
             tok.no_padding()
             self._tok, self._fast = tok, True
@@ -337,13 +388,17 @@ class _Tokenizer:
             try:
                 from transformers import AutoTokenizer
             except ImportError:
-                raise ImportError(f"token_windows: tokenizer folder {where!r} has no tokenizer.json and reading it "
-                                  f"needs transformers: {HF_EXTRA}") from None
+                raise ImportError(
+                    f"token_windows: tokenizer folder {where!r} has no tokenizer.json and reading it "
+                    f"needs transformers: {HF_EXTRA}"
+                ) from None
             try:
                 tok = AutoTokenizer.from_pretrained(local, local_files_only=True)
             except Exception as exc:  # noqa: BLE001 - transformers' many error types, reduced to one line
-                raise ValueError(f"token_windows: cannot load a tokenizer from {where!r} ({_first_line(exc)}); "
-                                 f"give the model folder that holds tokenizer.json") from None
+                raise ValueError(
+                    f"token_windows: cannot load a tokenizer from {where!r} ({_first_line(exc)}); "
+                    f"give the model folder that holds tokenizer.json"
+                ) from None
             self._tok, self._fast = tok, False
             eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
             self.eos_id = None if eos is None else int(eos)
@@ -382,8 +437,10 @@ def _read_table(local: str, path: str):
             with pa.memory_map(local) as src:
                 return pa.ipc.open_stream(src).read_all()
     except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"token_windows: cannot read {path!r} as {suffix[1:]} ({_first_line(exc)}); "
-                         f"check that it is a {suffix[1:]} file") from None
+        raise ValueError(
+            f"token_windows: cannot read {path!r} as {suffix[1:]} ({_first_line(exc)}); "
+            f"check that it is a {suffix[1:]} file"
+        ) from None
 
 
 def _table_stream(local: str, path: str, column: str | None, tok: _Tokenizer | None) -> np.ndarray:
@@ -417,8 +474,10 @@ def _table_stream(local: str, path: str, column: str | None, tok: _Tokenizer | N
         lengths = row_lengths.to_numpy(zero_copy_only=False).astype(np.int64)
         ids = values.to_numpy(zero_copy_only=False)
         if ids.size and (int(ids.min()) < 0 or (ids.dtype == np.uint64 and int(ids.max()) > np.iinfo(np.int64).max)):
-            raise ValueError(f"{where} holds token ids outside [0, 2**63) (min {int(ids.min())}); "
-                             f"token ids are non-negative vocabulary indices")
+            raise ValueError(
+                f"{where} holds token ids outside [0, 2**63) (min {int(ids.min())}); "
+                f"token ids are non-negative vocabulary indices"
+            )
         ids = ids.astype(np.int64)
         if tok is None or tok.eos_id is None:
             return ids
@@ -436,5 +495,7 @@ def _table_stream(local: str, path: str, column: str | None, tok: _Tokenizer | N
             joined += sep
             joined += d
         return np.asarray(joined, dtype=np.int64)
-    raise ValueError(f"{where} is of type {t}, neither lists of integer token ids nor strings; "
-                     f"choose another column (the columns are {names})")
+    raise ValueError(
+        f"{where} is of type {t}, neither lists of integer token ids nor strings; "
+        f"choose another column (the columns are {names})"
+    )

@@ -61,8 +61,13 @@ def train_series(folder: Path, *, seed: int, lr: float = DEMO_LR, save_at=DEMO_S
     for step in range(max(save_at) + 1):
         if step in save_at:
             path = folder / f"step-{step}.safetensors"
-            meta = {"lr": repr(lr), "step": str(step), "seed": str(seed), "optimizer": "gd",
-                    "batch_size": str(len(y))}  # full batch
+            meta = {
+                "lr": repr(lr),
+                "step": str(step),
+                "seed": str(seed),
+                "optimizer": "gd",
+                "batch_size": str(len(y)),
+            }  # full batch
             tmp = path.with_name(f".{path.name}.tmp")  # never leave a half-written checkpoint under its name
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
             tmp.replace(path)
@@ -91,9 +96,12 @@ def _specs(out: Path, a: list[Path], b: list[Path], num_workers: int, seed: int)
     a_final, b_final = rel(a[-1]), rel(b[-1])
     common = {
         "model": {"factory": "probe.models:digits_mlp", "kwargs": {"hidden": DEMO_HIDDEN}},
-        "data": {"factory": "cluster.data:digits", "num_examples": 512, "batch_size": 128,
-                 "eval_sets": {"test": {"factory": "cluster.data:digits", "kwargs": {"split": "test"},
-                                        "num_examples": 256}}},
+        "data": {
+            "factory": "cluster.data:digits",
+            "num_examples": 512,
+            "batch_size": 128,
+            "eval_sets": {"test": {"factory": "cluster.data:digits", "kwargs": {"split": "test"}, "num_examples": 256}},
+        },
         "loss": "cross_entropy",
         "precision": "float64",
         "mode": "eval",
@@ -112,8 +120,14 @@ def _specs(out: Path, a: list[Path], b: list[Path], num_workers: int, seed: int)
             {"kind": "spectrum", "runs": 10, "steps": 80},
             {"kind": "sharpness", "measures": ["lambda_max", "keskar", "sam", "adaptive"], "steps": 10},
             {"kind": "surface", "dims": 2, "resolution": 21, "span": 1.0},
-            {"kind": "barrier", "between": [a_final, b_final], "path": ["linear", "bezier"], "points": 25,
-             "train_steps": 200, "eval_sets": ["probe", "test"]},
+            {
+                "kind": "barrier",
+                "between": [a_final, b_final],
+                "path": ["linear", "bezier"],
+                "points": 25,
+                "train_steps": 200,
+                "eval_sets": ["probe", "test"],
+            },
             {"kind": "pacbayes", "target": 0.1, "samples": 32},
             {"kind": "noise"},
             {"kind": "critical"},
@@ -145,8 +159,14 @@ def _serve_metrics(metrics, port: int | None):
     return None
 
 
-def run_demo(out_dir: str | Path = "out/demo", *, seed: int = 0, num_workers: int = 2, metrics_port: int | None = 9464,
-             stream: TextIO = sys.stdout) -> dict:
+def run_demo(
+    out_dir: str | Path = "out/demo",
+    *,
+    seed: int = 0,
+    num_workers: int = 2,
+    metrics_port: int | None = 9464,
+    stream: TextIO = sys.stdout,
+) -> dict:
     """Run the demo under ``out_dir``; returns where everything is and the headline values."""
     from cluster.job import run_job
     from cluster.metrics import Metrics
@@ -159,14 +179,18 @@ def run_demo(out_dir: str | Path = "out/demo", *, seed: int = 0, num_workers: in
     say = lambda msg: print(msg, file=stream, flush=True)  # noqa: E731
     t0 = time.perf_counter()
 
-    say(f"[1/5] training two digits MLPs (64-{DEMO_HIDDEN}-{DEMO_HIDDEN}-10, tanh) by full-batch GD, η = {DEMO_LR:g}, "
-        f"{max(DEMO_STEPS)} steps ...")
+    say(
+        f"[1/5] training two digits MLPs (64-{DEMO_HIDDEN}-{DEMO_HIDDEN}-10, tanh) by full-batch GD, η = {DEMO_LR:g}, "
+        f"{max(DEMO_STEPS)} steps ..."
+    )
     a = train_series(out / "checkpoints" / "run-a", seed=seed)
     b = train_series(out / "checkpoints" / "run-b", seed=seed + 1, save_at=(max(DEMO_STEPS),))
     for name, path in (("A", a[-1]), ("B", b[-1])):
-        say(f"      run {name}: train accuracy {_accuracy(path, 'train'):.3f}, "
+        say(
+            f"      run {name}: train accuracy {_accuracy(path, 'train'):.3f}, "
             f"test accuracy {_accuracy(path, 'test'):.3f}"
-            f"  ({path.relative_to(out)})")
+            f"  ({path.relative_to(out)})"
+        )
     specs = _specs(out, a, b, num_workers, seed)
 
     say(f"[2/5] starting a local Ray instance with {num_workers} workers and the metrics endpoint ...")
@@ -180,8 +204,10 @@ def run_demo(out_dir: str | Path = "out/demo", *, seed: int = 0, num_workers: in
     try:
         for i, (name, spec_path) in enumerate(specs.items(), start=3):
             spec = load_spec(spec_path)
-            say(f"[{i}/5] job {name!r} ({spec_path.relative_to(out)}): "
-                f"{len(spec.probes)} probe(s) on a group of {num_workers} Ray workers ...")
+            say(
+                f"[{i}/5] job {name!r} ({spec_path.relative_to(out)}): "
+                f"{len(spec.probes)} probe(s) on a group of {num_workers} Ray workers ..."
+            )
             summaries[name] = run_job(spec, backend="ray", metrics=metrics, progress=lambda m: say("      " + m))
         exposition = urllib.request.urlopen(url, timeout=10).read().decode() if url else ""
     finally:
@@ -192,12 +218,16 @@ def run_demo(out_dir: str | Path = "out/demo", *, seed: int = 0, num_workers: in
     html = write_report(results)
 
     store = ResultStore(results)
-    rows = {k: store.read(k).to_pylist()
-            for k in ("eigenvalues", "trace", "sharpness", "barrier", "eos", "spectrum", "pacbayes", "noise", "critical")}
+    rows = {
+        k: store.read(k).to_pylist()
+        for k in ("eigenvalues", "trace", "sharpness", "barrier", "eos", "spectrum", "pacbayes", "noise", "critical")
+    }
     a_name, b_name = a[-1].relative_to(out).as_posix(), b[-1].relative_to(out).as_posix()
 
     def of(kind, ckpt_suffix, **match):
-        return [r for r in rows[kind] if r["checkpoint"].endswith(ckpt_suffix) and all(r[k] == v for k, v in match.items())]
+        return [
+            r for r in rows[kind] if r["checkpoint"].endswith(ckpt_suffix) and all(r[k] == v for k, v in match.items())
+        ]
 
     say("")
     say("Hessian of the mean cross-entropy over 512 probe examples (float64, eval mode)")
@@ -227,8 +257,10 @@ def run_demo(out_dir: str | Path = "out/demo", *, seed: int = 0, num_workers: in
         say(f"  barrier A ↔ B, {r['path']:6s} path, {r['eval_set']:5s} set: {r['barrier_height']:.4g}")
     eos = sorted(rows["eos"], key=lambda r: r["step"])
     if eos:
-        say("  edge of stability, run A (λ_max · η / 2 by step): "
-            + ", ".join(f"{r['step']}: {r['ratio']:.2f}" for r in eos))
+        say(
+            "  edge of stability, run A (λ_max · η / 2 by step): "
+            + ", ".join(f"{r['step']}: {r['ratio']:.2f}" for r in eos)
+        )
     hvps = sum(r.get("num_matvecs") or 0 for k in rows for r in rows[k])
     say("")
     say(f"done in {time.perf_counter() - t0:.0f} s; {hvps:,} Hessian-vector products stored")
@@ -237,10 +269,22 @@ def run_demo(out_dir: str | Path = "out/demo", *, seed: int = 0, num_workers: in
     say(f"  Parquet ....... {results}/<kind>/job=<name>/   (pyarrow.dataset.dataset(path, partitioning='hive'))")
     say(f"  report ........ {html}")
     if url:
-        lines = [ln for ln in exposition.splitlines()
-                 if ln.startswith(("probe_lambda_max{", "probe_eos_ratio{", 'probe_hvp_total{job_name="geometry",kind="spectrum"'))]
+        lines = [
+            ln
+            for ln in exposition.splitlines()
+            if ln.startswith(
+                ("probe_lambda_max{", "probe_eos_ratio{", 'probe_hvp_total{job_name="geometry",kind="spectrum"')
+            )
+        ]
         say(f"  metrics ....... served at {url} while the jobs ran, e.g.")
         for ln in lines[:4]:
             say(f"                  {ln}")
-    return {"out": str(out), "specs": {k: str(v) for k, v in specs.items()}, "results": str(results), "report": str(html),
-            "metrics_url": url, "summaries": {k: vars(v) for k, v in summaries.items()}, "total_s": time.perf_counter() - t0}
+    return {
+        "out": str(out),
+        "specs": {k: str(v) for k, v in specs.items()},
+        "results": str(results),
+        "report": str(html),
+        "metrics_url": url,
+        "summaries": {k: vars(v) for k, v in summaries.items()},
+        "total_s": time.perf_counter() - t0,
+    }

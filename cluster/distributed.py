@@ -164,8 +164,9 @@ class ShardedEvaluator(Evaluator):
     def __init__(self, *args, group: dist.ProcessGroup | None = None, **kwargs) -> None:
         if kwargs.get("weighting", "examples") == "tokens":
             if kwargs.get("total_tokens") is None:
-                raise ValueError("ShardedEvaluator with weighting='tokens' needs total_tokens, the token count "
-                                 "over every worker")
+                raise ValueError(
+                    "ShardedEvaluator with weighting='tokens' needs total_tokens, the token count over every worker"
+                )
         elif kwargs.get("total_examples") is None:
             raise ValueError("ShardedEvaluator needs total_examples, the example count over every worker")
         super().__init__(*args, **kwargs)

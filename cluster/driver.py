@@ -29,8 +29,17 @@ from cluster.errors import category_of
 from cluster.groups import TaskError, WorkerLost
 
 __all__ = [
-    "Decision", "FailurePolicy", "Stored", "Failed", "Retry", "Outcome", "attempt", "Events", "JobSummary",
-    "SummaryEvents", "run_tasks",
+    "Decision",
+    "FailurePolicy",
+    "Stored",
+    "Failed",
+    "Retry",
+    "Outcome",
+    "attempt",
+    "Events",
+    "JobSummary",
+    "SummaryEvents",
+    "run_tasks",
 ]
 
 
@@ -116,8 +125,9 @@ class GroupSlot:
             self.group = None
 
 
-def attempt(slot: GroupSlot, task, attempts: int, policy: FailurePolicy,
-            on_start: Callable[[Any, int], None] | None = None) -> Outcome:
+def attempt(
+    slot: GroupSlot, task, attempts: int, policy: FailurePolicy, on_start: Callable[[Any, int], None] | None = None
+) -> Outcome:
     """Run one attempt of ``task`` on the slot's group; the group is dropped when it may be unusable."""
     try:
         group = slot.get()
@@ -185,17 +195,25 @@ class SummaryEvents(Events):
         t = outcome.task
         with self._lock:
             self.summary.num_failed += 1
-            self.summary.failures.append({"task": t.key, "checkpoint": t.checkpoint, "kind": t.kind,
-                                          "reason": str(outcome.error)})
+            self.summary.failures.append(
+                {"task": t.key, "checkpoint": t.checkpoint, "kind": t.kind, "reason": str(outcome.error)}
+            )
 
     def retrying(self, outcome: Retry) -> None:
         with self._lock:
             self.summary.restarts += 1
 
 
-def run_tasks(todo: Sequence, *, num_groups: int, make_group: Callable[[int], Group], policy: FailurePolicy,
-              rows_of: Callable[[Stored], list[dict]], handlers: Sequence[Events],
-              on_start: Callable[[Any, int], None] | None = None) -> list[BaseException]:
+def run_tasks(
+    todo: Sequence,
+    *,
+    num_groups: int,
+    make_group: Callable[[int], Group],
+    policy: FailurePolicy,
+    rows_of: Callable[[Stored], list[dict]],
+    handlers: Sequence[Events],
+    on_start: Callable[[Any, int], None] | None = None,
+) -> list[BaseException]:
     """Run ``todo`` on ``num_groups`` groups taking tasks from one queue; returns the errors that
     stopped a group (each also sent to the handlers' ``job_error``)."""
     work: queue.Queue = queue.Queue()

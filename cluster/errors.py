@@ -22,12 +22,25 @@ category           exit  raised for
 from __future__ import annotations
 
 __all__ = [
-    "CATEGORIES", "ProbeError", "NonFiniteError", "TaskFailed", "category_of", "exit_code_of", "EXIT_CODES",
+    "CATEGORIES",
+    "ProbeError",
+    "NonFiniteError",
+    "TaskFailed",
+    "category_of",
+    "exit_code_of",
+    "EXIT_CODES",
 ]
 
 CATEGORIES = ("bad_checkpoint", "bad_spec", "worker_lost", "non_finite", "placement", "write_failed", "other")
-EXIT_CODES = {"bad_spec": 2, "bad_checkpoint": 2, "placement": 3, "non_finite": 1, "worker_lost": 1,
-              "write_failed": 1, "other": 1}
+EXIT_CODES = {
+    "bad_spec": 2,
+    "bad_checkpoint": 2,
+    "placement": 3,
+    "non_finite": 1,
+    "worker_lost": 1,
+    "write_failed": 1,
+    "other": 1,
+}
 
 
 class ProbeError(Exception):

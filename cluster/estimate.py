@@ -184,20 +184,26 @@ class Estimate:
         return self.device_bytes_per_worker * self.workers_per_device if self.device == "cuda" else 0
 
     def summary(self) -> str:
-        gb = lambda b: f"{b / 1e9:.2f} GB"
+        def gb(b: float) -> str:
+            return f"{b / 1e9:.2f} GB"
+
         count = f"{self.parameters:,} parameters" if self.parameters >= 0 else "an unknown number of parameters"
         graphs = f"graphs {gb(self.graph_bytes_per_worker)} ({self.graph_how})"
         host = f", host bases {gb(self.host_bytes_per_worker)}" if self.host_bytes_per_worker else ""
         where = ""
         if self.device == "cuda":
             where = f"; GPU needs {gb(self.device_need_bytes)} of {gb(self.device_total_bytes)}"
-        return (f"size: {count} ({gb(self.checkpoint_bytes)} in the checkpoint, from its {self.how}); per worker: "
-                f"parameters {gb(self.param_bytes_per_worker)}, vectors {gb(self.vector_bytes_per_worker)}, "
-                f"{graphs}{host} = {gb(self.per_worker_bytes)}{where}; "
-                f"{self.workers_here} worker(s) on this host need {gb(self.here_bytes)} of {gb(self.available_bytes)} available")
+        return (
+            f"size: {count} ({gb(self.checkpoint_bytes)} in the checkpoint, from its {self.how}); per worker: "
+            f"parameters {gb(self.param_bytes_per_worker)}, vectors {gb(self.vector_bytes_per_worker)}, "
+            f"{graphs}{host} = {gb(self.per_worker_bytes)}{where}; "
+            f"{self.workers_here} worker(s) on this host need {gb(self.here_bytes)} "
+            f"of {gb(self.available_bytes)} available"
+        )
 
 
 # ---------------------------------------------------------------- the graph, measured on one batch
+
 
 @dataclass(frozen=True)
 class GraphCalibration:
@@ -232,7 +238,7 @@ def graph_calibration(spec, checkpoint: str, group: int) -> GraphCalibration:
     loss_fn = build_loss(spec.loss)
     params = [p for p in model.parameters() if p.requires_grad]
     param_storages = {p.untyped_storage().data_ptr() for p in params}
-    (x, y), = weigh_batches(batches[:1], params[0].dtype, torch.device("cpu")).batches
+    ((x, y),) = weigh_batches(batches[:1], params[0].dtype, torch.device("cpu")).batches
     seen: set[tuple[int, int]] = set()
     totals = {"saved": 0, "counted": 0}
 
@@ -273,6 +279,7 @@ def _graph_bytes(cal: GraphCalibration, param_bytes: int, budget: int) -> int:
 
 # ---------------------------------------------------------------- the probes' vectors
 
+
 def _product_bytes(k: int, dim: int, local: int, bp: int, bv: int, world: int, batched: bool) -> int:
     """Peak of one product of a block of ``k`` columns beyond its input (see the module docstring)."""
     if batched or k == 1:  # one backward for the block, from per-parameter copies of it
@@ -290,14 +297,18 @@ def _product_bytes(k: int, dim: int, local: int, bp: int, bv: int, world: int, b
     return gathered + unflatten + grads + out
 
 
-def _probe_bytes(p, dim: int, local: int, bp: int, bv: int, world: int, on_cuda: bool,
-                 symmetry_default: bool) -> tuple[int, int]:
+def _probe_bytes(
+    p, dim: int, local: int, bp: int, bv: int, world: int, on_cuda: bool, symmetry_default: bool
+) -> tuple[int, int]:
     """``(device, host)`` bytes of one probe's vectors and products: its kind's working set
     (:attr:`cluster.kinds.Kind.vectors`), its Lanczos basis placed where ``basis`` says, and the
     symmetry check's two products for a kind that takes it."""
     o = p.resolved()
     kind = KINDS[p.kind]
-    product = lambda k: _product_bytes(k, dim, local, bp, bv, world, batched=on_cuda)
+
+    def product(k: int) -> int:
+        return _product_bytes(k, dim, local, bp, bv, world, batched=on_cuda)
+
     work = kind.vectors(o, Sizes(dim=dim, local=local, bp=bp, bv=bv, product=product))
     device = host = 0
     if work.per_run:
@@ -353,10 +364,22 @@ def estimate(spec, checkpoint: str, *, workers_here: int, calibrate: bool = True
             graph_how = f"measured on one batch: {cal.saved_bytes / 1e6:.1f} MB saved"
         except Exception as exc:  # noqa: BLE001 - the workers will report a model that does not build
             graph_how = f"the whole budget (not measured: {type(exc).__name__})"
-    return Estimate(numel, nbytes, how, params, vectors, graph, workers_here, available_memory_bytes(),
-                    host_bytes_per_worker=host, device="cuda" if on_cuda else "cpu", device_total_bytes=device_total,
-                    workers_per_device=max(1, math.floor(1 / gpus)) if gpus > 0 else 1,
-                    probe_bytes=probe_bytes, graph_how=graph_how)
+    return Estimate(
+        numel,
+        nbytes,
+        how,
+        params,
+        vectors,
+        graph,
+        workers_here,
+        available_memory_bytes(),
+        host_bytes_per_worker=host,
+        device="cuda" if on_cuda else "cpu",
+        device_total_bytes=device_total,
+        workers_per_device=max(1, math.floor(1 / gpus)) if gpus > 0 else 1,
+        probe_bytes=probe_bytes,
+        graph_how=graph_how,
+    )
 
 
 def check_fits(est: Estimate) -> None:

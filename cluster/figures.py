@@ -57,7 +57,6 @@ def plot_density(result: SpectrumResult, path: str | os.PathLike, *, title: str 
     ax_log.set_title("log |λ| axis, by sign")
     ax_log.legend()
     fig.suptitle(
-        title
-        or f"SLQ density: {result.runs} runs × {result.steps} steps, σ={result.sigma:.3g}, reorth={result.reorth}"
+        title or f"SLQ density: {result.runs} runs × {result.steps} steps, σ={result.sigma:.3g}, reorth={result.reorth}"
     )
     return save_png(fig, path)

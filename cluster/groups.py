@@ -181,8 +181,10 @@ class RayGroup:
             raise WorkerLost(f"a worker died during setup: {exc}") from exc
         except RayTaskError as exc:
             self.close()
-            raise TaskError(str(exc.cause) if exc.cause else str(exc),
-                            category=category_of(exc.cause) if exc.cause is not None else "other") from exc
+            raise TaskError(
+                str(exc.cause) if exc.cause else str(exc),
+                category=category_of(exc.cause) if exc.cause is not None else "other",
+            ) from exc
 
     def run(self, task: dict) -> dict:
         from ray.exceptions import RayActorError, RayTaskError

@@ -40,8 +40,19 @@ from torch import nn
 from cluster.checkpoints import CheckpointError, is_index, safetensors_header, shard_files
 
 __all__ = [
-    "HF_CLASSES", "ATTENTION", "HfError", "require_transformers", "config_path", "hf_skeleton", "build_hf_model",
-    "load_state_into", "checkpoint_dtype", "check_hf_checkpoint", "attention_of", "resolve_precision", "describe",
+    "HF_CLASSES",
+    "ATTENTION",
+    "HfError",
+    "require_transformers",
+    "config_path",
+    "hf_skeleton",
+    "build_hf_model",
+    "load_state_into",
+    "checkpoint_dtype",
+    "check_hf_checkpoint",
+    "attention_of",
+    "resolve_precision",
+    "describe",
 ]
 
 HF_CLASSES = {
@@ -53,8 +64,16 @@ HF_CLASSES = {
 }
 # Attention implementations whose graphs can be differentiated twice.
 ATTENTION = ("sdpa", "eager")
-_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
-                "float64": "float64", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "float64": "float64",
+    "float32": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+}
 
 
 class HfError(CheckpointError):
@@ -66,9 +85,7 @@ def require_transformers():
     try:
         import transformers
     except ImportError as exc:
-        raise HfError(
-            "model.hf needs the 'transformers' package: pip install 'landscape-probe[hf]'"
-        ) from exc
+        raise HfError("model.hf needs the 'transformers' package: pip install 'landscape-probe[hf]'") from exc
     return transformers
 
 
@@ -139,8 +156,12 @@ def attention_of(raw_config: dict, requested: str | None, config_file: str | Pat
     return impl
 
 
-def hf_skeleton(config_file: str | Path, hf_class: str = "auto", attn_implementation: str | None = None,
-                dtype: torch.dtype = torch.float32) -> nn.Module:
+def hf_skeleton(
+    config_file: str | Path,
+    hf_class: str = "auto",
+    attn_implementation: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """The model a ``config.json`` describes, its parameters on the meta device (ties in place).
 
     Raises:
@@ -214,14 +235,22 @@ def _prefix_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
         return state
     if all(f"{prefix}.{k}" in expected for k in list(state)[:8]):
         return {f"{prefix}.{k}": v for k, v in state.items()}
-    stripped = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+    stripped = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
     if stripped and any(k in expected for k in stripped):
         return stripped  # a base model from a head model's checkpoint: the head is left out
     return state
 
 
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], checkpoint: str, *, what: str,
-                    dtype: torch.dtype, device: torch.device | str = "cpu", allow_missing_buffers: bool = False) -> None:
+def load_state_into(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    checkpoint: str,
+    *,
+    what: str,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    allow_missing_buffers: bool = False,
+) -> None:
     """Assign a checkpoint's tensors to ``model`` (parameters on meta or real), tying shared ones.
 
     A parameter shared by several modules (a tied embedding and head) is one tensor: it
@@ -343,8 +372,9 @@ def checkpoint_dtype(path: str | Path) -> str | None:
     return None
 
 
-def check_hf_checkpoint(path: str | Path, *, hf_root: str | Path | None, hf_class: str = "auto",
-                        attn_implementation: str | None = None) -> nn.Module:
+def check_hf_checkpoint(
+    path: str | Path, *, hf_root: str | Path | None, hf_class: str = "auto", attn_implementation: str | None = None
+) -> nn.Module:
     """Everything about an HF checkpoint that can be checked before any worker starts, without
     reading a tensor: the config builds (on meta), the attention can be differentiated twice,
     and the weights' names and shapes (from safetensors headers) match the model, ties allowed.
@@ -362,14 +392,25 @@ def check_hf_checkpoint(path: str | Path, *, hf_root: str | Path | None, hf_clas
     header = _header_tensors(path)
     if header:
         model = copy.deepcopy(_SKELETONS[key])  # parameters on meta: copies no data
-        fake = {k: torch.empty([int(d) for d in v.get("shape", [])], device="meta") for k, v in header.items()
-                if not k.startswith("optimizer.")}
+        fake = {
+            k: torch.empty([int(d) for d in v.get("shape", [])], device="meta")
+            for k, v in header.items()
+            if not k.startswith("optimizer.")
+        }
         try:
-            load_state_into(model, fake, str(path), what=f"its config {str(cfg)!r} ({type(model).__name__})",
-                            dtype=torch.float32, device="meta", allow_missing_buffers=True)
+            load_state_into(
+                model,
+                fake,
+                str(path),
+                what=f"its config {str(cfg)!r} ({type(model).__name__})",
+                dtype=torch.float32,
+                device="meta",
+                allow_missing_buffers=True,
+            )
         except CheckpointError as exc:
-            raise HfError(f"{exc}; the weights were not written for this config (model.hf_class, or the "
-                          f"checkpoint's config.json)") from exc
+            raise HfError(
+                f"{exc}; the weights were not written for this config (model.hf_class, or the checkpoint's config.json)"
+            ) from exc
     return _SKELETONS[key]
 
 
@@ -391,13 +432,28 @@ def resolve_precision(precision: str, hf: bool, checkpoint: str | None) -> tuple
     return "float32", ""
 
 
-def build_hf_model(checkpoint: str, state: dict[str, torch.Tensor], *, hf_root: str | None, hf_class: str,
-                   attn_implementation: str | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def build_hf_model(
+    checkpoint: str,
+    state: dict[str, torch.Tensor],
+    *,
+    hf_root: str | None,
+    hf_class: str,
+    attn_implementation: str | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
     """The checkpoint's model: built from its config.json on meta, its tensors assigned (ties kept)."""
     cfg = config_path(checkpoint, hf_root)
     model = hf_skeleton(cfg, hf_class, attn_implementation, dtype)
-    load_state_into(model, state, checkpoint, what=f"its config {str(cfg)!r} ({type(model).__name__})",
-                    dtype=dtype, device=device, allow_missing_buffers=True)
+    load_state_into(
+        model,
+        state,
+        checkpoint,
+        what=f"its config {str(cfg)!r} ({type(model).__name__})",
+        dtype=dtype,
+        device=device,
+        allow_missing_buffers=True,
+    )
     return model
 
 

@@ -18,17 +18,16 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
-
 from pathlib import Path
 
 from cluster.checkpoints import CheckpointError, CheckpointInfo, checkpoint_entries, checkpoint_info, checkpoint_sha256
-from cluster.estimate import check_fits, estimate
 from cluster.driver import FailurePolicy, JobSummary, Stored, SummaryEvents, run_tasks
+from cluster.estimate import check_fits, estimate
 from cluster.groups import LocalGroup, ProcessGroup, RayGroup
-from cluster.kinds import KINDS
 from cluster.job_events import MetricsEvents, ProgressEvents, StoreEvents, now
+from cluster.kinds import KINDS
 from cluster.metrics import FAILURE_REASONS, Metrics
 from cluster.schema import SCHEMA_VERSION
 from cluster.spec import JobSpec, import_factory
@@ -40,6 +39,9 @@ __all__ = ["Task", "FailurePolicy", "JobSummary", "plan_tasks", "run_job", "choo
 
 @dataclass(frozen=True)
 class Task:
+    """One unit of work: a probe kind with its resolved options on one checkpoint (or a pair, or a
+    series), its index in the spec's probes and its storage key."""
+
     checkpoint: str
     checkpoint_sha256: str
     kind: str
@@ -53,10 +55,16 @@ class Task:
 
     def payload(self) -> dict:
         """What is sent to workers."""
-        return {"checkpoint": self.checkpoint, "kind": self.kind, "options": self.options, "probe_index": self.probe_index}
+        return {
+            "checkpoint": self.checkpoint,
+            "kind": self.kind,
+            "options": self.options,
+            "probe_index": self.probe_index,
+        }
 
 
 def library_versions() -> dict[str, str]:
+    """The versions of torch, numpy and pyarrow, and of landscape-probe and ray where installed."""
     import numpy
     import pyarrow
     import torch
@@ -113,8 +121,12 @@ def prepare_model(spec: JobSpec, paths: list[str], progress: Callable[[str], Non
     hf = spec.model.hf is not None
     if hf:
         for p in paths:
-            check_hf_checkpoint(p, hf_root=spec.model.hf, hf_class=spec.model.hf_class,
-                                attn_implementation=spec.model.attn_implementation)
+            check_hf_checkpoint(
+                p,
+                hf_root=spec.model.hf,
+                hf_class=spec.model.hf_class,
+                attn_implementation=spec.model.attn_implementation,
+            )
     precision, note = resolve_precision(spec.precision, hf, paths[0] if paths else None)
     if note:
         progress(f"[{spec.name}] {note}")
@@ -132,8 +144,20 @@ def _task_key(spec: JobSpec, ckpt_sha: str, kind: str, options: dict, probe_inde
     """
     eval_sets = {n: spec.data.eval_sets.get(n) for n in options.get("eval_sets") or [] if n != "probe"}
     ident = json.dumps(
-        [spec.name, ckpt_sha, kind, options, task_seed(spec.seed, probe_index), spec.precision, spec.mode,
-         *_model_ident(spec), spec.loss, data_sha, spec.data.batch_size, eval_sets],
+        [
+            spec.name,
+            ckpt_sha,
+            kind,
+            options,
+            task_seed(spec.seed, probe_index),
+            spec.precision,
+            spec.mode,
+            *_model_ident(spec),
+            spec.loss,
+            data_sha,
+            spec.data.batch_size,
+            eval_sets,
+        ],
         sort_keys=True,
         default=str,
     )
@@ -154,8 +178,9 @@ def _sha(path: str, kind: str) -> str:
     return checkpoint_sha256(path)
 
 
-def plan_tasks(spec: JobSpec, checkpoints: list[tuple[str, str]], data_sha: str,
-               infos: dict[str, CheckpointInfo] | None = None) -> list[Task]:
+def plan_tasks(
+    spec: JobSpec, checkpoints: list[tuple[str, str]], data_sha: str, infos: dict[str, CheckpointInfo] | None = None
+) -> list[Task]:
     """Tasks for ``checkpoints`` (``(path, sha256)`` pairs) × the spec's probes, in checkpoint order.
 
     A pairwise probe (barrier) is one task over its endpoints (``Kind.checkpoint_options``;
@@ -207,7 +232,9 @@ def _pending(task: Task, done: set[str]) -> Task | None:
     o = task.options
     options = {**o, "series": [o["series"][i] for i in keep], "series_steps": [o["series_steps"][i] for i in keep]}
     row_keys = tuple(task.row_keys[i] for i in keep)
-    return replace(task, options=options, row_keys=row_keys, key=hashlib.sha256("".join(row_keys).encode()).hexdigest()[:24])
+    return replace(
+        task, options=options, row_keys=row_keys, key=hashlib.sha256("".join(row_keys).encode()).hexdigest()[:24]
+    )
 
 
 def _make_group(spec: JobSpec, size: int, backend: str, name: str):
@@ -279,24 +306,38 @@ def run_job(
     num_groups = max(1, spec.cluster.num_workers // group_size)
     if backend == "local" and spec.cluster.num_workers != 1:
         raise ValueError(f"backend 'local' runs one worker, got cluster.num_workers={spec.cluster.num_workers}")
-    progress(f"[{spec.name}] {len(checkpoints)} checkpoint(s) × {len(spec.probes)} probe(s) = {len(tasks)} task(s); "
-             f"{summary.num_skipped} already stored; {num_groups} group(s) of {group_size} worker(s) ({backend}); "
-             f"{len(indices)} probe examples")
+    progress(
+        f"[{spec.name}] {len(checkpoints)} checkpoint(s) × {len(spec.probes)} probe(s) = {len(tasks)} task(s); "
+        f"{summary.num_skipped} already stored; {num_groups} group(s) of {group_size} worker(s) ({backend}); "
+        f"{len(indices)} probe examples"
+    )
     if est is not None:
         progress(f"[{spec.name}] {est.summary()}")
     if metrics:
         _metrics_start(metrics, spec.name, tasks, todo, [p for p, _ in checkpoints])
     rows = RowBuilder(spec, run_id, data_sha, len(indices), names)
-    handlers = [StoreEvents(store, spec.name, run_id), *([MetricsEvents(metrics, spec.name)] if metrics else []),
-                SummaryEvents(summary), ProgressEvents(progress, spec.name, summary, len(todo), t_start)]
-    errors = run_tasks(todo, num_groups=num_groups, policy=policy, rows_of=rows.of, handlers=handlers,
-                       on_start=on_task_start,
-                       make_group=lambda i: _make_group(spec, group_size, backend, f"probe-{spec.name}-g{i}"))
+    handlers = [
+        StoreEvents(store, spec.name, run_id),
+        *([MetricsEvents(metrics, spec.name)] if metrics else []),
+        SummaryEvents(summary),
+        ProgressEvents(progress, spec.name, summary, len(todo), t_start),
+    ]
+    errors = run_tasks(
+        todo,
+        num_groups=num_groups,
+        policy=policy,
+        rows_of=rows.of,
+        handlers=handlers,
+        on_start=on_task_start,
+        make_group=lambda i: _make_group(spec, group_size, backend, f"probe-{spec.name}-g{i}"),
+    )
     _write_run(store, spec, summary, errors, started_at, rows.versions)
     if errors:
         raise errors[0]
-    progress(f"[{spec.name}] done: {summary.num_done} run, {summary.num_skipped} skipped, {summary.num_failed} failed, "
-             f"{summary.restarts} restart(s) in {time.perf_counter() - t_start:.1f} s; results in {spec.output.path}")
+    progress(
+        f"[{spec.name}] done: {summary.num_done} run, {summary.num_skipped} skipped, {summary.num_failed} failed, "
+        f"{summary.restarts} restart(s) in {time.perf_counter() - t_start:.1f} s; results in {spec.output.path}"
+    )
     return summary
 
 
@@ -361,49 +402,81 @@ class RowBuilder:
     """A finished task's complete rows: provenance, the record's scalars, each row's own values."""
 
     def __init__(self, spec: JobSpec, run_id: str, data_sha: str, num_examples: int, names: CheckpointNames) -> None:
-        self.spec, self.run_id, self.data_sha, self.num_examples, self.names = spec, run_id, data_sha, num_examples, names
+        self.spec, self.run_id, self.data_sha, self.num_examples, self.names = (
+            spec,
+            run_id,
+            data_sha,
+            num_examples,
+            names,
+        )
         self.versions = library_versions()
 
     def base(self, task: Task) -> dict:
         spec = self.spec
         return {
-            "run_id": self.run_id, "job": spec.name, "task_key": task.key, "checkpoint": task.checkpoint,
-            "checkpoint_sha256": task.checkpoint_sha256, **self.names.columns(task.checkpoint),
-            "probe_config": json.dumps(task.options, sort_keys=True), "seed": task_seed(spec.seed, task.probe_index),
-            "schema_version": SCHEMA_VERSION, "model_factory": spec.model.source, "data_sha256": self.data_sha,
-            "num_examples": self.num_examples, "dtype": spec.precision, "mode": spec.mode,
+            "run_id": self.run_id,
+            "job": spec.name,
+            "task_key": task.key,
+            "checkpoint": task.checkpoint,
+            "checkpoint_sha256": task.checkpoint_sha256,
+            **self.names.columns(task.checkpoint),
+            "probe_config": json.dumps(task.options, sort_keys=True),
+            "seed": task_seed(spec.seed, task.probe_index),
+            "schema_version": SCHEMA_VERSION,
+            "model_factory": spec.model.source,
+            "data_sha256": self.data_sha,
+            "num_examples": self.num_examples,
+            "dtype": spec.precision,
+            "mode": spec.mode,
             "versions": json.dumps(self.versions, sort_keys=True),
         }
 
     def of(self, outcome: Stored) -> list[dict]:
         task, record = outcome.task, outcome.record
-        common = {**self.base(task), **{k: v for k, v in record.items() if k != "rows"},
-                  "created_at": now(), "attempts": outcome.attempts, "device": outcome.device,
-                  "checkpoint_metadata": json.dumps(record.get("checkpoint_metadata", {}), sort_keys=True)}
+        common = {
+            **self.base(task),
+            **{k: v for k, v in record.items() if k != "rows"},
+            "created_at": now(),
+            "attempts": outcome.attempts,
+            "device": outcome.device,
+            "checkpoint_metadata": json.dumps(record.get("checkpoint_metadata", {}), sort_keys=True),
+        }
         # rows about their own checkpoint (eos: one per checkpoint of the series) take its
         # name, step and lr; a probe's own step or lr (eos, noise: the one it used) wins
-        rows = [{**common, **(self.names.columns(r["checkpoint"]) if "checkpoint" in r else {}), **r}
-                for r in record.get("rows", [{}])]
+        rows = [
+            {**common, **(self.names.columns(r["checkpoint"]) if "checkpoint" in r else {}), **r}
+            for r in record.get("rows", [{}])
+        ]
         if task.row_keys:  # each checkpoint's row under its own storage key
-            keys = dict(zip(task.options["series"], task.row_keys))
+            keys = dict(zip(task.options["series"], task.row_keys, strict=True))
             for r in rows:
                 r["task_key"] = keys[r["checkpoint"]]
         return rows
 
 
-def _write_run(store: ResultStore, spec: JobSpec, summary: JobSummary, errors: list[BaseException],
-               started_at, versions: dict) -> None:
+def _write_run(
+    store: ResultStore, spec: JobSpec, summary: JobSummary, errors: list[BaseException], started_at, versions: dict
+) -> None:
     """The run's row in ``runs/``; if it cannot be written, the job's own first error is the one reported."""
     try:
-        store.write_run({
-            "run_id": summary.run_id, "job": spec.name, "started_at": started_at, "finished_at": now(),
-            "status": "failed" if errors or summary.num_failed else "succeeded",
-            "num_tasks": summary.num_tasks, "num_done": summary.num_done, "num_skipped": summary.num_skipped,
-            "num_failed": summary.num_failed, "restarts": summary.restarts,
-            "failures": json.dumps(summary.failures + [{"reason": str(e)} for e in errors]),
-            "spec": json.dumps(spec.to_dict(), sort_keys=True, default=str),
-            "versions": json.dumps(versions, sort_keys=True), "schema_version": SCHEMA_VERSION,
-        })
+        store.write_run(
+            {
+                "run_id": summary.run_id,
+                "job": spec.name,
+                "started_at": started_at,
+                "finished_at": now(),
+                "status": "failed" if errors or summary.num_failed else "succeeded",
+                "num_tasks": summary.num_tasks,
+                "num_done": summary.num_done,
+                "num_skipped": summary.num_skipped,
+                "num_failed": summary.num_failed,
+                "restarts": summary.restarts,
+                "failures": json.dumps(summary.failures + [{"reason": str(e)} for e in errors]),
+                "spec": json.dumps(spec.to_dict(), sort_keys=True, default=str),
+                "versions": json.dumps(versions, sort_keys=True),
+                "schema_version": SCHEMA_VERSION,
+            }
+        )
     except StoreError:
         if errors:  # the first error (e.g. the result write that failed) is the one to report
             raise errors[0] from None

@@ -45,13 +45,22 @@ class StoreEvents(Events):
     def failed(self, outcome: Failed) -> None:
         task = outcome.task
         for key in task.row_keys or (task.key,):
-            self.store.write_failure({
-                "run_id": self.run_id, "job": self.job, "task_key": key, "kind": task.kind,
-                "checkpoint": task.checkpoint, "checkpoint_sha256": task.checkpoint_sha256,
-                "probe_config": json.dumps(task.options, sort_keys=True), "category": outcome.category,
-                "reason": str(outcome.error), "attempts": outcome.attempts, "created_at": now(),
-                "schema_version": SCHEMA_VERSION,
-            })
+            self.store.write_failure(
+                {
+                    "run_id": self.run_id,
+                    "job": self.job,
+                    "task_key": key,
+                    "kind": task.kind,
+                    "checkpoint": task.checkpoint,
+                    "checkpoint_sha256": task.checkpoint_sha256,
+                    "probe_config": json.dumps(task.options, sort_keys=True),
+                    "category": outcome.category,
+                    "reason": str(outcome.error),
+                    "attempts": outcome.attempts,
+                    "created_at": now(),
+                    "schema_version": SCHEMA_VERSION,
+                }
+            )
 
 
 class MetricsEvents(Events):
@@ -62,8 +71,14 @@ class MetricsEvents(Events):
 
     def stored(self, outcome: Stored, rows: list[dict]) -> None:
         record = outcome.record
-        self.metrics.task_succeeded(self.job, outcome.task.kind, rows, duration_s=record["duration_s"],
-                                    num_matvecs=record.get("num_matvecs", 0), timestamp_s=time.time())
+        self.metrics.task_succeeded(
+            self.job,
+            outcome.task.kind,
+            rows,
+            duration_s=record["duration_s"],
+            num_matvecs=record.get("num_matvecs", 0),
+            timestamp_s=time.time(),
+        )
         self.metrics.tasks_done.labels(job_name=self.job).inc()
 
     def failed(self, outcome: Failed) -> None:
@@ -100,5 +115,7 @@ class ProgressEvents(Events):
 
     def retrying(self, outcome: Retry) -> None:
         t = outcome.task
-        self.progress(f"[{self.job}] worker lost on {t.kind} @ {t.checkpoint}: {outcome.error}; "
-                      f"restarting (attempt {outcome.attempts + 1})")
+        self.progress(
+            f"[{self.job}] worker lost on {t.kind} @ {t.checkpoint}: {outcome.error}; "
+            f"restarting (attempt {outcome.attempts + 1})"
+        )

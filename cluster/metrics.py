@@ -30,48 +30,84 @@ FAILURE_REASONS = CATEGORIES  # the error types' categories (cluster/errors.py)
 OUTCOMES = ("succeeded", "failed", "skipped")
 
 
-
-
 class Metrics:
     """The metric families, on their own registry (so tests and several services never collide)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.tasks = Counter("probe_tasks_total", "Probe tasks finished, by outcome.", ["job_name", "kind", "outcome"], registry=r)
+        self.tasks = Counter(
+            "probe_tasks_total", "Probe tasks finished, by outcome.", ["job_name", "kind", "outcome"], registry=r
+        )
         self.tasks_planned = Gauge("probe_tasks_planned", "Tasks in the current job run.", ["job_name"], registry=r)
-        self.tasks_done = Gauge("probe_tasks_done", "Tasks of the current job run finished (any outcome).", ["job_name"], registry=r)
+        self.tasks_done = Gauge(
+            "probe_tasks_done", "Tasks of the current job run finished (any outcome).", ["job_name"], registry=r
+        )
         self.hvps = Counter("probe_hvp_total", "Hessian-vector products computed.", ["job_name", "kind"], registry=r)
         self.duration = Histogram(
-            "probe_task_duration_seconds", "Wall time of one probe task.", ["job_name", "kind"], buckets=DURATION_BUCKETS_S, registry=r
+            "probe_task_duration_seconds",
+            "Wall time of one probe task.",
+            ["job_name", "kind"],
+            buckets=DURATION_BUCKETS_S,
+            registry=r,
         )
         self.failures = Counter("probe_failures_total", "Task failures, by reason.", ["job_name", "reason"], registry=r)
-        self.restarts = Counter("probe_worker_restarts_total", "Worker groups rebuilt after a worker died.", ["job_name"], registry=r)
-        self.last_success = Gauge(
-            "probe_last_success_timestamp_seconds", "Unix time of the last successful task.", ["job_name", "kind"], registry=r
+        self.restarts = Counter(
+            "probe_worker_restarts_total", "Worker groups rebuilt after a worker died.", ["job_name"], registry=r
         )
-        self.audit_passes = Counter("probe_audit_passes_total", "Audit passes, by outcome.", ["job_name", "outcome"], registry=r)
+        self.last_success = Gauge(
+            "probe_last_success_timestamp_seconds",
+            "Unix time of the last successful task.",
+            ["job_name", "kind"],
+            registry=r,
+        )
+        self.audit_passes = Counter(
+            "probe_audit_passes_total", "Audit passes, by outcome.", ["job_name", "outcome"], registry=r
+        )
         self.audit_last_pass = Gauge(
-            "probe_audit_last_pass_timestamp_seconds", "Unix time of the last completed audit pass.", ["job_name"], registry=r
+            "probe_audit_last_pass_timestamp_seconds",
+            "Unix time of the last completed audit pass.",
+            ["job_name"],
+            registry=r,
         )
         self.audit_last_success = Gauge(
-            "probe_audit_last_success_timestamp_seconds", "Unix time of the last audit pass that completed (its task failures count in probe_failures_total).", ["job_name"], registry=r
+            "probe_audit_last_success_timestamp_seconds",
+            "Unix time of the last audit pass that completed (its task failures count in probe_failures_total).",
+            ["job_name"],
+            registry=r,
         )
-        self.audit_checkpoints = Gauge("probe_audit_checkpoints", "Checkpoints found by the last audit pass.", ["job_name"], registry=r)
+        self.audit_checkpoints = Gauge(
+            "probe_audit_checkpoints", "Checkpoints found by the last audit pass.", ["job_name"], registry=r
+        )
         self.audit_pending = Gauge(
-            "probe_audit_tasks_pending", "Tasks not yet stored after the last audit pass (failed or backing off).", ["job_name"], registry=r
+            "probe_audit_tasks_pending",
+            "Tasks not yet stored after the last audit pass (failed or backing off).",
+            ["job_name"],
+            registry=r,
         )
-        self.lambda_max = Gauge("probe_lambda_max", "Top eigenvalue of the Hessian (never a preconditioned one's) at the series' latest checkpoint.", ["series"], registry=r)
-        self.trace = Gauge("probe_hessian_trace", "Latest Hessian trace estimate of the series.", ["series"], registry=r)
-        self.eos_ratio = Gauge("probe_eos_ratio", "Latest λ_max / stability threshold of the series.", ["series"], registry=r)
+        self.lambda_max = Gauge(
+            "probe_lambda_max",
+            "Top eigenvalue of the Hessian (never a preconditioned one's) at the series' latest checkpoint.",
+            ["series"],
+            registry=r,
+        )
+        self.trace = Gauge(
+            "probe_hessian_trace", "Latest Hessian trace estimate of the series.", ["series"], registry=r
+        )
+        self.eos_ratio = Gauge(
+            "probe_eos_ratio", "Latest λ_max / stability threshold of the series.", ["series"], registry=r
+        )
         self.lambda_max_change = Gauge(
             "probe_lambda_max_relative_change",
             "(λ_max of the latest checkpoint − λ_max of the one before) / |λ_max of the one before|, per series.",
-            ["series"], registry=r,
+            ["series"],
+            registry=r,
         )
-        self.barrier = Gauge("probe_barrier_height", "Latest loss barrier height of the series.", ["series", "path"], registry=r)
+        self.barrier = Gauge(
+            "probe_barrier_height", "Latest loss barrier height of the series.", ["series", "path"], registry=r
+        )
         # per series: its checkpoints' order, and the (step, index) of the checkpoint each headline gauge shows
         self._order: dict[str, dict[str, int]] = {}
-        self._held: dict[tuple[str, str], tuple[int | None, int | None]] = {}
+        self._held: dict[tuple[str, str, tuple[tuple[str, str], ...]], tuple[int | None, int | None]] = {}
         self._lock = threading.Lock()
 
     def failure(self, job: str, reason: str) -> None:
@@ -83,8 +119,9 @@ class Metrics:
         self.tasks.labels(job_name=job, kind=kind, outcome="failed").inc()
         self.failure(job, category)
 
-    def task_succeeded(self, job: str, kind: str, rows: list[dict], *, duration_s: float, num_matvecs: int,
-                       timestamp_s: float) -> None:
+    def task_succeeded(
+        self, job: str, kind: str, rows: list[dict], *, duration_s: float, num_matvecs: int, timestamp_s: float
+    ) -> None:
         """Count a finished task and set the headline gauges of the series (``job``) from its rows."""
         self.tasks.labels(job_name=job, kind=kind, outcome="succeeded").inc()
         self.hvps.labels(job_name=job, kind=kind).inc(max(int(num_matvecs or 0), 0))
@@ -108,11 +145,13 @@ class Metrics:
 
     def _position(self, job: str, row: dict) -> tuple[int | None, int | None]:
         """``(step, index in the series)`` of the checkpoint a row is about; None where unknown."""
-        step = row.get("step")
-        return (None if step is None else int(step)), self._order.get(job, {}).get(row.get("checkpoint"))
+        step, checkpoint = row.get("step"), row.get("checkpoint")
+        index = None if checkpoint is None else self._order.get(job, {}).get(checkpoint)
+        return (None if step is None else int(step)), index
 
-    def _set_latest(self, gauge: str, job: str, row: dict, value: float,
-                    labels: tuple[tuple[str, str], ...] = ()) -> None:
+    def _set_latest(
+        self, gauge: str, job: str, row: dict, value: float, labels: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         """Set gauge ``gauge`` (an attribute name) of series ``job`` to ``value`` unless it shows a
         later checkpoint of the series: later by training step where both steps are known, else by
         the series' checkpoint order (:meth:`series_order`); where neither tells, the newer task

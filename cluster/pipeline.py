@@ -154,9 +154,21 @@ class PipelineHessian(CurvatureOperator):
     """
 
     def __init__(
-        self, stage: nn.Module, loss_fn, batches: Sequence, *, stage_index: int, ranks: Sequence[int], offset: int,
-        dim: int, total_examples: int | None = None, pipe_group=None, data_group=None,
-        graph_memory_bytes: int = 2 << 30, weighting: str = "examples", total_tokens: int | None = None,
+        self,
+        stage: nn.Module,
+        loss_fn,
+        batches: Sequence,
+        *,
+        stage_index: int,
+        ranks: Sequence[int],
+        offset: int,
+        dim: int,
+        total_examples: int | None = None,
+        pipe_group=None,
+        data_group=None,
+        graph_memory_bytes: int = 2 << 30,
+        weighting: str = "examples",
+        total_tokens: int | None = None,
         mode: str = "eval",
     ) -> None:
         if not dist.is_initialized():
@@ -174,8 +186,14 @@ class PipelineHessian(CurvatureOperator):
         self.dim = dim
         self._slice = slice(offset, offset + self.local_dim)
         self.pipe_group, self.data_group = pipe_group, data_group
-        w = weigh_batches(batches, self.dtype, self.device, weighting=weighting, total_examples=total_examples,
-                          total_tokens=total_tokens)
+        w = weigh_batches(
+            batches,
+            self.dtype,
+            self.device,
+            weighting=weighting,
+            total_examples=total_examples,
+            total_tokens=total_tokens,
+        )
         self.batches, self.sizes, self.weights = w.batches, w.sizes, w.weights
         # train mode: no graph kept, so every product block redraws the dropout masks
         self.graph_memory_bytes = 0 if mode == "train" else graph_memory_bytes
@@ -268,7 +286,9 @@ class PipelineHessian(CurvatureOperator):
 
     def _column(self, g: _BatchGraph, v: list[Tensor]) -> list[Tensor]:
         # sweep 3: adjoints of (∂L/∂θ_k, g_k) given (v_k, ā_k); outputs ā_{k+1}, h̄_k (via sweep 2), θ̄_k (via sweep 2)
-        s = cast(Tensor, sum((gt * vk).sum() for gt, vk in zip(g.grads_theta, v, strict=True)))  # a stage has parameters
+        s = cast(
+            Tensor, sum((gt * vk).sum() for gt, vk in zip(g.grads_theta, v, strict=True))
+        )  # a stage has parameters
         if not self.first:
             a_bar = _recv(self._prev_rank, self.dtype, self.device)
             s = s + (g.grads_h * a_bar).sum()

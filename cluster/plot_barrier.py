@@ -72,7 +72,9 @@ def plot_barriers(
         color = _COLORS.get(r.path, f"C{3 + i}")
         style = _STYLES[eval_sets.index(r.eval_set) % len(_STYLES)]
         t = r.t.numpy()
-        ax_loss.plot(t, r.loss.numpy(), color=color, ls=style, lw=1.5, label=f"{label} (barrier {r.barrier_height:.3g})")
+        ax_loss.plot(
+            t, r.loss.numpy(), color=color, ls=style, lw=1.5, label=f"{label} (barrier {r.barrier_height:.3g})"
+        )
         if r.num_nonfinite and r.first_nonfinite_t is not None:
             ax_loss.axvline(r.first_nonfinite_t, color=color, ls=style, lw=0.8, alpha=0.6)
         if ax_err is not None and not math.isnan(r.error_barrier_height):

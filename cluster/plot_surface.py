@@ -35,8 +35,10 @@ def _axis_label(result: SurfaceResult, i: int) -> str:
 
 
 def _default_title(result: SurfaceResult) -> str:
-    return (f"{result.dims}-D loss surface: {result.directions} directions, {result.normalization} normalization"
-            f"{', 1-D params fixed' if result.ignore_1d else ''}")
+    return (
+        f"{result.dims}-D loss surface: {result.directions} directions, {result.normalization} normalization"
+        f"{', 1-D params fixed' if result.ignore_1d else ''}"
+    )
 
 
 def _plot_1d(result: SurfaceResult, title: str):

@@ -9,7 +9,8 @@ expects ("probes[KIND].OPTION must be WHAT, got VALUE").
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from cluster.kinds import KINDS
 

@@ -30,6 +30,7 @@ class ClusterUnreachable(ProbeError, ConnectionError):
 
     category = "placement"
 
+
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -61,7 +62,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
             ) from exc
         return
     # address="local" starts a new instance even when a stale one is recorded under /tmp/ray.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    ray.init(
+        address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True
+    )
 
 
 def _reachable(address: str, *, timeout_s: float = 5.0) -> None:
@@ -131,7 +134,9 @@ def submit_job(
     try:
         rel_spec = spec.relative_to(work)
     except ValueError as exc:
-        raise FileNotFoundError(f"spec {spec_path!r} is not inside --working-dir {working_dir!r}; it must be uploaded with it") from exc
+        raise FileNotFoundError(
+            f"spec {spec_path!r} is not inside --working-dir {working_dir!r}; it must be uploaded with it"
+        ) from exc
     job_id = submission_id(spec, overrides)
     sets = " ".join(f"--set {o!r}" for o in overrides)
     entrypoint = f"python -m cluster.cli run {str(rel_spec)!r} {sets}".strip()
@@ -142,7 +147,10 @@ def submit_job(
         client.submit_job(
             entrypoint=entrypoint,
             submission_id=job_id,
-            runtime_env={"working_dir": str(work), "excludes": [".git", ".venv", ".venv-bench", "out", "results", "__pycache__"]},
+            runtime_env={
+                "working_dir": str(work),
+                "excludes": [".git", ".venv", ".venv-bench", "out", "results", "__pycache__"],
+            },
         )
         print(f"submitted {job_id}: {entrypoint}", file=sys.stderr)
     if not wait:
@@ -165,6 +173,9 @@ def submit_job(
         time.sleep(poll_s)
     if status != "SUCCEEDED":
         info = client.get_job_info(job_id)
-        print(f"probe submit: job {job_id} {status}: {(info.message or '').splitlines()[0] if info.message else ''}", file=sys.stderr)
+        print(
+            f"probe submit: job {job_id} {status}: {(info.message or '').splitlines()[0] if info.message else ''}",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -17,9 +17,8 @@ import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,8 +27,16 @@ from cluster.errors import NonFiniteError
 from probe.symmetry import symmetry_defect
 
 __all__ = [
-    "ProbeContext", "run_probe", "check_headlines", "adam_state", "learning_rate", "basis_store", "Symmetry",
-    "measure_symmetry", "finite_or_none", "join_notes",
+    "ProbeContext",
+    "run_probe",
+    "check_headlines",
+    "adam_state",
+    "learning_rate",
+    "basis_store",
+    "Symmetry",
+    "measure_symmetry",
+    "finite_or_none",
+    "join_notes",
 ]
 
 
@@ -53,6 +60,7 @@ class ProbeContext:
 
 
 def finite_or_none(x: float) -> float | None:
+    """``x`` as a float, or None when it is NaN or infinite (a null in Parquet)."""
     return float(x) if math.isfinite(x) else None
 
 
@@ -86,6 +94,7 @@ def measure_symmetry(op, o: dict, g: torch.Generator) -> Symmetry:
 
 
 def join_notes(*notes: str) -> str:
+    """The non-empty notes joined by ``"; "``."""
     return "; ".join(n for n in notes if n)
 
 
@@ -103,6 +112,12 @@ def basis_store(ctx: ProbeContext, o: dict):
 
 
 def learning_rate(option: float | None, checkpoint: str, meta: dict) -> tuple[float, str]:
+    """The learning rate and its source: the option (``spec``), the checkpoint's metadata
+    (``metadata``) or a sidecar ``CKPT.json`` (``sidecar``).
+
+    Raises:
+        ValueError: none of the three holds one.
+    """
     if option is not None:
         return float(option), "spec"
     if "lr" in meta:
@@ -114,7 +129,7 @@ def learning_rate(option: float | None, checkpoint: str, meta: dict) -> tuple[fl
             return float(data["lr"]), "sidecar"
     raise ValueError(
         f"no learning rate for {checkpoint!r}: set probes[eos].lr, save 'lr' in the checkpoint's metadata, "
-        f"or write it to {sidecar.name} as {{\"lr\": ...}}"
+        f'or write it to {sidecar.name} as {{"lr": ...}}'
     )
 
 

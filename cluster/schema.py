@@ -24,7 +24,9 @@ COMMON_FIELDS = [
     pa.field("task_key", pa.string(), nullable=False),
     pa.field("checkpoint", pa.string(), nullable=False),
     pa.field("checkpoint_sha256", pa.string(), nullable=False),
-    pa.field("checkpoint_name", pa.string()),  # run-relative: checkpoint-200 (its folder) or step-3.safetensors (its file)
+    pa.field(
+        "checkpoint_name", pa.string()
+    ),  # run-relative: checkpoint-200 (its folder) or step-3.safetensors (its file)
     pa.field("step", pa.int64()),  # training step: trainer_state.json, the name, or metadata (eos: the step it used)
     pa.field("lr", _f64),  # learning rate: trainer_state.json or metadata (eos, noise: the rate the probe used)
     pa.field("probe_config", pa.string(), nullable=False),  # JSON of the resolved options

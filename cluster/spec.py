@@ -10,12 +10,13 @@ and ``--set key.path=value`` overrides any value before validation.
 from __future__ import annotations
 
 import dataclasses
-import os
 import importlib
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -82,8 +83,9 @@ BACKENDS = ("auto", "ray", "process", "local")
 def _check_keys(section: str, given: dict, valid: list[str]) -> None:
     unknown = sorted(set(given) - set(valid))
     if unknown:
+        names = ", ".join(repr(f"{section}.{k}" if section else k) for k in unknown)
         raise SpecError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(f'{section}.{k}' if section else k) for k in unknown)}; "
+            f"unknown key{'s' if len(unknown) > 1 else ''} {names}; "
             f"valid keys{' of ' + section if section else ''}: {', '.join(valid)}"
         )
 
@@ -102,9 +104,7 @@ def _check_name(name: Any) -> None:
     """Job names start with a letter: they become hive partition values, which readers
     would otherwise type as numbers."""
     if not isinstance(name, str) or not _NAME.match(name):
-        raise SpecError(
-            f"name must start with a letter and use letters, digits, '.', '_', '-' or spaces, got {name!r}"
-        )
+        raise SpecError(f"name must start with a letter and use letters, digits, '.', '_', '-' or spaces, got {name!r}")
 
 
 def _check_factory(name: str, value: Any) -> None:
@@ -122,7 +122,9 @@ def import_factory(path: str, *, key: str = "factory") -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SpecError(f"{key}: cannot import module {module_name!r} ({exc}); check the path and that it is installed") from exc
+        raise SpecError(
+            f"{key}: cannot import module {module_name!r} ({exc}); check the path and that it is installed"
+        ) from exc
     try:
         return getattr(module, attr)
     except AttributeError as exc:
@@ -149,8 +151,10 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if (self.factory is None) == (self.hf is None):
-            raise SpecError("model needs exactly one of model.factory ('pkg.module:callable') or model.hf "
-                            "(a Hugging Face model folder or a training run's folder)")
+            raise SpecError(
+                "model needs exactly one of model.factory ('pkg.module:callable') or model.hf "
+                "(a Hugging Face model folder or a training run's folder)"
+            )
         if self.factory is not None:
             _check_factory("model.factory", self.factory)
             for key in ("hf_class", "attn_implementation"):
@@ -183,6 +187,10 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
+    """The data: ``factory`` (``pkg.module:callable``) called with ``kwargs`` builds the dataset, of
+    which a seeded subset of ``num_examples`` is the probe set, read in batches of ``batch_size``;
+    ``eval_sets`` maps other set names to ``{factory, kwargs, num_examples}``."""
+
     factory: str
     kwargs: dict = field(default_factory=dict)
     num_examples: int = 512
@@ -196,12 +204,16 @@ class DataSpec:
         if not isinstance(self.kwargs, dict):
             raise SpecError(f"data.kwargs must be a mapping, got {self.kwargs!r}")
         if not isinstance(self.eval_sets, dict):
-            raise SpecError(f"data.eval_sets must be a mapping of name to {{factory, kwargs, num_examples}}, got {self.eval_sets!r}")
+            raise SpecError(
+                f"data.eval_sets must be a mapping of name to {{factory, kwargs, num_examples}}, got {self.eval_sets!r}"
+            )
         for name, es in self.eval_sets.items():
             if name == "probe":
                 raise SpecError("data.eval_sets.probe is reserved for the probe set itself; choose another name")
             if not isinstance(es, dict):
-                raise SpecError(f"data.eval_sets.{name} must be a mapping {{factory, kwargs, num_examples}}, got {es!r}")
+                raise SpecError(
+                    f"data.eval_sets.{name} must be a mapping {{factory, kwargs, num_examples}}, got {es!r}"
+                )
             _check_keys(f"data.eval_sets.{name}", es, ["factory", "kwargs", "num_examples"])
             _check_factory(f"data.eval_sets.{name}.factory", es.get("factory"))
             _positive_int(f"data.eval_sets.{name}.num_examples", es.get("num_examples", 1))
@@ -209,6 +221,9 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class ClusterSpec:
+    """Where and how the workers run: the Ray ``address`` (None: ``RAY_ADDRESS`` or a local
+    instance), the workers and their resources, SPMD groups, pipeline stages and the backend."""
+
     address: str | None = None
     num_workers: int = 1
     gpus_per_worker: float = 0
@@ -245,6 +260,9 @@ class ClusterSpec:
 
 @dataclass(frozen=True)
 class ProbeSpec:
+    """One probe: its ``kind`` (a key of :data:`cluster.kinds.KINDS`) and the options the spec sets,
+    checked against the kind's at construction."""
+
     kind: str
     options: dict = field(default_factory=dict)
 
@@ -267,6 +285,8 @@ class ProbeSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
+    """Where results go: the folder ``path`` of the Parquet datasets."""
+
     path: str = "results"
 
     def __post_init__(self) -> None:
@@ -311,7 +331,9 @@ class JobSpec:
                     f"over targets != -100), got {self.loss['weighting']!r}"
                 )
         elif self.loss not in LOSSES:
-            raise SpecError(f"loss must be one of {', '.join(LOSSES)} or {{factory: 'pkg.module:callable'}}, got {self.loss!r}")
+            raise SpecError(
+                f"loss must be one of {', '.join(LOSSES)} or {{factory: 'pkg.module:callable'}}, got {self.loss!r}"
+            )
         if not self.probes:
             raise SpecError("probes is empty: list at least one probe, e.g. [{kind: eigenvalues}]")
         if self.weighting == "tokens":
@@ -327,8 +349,10 @@ class JobSpec:
                 "(model.hf) run data-parallel: set cluster.stages: 1"
             )
         if self.loss == "model" and self.model.hf is None:
-            raise SpecError("loss: model uses the loss a Hugging Face model returns; it needs model.hf "
-                            "(for a factory model give loss: {factory: ...})")
+            raise SpecError(
+                "loss: model uses the loss a Hugging Face model returns; it needs model.hf "
+                "(for a factory model give loss: {factory: ...})"
+            )
         if self.cluster.stages > 1:
             pipeline = [name for name, k in KINDS.items() if k.pipeline]
             for p in self.probes:
@@ -367,8 +391,11 @@ def _section(cls, name: str, raw: Any):
     try:
         return cls(**raw)
     except TypeError as exc:  # a required key is missing
-        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING and f.name not in raw]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw
+        ]
         raise SpecError(f"{name} is missing required key(s): {', '.join(f'{name}.{m}' for m in missing)}") from exc
 
 
@@ -481,8 +508,11 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     out = near(spec.output.path)
     probes = []
     for p in spec.probes:  # options naming checkpoints (barrier's endpoints), as the checkpoints
-        named = {name: [e if e == "init" else near(e) for e in p.options[name]]
-                 for name in KINDS[p.kind].checkpoint_options if p.options.get(name) is not None}
+        named = {
+            name: [e if e == "init" else near(e) for e in p.options[name]]
+            for name in KINDS[p.kind].checkpoint_options
+            if p.options.get(name) is not None
+        }
         probes.append(ProbeSpec(p.kind, {**p.options, **named}) if named else p)
     return dataclasses.replace(
         spec,

@@ -100,7 +100,9 @@ def barrier_measures(t: Tensor, values: Tensor) -> BarrierMeasures:
     if t.numel() < 2:
         raise ValueError(f"need at least 2 positions (the endpoints), got {t.numel()}")
     if t[0] != 0 or t[-1] != 1 or not bool((torch.diff(t) > 0).all()):
-        raise ValueError("t must increase strictly from 0 to 1 (both endpoints included); build it with torch.linspace(0, 1, T)")
+        raise ValueError(
+            "t must increase strictly from 0 to 1 (both endpoints included); build it with torch.linspace(0, 1, T)"
+        )
     v0, v1 = v[0], v[-1]
     peak = v.max()  # NaN if any value is NaN
     height = peak - torch.maximum(v0, v1)

@@ -140,8 +140,11 @@ class DeviceBasis:
     ) -> None:
         self._capacity = capacity
         first = INITIAL_CAPACITY if capacity is None else max(1, min(INITIAL_CAPACITY, capacity))
-        if (capacity is not None and torch.device(device).type == "cpu"
-                and runs * capacity * local_dim * _itemsize(dtype) <= EAGER_HOST_BYTES):
+        if (
+            capacity is not None
+            and torch.device(device).type == "cpu"
+            and runs * capacity * local_dim * _itemsize(dtype) <= EAGER_HOST_BYTES
+        ):
             # Host pages are committed only when written, so reserving the whole capacity
             # costs nothing up front and spares the growth copies (on 1.1M parameters,
             # 4 runs × 40 steps, the copies at 16 and 32 vectors took 0.7 s).

@@ -80,7 +80,9 @@ def split_batch(batch: Any) -> Batch:
         return {k: v for k, v in batch.items() if k != LABELS}, batch[LABELS]
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    what = f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    what = (
+        f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    )
     raise ValueError(f"each batch must be an (inputs, targets) pair or a dict with a 'labels' entry, got {what}")
 
 

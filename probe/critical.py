@@ -31,8 +31,10 @@ from probe.slq import spectral_density
 __all__ = ["CriticalPointResult", "classify_critical_point", "LABELS", "RULE"]
 
 LABELS = ("near_minimum", "saddle", "not_critical")
-RULE = ("not_critical if grad_norm > grad_norm_threshold; else saddle if negative_mass > "
-        "negative_mass_threshold; else near_minimum")
+RULE = (
+    "not_critical if grad_norm > grad_norm_threshold; else saddle if negative_mass > "
+    "negative_mass_threshold; else near_minimum"
+)
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,14 @@ def _threshold(name: str, value) -> float:
 
 
 def classify_critical_point(
-    op: CurvatureOperator, gradient: Tensor | float, *, grad_norm_threshold: float = 1e-3,
-    negative_mass_threshold: float = 0.01, runs: int = 10, steps: int = 80, tol: float = 1e-6,
+    op: CurvatureOperator,
+    gradient: Tensor | float,
+    *,
+    grad_norm_threshold: float = 1e-3,
+    negative_mass_threshold: float = 0.01,
+    runs: int = 10,
+    steps: int = 80,
+    tol: float = 1e-6,
     generator: torch.Generator | None = None,
 ) -> CriticalPointResult:
     """Classify the point at which ``op`` (its Hessian) and ``gradient`` were taken.
@@ -105,7 +113,15 @@ def classify_critical_point(
         label = "near_minimum"
     notes = [n for n in (top.note, bottom.note) if n]
     return CriticalPointResult(
-        label=label, grad_norm=grad_norm, lambda_min=float(bottom.eigenvalues[0]), lambda_max=float(top.eigenvalues[0]),
-        negative_mass=mass, negative_mass_stderr=mass_se, grad_norm_threshold=g_thr, negative_mass_threshold=m_thr,
-        rule=RULE, num_matvecs=top.num_matvecs + bottom.num_matvecs + spec.num_matvecs, note="; ".join(notes),
+        label=label,
+        grad_norm=grad_norm,
+        lambda_min=float(bottom.eigenvalues[0]),
+        lambda_max=float(top.eigenvalues[0]),
+        negative_mass=mass,
+        negative_mass_stderr=mass_se,
+        grad_norm_threshold=g_thr,
+        negative_mass_threshold=m_thr,
+        rule=RULE,
+        num_matvecs=top.num_matvecs + bottom.num_matvecs + spec.num_matvecs,
+        note="; ".join(notes),
     )

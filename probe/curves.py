@@ -63,7 +63,9 @@ def _check_t(t: Tensor | float | list[float]) -> Tensor:
     if t.ndim == 0:
         t = t.reshape(1)
     if t.ndim != 1:
-        raise ValueError(f"t must be a scalar or a 1-D tensor of path positions, got shape {tuple(t.shape)}; flatten it")
+        raise ValueError(
+            f"t must be a scalar or a 1-D tensor of path positions, got shape {tuple(t.shape)}; flatten it"
+        )
     if t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
         bad = t[~((t >= 0) & (t <= 1))][0].item()
         raise ValueError(f"t must lie in [0, 1] (0 is endpoint a, 1 is endpoint b), got t={bad!r}; clip or rescale it")
@@ -309,7 +311,9 @@ def train_bend(
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got optimizer={optimizer!r}")
     if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator (randomness is an argument), got {type(generator).__name__}")
+        raise TypeError(
+            f"generator must be a torch.Generator (randomness is an argument), got {type(generator).__name__}"
+        )
     objective = _objective(loss)
 
     assert path.bend is not None  # set by BezierPath.__post_init__

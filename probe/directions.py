@@ -261,8 +261,9 @@ def eigen_directions(
         )
     if not 1 <= k <= op.dim:
         raise ValueError(f"k must be in [1, dim={op.dim}], got k={k}; surfaces use k=1 or k=2")
-    result = eigenvalues(op, k, which="largest", tol=tol, max_steps=max_steps, generator=generator,
-                         return_eigenvectors=True)
+    result = eigenvalues(
+        op, k, which="largest", tol=tol, max_steps=max_steps, generator=generator, return_eigenvectors=True
+    )
     if result.eigenvectors is None or result.eigenvectors.shape[1] < k:
         raise ValueError(f"fewer than k={k} eigenvectors found: {result.note}")
     return Directions(

@@ -154,8 +154,10 @@ def eigenvalues(
                 "basis='host' or a cluster.basis.DiskBasis"
             )
         if fits < max_steps:
-            budget_note = (f"max_steps lowered from {max_steps} to {fits}: {max_steps + 1} basis vectors exceed "
-                           f"basis_memory_bytes={basis_memory_bytes} in the {store.name} store")
+            budget_note = (
+                f"max_steps lowered from {max_steps} to {fits}: {max_steps + 1} basis vectors exceed "
+                f"basis_memory_bytes={basis_memory_bytes} in the {store.name} store"
+            )
             max_steps = fits
     if start is None:
         start = op.random_vectors(1, generator=generator, kind="gaussian")
@@ -192,12 +194,16 @@ def eigenvalues(
     converged = converged and bool((ritz.residual_bounds[idx] <= tol * scale).all())
     note = ""
     if len(idx) < k:
-        note = (f"the start vector's Krylov space is invariant after {len(ritz.values)} steps: only "
-                f"{len(ritz.values)} eigenvalues are reachable from it; use another start vector for more")
+        note = (
+            f"the start vector's Krylov space is invariant after {len(ritz.values)} steps: only "
+            f"{len(ritz.values)} eigenvalues are reachable from it; use another start vector for more"
+        )
     elif not converged:
         worst = float((ritz.residual_bounds[idx] / scale).max())
-        note = (f"not converged after max_steps={max_steps}: largest relative residual {worst:.2g} > tol={tol:g}; "
-                "raise max_steps or tol")
+        note = (
+            f"not converged after max_steps={max_steps}: largest relative residual {worst:.2g} > tol={tol:g}; "
+            "raise max_steps or tol"
+        )
     note = "; ".join(x for x in (note, budget_note) if x)
     return EigenResult(
         which=which,
@@ -218,6 +224,7 @@ def eigenvalues(
 
 def _steps_within(store: BasisStore, op: CurvatureOperator, budget_bytes: int, max_steps: int) -> int:
     """The most steps ``m ≤ max_steps`` whose ``m+1`` basis vectors fit ``budget_bytes`` in ``store`` (0 if none)."""
+
     def fits(m: int) -> bool:
         return store.resident_bytes(1, m + 1, op.local_dim, op.dtype) <= budget_bytes
 

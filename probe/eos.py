@@ -119,9 +119,7 @@ def _resolve_momentum(optimizer: str, momentum: float | None) -> float:
     return momentum
 
 
-def stability_threshold(
-    optimizer: str, lr: float, momentum: float | None = None, *, dampening: float = 0.0
-) -> float:
+def stability_threshold(optimizer: str, lr: float, momentum: float | None = None, *, dampening: float = 0.0) -> float:
     """The largest stable sharpness of ``optimizer`` at learning rate ``lr`` (see the module docstring).
 
     Args:
@@ -227,7 +225,13 @@ def lambda_max_warm(
             r = op.random_vectors(1, generator=generator, kind="gaussian")[:, 0]
             start = start + mix * r / norm(op, r)
     return eigenvalues(
-        op, 1, which="largest", tol=tol, max_steps=max_steps, generator=generator, start=start,
+        op,
+        1,
+        which="largest",
+        tol=tol,
+        max_steps=max_steps,
+        generator=generator,
+        start=start,
         return_eigenvectors=True,
     )
 
@@ -332,9 +336,18 @@ def eos_point(
     if result is None or failure:
         nan = float("nan")
         return EosPoint(
-            step=int(step), lr=float(lr), optimizer=optimizer, momentum=beta, lambda_max=nan, threshold=threshold,
-            ratio=nan, num_matvecs=result.num_matvecs if result is not None else 0, residual=nan, converged=False,
-            warm_started=previous is not None, sharpness=sharpness,
+            step=int(step),
+            lr=float(lr),
+            optimizer=optimizer,
+            momentum=beta,
+            lambda_max=nan,
+            threshold=threshold,
+            ratio=nan,
+            num_matvecs=result.num_matvecs if result is not None else 0,
+            residual=nan,
+            converged=False,
+            warm_started=previous is not None,
+            sharpness=sharpness,
             note=f"{failure}: the operator's products are not finite (diverged weights or loss?); "
             "check the checkpoint, the next point starts cold",
         )
@@ -451,9 +464,18 @@ def eos_series(
                 "sort the checkpoints by step"
             )
         point = eos_point(
-            make_operator(state), lr, step=step, optimizer=optimizer, momentum=momentum, dampening=dampening,
+            make_operator(state),
+            lr,
+            step=step,
+            optimizer=optimizer,
+            momentum=momentum,
+            dampening=dampening,
             preconditioner=make_preconditioner(state) if make_preconditioner is not None else None,
-            previous=previous if warm_start else None, mix=mix, tol=tol, max_steps=max_steps, generator=generator,
+            previous=previous if warm_start else None,
+            mix=mix,
+            tol=tol,
+            max_steps=max_steps,
+            generator=generator,
         )
         previous = point.eigenvector
         if points and not keep_eigenvectors:

@@ -139,8 +139,15 @@ class Evaluator:
         self.param_dtype, self.device = first.dtype, first.device
         self.dtype = vector_dtype(self.param_dtype, accumulate_dtype)
         batches = list(batches)
-        prepared = weigh_batches(batches, self.param_dtype, self.device, weighting=weighting,
-                                 total_examples=total_examples, total_tokens=total_tokens, ignore_index=ignore_index)
+        prepared = weigh_batches(
+            batches,
+            self.param_dtype,
+            self.device,
+            weighting=weighting,
+            total_examples=total_examples,
+            total_tokens=total_tokens,
+            ignore_index=ignore_index,
+        )
         self.batches, self.weights = prepared.batches, prepared.weights
         self.num_examples = sum(prepared.sizes)
         self.weighting = weighting
@@ -149,11 +156,16 @@ class Evaluator:
         self._tokens = prepared.tokens
         self.train_mode = mode == "train"
         self.dropout_seed = dropout_seed
-        bn_prefixes = [f"{n}." if n else "" for n, m in model.named_modules()
-                       if isinstance(m, _BN) and m.track_running_stats]
-        self._bn_buffer_items = [(n, b) for n, b in model.named_buffers()
-                                 if any(n == p + leaf for p in bn_prefixes
-                                        for leaf in ("running_mean", "running_var", "num_batches_tracked"))]
+        bn_prefixes = [
+            f"{n}." if n else "" for n, m in model.named_modules() if isinstance(m, _BN) and m.track_running_stats
+        ]
+        self._bn_buffer_items = [
+            (n, b)
+            for n, b in model.named_buffers()
+            if any(
+                n == p + leaf for p in bn_prefixes for leaf in ("running_mean", "running_var", "num_batches_tracked")
+            )
+        ]
         if self.train_mode:
             self.recompute_bn = False
         else:
@@ -174,8 +186,10 @@ class Evaluator:
         points carry dropout noise that no reported standard error covers)."""
         if not self.train_mode or self.dropout_seed is not None or not has_dropout(self.model):
             return ""
-        return ("train mode with live dropout: masks redrawn at every evaluation, so loss differences carry "
-                "dropout noise beyond any reported standard error (Evaluator(dropout_seed=...) fixes the masks)")
+        return (
+            "train mode with live dropout: masks redrawn at every evaluation, so loss differences carry "
+            "dropout noise beyond any reported standard error (Evaluator(dropout_seed=...) fixes the masks)"
+        )
 
     @property
     def pointwise(self) -> bool:

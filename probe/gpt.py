@@ -98,8 +98,13 @@ def gpt(*, vocab: int = 64, dim: int = 32, layers: int = 2, heads: int = 4, max_
 
 def gpt_num_parameters(*, vocab: int, dim: int, layers: int, max_len: int, mlp_ratio: int = 4) -> int:
     """Parameter count of :func:`gpt` without building it (for size estimates)."""
-    block = 2 * 2 * dim + (dim * 3 * dim + 3 * dim) + (dim * dim + dim) + (dim * mlp_ratio * dim + mlp_ratio * dim) + (
-        mlp_ratio * dim * dim + dim)
+    block = (
+        2 * 2 * dim
+        + (dim * 3 * dim + 3 * dim)
+        + (dim * dim + dim)
+        + (dim * mlp_ratio * dim + mlp_ratio * dim)
+        + (mlp_ratio * dim * dim + dim)
+    )
     return vocab * dim + max_len * dim + layers * block + 2 * dim + dim * vocab
 
 

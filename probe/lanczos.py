@@ -189,7 +189,9 @@ class LanczosProcess:
         self.start_norms = norm(op, start).to("cpu", torch.float64)
         if bool((self.start_norms == 0).any()):
             zero = torch.nonzero(self.start_norms == 0).flatten().tolist()
-            raise ValueError(f"a start vector is zero; draw start vectors with op.random_vectors (zero columns: {zero})")
+            raise ValueError(
+                f"a start vector is zero; draw start vectors with op.random_vectors (zero columns: {zero})"
+            )
         q = start / self.start_norms.to(start.device, start.dtype)
         # The recurrence's last two vectors stay on the device, run-major (k, local_dim);
         # the whole basis, when kept, goes to the store (projections are batched

@@ -78,15 +78,19 @@ def linear_sums(model, loss_fn, moved, space: ParameterSpace, owners, mode: str 
                 outputs = [seen[m][1] for m in layers]
                 grads = torch.autograd.grad(losses.sum(), outputs + selected, allow_unused=True)
                 deltas = dict(zip(layers, grads[: len(layers)], strict=True))
-                param_grads = grads[len(layers):]
+                param_grads = grads[len(layers) :]
                 c = losses.shape[0]
                 sq = torch.zeros(c, dtype=torch.float64, device=device)
                 for name in space.names:
                     module, leaf = owners[name]
                     d2 = deltas[module].to(torch.float64).pow(2).sum(1)  # ‖δᵢ‖²
                     sq += d2 * seen[module][0].to(torch.float64).pow(2).sum(1) if leaf == "weight" else d2
-                flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                  for g, p in zip(param_grads, selected, strict=True)])
+                flat = torch.cat(
+                    [
+                        (torch.zeros_like(p) if g is None else g).reshape(-1)
+                        for g, p in zip(param_grads, selected, strict=True)
+                    ]
+                )
                 sum_grad += flat.to(torch.float64)
                 sum_sq_norm += sq.sum()
                 losses = losses.detach().to(torch.float64)
@@ -98,5 +102,11 @@ def linear_sums(model, loss_fn, moved, space: ParameterSpace, owners, mode: str 
         for h in handles:
             h.remove()
         seen.clear()
-    return {"sum_grad": sum_grad, "sum_sq_norm": sum_sq_norm, "sum_loss": sum_loss, "count": count,
-            "num_nonfinite": int(nonfinite), "chunk_size": largest}
+    return {
+        "sum_grad": sum_grad,
+        "sum_sq_norm": sum_sq_norm,
+        "sum_loss": sum_loss,
+        "count": count,
+        "num_nonfinite": int(nonfinite),
+        "chunk_size": largest,
+    }

@@ -143,8 +143,10 @@ def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
     saved = [(b, b.clone()) for b in model.buffers()] if mode == "train" else []
     model.train(mode == "train")
     try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False), \
-                double_backward_attention():
+        with (
+            torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False),
+            double_backward_attention(),
+        ):
             yield
     finally:
         model.train(previous)
@@ -240,8 +242,15 @@ class ModelOperator(CurvatureOperator):
         self.device = self.params[0].device
         self.dim = self.local_dim = self.space.dim
         self.batched = self.device.type == "cuda" if batched is None else batched
-        prepared = weigh_batches(batches, self.param_dtype, self.device, weighting=weighting,
-                                 total_examples=total_examples, total_tokens=total_tokens, ignore_index=ignore_index)
+        prepared = weigh_batches(
+            batches,
+            self.param_dtype,
+            self.device,
+            weighting=weighting,
+            total_examples=total_examples,
+            total_tokens=total_tokens,
+            ignore_index=ignore_index,
+        )
         self.batches, self.batch_sizes, self.weights = prepared.batches, prepared.sizes, prepared.weights
         self.weighting = weighting
         self.ignore_index = ignore_index
@@ -292,8 +301,10 @@ class ModelOperator(CurvatureOperator):
         if self.batched or k == 1:
             columns = [(slice(None), [v.to(self.param_dtype) for v in self.space.unflatten(V)], k)]
         else:
-            columns = [(slice(j, j + 1), [v.to(self.param_dtype).unsqueeze(0) for v in self.space.unflatten(V[:, j])], 1)
-                       for j in range(k)]
+            columns = [
+                (slice(j, j + 1), [v.to(self.param_dtype).unsqueeze(0) for v in self.space.unflatten(V[:, j])], 1)
+                for j in range(k)
+            ]
         out_t = torch.empty((k, self.dim), dtype=self.dtype, device=V.device)  # each parameter: a column range
         all_cached = len(self._cached) == len(self.batches)
         # Kept graphs need no mode switch; rebuilding a graph does.

@@ -296,8 +296,9 @@ def gradient_moments(
                 if method == "linear":
                     raise ValueError(f"method='linear' does not apply: {exc}; use method='vmap' or 'auto'") from None
         elif method == "linear":
-            raise ValueError("method='linear' needs every selected parameter in an nn.Linear; "
-                             "use method='vmap' or 'auto'")
+            raise ValueError(
+                "method='linear' needs every selected parameter in an nn.Linear; use method='vmap' or 'auto'"
+            )
     if chunk_size is None:
         chunk_size = default_chunk_size(space, dtype, device)
     chosen = set(space.names)

@@ -83,13 +83,11 @@ class CurvatureOperator:
     def _check_dtype_device(self, x: Tensor) -> None:
         if x.dtype != self.dtype:
             raise ValueError(
-                f"operator dtype is {self.dtype}, got a vector of dtype {x.dtype}; "
-                f"convert it with .to({self.dtype})"
+                f"operator dtype is {self.dtype}, got a vector of dtype {x.dtype}; convert it with .to({self.dtype})"
             )
         if x.device != self.device:
             raise ValueError(
-                f"operator device is {self.device}, got a vector on {x.device}; "
-                f"move it with .to('{self.device}')"
+                f"operator device is {self.device}, got a vector on {x.device}; move it with .to('{self.device}')"
             )
 
     def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -116,9 +114,11 @@ class CurvatureOperator:
             kind: ``"rademacher"`` (entries ±1) or ``"gaussian"`` (standard normal).
         """
         if kind == "rademacher":
+
             def draw(rows: int) -> Tensor:
                 return torch.randint(0, 2, (rows, k), generator=generator, dtype=self.dtype).mul_(2).sub_(1)
         elif kind == "gaussian":
+
             def draw(rows: int) -> Tensor:
                 return torch.randn(rows, k, generator=generator, dtype=self.dtype)
         else:

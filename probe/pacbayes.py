@@ -165,9 +165,17 @@ def _se(x: Tensor) -> float:
 
 
 def pacbayes(
-    ev: Evaluator, *, target: float = 0.1, variant: str = "isotropic", samples: int = 32,
-    prior_sigma: float | None = None, delta: float = 0.05, num_examples: int | None = None,
-    rtol: float = 1e-3, max_steps: int = 200, magnitude_eps: float = MAGNITUDE_EPS,
+    ev: Evaluator,
+    *,
+    target: float = 0.1,
+    variant: str = "isotropic",
+    samples: int = 32,
+    prior_sigma: float | None = None,
+    delta: float = 0.05,
+    num_examples: int | None = None,
+    rtol: float = 1e-3,
+    max_steps: int = 200,
+    magnitude_eps: float = MAGNITUDE_EPS,
     generator: torch.Generator | None = None,
 ) -> PacBayesResult:
     """σ* by bisection on log σ, and the PAC-Bayes bound at ``Q = N(θ, Σ_σ*)``.
@@ -204,8 +212,11 @@ def pacbayes(
     n = int(num_examples if num_examples is not None else ev.num_examples)
     base_loss, base_error = ev.loss_and_error(theta)
     evaluations_before = ev.num_evaluations
-    scale = torch.ones_like(theta, dtype=torch.float64) if variant == "isotropic" else (
-        theta.detach().abs().to(torch.float64) + magnitude_eps)
+    scale = (
+        torch.ones_like(theta, dtype=torch.float64)
+        if variant == "isotropic"
+        else (theta.detach().abs().to(torch.float64) + magnitude_eps)
+    )
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     f = _Estimate(ev, theta, scale, samples // 2, seed)
     notes = []
@@ -265,10 +276,25 @@ def pacbayes(
         e_q = e_q_se = bound = bound_sqrt = float("nan")
         notes.append("no 0-1 error (not a classification task): the bound needs a loss in [0, 1]")
     return PacBayesResult(
-        variant=variant, sigma=sigma, sigma_stderr=sigma_se, target=target,
-        expected_loss_increase=f_lo, expected_loss_increase_stderr=se_f,
-        base_loss=base_loss, base_error=base_error, expected_error=e_q, expected_error_stderr=e_q_se,
-        kl=kl, prior_sigma=float("nan") if prior_sigma is None else prior_sigma, prior=prior,
-        num_examples=n, delta=delta, bound=bound, bound_sqrt=bound_sqrt, samples=samples,
-        num_evaluations=ev.num_evaluations - evaluations_before, bisection_steps=f.calls, note="; ".join(notes),
+        variant=variant,
+        sigma=sigma,
+        sigma_stderr=sigma_se,
+        target=target,
+        expected_loss_increase=f_lo,
+        expected_loss_increase_stderr=se_f,
+        base_loss=base_loss,
+        base_error=base_error,
+        expected_error=e_q,
+        expected_error_stderr=e_q_se,
+        kl=kl,
+        prior_sigma=float("nan") if prior_sigma is None else prior_sigma,
+        prior=prior,
+        num_examples=n,
+        delta=delta,
+        bound=bound,
+        bound_sqrt=bound_sqrt,
+        samples=samples,
+        num_evaluations=ev.num_evaluations - evaluations_before,
+        bisection_steps=f.calls,
+        note="; ".join(notes),
     )

@@ -73,18 +73,20 @@ class ParameterSpace:
             if isinstance(select, str):
                 select = [select]
             if not select:
-                raise ValueError("parameter selection is empty; pass None for all trainable parameters or at least one name")
+                raise ValueError(
+                    "parameter selection is empty; pass None for all trainable parameters or at least one name"
+                )
             canonical = {id(p): n for n, p in named}
-            aliases = [(n, canonical[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)
-                       if id(p) in canonical]
+            aliases = [
+                (n, canonical[id(p)]) for n, p in model.named_parameters(remove_duplicate=False) if id(p) in canonical
+            ]
             valid = [n for n, _ in aliases]
             picked: set[str] = set()
             for s in select:
                 hits = {c for n, c in aliases if n == s or n.startswith(s + ".")}
                 if not hits:
                     raise ValueError(
-                        f"parameter selection {s!r} matches no trainable parameter; "
-                        f"valid names: {', '.join(valid)}"
+                        f"parameter selection {s!r} matches no trainable parameter; valid names: {', '.join(valid)}"
                     )
                 picked |= hits
             chosen = [(n, p) for n, p in named if n in picked]

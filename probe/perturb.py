@@ -44,8 +44,11 @@ class Objective:
         else:
             raise TypeError(f"loss must be an Evaluator or a callable flat -> scalar tensor, got {type(loss).__name__}")
         if not isinstance(center, Tensor) or center.ndim != 1 or not center.is_floating_point():
-            got = (f"shape {tuple(center.shape)}, dtype {center.dtype}" if isinstance(center, Tensor)
-                   else type(center).__name__)
+            got = (
+                f"shape {tuple(center.shape)}, dtype {center.dtype}"
+                if isinstance(center, Tensor)
+                else type(center).__name__
+            )
             raise ValueError(f"center must be a 1-D floating-point tensor, got {got}; pass the flat parameter vector")
         if self.evaluator is not None and center.shape[0] != self.evaluator.dim:
             raise ValueError(
@@ -134,15 +137,26 @@ def random_direction(center: Tensor, active: Tensor, norm: str, generator: torch
 
 
 def ascend(
-    obj: Objective, scale: Tensor, *, radius: float, norm: str, steps: int, step_size: float,
+    obj: Objective,
+    scale: Tensor,
+    *,
+    radius: float,
+    norm: str,
+    steps: int,
+    step_size: float,
     generator: torch.Generator | None,
 ) -> Ascent:
     """Projected ascent of ``L(θ + scale⊙u)`` over ``‖u‖_p ≤ radius`` (see the module docstring)."""
     center = obj.center
     base, grad = obj.value_and_grad(center)
     if not math.isfinite(base):
-        return Ascent(base, _NAN, torch.zeros_like(center), torch.zeros(0, dtype=torch.float64),
-                       f"the loss at the center is {base}: no sharpness can be measured there")
+        return Ascent(
+            base,
+            _NAN,
+            torch.zeros_like(center),
+            torch.zeros(0, dtype=torch.float64),
+            f"the loss at the center is {base}: no sharpness can be measured there",
+        )
     active = (scale != 0).to(center.dtype)
     u, current, g_u = torch.zeros_like(center), base, scale * grad
     best_loss, best_u = -math.inf, u
@@ -154,8 +168,10 @@ def ascend(
         if bool((g_u == 0).all()):
             d = random_direction(center, active, norm, generator)
             if not any("zero" in n for n in notes):
-                notes.append("the gradient is zero at the center (a stationary point): the first step "
-                             "followed a random direction drawn from generator")
+                notes.append(
+                    "the gradient is zero at the center (a stationary point): the first step "
+                    "followed a random direction drawn from generator"
+                )
         elif norm == "l2":
             d = g_u / g_u.norm()
         else:

@@ -190,9 +190,16 @@ def _seed(generator: torch.Generator | None) -> int | None:
 
 def _worst_record(measure: str, value: float, a: _Ascent, obj: _Objective, params: dict[str, Any]) -> SharpnessResult:
     return SharpnessResult(
-        measure=measure, value=value, base_loss=a.base_loss, perturbed_loss=a.best_loss, params=params,
-        num_evaluations=obj.num_evaluations, num_gradients=obj.num_gradients, losses=a.losses,
-        perturbation=a.delta, note=_join(a.note, _randomness_note(obj)),
+        measure=measure,
+        value=value,
+        base_loss=a.base_loss,
+        perturbed_loss=a.best_loss,
+        params=params,
+        num_evaluations=obj.num_evaluations,
+        num_gradients=obj.num_gradients,
+        losses=a.losses,
+        perturbation=a.delta,
+        note=_join(a.note, _randomness_note(obj)),
     )
 
 
@@ -205,7 +212,11 @@ def _randomness_note(obj: _Objective) -> str:
 
 
 def _monte_carlo(
-    measure: str, obj: _Objective, draw: Callable[[], Tensor], num_samples: int, antithetic: bool,
+    measure: str,
+    obj: _Objective,
+    draw: Callable[[], Tensor],
+    num_samples: int,
+    antithetic: bool,
     params: dict[str, Any],
 ) -> SharpnessResult:
     """Mean of ``L(θ+δ) − L(θ)`` over ``num_samples`` draws ``δ = draw()`` (pairs ±δ when antithetic)."""
@@ -228,15 +239,26 @@ def _monte_carlo(
     if not math.isfinite(base):
         note = _join(f"the loss at the center is {base}: no sharpness can be measured there", note)
     return SharpnessResult(
-        measure=measure, value=float(increase.mean()), base_loss=base, perturbed_loss=float(losses.mean()),
-        params=params, stderr=float(increase.std(unbiased=True) / math.sqrt(increase.numel())),
-        num_evaluations=obj.num_evaluations, num_gradients=obj.num_gradients, losses=losses, note=note,
+        measure=measure,
+        value=float(increase.mean()),
+        base_loss=base,
+        perturbed_loss=float(losses.mean()),
+        params=params,
+        stderr=float(increase.std(unbiased=True) / math.sqrt(increase.numel())),
+        num_evaluations=obj.num_evaluations,
+        num_gradients=obj.num_gradients,
+        losses=losses,
+        note=note,
     )
 
 
 def lambda_max(
-    op: CurvatureOperator, *, tol: float = 1e-6, max_steps: int | None = None,
-    generator: torch.Generator | None = None, start: Tensor | None = None,
+    op: CurvatureOperator,
+    *,
+    tol: float = 1e-6,
+    max_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    start: Tensor | None = None,
 ) -> SharpnessResult:
     """λ_max of a curvature operator (e.g. :class:`probe.hessian.HessianOperator`) by Lanczos.
 
@@ -255,14 +277,24 @@ def lambda_max(
     """
     r = eigenvalues(op, 1, which="largest", tol=tol, max_steps=max_steps, generator=generator, start=start)
     return SharpnessResult(
-        measure="lambda_max", value=float(r.eigenvalues[0]), base_loss=_NAN, perturbed_loss=_NAN,
-        params={"tol": tol, "max_steps": max_steps, "seed": _seed(generator)}, num_matvecs=r.num_matvecs, note=r.note,
+        measure="lambda_max",
+        value=float(r.eigenvalues[0]),
+        base_loss=_NAN,
+        perturbed_loss=_NAN,
+        params={"tol": tol, "max_steps": max_steps, "seed": _seed(generator)},
+        num_matvecs=r.num_matvecs,
+        note=r.note,
     )
 
 
 def keskar_sharpness(
-    loss: LossLike, center: Tensor | None = None, *, epsilon: float = 1e-3, steps: int = 20,
-    step_size: float | None = None, generator: torch.Generator | None = None,
+    loss: LossLike,
+    center: Tensor | None = None,
+    *,
+    epsilon: float = 1e-3,
+    steps: int = 20,
+    step_size: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> SharpnessResult:
     """Keskar et al. (2017) ε-sharpness ``100·(max_{C_ε} L(θ+δ) − L(θ))/(1 + L(θ))`` in the full space.
 
@@ -291,14 +323,25 @@ def keskar_sharpness(
     scale = epsilon * (obj.center.abs() + 1)
     a = _ascend(obj, scale, radius=1.0, norm="linf", steps=steps, step_size=step_size, generator=generator)
     value = 100.0 * (a.best_loss - a.base_loss) / (1.0 + a.base_loss)
-    params = {"epsilon": epsilon, "norm": "linf", "space": "full", "steps": steps, "step_size": step_size,
-              "seed": _seed(generator)}
+    params = {
+        "epsilon": epsilon,
+        "norm": "linf",
+        "space": "full",
+        "steps": steps,
+        "step_size": step_size,
+        "seed": _seed(generator),
+    }
     return _worst_record("keskar", value, a, obj, params)
 
 
 def sam_sharpness(
-    loss: LossLike, center: Tensor | None = None, *, rho: float = 0.05, steps: int = 1,
-    step_size: float | None = None, generator: torch.Generator | None = None,
+    loss: LossLike,
+    center: Tensor | None = None,
+    *,
+    rho: float = 0.05,
+    steps: int = 1,
+    step_size: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> SharpnessResult:
     """Foret et al. (2021) ρ-sharpness ``max_{‖δ‖₂ ≤ ρ} L(θ+δ) − L(θ)``.
 
@@ -322,16 +365,26 @@ def sam_sharpness(
     steps = _steps(steps)
     step_size = rho if step_size is None else _positive("step_size", step_size, "omit it for step_size=rho")
     obj = _Objective(loss, center)
-    a = _ascend(obj, torch.ones_like(obj.center), radius=rho, norm="l2", steps=steps, step_size=step_size,
-                generator=generator)
+    a = _ascend(
+        obj, torch.ones_like(obj.center), radius=rho, norm="l2", steps=steps, step_size=step_size, generator=generator
+    )
     params = {"rho": rho, "norm": "l2", "steps": steps, "step_size": step_size, "seed": _seed(generator)}
     return _worst_record("sam", a.best_loss - a.base_loss, a, obj, params)
 
 
 def adaptive_sharpness(
-    loss: LossLike, center: Tensor | None = None, *, kind: str = "worst", p: float | str = 2,
-    rho: float | None = None, eta: float = 0.0, steps: int = 20, step_size: float | None = None,
-    num_samples: int = 20, antithetic: bool = False, generator: torch.Generator | None = None,
+    loss: LossLike,
+    center: Tensor | None = None,
+    *,
+    kind: str = "worst",
+    p: float | str = 2,
+    rho: float | None = None,
+    eta: float = 0.0,
+    steps: int = 20,
+    step_size: float | None = None,
+    num_samples: int = 20,
+    antithetic: bool = False,
+    generator: torch.Generator | None = None,
 ) -> SharpnessResult:
     """Adaptive sharpness with ``δ = (|θ| + η) ⊙ u`` (Kwon et al. 2021; Andriushchenko et al. 2023).
 
@@ -401,8 +454,13 @@ def adaptive_sharpness(
 
 
 def average_sharpness(
-    loss: LossLike, center: Tensor | None = None, *, sigma: float, num_samples: int = 20,
-    antithetic: bool = False, generator: torch.Generator | None = None,
+    loss: LossLike,
+    center: Tensor | None = None,
+    *,
+    sigma: float,
+    num_samples: int = 20,
+    antithetic: bool = False,
+    generator: torch.Generator | None = None,
 ) -> SharpnessResult:
     """Random-perturbation sharpness ``E_{δ ~ N(0, σ²I)} L(θ+δ) − L(θ)`` by Monte Carlo.
 
@@ -429,6 +487,11 @@ def average_sharpness(
     def draw() -> Tensor:
         return torch.randn(n, generator=generator, dtype=torch.float64) * sigma
 
-    params = {"sigma": sigma, "distribution": "gaussian", "num_samples": num_samples, "antithetic": antithetic,
-              "seed": _seed(generator)}
+    params = {
+        "sigma": sigma,
+        "distribution": "gaussian",
+        "num_samples": num_samples,
+        "antithetic": antithetic,
+        "seed": _seed(generator),
+    }
     return _monte_carlo("average", obj, draw, num_samples, antithetic, params)

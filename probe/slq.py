@@ -108,7 +108,9 @@ class SpectrumResult:
         integrand is a ramp (continuous), so Gauss quadrature converges for it; a plain
         *count* of negative eigenvalues does not (see :meth:`negative_fraction`).
         """
-        neg = torch.stack([(w * (-v).clamp_min(0)).sum() for v, w in zip(self.ritz_values, self.ritz_weights, strict=True)])
+        neg = torch.stack(
+            [(w * (-v).clamp_min(0)).sum() for v, w in zip(self.ritz_values, self.ritz_weights, strict=True)]
+        )
         tot = torch.stack([(w * v.abs()).sum() for v, w in zip(self.ritz_values, self.ritz_weights, strict=True)])
         # Ratio of the run means (a mean of per-run ratios is biased at order 1/runs),
         # with the delta-method standard error.
@@ -131,7 +133,9 @@ class SpectrumResult:
         scale = max(abs(self.lambda_min), abs(self.lambda_max))
         return self._per_run(lambda v, w: w[v < -threshold * scale].sum())
 
-    def log_abs_density(self, *, grid_points: int = 400, sigma: float = 0.1, floor: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    def log_abs_density(
+        self, *, grid_points: int = 400, sigma: float = 0.1, floor: float = 1e-6
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Density of ``log10|λ|`` split by sign: ``(grid, positive, negative)``.
 
         Shows the many small eigenvalues that a linear axis hides. Ritz values with
@@ -152,9 +156,7 @@ class SpectrumResult:
         return grid, pos / self.runs, neg / self.runs
 
 
-def density_from_ritz(
-    values: list[Tensor], weights: list[Tensor], grid: Tensor, sigma: float
-) -> tuple[Tensor, Tensor]:
+def density_from_ritz(values: list[Tensor], weights: list[Tensor], grid: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
     """Gaussian-smoothed density per run on ``grid``; returns ``(mean, stderr)`` over runs."""
     per_run = []
     for v, w in zip(values, weights, strict=True):
@@ -214,7 +216,9 @@ def spectral_density(
     if reorth not in REORTH_MODES:
         raise ValueError(f"reorth must be one of {REORTH_MODES}, got reorth={reorth!r}")
     if basis_memory_bytes is not None and basis_memory_bytes < 0:
-        raise ValueError(f"basis_memory_bytes must be non-negative or None, got basis_memory_bytes={basis_memory_bytes}")
+        raise ValueError(
+            f"basis_memory_bytes must be non-negative or None, got basis_memory_bytes={basis_memory_bytes}"
+        )
     store = resolve_basis(basis)
     note = ""
     if basis_memory_bytes is not None:

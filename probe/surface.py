@@ -117,8 +117,10 @@ class SurfaceResult:
 def _coordinates(name: str, values: Sequence[float] | Tensor) -> Tensor:
     t = torch.as_tensor(values, dtype=torch.float64).cpu()
     if t.ndim != 1 or t.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D sequence of numbers, got shape {tuple(t.shape)}; "
-                         f"e.g. torch.linspace(-1, 1, 51)")
+        raise ValueError(
+            f"{name} must be a non-empty 1-D sequence of numbers, got shape {tuple(t.shape)}; "
+            f"e.g. torch.linspace(-1, 1, 51)"
+        )
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got {t.tolist()}; drop NaN/inf coordinates")
     return t
@@ -317,8 +319,9 @@ def loss_surface(
         )
     theta = evaluator.center() if center is None else center
     if directions == "random":
-        d = random_directions(evaluator.space, theta, dims, generator,
-                              normalization=normalization or "filter", ignore_1d=ignore_1d)
+        d = random_directions(
+            evaluator.space, theta, dims, generator, normalization=normalization or "filter", ignore_1d=ignore_1d
+        )
     elif directions == "eigen":
         if op is None:
             raise ValueError("op is required for directions='eigen'; pass the HessianOperator at the center")

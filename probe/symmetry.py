@@ -84,8 +84,10 @@ class SymmetryDefect:
         if not self.exceeds:
             return ""
         if not math.isfinite(self.defect):
-            return (f"operator symmetry could not be measured (uᵀHv={self.uhv:.3g}, vᵀHu={self.vhu:.3g}): its "
-                    "products are not finite")
+            return (
+                f"operator symmetry could not be measured (uᵀHv={self.uhv:.3g}, vᵀHu={self.vhu:.3g}): its "
+                "products are not finite"
+            )
         return (
             f"operator symmetric only to {self.defect:.1e} ({self.dtype} rounding {self.unit_roundoff:.1e}): parts "
             "of the model compute in lower precision (e.g. Hugging Face RMSNorm/rotary embeddings in float32) or "
@@ -94,8 +96,9 @@ class SymmetryDefect:
         )
 
 
-def symmetry_defect(op: CurvatureOperator, generator: torch.Generator | None = None, *,
-                    warn: bool = True) -> SymmetryDefect:
+def symmetry_defect(
+    op: CurvatureOperator, generator: torch.Generator | None = None, *, warn: bool = True
+) -> SymmetryDefect:
     """Measure how symmetric ``op`` is, with two products on Gaussian vectors.
 
     ``u, v`` are drawn by ``op.random_vectors`` (whole vectors from ``generator``,
@@ -120,8 +123,15 @@ def symmetry_defect(op: CurvatureOperator, generator: torch.Generator | None = N
     tiny = torch.finfo(torch.float64).tiny
     defect = abs(uhv - vhu) / max(abs(uhv), tiny) if math.isfinite(uhv) and math.isfinite(vhu) else math.nan
     u = unit_roundoff(op.dtype)
-    r = SymmetryDefect(defect=defect, uhv=uhv, vhu=vhu, num_matvecs=2, unit_roundoff=u,
-                       dtype=str(op.dtype).removeprefix("torch."), threshold=WARN_FACTOR * u)
+    r = SymmetryDefect(
+        defect=defect,
+        uhv=uhv,
+        vhu=vhu,
+        num_matvecs=2,
+        unit_roundoff=u,
+        dtype=str(op.dtype).removeprefix("torch."),
+        threshold=WARN_FACTOR * u,
+    )
     if warn and r.exceeds:
         warnings.warn(r.note, SymmetryWarning, stacklevel=2)
     return r

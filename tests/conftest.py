@@ -89,7 +89,9 @@ def _flat_loss(model: nn.Module, loss_fn, x, y, names: Sequence[str]) -> tuple[C
 
     def f(theta: Tensor) -> Tensor:
         chunks = torch.split(theta, numels)
-        return loss_fn(functional_call(model, {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}, (x,)), y)
+        return loss_fn(
+            functional_call(model, {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}, (x,)), y
+        )
 
     return f, theta0
 

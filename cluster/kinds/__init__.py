@@ -10,7 +10,16 @@ here, one entry below, one row in ``tests/cluster/test_kinds_contract.py`` (``do
 from __future__ import annotations
 
 from cluster.kinds import (
-    barrier, critical, eigenvalues, eos, noise, pacbayes, sharpness, spectrum, surface, trace,
+    barrier,
+    critical,
+    eigenvalues,
+    eos,
+    noise,
+    pacbayes,
+    sharpness,
+    spectrum,
+    surface,
+    trace,
 )
 from cluster.kinds.base import Gauge, Headline, Kind, Sizes, Working
 

@@ -12,18 +12,34 @@ example-only, uses the Hessian). The rest of ``cluster/`` asks the registry
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import pyarrow as pa
 import torch
 
 __all__ = [
-    "Kind", "Headline", "Gauge", "Sizes", "Working", "Check",
-    "is_int", "is_num", "BASIS", "BASIS_CHECK", "SYMMETRY_CHECK",
-    "F64", "LIST", "LIST2", "floats", "vec", "num",
-    "single_lanczos", "no_basis",
+    "Kind",
+    "Headline",
+    "Gauge",
+    "Sizes",
+    "Working",
+    "Check",
+    "is_int",
+    "is_num",
+    "BASIS",
+    "BASIS_CHECK",
+    "SYMMETRY_CHECK",
+    "F64",
+    "LIST",
+    "LIST2",
+    "floats",
+    "vec",
+    "num",
+    "single_lanczos",
+    "no_basis",
 ]
 
 # ---------------------------------------------------------------- option checks
@@ -32,10 +48,12 @@ Check = tuple[Callable[[Any], bool], str]  # (predicate, what it expects: "probe
 
 
 def is_int(v: Any) -> bool:
+    """Whether ``v`` is an int (a bool is not)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def is_num(v: Any) -> bool:
+    """Whether ``v`` is an int or a float (a bool is not)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -43,8 +61,10 @@ BASIS = ("device", "host", "disk")
 BASIS_CHECK: Check = (lambda v: v in BASIS, "'device', 'host' or 'disk' (where the Lanczos vectors live)")
 # symmetry_check: true | false | null (null: on when the operator is float64, i.e. in float64 jobs).
 # Added to the options and checks of every kind with ``uses_hessian`` (probe.symmetry: two extra products).
-SYMMETRY_CHECK: Check = (lambda v: v is None or isinstance(v, bool),
-                         "true, false or null (null: on for float64 jobs; two extra products per task)")
+SYMMETRY_CHECK: Check = (
+    lambda v: v is None or isinstance(v, bool),
+    "true, false or null (null: on for float64 jobs; two extra products per task)",
+)
 
 # ---------------------------------------------------------------- column types
 
@@ -72,6 +92,7 @@ def num(x) -> float:
 
 # ---------------------------------------------------------------- the memory estimate's working set
 
+
 @dataclass(frozen=True)
 class Sizes:
     """What a kind's ``vectors`` sees of a job (:mod:`cluster.estimate`): ``dim`` parameters (of a
@@ -98,6 +119,7 @@ class Working:
 
 
 def no_basis(device: int) -> Working:
+    """A working set of ``device`` bytes on the worker's device and no Lanczos basis."""
     return Working(0, 0, device)
 
 
@@ -108,6 +130,7 @@ def single_lanczos(s: Sizes) -> Working:
 
 
 # ---------------------------------------------------------------- headline values
+
 
 @dataclass(frozen=True)
 class Gauge:
@@ -199,8 +222,10 @@ class Kind:
             options.setdefault("symmetry_check", None)
             checks.setdefault("symmetry_check", SYMMETRY_CHECK)
         if set(options) != set(checks):
-            raise AssertionError(f"kind {self.name!r}: options without checks {sorted(set(options) - set(checks))}, "
-                                 f"checks without options {sorted(set(checks) - set(options))}")
+            raise AssertionError(
+                f"kind {self.name!r}: options without checks {sorted(set(options) - set(checks))}, "
+                f"checks without options {sorted(set(checks) - set(options))}"
+            )
         if self.pairwise and not self.checkpoint_options:
             raise AssertionError(f"pairwise kind {self.name!r} names no checkpoint_options (its endpoints)")
         object.__setattr__(self, "options", MappingProxyType(options))

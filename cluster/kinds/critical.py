@@ -45,28 +45,50 @@ COLUMNS = (
 
 
 def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    """The gradient norm and the Hessian's extreme eigenvalues and negative mass, with their label."""
     ev = ctx.evaluator()  # in the spec's mode, as the operator: gradient and Hessian of the same loss
     theta = ev.center().detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(ev.loss_with_grad(theta), theta)  # summed over workers by the evaluator
     op = ctx.operator()
     sym = measure_symmetry(op, o, g)
-    r = classify_critical_point(op, grad, grad_norm_threshold=o["grad_norm"],
-                                negative_mass_threshold=o["negative_mass"], runs=o["runs"], steps=o["steps"],
-                                tol=o["tol"], generator=g)
+    r = classify_critical_point(
+        op,
+        grad,
+        grad_norm_threshold=o["grad_norm"],
+        negative_mass_threshold=o["negative_mass"],
+        runs=o["runs"],
+        steps=o["steps"],
+        tol=o["tol"],
+        generator=g,
+    )
     return {
-        "label": r.label, "grad_norm": r.grad_norm, "lambda_min": r.lambda_min, "lambda_max": r.lambda_max,
-        "negative_mass": r.negative_mass, "negative_mass_stderr": finite_or_none(r.negative_mass_stderr),
-        "grad_norm_threshold": r.grad_norm_threshold, "negative_mass_threshold": r.negative_mass_threshold,
-        "rule": r.rule, "num_matvecs": r.num_matvecs + sym.num_matvecs, "note": join_notes(r.note, sym.note),
+        "label": r.label,
+        "grad_norm": r.grad_norm,
+        "lambda_min": r.lambda_min,
+        "lambda_max": r.lambda_max,
+        "negative_mass": r.negative_mass,
+        "negative_mass_stderr": finite_or_none(r.negative_mass_stderr),
+        "grad_norm_threshold": r.grad_norm_threshold,
+        "negative_mass_threshold": r.negative_mass_threshold,
+        "rule": r.rule,
+        "num_matvecs": r.num_matvecs + sym.num_matvecs,
+        "note": join_notes(r.note, sym.note),
         "symmetry_defect": sym.defect,
     }
 
 
 KIND = Kind(
-    name="critical", options=OPTIONS, checks=CHECKS, columns=COLUMNS, run=run,
+    name="critical",
+    options=OPTIONS,
+    checks=CHECKS,
+    columns=COLUMNS,
+    run=run,
     vectors=slq_vectors,  # SLQ's runs × (steps+1) basis, as spectrum
     # negative masses: 0/0 for a zero Hessian (reported)
-    headline=Headline(finite=("grad_norm", "lambda_min", "lambda_max"), lambda_max=lambda row: row.get("lambda_max"),
-                      lambda_max_priority=1),
+    headline=Headline(
+        finite=("grad_norm", "lambda_min", "lambda_max"),
+        lambda_max=lambda row: row.get("lambda_max"),
+        lambda_max_priority=1,
+    ),
     uses_hessian=True,
 )

@@ -13,8 +13,15 @@ from cluster.kinds.base import BASIS_CHECK, F64, LIST, Headline, Kind, Sizes, Wo
 from cluster.runners import ProbeContext, basis_store, join_notes, measure_symmetry
 from probe.eigen import eigenvalues
 
-OPTIONS = {"k": 5, "which": "largest", "tol": 1e-6, "max_steps": None, "reorth": "full", "basis": "device",
-           "basis_memory_bytes": None}
+OPTIONS = {
+    "k": 5,
+    "which": "largest",
+    "tol": 1e-6,
+    "max_steps": None,
+    "reorth": "full",
+    "basis": "device",
+    "basis_memory_bytes": None,
+}
 
 CHECKS = {
     "k": (lambda v: is_int(v) and v >= 1, "a positive integer"),
@@ -41,12 +48,21 @@ COLUMNS = (
 
 
 def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    """The ``k`` largest or smallest Hessian eigenvalues by Lanczos, with residuals and convergence."""
     op = ctx.operator()
     sym = measure_symmetry(op, o, g)
     with basis_store(ctx, o) as basis:
-        r = eigenvalues(op, o["k"], which=o["which"], tol=o["tol"], max_steps=o["max_steps"],
-                        generator=g, basis=basis, basis_memory_bytes=o.get("basis_memory_bytes"),
-                        reorth=o.get("reorth", "full"))
+        r = eigenvalues(
+            op,
+            o["k"],
+            which=o["which"],
+            tol=o["tol"],
+            max_steps=o["max_steps"],
+            generator=g,
+            basis=basis,
+            basis_memory_bytes=o.get("basis_memory_bytes"),
+            reorth=o.get("reorth", "full"),
+        )
     return {
         "basis_storage": r.basis_storage,
         "which": r.which,
@@ -73,13 +89,20 @@ def vectors(o: dict, s: Sizes) -> Working:
 
 
 def lambda_max(row: dict) -> float | None:
+    """The first eigenvalue of a ``which: largest`` row (λ_max), else None."""
     if row.get("which") == "largest" and row.get("eigenvalues"):
         return row["eigenvalues"][0]
     return None
 
 
 KIND = Kind(
-    name="eigenvalues", options=OPTIONS, checks=CHECKS, columns=COLUMNS, run=run, vectors=vectors,
+    name="eigenvalues",
+    options=OPTIONS,
+    checks=CHECKS,
+    columns=COLUMNS,
+    run=run,
+    vectors=vectors,
     headline=Headline(finite=("eigenvalues",), lambda_max=lambda_max, lambda_max_priority=3),
-    pipeline=True, uses_hessian=True,
+    pipeline=True,
+    uses_hessian=True,
 )

@@ -23,8 +23,10 @@ OPTIONS = {
 
 CHECKS = {
     "lr": (lambda v: v is None or (is_num(v) and v > 0), "a positive number or null (read from checkpoints)"),
-    "optimizer": (lambda v: v in ("gd", "momentum", "nesterov", "adam"),
-                  "'gd', 'momentum', 'nesterov' or 'adam' (adam reads the second moments saved with each checkpoint)"),
+    "optimizer": (
+        lambda v: v in ("gd", "momentum", "nesterov", "adam"),
+        "'gd', 'momentum', 'nesterov' or 'adam' (adam reads the second moments saved with each checkpoint)",
+    ),
     "momentum": (lambda v: v is None or (is_num(v) and 0 <= v < 1), "a number in [0, 1) or null"),
     "tol": (lambda v: is_num(v) and v > 0, "a positive number"),
 }
@@ -46,6 +48,8 @@ COLUMNS = (  # one row per checkpoint of the series (its step and lr are common 
 
 
 def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    """λ_max (Adam: of P⁻¹H) against the stability threshold at each checkpoint of the series, each
+    Lanczos run warm-started from the previous eigenvector; one row per checkpoint."""
     rows, previous, total, sym = [], None, 0, None
     for index, checkpoint in enumerate(o["series"]):
         model, meta = ctx.worker.build_model(checkpoint)
@@ -54,44 +58,56 @@ def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
         step = int(float(meta.get("step", fallback)))
         op = ctx.operator(model)
         first = sym is None
-        if first:  # once per task, on the Hessian (not the preconditioned operator) of its first checkpoint
+        if sym is None:  # once per task, on the Hessian (not the preconditioned operator) of its first checkpoint
             sym = measure_symmetry(op, o, g)
         preconditioner, momentum = None, o["momentum"]
         if o["optimizer"] == "adam":
             v, hp = adam_state(model, meta, checkpoint)
             space = ctx.evaluator(model=model).space
-            by_name = dict(zip([n for n, _ in model.named_parameters()], v))
+            by_name = dict(zip([n for n, _ in model.named_parameters()], v, strict=True))
             flat = torch.cat([by_name[n].reshape(-1) for n in space.names]).to(op.device, op.dtype)
             diag = adam_preconditioner(flat, hp["step"], beta1=hp["beta1"], beta2=hp["beta2"], eps=hp["eps"])
             preconditioner = diag[op.local_slice]
             momentum = hp["beta1"] if momentum is None else momentum
-        point = eos_point(op, lr, step=step, optimizer=o["optimizer"], momentum=momentum,
-                          preconditioner=preconditioner, previous=previous, tol=o["tol"], generator=g)
+        point = eos_point(
+            op,
+            lr,
+            step=step,
+            optimizer=o["optimizer"],
+            momentum=momentum,
+            preconditioner=preconditioner,
+            previous=previous,
+            tol=o["tol"],
+            generator=g,
+        )
         previous = point.eigenvector
         spent = point.num_matvecs + (sym.num_matvecs if first else 0)
         total += spent
-        rows.append({
-            "checkpoint": checkpoint,
-            "checkpoint_sha256": checkpoint_sha256(checkpoint),
-            "step": point.step,
-            "lr": point.lr,
-            "lr_source": source,
-            "optimizer": point.optimizer,
-            "momentum": point.momentum,
-            "lambda_max": point.lambda_max,
-            "threshold": point.threshold,
-            "ratio": point.ratio,
-            "residual": point.residual,
-            "converged": point.converged,
-            "warm_started": point.warm_started,
-            "num_matvecs": spent,
-            "note": join_notes(point.note, sym.note),
-            "symmetry_defect": sym.defect,
-        })
+        rows.append(
+            {
+                "checkpoint": checkpoint,
+                "checkpoint_sha256": checkpoint_sha256(checkpoint),
+                "step": point.step,
+                "lr": point.lr,
+                "lr_source": source,
+                "optimizer": point.optimizer,
+                "momentum": point.momentum,
+                "lambda_max": point.lambda_max,
+                "threshold": point.threshold,
+                "ratio": point.ratio,
+                "residual": point.residual,
+                "converged": point.converged,
+                "warm_started": point.warm_started,
+                "num_matvecs": spent,
+                "note": join_notes(point.note, sym.note),
+                "symmetry_defect": sym.defect,
+            }
+        )
     return {"rows": rows, "num_matvecs": total}
 
 
 def vectors(o: dict, s: Sizes) -> Working:
+    """One Lanczos run at the default step cap (:func:`cluster.kinds.base.single_lanczos`)."""
     return single_lanczos(s)
 
 
@@ -100,11 +116,21 @@ def eos_series_from_rows(rows: list[dict]) -> EosSeries:
     rows = sorted(rows, key=lambda r: r.get("step") or 0)
     optimizer, momentum = str(rows[0].get("optimizer") or "gd"), num(rows[0].get("momentum") or 0.0)
     points = tuple(
-        EosPoint(step=int(r.get("step") or 0), lr=num(r.get("lr")), optimizer=optimizer, momentum=momentum,
-                 lambda_max=num(r.get("lambda_max")), threshold=num(r.get("threshold")), ratio=num(r.get("ratio")),
-                 num_matvecs=int(r.get("num_matvecs") or 0), residual=num(r.get("residual")),
-                 converged=bool(r.get("converged")), warm_started=bool(r.get("warm_started")),
-                 sharpness="preconditioned" if optimizer == "adam" else "hessian", note=str(r.get("note") or ""))
+        EosPoint(
+            step=int(r.get("step") or 0),
+            lr=num(r.get("lr")),
+            optimizer=optimizer,
+            momentum=momentum,
+            lambda_max=num(r.get("lambda_max")),
+            threshold=num(r.get("threshold")),
+            ratio=num(r.get("ratio")),
+            num_matvecs=int(r.get("num_matvecs") or 0),
+            residual=num(r.get("residual")),
+            converged=bool(r.get("converged")),
+            warm_started=bool(r.get("warm_started")),
+            sharpness="preconditioned" if optimizer == "adam" else "hessian",
+            note=str(r.get("note") or ""),
+        )
         for r in rows
     )
     return EosSeries(points, optimizer, momentum)
@@ -116,12 +142,21 @@ def hessian_lambda_max(row: dict) -> float | None:
 
 
 def gauges(row: dict) -> list[Gauge]:
+    """The ``eos_ratio`` gauge: λ_max over the stability threshold."""
     return [Gauge("eos_ratio", row["ratio"])]
 
 
 KIND = Kind(
-    name="eos", options=OPTIONS, checks=CHECKS, columns=COLUMNS, run=run, vectors=vectors,
-    read=eos_series_from_rows, per_series=True, uses_hessian=True,
-    headline=Headline(finite=("lambda_max", "ratio"), lambda_max=hessian_lambda_max, lambda_max_priority=0,
-                      gauges=gauges),
+    name="eos",
+    options=OPTIONS,
+    checks=CHECKS,
+    columns=COLUMNS,
+    run=run,
+    vectors=vectors,
+    read=eos_series_from_rows,
+    per_series=True,
+    uses_hessian=True,
+    headline=Headline(
+        finite=("lambda_max", "ratio"), lambda_max=hessian_lambda_max, lambda_max_priority=0, gauges=gauges
+    ),
 )

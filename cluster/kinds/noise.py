@@ -22,8 +22,10 @@ OPTIONS = {
 CHECKS = {
     "lr": (lambda v: v is None or (is_num(v) and v > 0), "a positive number or null (read from checkpoints)"),
     "batch_size": (lambda v: v is None or (is_int(v) and v >= 1), "a positive integer or null (read from checkpoints)"),
-    "chunk_size": (lambda v: v is None or (is_int(v) and v >= 1),
-                   "a positive integer or null (null: probe.noise.default_chunk_size(), by the model and device)"),
+    "chunk_size": (
+        lambda v: v is None or (is_int(v) and v >= 1),
+        "a positive integer or null (null: probe.noise.default_chunk_size(), by the model and device)",
+    ),
 }
 
 COLUMNS = (
@@ -59,9 +61,12 @@ def _from_metadata(option, meta: dict, key: str, cast):
 
 
 def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    """Gradient-noise statistics from per-example gradient moments (summed over workers), with the
+    learning rate and batch size from the options or the checkpoint's metadata."""
     w = ctx.worker
     moments = gradient_moments(ctx.model, w.loss_fn, w.batches, chunk_size=o["chunk_size"], mode=w.spec.mode)
     if w.world_size > 1:
+
         def total(t: torch.Tensor) -> torch.Tensor:
             torch.distributed.all_reduce(t)
             return t
@@ -71,25 +76,51 @@ def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
     batch_size, bs_source = _from_metadata(o["batch_size"], ctx.metadata, "batch_size", int)
     r = noise_statistics(moments, lr=lr, batch_size=batch_size)
     missing = [name for name, v in (("lr", lr), ("batch_size", batch_size)) if v is None]
-    note = (f"no {' or '.join(missing)}: set probes[noise].{missing[0]} or save '{missing[0]}' in the checkpoint's "
-            "metadata for the temperature and the implicit-regularization terms") if missing else ""
+    note = (
+        (
+            f"no {' or '.join(missing)}: set probes[noise].{missing[0]} or save '{missing[0]}' in the checkpoint's "
+            "metadata for the temperature and the implicit-regularization terms"
+        )
+        if missing
+        else ""
+    )
     f = finite_or_none
     return {
-        "grad_norm": r.grad_norm, "noise_trace": r.noise_trace, "noise_scale": f(r.noise_scale),
-        "noise_scale_debiased": f(r.noise_scale_debiased), "mean_sq_grad_norm": r.mean_sq_grad_norm,
-        "loss": r.loss, "temperature": f(r.temperature), "batch_size": r.batch_size, "lr": f(r.lr),
-        "lr_source": lr_source, "batch_size_source": bs_source, "gd_regularizer": f(r.gd_regularizer),
-        "sgd_regularizer": f(r.sgd_regularizer), "modified_loss_term": f(r.modified_loss_term),
-        "noise_trace_clamped": r.noise_trace_clamped, "num_nonfinite": r.num_nonfinite,
-        "chunk_size": r.chunk_size, "method": moments.method, "note": note, "num_matvecs": 0,
+        "grad_norm": r.grad_norm,
+        "noise_trace": r.noise_trace,
+        "noise_scale": f(r.noise_scale),
+        "noise_scale_debiased": f(r.noise_scale_debiased),
+        "mean_sq_grad_norm": r.mean_sq_grad_norm,
+        "loss": r.loss,
+        "temperature": f(r.temperature),
+        "batch_size": r.batch_size,
+        "lr": f(r.lr),
+        "lr_source": lr_source,
+        "batch_size_source": bs_source,
+        "gd_regularizer": f(r.gd_regularizer),
+        "sgd_regularizer": f(r.sgd_regularizer),
+        "modified_loss_term": f(r.modified_loss_term),
+        "noise_trace_clamped": r.noise_trace_clamped,
+        "num_nonfinite": r.num_nonfinite,
+        "chunk_size": r.chunk_size,
+        "method": moments.method,
+        "note": note,
+        "num_matvecs": 0,
     }
 
 
 def vectors(o: dict, s: Sizes) -> Working:
+    """Four whole (unsharded) parameter vectors; no basis."""
     return no_basis(4 * s.dim * s.bv)
 
 
 KIND = Kind(
-    name="noise", options=OPTIONS, checks=CHECKS, columns=COLUMNS, run=run, vectors=vectors,
-    headline=Headline(finite=("grad_norm", "noise_trace", "loss")), example_only=True,
+    name="noise",
+    options=OPTIONS,
+    checks=CHECKS,
+    columns=COLUMNS,
+    run=run,
+    vectors=vectors,
+    headline=Headline(finite=("grad_norm", "noise_trace", "loss")),
+    example_only=True,
 )

@@ -54,27 +54,55 @@ COLUMNS = (
 
 
 def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
-    r = pacbayes(ctx.evaluator(), target=o["target"], variant=o["variant"], samples=o["samples"],
-                 prior_sigma=o["prior_sigma"], delta=o["delta"], rtol=o["rtol"], generator=g)
+    """σ* by bisection on the expected loss increase, the KL to the prior and the PAC-Bayes bound."""
+    r = pacbayes(
+        ctx.evaluator(),
+        target=o["target"],
+        variant=o["variant"],
+        samples=o["samples"],
+        prior_sigma=o["prior_sigma"],
+        delta=o["delta"],
+        rtol=o["rtol"],
+        generator=g,
+    )
     f = finite_or_none
     return {
-        "variant": r.variant, "sigma": r.sigma, "sigma_stderr": f(r.sigma_stderr), "target": r.target,
+        "variant": r.variant,
+        "sigma": r.sigma,
+        "sigma_stderr": f(r.sigma_stderr),
+        "target": r.target,
         "expected_loss_increase": r.expected_loss_increase,
         "expected_loss_increase_stderr": f(r.expected_loss_increase_stderr),
-        "base_loss": r.base_loss, "base_error": f(r.base_error), "expected_error": f(r.expected_error),
-        "expected_error_stderr": f(r.expected_error_stderr), "kl": f(r.kl),
-        "prior_sigma": f(r.prior_sigma), "prior": r.prior, "delta": r.delta, "bound": f(r.bound),
-        "bound_sqrt": f(r.bound_sqrt), "samples": r.samples, "num_evaluations": r.num_evaluations,
-        "bisection_steps": r.bisection_steps, "note": r.note, "num_matvecs": 0,
+        "base_loss": r.base_loss,
+        "base_error": f(r.base_error),
+        "expected_error": f(r.expected_error),
+        "expected_error_stderr": f(r.expected_error_stderr),
+        "kl": f(r.kl),
+        "prior_sigma": f(r.prior_sigma),
+        "prior": r.prior,
+        "delta": r.delta,
+        "bound": f(r.bound),
+        "bound_sqrt": f(r.bound_sqrt),
+        "samples": r.samples,
+        "num_evaluations": r.num_evaluations,
+        "bisection_steps": r.bisection_steps,
+        "note": r.note,
+        "num_matvecs": 0,
     }
 
 
 def vectors(o: dict, s: Sizes) -> Working:
+    """A draw of 16 whole perturbations and their antithetic pairs; no basis."""
     return no_basis(2 * 16 * s.dim * s.bv)  # a draw of 16 perturbations and their antithetic pairs
 
 
 KIND = Kind(
-    name="pacbayes", options=OPTIONS, checks=CHECKS, columns=COLUMNS, run=run, vectors=vectors,
+    name="pacbayes",
+    options=OPTIONS,
+    checks=CHECKS,
+    columns=COLUMNS,
+    run=run,
+    vectors=vectors,
     # expected_loss_increase: inf where perturbed losses are (reported in the row)
     headline=Headline(finite=("sigma", "base_loss")),
 )

@@ -27,8 +27,10 @@ OPTIONS = {
 
 MEASURES = ("lambda_max", "keskar", "sam", "adaptive", "average")
 CHECKS = {
-    "measures": (lambda v: isinstance(v, list) and bool(v) and all(m in MEASURES for m in v),
-                 f"a non-empty list drawn from {', '.join(MEASURES)}"),
+    "measures": (
+        lambda v: isinstance(v, list) and bool(v) and all(m in MEASURES for m in v),
+        f"a non-empty list drawn from {', '.join(MEASURES)}",
+    ),
     "epsilon": (lambda v: is_num(v) and v > 0, "a positive number"),
     "rho": (lambda v: is_num(v) and v > 0, "a positive number"),
     "adaptive_rho": (lambda v: is_num(v) and v > 0, "a positive number"),
@@ -60,9 +62,13 @@ COLUMNS = (  # one row per measure
 
 
 def validate(given: dict, o: dict) -> str | None:
+    """A message when ``average`` lacks ``sigma``, or ``adaptive`` outside ASAM's worst-case L2 lacks
+    ``adaptive_rho``; else None."""
     if "average" in o["measures"] and o["sigma"] is None:
-        return ("probes[sharpness].sigma is required when measures lists 'average' (no paper fixes a default); "
-                "e.g. sigma: 0.01")
+        return (
+            "probes[sharpness].sigma is required when measures lists 'average' (no paper fixes a default); "
+            "e.g. sigma: 0.01"
+        )
     asam = (o["adaptive_kind"], o["adaptive_p"]) == ("worst", 2)
     if "adaptive" in o["measures"] and "adaptive_rho" not in given and not asam:
         return (
@@ -75,6 +81,7 @@ def validate(given: dict, o: dict) -> str | None:
 
 
 def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    """Each listed sharpness measure (SAM: one-step and multi-step), one row per result."""
     ev = ctx.evaluator()
     results = []
     sym = None  # measured once, on the operator of the first lambda_max
@@ -91,9 +98,17 @@ def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
             results.append(sam_sharpness(ev, rho=o["rho"], steps=1, generator=g))
             results.append(sam_sharpness(ev, rho=o["rho"], steps=o["steps"], generator=g))
         elif measure == "adaptive":
-            results.append(adaptive_sharpness(ev, kind=o.get("adaptive_kind", "worst"), p=o.get("adaptive_p", 2),
-                                              rho=o["adaptive_rho"], steps=o["steps"], num_samples=o["num_samples"],
-                                              generator=g))
+            results.append(
+                adaptive_sharpness(
+                    ev,
+                    kind=o.get("adaptive_kind", "worst"),
+                    p=o.get("adaptive_p", 2),
+                    rho=o["adaptive_rho"],
+                    steps=o["steps"],
+                    num_samples=o["num_samples"],
+                    generator=g,
+                )
+            )
         elif measure == "average":
             results.append(average_sharpness(ev, sigma=o["sigma"], num_samples=o["num_samples"], generator=g))
     sym = sym or Symmetry()
@@ -101,40 +116,48 @@ def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
     for i, r in enumerate(results):
         params = dict(r.params)
         mine = sym.num_matvecs > 0 and i == symmetry_row
-        rows.append({
-            "measure": r.measure,
-            "value": float(r.value),
-            "stderr": finite_or_none(r.stderr),
-            "base_loss": float(r.base_loss),
-            "perturbed_loss": float(r.perturbed_loss),
-            "epsilon": params.get("epsilon"),
-            "rho": params.get("rho"),
-            "sigma": params.get("sigma"),
-            "norm": params.get("norm"),
-            "steps": params.get("steps"),
-            "num_samples": params.get("num_samples"),
-            "params": json.dumps(params, sort_keys=True, default=str),
-            "num_evaluations": r.num_evaluations,
-            "num_matvecs": r.num_matvecs + (sym.num_matvecs if mine else 0),
-            "note": join_notes(r.note, sym.note) if mine else r.note,
-            "symmetry_defect": sym.defect,
-        })
+        rows.append(
+            {
+                "measure": r.measure,
+                "value": float(r.value),
+                "stderr": finite_or_none(r.stderr),
+                "base_loss": float(r.base_loss),
+                "perturbed_loss": float(r.perturbed_loss),
+                "epsilon": params.get("epsilon"),
+                "rho": params.get("rho"),
+                "sigma": params.get("sigma"),
+                "norm": params.get("norm"),
+                "steps": params.get("steps"),
+                "num_samples": params.get("num_samples"),
+                "params": json.dumps(params, sort_keys=True, default=str),
+                "num_evaluations": r.num_evaluations,
+                "num_matvecs": r.num_matvecs + (sym.num_matvecs if mine else 0),
+                "note": join_notes(r.note, sym.note) if mine else r.note,
+                "symmetry_defect": sym.defect,
+            }
+        )
     return {"rows": rows, "num_matvecs": sum(r["num_matvecs"] for r in rows)}
 
 
 def vectors(o: dict, s: Sizes) -> Working:
+    """One Lanczos run at the default step cap (:func:`cluster.kinds.base.single_lanczos`)."""
     return single_lanczos(s)
 
 
 def hessian_lambda_max(row: dict) -> float | None:
+    """The value of a ``lambda_max`` row, else None."""
     return row["value"] if row.get("measure") == "lambda_max" else None
 
 
 KIND = Kind(
-    name="sharpness", options=OPTIONS, checks=CHECKS, columns=COLUMNS, run=run, vectors=vectors,
+    name="sharpness",
+    options=OPTIONS,
+    checks=CHECKS,
+    columns=COLUMNS,
+    run=run,
+    vectors=vectors,
     validate=validate,
     # base_loss: NaN for lambda_max by design; the worker checks the loss
-    headline=Headline(finite=("value",), lambda_max=hessian_lambda_max, lambda_max_priority=2,
-                      row_labels=("measure",)),
+    headline=Headline(finite=("value",), lambda_max=hessian_lambda_max, lambda_max_priority=2, row_labels=("measure",)),
     uses_hessian=True,
 )

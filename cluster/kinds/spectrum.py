@@ -12,8 +12,15 @@ from cluster.kinds.base import BASIS_CHECK, F64, LIST, LIST2, Headline, Kind, Si
 from cluster.runners import ProbeContext, basis_store, join_notes, measure_symmetry
 from probe.slq import SpectrumResult, spectral_density
 
-OPTIONS = {"runs": 10, "steps": 80, "sigma": None, "reorth": "full", "grid_points": 1000, "basis": "device",
-           "basis_memory_bytes": None}
+OPTIONS = {
+    "runs": 10,
+    "steps": 80,
+    "sigma": None,
+    "reorth": "full",
+    "grid_points": 1000,
+    "basis": "device",
+    "basis_memory_bytes": None,
+}
 
 CHECKS = {
     "runs": (lambda v: is_int(v) and v >= 1, "a positive integer"),
@@ -22,8 +29,10 @@ CHECKS = {
     "reorth": (lambda v: v in ("full", "selective", "none"), "'full', 'selective' or 'none'"),
     "grid_points": (lambda v: is_int(v) and v >= 2, "an integer of at least 2"),
     "basis": BASIS_CHECK,
-    "basis_memory_bytes": (lambda v: v is None or (is_int(v) and v > 0),
-                           "a positive integer (bytes) or null; above it SLQ falls back to reorth none"),
+    "basis_memory_bytes": (
+        lambda v: v is None or (is_int(v) and v > 0),
+        "a positive integer (bytes) or null; above it SLQ falls back to reorth none",
+    ),
 }
 
 COLUMNS = (
@@ -48,12 +57,20 @@ COLUMNS = (
 
 
 def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    """The Hessian's spectral density by SLQ, its Ritz values and weights and its negative mass."""
     op = ctx.operator()
     sym = measure_symmetry(op, o, g)
     with basis_store(ctx, o) as basis:
         r = spectral_density(
-            op, runs=o["runs"], steps=o["steps"], sigma=o["sigma"], reorth=o["reorth"],
-            grid_points=o["grid_points"], generator=g, basis=basis, basis_memory_bytes=o.get("basis_memory_bytes"),
+            op,
+            runs=o["runs"],
+            steps=o["steps"],
+            sigma=o["sigma"],
+            reorth=o["reorth"],
+            grid_points=o["grid_points"],
+            generator=g,
+            basis=basis,
+            basis_memory_bytes=o.get("basis_memory_bytes"),
         )
     neg, neg_err = r.negative_mass()
     return {
@@ -99,10 +116,16 @@ def spectrum_from_row(row: dict) -> SpectrumResult | None:
     config = json.loads(row.get("probe_config") or "{}")
     grid = vec(row["grid"])
     return SpectrumResult(
-        ritz_values=values, ritz_weights=weights, grid=grid, density=vec(row["density"]),
-        density_stderr=vec(row.get("density_stderr") or [None] * len(grid)), sigma=num(row.get("sigma")),
-        runs=len(values), steps=int(config.get("steps") or max(len(v) for v in values)),
-        reorth=str(row.get("reorth") or config.get("reorth") or "?"), num_matvecs=int(row.get("num_matvecs") or 0),
+        ritz_values=values,
+        ritz_weights=weights,
+        grid=grid,
+        density=vec(row["density"]),
+        density_stderr=vec(row.get("density_stderr") or [None] * len(grid)),
+        sigma=num(row.get("sigma")),
+        runs=len(values),
+        steps=int(config.get("steps") or max(len(v) for v in values)),
+        reorth=str(row.get("reorth") or config.get("reorth") or "?"),
+        num_matvecs=int(row.get("num_matvecs") or 0),
         orthogonality_loss=vec(row.get("orthogonality_loss")),
         breakdown=torch.tensor([bool(b) for b in row.get("breakdown") or []], dtype=torch.bool),
         dim=0,  # not stored
@@ -110,7 +133,14 @@ def spectrum_from_row(row: dict) -> SpectrumResult | None:
 
 
 KIND = Kind(
-    name="spectrum", options=OPTIONS, checks=CHECKS, columns=COLUMNS, run=run, vectors=slq_vectors,
-    read=spectrum_from_row, headline=Headline(finite=("lambda_min", "lambda_max")),
-    pipeline=True, uses_hessian=True,
+    name="spectrum",
+    options=OPTIONS,
+    checks=CHECKS,
+    columns=COLUMNS,
+    run=run,
+    vectors=slq_vectors,
+    read=spectrum_from_row,
+    headline=Headline(finite=("lambda_min", "lambda_max")),
+    pipeline=True,
+    uses_hessian=True,
 )

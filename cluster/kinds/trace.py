@@ -26,11 +26,17 @@ COLUMNS = (
 
 
 def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
+    """The Hessian's trace and its standard error by Hutchinson or Hutch++."""
     op = ctx.operator()
     sym = measure_symmetry(op, o, g)
     r = trace(op, method=o["method"], num_matvecs=o["matvecs"], generator=g)
-    return {"method": r.method, "trace": r.trace, "trace_stderr": r.trace_stderr,
-            "num_matvecs": r.num_matvecs + sym.num_matvecs, "symmetry_defect": sym.defect}
+    return {
+        "method": r.method,
+        "trace": r.trace,
+        "trace_stderr": r.trace_stderr,
+        "num_matvecs": r.num_matvecs + sym.num_matvecs,
+        "symmetry_defect": sym.defect,
+    }
 
 
 def vectors(o: dict, s: Sizes) -> Working:
@@ -44,17 +50,31 @@ def vectors(o: dict, s: Sizes) -> Working:
         # projected (Z − Q(QᵀZ): three blocks at once) and applied in blocks of 8
         sk = min(m // 3, s.dim)
         c = min(16, max(m - 2 * sk, 1))
-        return no_basis(max(4 * sk * v, 3 * sk * v + 3 * c * v, 3 * sk * v + s.product(min(8, sk)),
-                            3 * sk * v + c * v + s.product(min(8, c))))
+        return no_basis(
+            max(
+                4 * sk * v,
+                3 * sk * v + 3 * c * v,
+                3 * sk * v + s.product(min(8, sk)),
+                3 * sk * v + c * v + s.product(min(8, c)),
+            )
+        )
     c = min(16, m)
     return no_basis(c * v + s.product(min(8, c)))
 
 
 def gauges(row: dict) -> list[Gauge]:
+    """The ``trace`` gauge."""
     return [Gauge("trace", row["trace"])]
 
 
 KIND = Kind(
-    name="trace", options=OPTIONS, checks=CHECKS, columns=COLUMNS, run=run, vectors=vectors,
-    headline=Headline(finite=("trace",), gauges=gauges), pipeline=True, uses_hessian=True,
+    name="trace",
+    options=OPTIONS,
+    checks=CHECKS,
+    columns=COLUMNS,
+    run=run,
+    vectors=vectors,
+    headline=Headline(finite=("trace",), gauges=gauges),
+    pipeline=True,
+    uses_hessian=True,
 )

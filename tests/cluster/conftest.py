@@ -56,12 +56,19 @@ def make_spec(tmp_path, checkpoints):
     def make(name: str = "digits-test", probes=None, cluster=None, output=None, num_examples: int = 192, **top) -> Path:
         spec = {
             "name": name,
-            "model": {"factory": "probe.models:digits_mlp", "kwargs": {"hidden": 16},
-                      "checkpoints": [str(p) for p in checkpoints]},
+            "model": {
+                "factory": "probe.models:digits_mlp",
+                "kwargs": {"hidden": 16},
+                "checkpoints": [str(p) for p in checkpoints],
+            },
             "data": {"factory": "cluster.data:digits", "num_examples": num_examples, "batch_size": 50},
             "precision": "float64",
-            "probes": probes or [{"kind": "eigenvalues", "k": 3}, {"kind": "trace", "matvecs": 30},
-                                 {"kind": "spectrum", "runs": 3, "steps": 25}],
+            "probes": probes
+            or [
+                {"kind": "eigenvalues", "k": 3},
+                {"kind": "trace", "matvecs": 30},
+                {"kind": "spectrum", "runs": 3, "steps": 25},
+            ],
             "cluster": cluster or {},
             "output": {"path": str(output or tmp_path / "results")},
             "seed": 7,
@@ -95,9 +102,23 @@ def ray_head(tmp_path_factory):
     ray_exe = str(Path(sys.executable).parent / "ray")
     log = open(tmp / "head.log", "w")
     head = subprocess.Popen(
-        [ray_exe, "start", "--head", "--block", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash_port}", f"--metrics-export-port={metrics_port}", "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={tmp / 't'}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            ray_exe,
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+            f"--metrics-export-port={metrics_port}",
+            "--num-cpus=4",
+            "--disable-usage-stats",
+            f"--temp-dir={tmp / 't'}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     import ray
 
@@ -112,8 +133,12 @@ def ray_head(tmp_path_factory):
                 os.killpg(head.pid, signal.SIGKILL)
                 raise RuntimeError(f"the Ray head did not start; see {tmp / 'head.log'}") from exc
             time.sleep(1)
-    yield {"address": address, "dashboard": f"http://127.0.0.1:{dash_port}", "env": env,
-           "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
+    yield {
+        "address": address,
+        "dashboard": f"http://127.0.0.1:{dash_port}",
+        "env": env,
+        "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+    }
     ray.shutdown()
     os.killpg(head.pid, signal.SIGTERM)
     try:

@@ -25,24 +25,76 @@ WINDOWS = 12
 
 # name -> (config class, config kwargs, model class, loss of the job)
 FAMILIES = {
-    "llama_tied": ("LlamaConfig", dict(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                       max_position_embeddings=16), "LlamaForCausalLM", "causal_lm"),
-    "llama_untied": ("LlamaConfig", dict(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
-                                         max_position_embeddings=16), "LlamaForCausalLM", "causal_lm"),
-    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=16, bos_token_id=0,
-                                eos_token_id=0), "GPT2LMHeadModel", "causal_lm"),
-    "qwen2": ("Qwen2Config", dict(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                  max_position_embeddings=16), "Qwen2ForCausalLM", "causal_lm"),
-    "bert": ("BertConfig", dict(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=16, max_position_embeddings=16), "BertForMaskedLM", "lm_cross_entropy"),
+    "llama_tied": (
+        "LlamaConfig",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            max_position_embeddings=16,
+        ),
+        "LlamaForCausalLM",
+        "causal_lm",
+    ),
+    "llama_untied": (
+        "LlamaConfig",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+            max_position_embeddings=16,
+        ),
+        "LlamaForCausalLM",
+        "causal_lm",
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0),
+        "GPT2LMHeadModel",
+        "causal_lm",
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            max_position_embeddings=16,
+        ),
+        "Qwen2ForCausalLM",
+        "causal_lm",
+    ),
+    "bert": (
+        "BertConfig",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=16,
+        ),
+        "BertForMaskedLM",
+        "lm_cross_entropy",
+    ),
 }
 
 
-def write_model(family: str, folder: Path, *, seed: int = 0, dtype: torch.dtype = torch.float64,
-                max_shard_size: str = "4KB") -> object:
+def write_model(
+    family: str, folder: Path, *, seed: int = 0, dtype: torch.dtype = torch.float64, max_shard_size: str = "4KB"
+) -> object:
     """A random model of ``family`` saved by ``save_pretrained`` (sharded safetensors) in ``folder``."""
     import transformers
 

@@ -129,13 +129,21 @@ def test_truncated_checkpoint_is_recorded_as_failed_and_the_others_succeed(tmp_p
     report = auditor.run_pass()
     assert (report.checkpoints, report.ran, report.failed) == (3, 4, 2)
     for kind in ("eigenvalues", "trace"):
-        assert sorted(Path(r["checkpoint"]).name for r in rows(spec_path, kind)) == ["step-1.safetensors", "step-2.safetensors"]
+        assert sorted(Path(r["checkpoint"]).name for r in rows(spec_path, kind)) == [
+            "step-1.safetensors",
+            "step-2.safetensors",
+        ]
     failures = rows(spec_path, "failures")
     assert sorted(f["kind"] for f in failures) == ["eigenvalues", "trace"]
     for f in failures:
         assert f["checkpoint"] == str(bad) and f["category"] == "bad_checkpoint"
         assert str(bad) in f["reason"] and "safetensors" in f["reason"]
-    fam = {s.name: s.value for m in metrics.registry.collect() for s in m.samples if s.labels.get("reason") == "bad_checkpoint"}
+    fam = {
+        s.name: s.value
+        for m in metrics.registry.collect()
+        for s in m.samples
+        if s.labels.get("reason") == "bad_checkpoint"
+    }
     assert fam["probe_failures_total"] == 2
 
     # at once: both failed tasks back off; nothing runs, nothing new fails
@@ -221,8 +229,11 @@ def test_headline_gauges_follow_the_latest_checkpoint_of_the_series(tmp_path):
     spec_path = write_spec(tmp_path, folder)
     metrics = Metrics()
     Auditor(load_spec(spec_path), metrics=metrics, **quiet).run_pass()
-    samples = {(s.name, s.labels.get("series") or s.labels.get("job_name")): s.value
-               for m in metrics.registry.collect() for s in m.samples}
+    samples = {
+        (s.name, s.labels.get("series") or s.labels.get("job_name")): s.value
+        for m in metrics.registry.collect()
+        for s in m.samples
+    }
     by = lambda kind: {Path(r["checkpoint"]).name: r for r in rows(spec_path, kind)}  # noqa: E731
     eig, tr, eos = by("eigenvalues"), by("trace"), by("eos")
     latest, before = "step-10.safetensors", "step-9.safetensors"
@@ -230,7 +241,9 @@ def test_headline_gauges_follow_the_latest_checkpoint_of_the_series(tmp_path):
     assert samples[("probe_hessian_trace", "audited")] == tr[latest]["trace"]
     assert samples[("probe_eos_ratio", "audited")] == eos[latest]["ratio"]
     lam, lam0 = eig[latest]["eigenvalues"][0], eig[before]["eigenvalues"][0]
-    assert samples[("probe_lambda_max_relative_change", "audited")] == pytest.approx((lam - lam0) / abs(lam0), rel=1e-12)
+    assert samples[("probe_lambda_max_relative_change", "audited")] == pytest.approx(
+        (lam - lam0) / abs(lam0), rel=1e-12
+    )
     assert samples[("probe_audit_checkpoints", "audited")] == 3
     assert samples[("probe_audit_tasks_pending", "audited")] == 0
     assert samples[("probe_audit_passes_total", "audited")] == 1
@@ -286,14 +299,18 @@ def test_passes_that_cannot_run_are_retried_after_1_2_4_minutes_capped_and_reset
     assert waits[9:11] == [60, 120]  # passes 10, 11 fail: the backoff starts again at 1 min
     retries = [m for m in messages if "audit pass failed" in m]
     assert len(retries) == 10 and "(2 in a row)" in retries[-1] and "retrying in 120 s" in retries[-1]
-    outcomes = {s.labels["outcome"]: s.value for m in metrics.registry.collect() for s in m.samples
-                if s.name == "probe_audit_passes_total"}
+    outcomes = {
+        s.labels["outcome"]: s.value
+        for m in metrics.registry.collect()
+        for s in m.samples
+        if s.name == "probe_audit_passes_total"
+    }
     assert outcomes == {"failed": 10, "succeeded": 2}
 
 
 def test_pass_retry_delay_doubles_from_a_minute_up_to_the_schedule():
     got = [Auditor.pass_retry_delay(n, every_s=86400) for n in range(1, 14)]
-    assert got == [60 * 2 ** k for k in range(11)] + [86400, 86400]
+    assert got == [60 * 2**k for k in range(11)] + [86400, 86400]
     assert [Auditor.pass_retry_delay(n, every_s=90) for n in (1, 2, 3)] == [60, 90, 90]
 
 
@@ -352,7 +369,9 @@ def test_sharded_checkpoint_in_the_folder_is_audited_like_its_single_file_twin(t
     save_file({k: state[k] for k in names[:2]}, str(sharded / "m-1.safetensors"), metadata={"lr": "0.5", "step": "4"})
     save_file({k: state[k] for k in names[2:]}, str(sharded / "m-2.safetensors"))
     index = sharded / "m.safetensors.index.json"
-    index.write_text(json.dumps({"weight_map": {k: "m-1.safetensors" if i < 2 else "m-2.safetensors" for i, k in enumerate(names)}}))
+    index.write_text(
+        json.dumps({"weight_map": {k: "m-1.safetensors" if i < 2 else "m-2.safetensors" for i, k in enumerate(names)}})
+    )
     spec_path = write_spec(tmp_path, folder, probes=PROBES[:1])
     spec = load_spec(spec_path)
     spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, checkpoints=(str(folder), str(sharded))))

@@ -25,16 +25,22 @@ def raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
 
 
 def test_safetensors_header_with_offsets_past_the_end_is_refused_naming_the_tensor(tmp_path):
-    path = raw_safetensors(tmp_path / "lies.safetensors",
-                           {"w": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]}}, b"\0" * 16)
-    with pytest.raises(CheckpointError, match=r"tensor 'w' has data_offsets \[0, 64\] past the end of the data \(16 bytes\)"):
+    path = raw_safetensors(
+        tmp_path / "lies.safetensors", {"w": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]}}, b"\0" * 16
+    )
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'w' has data_offsets \[0, 64\] past the end of the data \(16 bytes\)"
+    ):
         load_checkpoint(path)
 
 
 def test_safetensors_header_with_a_wrong_dtype_size_is_refused_naming_the_tensor(tmp_path):
-    path = raw_safetensors(tmp_path / "lies.safetensors",
-                           {"w": {"dtype": "F64", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16)
-    with pytest.raises(CheckpointError, match=r"tensor 'w' declares shape \[4\] of F64 \(32 bytes\) but its data_offsets span 16"):
+    path = raw_safetensors(
+        tmp_path / "lies.safetensors", {"w": {"dtype": "F64", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16
+    )
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'w' declares shape \[4\] of F64 \(32 bytes\) but its data_offsets span 16"
+    ):
         load_checkpoint(path)
     assert str(path) in str(pytest.raises(CheckpointError, load_checkpoint, path).value)
 
@@ -42,7 +48,11 @@ def test_safetensors_header_with_a_wrong_dtype_size_is_refused_naming_the_tensor
 def spec(tmp_path: Path, checkpoints, probes, name="bad", **top) -> Path:
     s = {
         "name": name,
-        "model": {"factory": "probe.models:digits_mlp", "kwargs": {"hidden": 16}, "checkpoints": [str(c) for c in checkpoints]},
+        "model": {
+            "factory": "probe.models:digits_mlp",
+            "kwargs": {"hidden": 16},
+            "checkpoints": [str(c) for c in checkpoints],
+        },
         "data": {"factory": "cluster.data:digits", "num_examples": 32, "batch_size": 16},
         "probes": probes,
         "output": {"path": str(tmp_path / "results")},
@@ -69,7 +79,11 @@ def test_interpolation_endpoints_of_different_shapes_fail_naming_the_tensor(tmp_
     probes = [{"kind": "barrier", "between": [str(checkpoints[0]), str(small)], "points": 5}]
     assert main(["run", str(spec(tmp_path, checkpoints[:1], probes))]) == 1
     err = one_line_error(capsys)
-    assert "1 of 1 task(s) failed" in err and str(small) in err and "tensor '1.weight' has shape (8, 64), the model expects (16, 64)" in err
+    assert (
+        "1 of 1 task(s) failed" in err
+        and str(small) in err
+        and "tensor '1.weight' has shape (8, 64), the model expects (16, 64)" in err
+    )
     assert visible_parquet(tmp_path, "barrier") == []
 
 
@@ -86,25 +100,44 @@ def test_nan_in_weights_fails_naming_the_tensor(tmp_path, capsys):
 
 
 def test_nan_loss_fails_naming_the_checkpoint_and_the_cause(tmp_path, checkpoints, capsys):
-    path = spec(tmp_path, checkpoints[:1], [{"kind": "eigenvalues", "k": 1}],
-                data={"factory": "faulty_data:nan_digits", "num_examples": 32, "batch_size": 16})
+    path = spec(
+        tmp_path,
+        checkpoints[:1],
+        [{"kind": "eigenvalues", "k": 1}],
+        data={"factory": "faulty_data:nan_digits", "num_examples": 32, "batch_size": 16},
+    )
     assert main(["run", str(path)]) == 1
     err = one_line_error(capsys)
     assert "non-finite loss (nan)" in err and str(checkpoints[0]) in err and "probe data for NaN/Inf" in err
     assert visible_parquet(tmp_path, "eigenvalues") == []
 
 
-@pytest.mark.parametrize("change, code, message", [
-    ({"model": {"factory": "nope.module:fn", "checkpoints": []}}, 2,
-     "probe run: model.factory: cannot import module 'nope.module'"),
-    ({"data": {"factory": "cluster.data:digits", "num_examples": 5000, "batch_size": 16}}, 2,
-     "probe run: data.factory: num_examples=5000 exceeds the dataset size"),
-    ({"data": {"factory": "cluster.data:digits", "num_examples": -3, "batch_size": 16}}, 2,
-     "probe run: data.num_examples must be a positive integer, got -3"),
-    ({"probes": [{"kind": "trace", "matvecs": "many"}]}, 2, "probe run: probes[trace].matvecs must be"),
-    ({"cluster": {"address": "127.0.0.1:1", "num_workers": 2}}, 3,
-     "probe run: cannot reach the Ray cluster at cluster.address='127.0.0.1:1'"),
-])
+@pytest.mark.parametrize(
+    "change, code, message",
+    [
+        (
+            {"model": {"factory": "nope.module:fn", "checkpoints": []}},
+            2,
+            "probe run: model.factory: cannot import module 'nope.module'",
+        ),
+        (
+            {"data": {"factory": "cluster.data:digits", "num_examples": 5000, "batch_size": 16}},
+            2,
+            "probe run: data.factory: num_examples=5000 exceeds the dataset size",
+        ),
+        (
+            {"data": {"factory": "cluster.data:digits", "num_examples": -3, "batch_size": 16}},
+            2,
+            "probe run: data.num_examples must be a positive integer, got -3",
+        ),
+        ({"probes": [{"kind": "trace", "matvecs": "many"}]}, 2, "probe run: probes[trace].matvecs must be"),
+        (
+            {"cluster": {"address": "127.0.0.1:1", "num_workers": 2}},
+            3,
+            "probe run: cannot reach the Ray cluster at cluster.address='127.0.0.1:1'",
+        ),
+    ],
+)
 def test_bad_specs_and_addresses_exit_non_zero_with_one_line(tmp_path, checkpoints, capsys, change, code, message):
     path = spec(tmp_path, checkpoints[:1], [{"kind": "trace", "matvecs": 6}])
     raw = yaml.safe_load(path.read_text())
@@ -136,10 +169,14 @@ def this_machines_other_addresses() -> set[str]:
     except OSError:
         pass
     if ip := shutil.which("ip"):
-        out = subprocess.run([ip, "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=10, check=False).stdout
+        out = subprocess.run(
+            [ip, "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
         found.update(re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", out))
     try:  # "|-- A.B.C.D" followed by "/32 host LOCAL": an address of this machine
-        found.update(re.findall(r"\|-- (\d+\.\d+\.\d+\.\d+)\n\s+/32 host LOCAL", Path("/proc/net/fib_trie").read_text()))
+        found.update(
+            re.findall(r"\|-- (\d+\.\d+\.\d+\.\d+)\n\s+/32 host LOCAL", Path("/proc/net/fib_trie").read_text())
+        )
     except OSError:
         pass
     return {a for a in found if not ipaddress.ip_address(a).is_loopback and not ipaddress.ip_address(a).is_unspecified}
@@ -204,7 +241,9 @@ def test_every_http_endpoint_binds_to_loopback_by_default(tmp_path, checkpoints,
     assert len(seen) == 2
     for s in seen:
         loopback_only(s)
-    assert _parser().parse_args(["run", "s.yaml", "--metrics-addr", "0.0.0.0"]).metrics_addr == "0.0.0.0"  # configurable
+    assert (
+        _parser().parse_args(["run", "s.yaml", "--metrics-addr", "0.0.0.0"]).metrics_addr == "0.0.0.0"
+    )  # configurable
 
 
 def test_a_local_ray_instance_is_started_on_loopback_without_a_dashboard(monkeypatch):

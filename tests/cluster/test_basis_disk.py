@@ -38,8 +38,12 @@ def known_matrix(eigenvalues: torch.Tensor, seed: int = 0) -> tuple[DenseOperato
 
 
 def outliers(n: int = N) -> torch.Tensor:
-    return torch.cat([torch.tensor([100.0, 50.0, 20.0], dtype=torch.float64),
-                      torch.rand(n - 3, generator=seeded(1), dtype=torch.float64)])
+    return torch.cat(
+        [
+            torch.tensor([100.0, 50.0, 20.0], dtype=torch.float64),
+            torch.rand(n - 3, generator=seeded(1), dtype=torch.float64),
+        ]
+    )
 
 
 def basis_files(folder) -> list[str]:
@@ -119,8 +123,10 @@ def test_file_exists_during_the_run_and_is_gone_after(tmp_path):
         assert store.path is not None and store.path.parent == tmp_path
         # The file holds the whole basis: 31 vectors × 2 runs × 200 float64 entries.
         assert store.path.stat().st_size == 31 * 2 * N * 8
-        assert torch.equal(torch.from_file(str(store.path), size=31 * 2 * N, dtype=torch.float64).view(31, 2, N)[5, 1],
-                           result.basis[5, :, 1])
+        assert torch.equal(
+            torch.from_file(str(store.path), size=31 * 2 * N, dtype=torch.float64).view(31, 2, N)[5, 1],
+            result.basis[5, :, 1],
+        )
     assert basis_files(tmp_path) == [] and store.path is None
 
 
@@ -161,7 +167,9 @@ def test_budget_counts_one_block_for_the_disk_store(tmp_path):
     budget = runs * 4 * N * 8  # one block of 4 vectors per run
     with DiskBasis(tmp_path, block_size=4) as store:
         assert store.resident_bytes(runs, steps + 1, N, torch.float64) == budget
-        on_disk = spectral_density(op, runs=runs, steps=steps, generator=seeded(1), basis=store, basis_memory_bytes=budget)
+        on_disk = spectral_density(
+            op, runs=runs, steps=steps, generator=seeded(1), basis=store, basis_memory_bytes=budget
+        )
     on_device = spectral_density(op, runs=runs, steps=steps, generator=seeded(1), basis_memory_bytes=budget)
     assert on_disk.reorth == "full" and on_disk.note == "" and on_disk.basis_storage == "disk"
     assert on_device.reorth == "none" and "in the device store" in on_device.note
@@ -188,8 +196,11 @@ def test_unwritable_folder_is_rejected_naming_it(tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(disk_module.tempfile, "mkstemp", refuse)
-    with pytest.raises(PermissionError, match=rf"DiskBasis folder {tmp_path} is not writable \(Permission denied\); "
-                                              "pass a folder this process can write to"):
+    with pytest.raises(
+        PermissionError,
+        match=rf"DiskBasis folder {tmp_path} is not writable \(Permission denied\); "
+        "pass a folder this process can write to",
+    ):
         DiskBasis(tmp_path)
 
 
@@ -200,8 +211,11 @@ def test_no_space_is_an_error_naming_the_folder_and_leaves_no_file(tmp_path, mon
     real = disk_module.shutil.disk_usage
     monkeypatch.setattr(disk_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     need = 11 * 2 * N * 8
-    with pytest.raises(OSError, match=rf"no space for the Lanczos basis in DiskBasis folder {tmp_path}: "
-                                      rf"needs {need} bytes, 1000 free") as info:
+    with pytest.raises(
+        OSError,
+        match=rf"no space for the Lanczos basis in DiskBasis folder {tmp_path}: "
+        rf"needs {need} bytes, 1000 free",
+    ) as info:
         lanczos(op, start, 10, basis=store)
     assert info.value.errno == errno.ENOSPC
     assert basis_files(tmp_path) == []

@@ -81,7 +81,9 @@ def test_pickle_that_would_run_code_is_refused_and_never_executed(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"layer.weight": torch.zeros(2), "payload": RunsCode(marker)}, path)
     assert not marker.exists()
-    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {str(path)!r} cannot be loaded safely (weights_only=True)")):
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"checkpoint {str(path)!r} cannot be loaded safely (weights_only=True)")
+    ):
         load_checkpoint(path)
     assert not marker.exists(), "the checkpoint's pickle ran code"
 
@@ -147,14 +149,18 @@ def test_missing_file_is_refused(tmp_path):
 def test_pytorch_file_holding_a_non_dict_is_refused(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], path)
-    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {str(path)!r} holds a list, expected a state dict")):
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"checkpoint {str(path)!r} holds a list, expected a state dict")
+    ):
         load_checkpoint(path)
 
 
 def test_pytorch_state_dict_with_non_tensor_entries_is_refused(tmp_path):
     path = tmp_path / "mixed.pt"
     torch.save({"w": torch.zeros(1), "epoch": 3}, path)
-    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {str(path)!r}: entries ['epoch'] are not tensors")):
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"checkpoint {str(path)!r}: entries ['epoch'] are not tensors")
+    ):
         load_checkpoint(path)
 
 
@@ -188,22 +194,46 @@ def test_glob_and_file_entries_keep_entry_order_and_drop_duplicates(ckpt_folder)
     entries = [str(ckpt_folder / "e.safetensors"), str(ckpt_folder / "*.safetensors"), str(ckpt_folder / "a.pt")]
     got = expand_checkpoints(entries)
     assert got == [str(ckpt_folder / n) for n in ["e.safetensors", "b.safetensors", "a.pt"]]
-    assert expand_checkpoints((str(ckpt_folder / "[ab].*"),)) == [str(ckpt_folder / "a.pt"), str(ckpt_folder / "b.safetensors")]
+    assert expand_checkpoints((str(ckpt_folder / "[ab].*"),)) == [
+        str(ckpt_folder / "a.pt"),
+        str(ckpt_folder / "b.safetensors"),
+    ]
 
 
 def test_training_state_files_are_never_checkpoints(ckpt_folder):
     from cluster.checkpoints import is_auxiliary
 
-    aux = ["optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_3.pth", "training_args.bin", "scaler.pt",
-           "optimizer.bin", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "trainer_state.json", "config.json"]
+    aux = [
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "rng_state_3.pth",
+        "training_args.bin",
+        "scaler.pt",
+        "optimizer.bin",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "trainer_state.json",
+        "config.json",
+    ]
     for name in aux:
         (ckpt_folder / name).write_bytes(b"x")
         (ckpt_folder / "nested" / name).write_bytes(b"x")
     assert all(is_auxiliary(n) for n in aux)
-    assert not any(is_auxiliary(n) for n in ["pytorch_model.bin", "model.safetensors", "model.safetensors.index.json",
-                                             "pytorch_model.bin.index.json", "step-3.pt", "optimum.pt"])
+    assert not any(
+        is_auxiliary(n)
+        for n in [
+            "pytorch_model.bin",
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin.index.json",
+            "step-3.pt",
+            "optimum.pt",
+        ]
+    )
     got = expand_checkpoints([str(ckpt_folder)])
-    assert got == [str(ckpt_folder / n) for n in ["a.pt", "b.safetensors", "c.pth", "d.bin", "e.safetensors", "nested/deep.pt"]]
+    assert got == [
+        str(ckpt_folder / n) for n in ["a.pt", "b.safetensors", "c.pth", "d.bin", "e.safetensors", "nested/deep.pt"]
+    ]
     assert expand_checkpoints([str(ckpt_folder / "*.p*")]) == [str(ckpt_folder / n) for n in ["a.pt", "c.pth"]]
 
 
@@ -222,7 +252,9 @@ def test_entry_matching_nothing_raises_naming_the_entry(ckpt_folder, entry):
 @pytest.mark.parametrize("size", [0, 1, 1000, 3 * (1 << 20) + 7])
 def test_file_sha256_equals_hashlib(tmp_path, size):
     path = tmp_path / "blob.bin"
-    data = bytes(torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(size), dtype=torch.uint8).tolist())
+    data = bytes(
+        torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(size), dtype=torch.uint8).tolist()
+    )
     path.write_bytes(data)
     want = hashlib.sha256(data).hexdigest()
     assert file_sha256(path) == want
@@ -246,13 +278,21 @@ def _sharded(folder: Path, model: torch.nn.Module, meta: dict | None = None) -> 
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     names = list(state)
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    halves = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for file, keys in halves.items():
         save_file({k: state[k] for k in keys}, str(folder / file), metadata={"step": "7"})
     index = folder / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": meta or {"total_size": 1, "lr": 0.25},
-                                 "weight_map": {k: f for f, keys in halves.items() for k in keys}}))
+    index.write_text(
+        json.dumps(
+            {
+                "metadata": meta or {"total_size": 1, "lr": 0.25},
+                "weight_map": {k: f for f, keys in halves.items() for k in keys},
+            }
+        )
+    )
     return index
 
 
@@ -287,11 +327,14 @@ def test_sharded_hash_covers_every_shard_and_a_missing_shard_is_named(tmp_path):
             call(index)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("{not json", "is not readable JSON"),
-    ('{"metadata": {}}', "has no 'weight_map'"),
-    ('{"weight_map": {"w": "../escape.safetensors"}}', "outside its folder"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "is not readable JSON"),
+        ('{"metadata": {}}', "has no 'weight_map'"),
+        ('{"weight_map": {"w": "../escape.safetensors"}}', "outside its folder"),
+    ],
+)
 def test_bad_index_is_refused_naming_the_fault(tmp_path, text, message):
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(text)
@@ -306,7 +349,9 @@ def test_index_naming_a_tensor_its_shard_lacks_is_refused(tmp_path):
     data = json.loads(index.read_text())
     data["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors"
     index.write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match=re.escape("tensor 'ghost.weight' is not in its shard 'model-00001-of-00002.safetensors'")):
+    with pytest.raises(
+        CheckpointError, match=re.escape("tensor 'ghost.weight' is not in its shard 'model-00001-of-00002.safetensors'")
+    ):
         load_checkpoint(index)
 
 

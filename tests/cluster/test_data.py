@@ -30,8 +30,9 @@ def test_transitions_follow_the_chain_and_it_has_something_to_learn():
     assert entropy_rate < 0.8 * math.log(vocab)  # well below a uniform next token
     ids, targets = tokens_tensors(num_sequences=400, seq_len=50, vocab=vocab, seed=1)
     counts = torch.zeros(vocab, vocab, dtype=torch.float64)
-    counts.index_put_((ids.reshape(-1), targets.reshape(-1)), torch.ones(ids.numel(), dtype=torch.float64),
-                      accumulate=True)
+    counts.index_put_(
+        (ids.reshape(-1), targets.reshape(-1)), torch.ones(ids.numel(), dtype=torch.float64), accumulate=True
+    )
     visits = counts.sum(1, keepdim=True)
     freq = counts / visits
     std = (chain * (1 - chain) / visits).sqrt()  # binomial standard error per entry

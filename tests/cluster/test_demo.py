@@ -13,8 +13,16 @@ from cluster.schema import schema_for
 
 # 2 final checkpoints (A, B) for geometry (sharpness: 5 rows each, SAM at 1 and n steps); 7 of run A for eos
 EXPECTED_ROWS = {
-    "eigenvalues": 4, "trace": 2, "spectrum": 2, "sharpness": 10, "surface": 2, "barrier": 4, "eos": 7,
-    "pacbayes": 2, "noise": 2, "critical": 2,
+    "eigenvalues": 4,
+    "trace": 2,
+    "spectrum": 2,
+    "sharpness": 10,
+    "surface": 2,
+    "barrier": 4,
+    "eos": 7,
+    "pacbayes": 2,
+    "noise": 2,
+    "critical": 2,
 }
 
 
@@ -42,9 +50,18 @@ def test_demo_writes_every_kind_to_parquet_from_two_workers(demo):
 
 def test_demo_prints_its_story_and_where_everything_is(demo):
     out, first, _ = demo
-    for needle in ("[1/5] training", "[2/5] starting a local Ray instance with 2 workers", "metrics at http://127.0.0.1:",
-                   "[3/5] job 'geometry'", "[4/5] job 'trajectory'", "[5/5] writing the report",
-                   "λ_max", "barrier A ↔ B, bezier path", "edge of stability, run A", "probe_lambda_max{series=\"geometry\"}"):
+    for needle in (
+        "[1/5] training",
+        "[2/5] starting a local Ray instance with 2 workers",
+        "metrics at http://127.0.0.1:",
+        "[3/5] job 'geometry'",
+        "[4/5] job 'trajectory'",
+        "[5/5] writing the report",
+        "λ_max",
+        "barrier A ↔ B, bezier path",
+        "edge of stability, run A",
+        'probe_lambda_max{series="geometry"}',
+    ):
         assert needle in first, needle
     assert f"report ........ {out / 'results' / 'report' / 'index.html'}" in first
     assert (out / "results" / "report" / "index.html").stat().st_size > 10_000

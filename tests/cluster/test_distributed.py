@@ -78,8 +78,10 @@ def test_sharded_operator_needs_an_initialized_process_group():
     ("kwargs", "message"),
     [
         ({}, "ShardedEvaluator needs total_examples, the example count over every worker"),
-        ({"weighting": "tokens", "total_examples": 10},
-         "ShardedEvaluator with weighting='tokens' needs total_tokens, the token count over every worker"),
+        (
+            {"weighting": "tokens", "total_examples": 10},
+            "ShardedEvaluator with weighting='tokens' needs total_tokens, the token count over every worker",
+        ),
     ],
 )
 def test_sharded_evaluator_needs_the_global_count_of_its_weighting(kwargs, message):
@@ -143,7 +145,9 @@ def _worker(rank: int, world_size: int, init_method: str, out_dir: str, x: torch
             if rank >= size:
                 continue
             mine = torch.arange(NUM_EXAMPLES).tensor_split(size)[rank]
-            local = HessianOperator(make_model(), F.cross_entropy, batches_of(x[mine], y[mine]), total_examples=NUM_EXAMPLES)
+            local = HessianOperator(
+                make_model(), F.cross_entropy, batches_of(x[mine], y[mine]), total_examples=NUM_EXAMPLES
+            )
             op = ShardedOperator(local, group)
             assert op.world_size == size and op.rank == rank and op.dim == local.dim
             result = estimates(op)
@@ -174,8 +178,7 @@ def sharded_results(tmp_path_factory) -> dict[int, list[dict]]:
     try:
         # The data travel with the arguments: the workers need not import scikit-learn.
         args = (world_size, f"tcp://127.0.0.1:{_free_port()}", str(out), *probe_data())
-        ctx = mp.start_processes(_worker, args=args,
-                                 nprocs=world_size, join=False, start_method="spawn")
+        ctx = mp.start_processes(_worker, args=args, nprocs=world_size, join=False, start_method="spawn")
         deadline = time.monotonic() + TIMEOUT_S
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
@@ -218,7 +221,9 @@ def test_matmat_equals_the_single_process_hessian(sharded_results, reference, si
     assert rel(full, reference["matmat"]) <= MATMAT_RTOL
 
 
-@pytest.mark.parametrize("key", ["eigenvalues", "smallest", "hutchpp", "hutchinson", "ritz_values", "ritz_weights", "density"])
+@pytest.mark.parametrize(
+    "key", ["eigenvalues", "smallest", "hutchpp", "hutchinson", "ritz_values", "ritz_weights", "density"]
+)
 @pytest.mark.parametrize("size", GROUP_SIZES)
 def test_estimators_agree_with_one_process_for_the_same_seed(sharded_results, reference, size, key):
     for rank, result in enumerate(sharded_results[size]):

@@ -61,8 +61,11 @@ def test_policy_restarts_a_lost_worker_while_attempts_remain_and_fails_everythin
 
 
 def test_one_attempt_is_a_value():
-    slot = GroupSlot(lambda: FakeGroup({"a": [{"duration_s": 1.0}], "b": [TaskError("no", category="non_finite")],
-                                        "c": [WorkerLost("gone")]}))
+    slot = GroupSlot(
+        lambda: FakeGroup(
+            {"a": [{"duration_s": 1.0}], "b": [TaskError("no", category="non_finite")], "c": [WorkerLost("gone")]}
+        )
+    )
     ok = attempt(slot, FakeTask("a"), 1, FailurePolicy())
     assert isinstance(ok, Stored) and ok.record == {"duration_s": 1.0} and ok.device == "cpu"
     failed = attempt(slot, FakeTask("b"), 1, FailurePolicy())
@@ -91,8 +94,7 @@ class Recorder(Events):
 
 
 def test_run_tasks_sends_each_outcome_to_every_handler_in_order():
-    script = {"a": [{"x": 1}], "b": [WorkerLost("gone"), {"x": 2}],
-              "c": [TaskError("bad", category="bad_checkpoint")]}
+    script = {"a": [{"x": 1}], "b": [WorkerLost("gone"), {"x": 2}], "c": [TaskError("bad", category="bad_checkpoint")]}
     groups = []
 
     def make(i):
@@ -101,15 +103,24 @@ def test_run_tasks_sends_each_outcome_to_every_handler_in_order():
 
     log: list = []
     summary = JobSummary("r", "j", "out", num_tasks=3)
-    errors = run_tasks([FakeTask("a"), FakeTask("b"), FakeTask("c")], num_groups=1, make_group=make,
-                       policy=FailurePolicy(1), rows_of=lambda o: [{"k": o.task.key}] * 2,
-                       handlers=[Recorder("first", log), Recorder("second", log), SummaryEvents(summary)])
+    errors = run_tasks(
+        [FakeTask("a"), FakeTask("b"), FakeTask("c")],
+        num_groups=1,
+        make_group=make,
+        policy=FailurePolicy(1),
+        rows_of=lambda o: [{"k": o.task.key}] * 2,
+        handlers=[Recorder("first", log), Recorder("second", log), SummaryEvents(summary)],
+    )
     assert errors == []
     assert log == [
-        ("first", "stored", "a", 2), ("second", "stored", "a", 2),
-        ("first", "retrying", "b", 1), ("second", "retrying", "b", 1),
-        ("first", "stored", "b", 2), ("second", "stored", "b", 2),
-        ("first", "failed", "c", "bad_checkpoint"), ("second", "failed", "c", "bad_checkpoint"),
+        ("first", "stored", "a", 2),
+        ("second", "stored", "a", 2),
+        ("first", "retrying", "b", 1),
+        ("second", "retrying", "b", 1),
+        ("first", "stored", "b", 2),
+        ("second", "stored", "b", 2),
+        ("first", "failed", "c", "bad_checkpoint"),
+        ("second", "failed", "c", "bad_checkpoint"),
     ]
     assert (summary.num_done, summary.num_failed, summary.restarts) == (2, 1, 1) and len(summary.records) == 4
     assert len(groups) == 2 and all(g.closed for g in groups)  # rebuilt after the lost worker, closed at the end
@@ -121,17 +132,29 @@ def test_a_handler_that_fails_stops_its_group_as_a_job_error():
             raise CheckpointError("cannot write")  # any typed error: the job stops with it
 
     log: list = []
-    errors = run_tasks([FakeTask("a"), FakeTask("b")], num_groups=1,
-                       make_group=lambda i: FakeGroup({"a": [{"x": 1}], "b": [{"x": 2}]}), policy=FailurePolicy(),
-                       rows_of=lambda o: [{}], handlers=[FailingStore(), Recorder("after", log)])
+    errors = run_tasks(
+        [FakeTask("a"), FakeTask("b")],
+        num_groups=1,
+        make_group=lambda i: FakeGroup({"a": [{"x": 1}], "b": [{"x": 2}]}),
+        policy=FailurePolicy(),
+        rows_of=lambda o: [{}],
+        handlers=[FailingStore(), Recorder("after", log)],
+    )
     assert [type(e).__name__ for e in errors] == ["CheckpointError"]
     assert log == [("after", "job_error", "CheckpointError")]  # later handlers saw no stored event
 
 
 def test_pending_tasks_drop_what_is_stored_and_shrink_series_to_their_missing_rows():
     plain = Task("a.pt", "sha-a", "trace", {}, 0, "k1")
-    series = Task("c.pt", "sha-c", "eos", {"series": ["a.pt", "b.pt", "c.pt"], "series_steps": [10, 20, 30]}, 1,
-                  "k-series", ("r1", "r2", "r3"))
+    series = Task(
+        "c.pt",
+        "sha-c",
+        "eos",
+        {"series": ["a.pt", "b.pt", "c.pt"], "series_steps": [10, 20, 30]},
+        1,
+        "k-series",
+        ("r1", "r2", "r3"),
+    )
     todo = pending_tasks([plain, series], {"trace": {"k1"}, "eos": {"r2"}})
     assert len(todo) == 1
     (left,) = todo

@@ -26,8 +26,10 @@ def failure_count(metrics: Metrics, job: str, category: str) -> float:
 
 def exploding_loss():
     """A loss factory whose loss fails in a way no category names (a bug in user code)."""
+
     def loss(outputs, targets):
         raise RuntimeError("the loss function has a bug")
+
     return loss
 
 
@@ -40,13 +42,16 @@ def exiting_loss():
         if dist.is_initialized():
             os._exit(17)
         return F.cross_entropy(outputs, targets)
+
     return loss
 
 
 def nan_loss():
     """A loss that is NaN at every point."""
+
     def loss(outputs, targets):
         return F.cross_entropy(outputs, targets) * float("nan")
+
     return loss
 
 
@@ -86,8 +91,9 @@ def test_other_is_an_unexpected_error_in_user_code(make_spec, tmp_path):
 
 def test_worker_lost_is_a_worker_process_that_exits(make_spec, tmp_path):
     spec = job(make_spec, tmp_path, loss={"factory": "test_error_categories:exiting_loss"})
-    spec = dataclasses.replace(spec, cluster=dataclasses.replace(spec.cluster, num_workers=2, backend="process",
-                                                                 max_restarts=0))
+    spec = dataclasses.replace(
+        spec, cluster=dataclasses.replace(spec.cluster, num_workers=2, backend="process", max_restarts=0)
+    )
     assert failed_category(spec, Metrics(), backend="process") == "worker_lost"
 
 
@@ -101,18 +107,30 @@ def test_bad_spec_raised_inside_a_worker_keeps_its_type_across_processes(tmp_pat
     hf_files.write_model("llama_tied", model_dir)
     tokens = hf_files.write_tokens(tmp_path / "tokens.parquet")
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "init-barrier",
-        "model": {"hf": str(model_dir)},
-        "data": {"factory": "cluster.data:token_windows",
-                 "kwargs": {"path": str(tokens), "window": hf_files.WINDOW, "count": hf_files.WINDOWS},
-                 "num_examples": hf_files.WINDOWS, "batch_size": 4},
-        "loss": "causal_lm",
-        "probes": [{"kind": "barrier", "between": ["init", str(model_dir / "model.safetensors.index.json")],
-                    "points": 3}],
-        "cluster": {"num_workers": 2, "backend": "process"},
-        "output": {"path": str(tmp_path / "results")},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "init-barrier",
+                "model": {"hf": str(model_dir)},
+                "data": {
+                    "factory": "cluster.data:token_windows",
+                    "kwargs": {"path": str(tokens), "window": hf_files.WINDOW, "count": hf_files.WINDOWS},
+                    "num_examples": hf_files.WINDOWS,
+                    "batch_size": 4,
+                },
+                "loss": "causal_lm",
+                "probes": [
+                    {
+                        "kind": "barrier",
+                        "between": ["init", str(model_dir / "model.safetensors.index.json")],
+                        "points": 3,
+                    }
+                ],
+                "cluster": {"num_workers": 2, "backend": "process"},
+                "output": {"path": str(tmp_path / "results")},
+            }
+        )
+    )
     spec = load_spec(path)
     metrics = Metrics()
     summary = run_job(spec, backend="process", progress=lambda m: None, metrics=metrics)
@@ -137,8 +155,17 @@ def test_write_failed_is_a_result_folder_that_cannot_be_written(make_spec, tmp_p
 
 def test_placement_is_a_group_the_cluster_cannot_place(make_spec, tmp_path, ray_head):
     spec = job(make_spec, tmp_path)
-    spec = dataclasses.replace(spec, cluster=dataclasses.replace(
-        spec.cluster, num_workers=2, backend="ray", cpus_per_worker=64, placement_timeout_s=2, address=ray_head["address"]))
+    spec = dataclasses.replace(
+        spec,
+        cluster=dataclasses.replace(
+            spec.cluster,
+            num_workers=2,
+            backend="ray",
+            cpus_per_worker=64,
+            placement_timeout_s=2,
+            address=ray_head["address"],
+        ),
+    )
     metrics = Metrics()
     with pytest.raises(Exception) as caught:
         run_job(spec, backend="ray", progress=lambda m: None, metrics=metrics)

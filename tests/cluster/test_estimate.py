@@ -50,8 +50,11 @@ def test_estimate_is_printed_and_grows_with_the_probe_plan(make_spec, checkpoint
     n = checkpoint_parameters(checkpoints[0])[0]
     assert f"size: {n:,} parameters" in line and "1 worker(s) on this host" in line
     small = estimate(spec, str(checkpoints[0]), workers_here=1)
-    big = estimate(load_spec(make_spec(name="big", probes=[{"kind": "spectrum", "runs": 50, "steps": 200}])),
-                   str(checkpoints[0]), workers_here=1)
+    big = estimate(
+        load_spec(make_spec(name="big", probes=[{"kind": "spectrum", "runs": 50, "steps": 200}])),
+        str(checkpoints[0]),
+        workers_here=1,
+    )
     assert big.vector_bytes_per_worker > 100 * small.vector_bytes_per_worker
     basis = 50 * 201 * n * 8  # float64 basis of every run
     # plus 4 recurrence vectors per run (200) and the 50-column product on the CPU (one backward per
@@ -73,6 +76,7 @@ def test_a_job_that_cannot_fit_fails_up_front_with_the_numbers(make_spec, capsys
 
 # ---------------------------------------------------------------- what the estimate counts
 
+
 def _spec(make_spec, probes, **cluster):
     return load_spec(make_spec(name="counted", probes=probes, cluster=cluster or None))
 
@@ -82,8 +86,12 @@ def test_eigenvalues_count_the_probes_own_step_cap_and_basis_store(make_spec, ch
     ckpt = str(checkpoints[0])
 
     def vectors(**o):
-        est = estimate(_spec(make_spec, [{"kind": "eigenvalues", "k": 1, "symmetry_check": False, **o}]), ckpt,
-                       workers_here=1, calibrate=False)
+        est = estimate(
+            _spec(make_spec, [{"kind": "eigenvalues", "k": 1, "symmetry_check": False, **o}]),
+            ckpt,
+            workers_here=1,
+            calibrate=False,
+        )
         return est.vector_bytes_per_worker // (n * 8), est
 
     # 101 basis vectors, 4 of the recurrence, the product's gradient and output
@@ -126,9 +134,18 @@ def test_graph_is_measured_on_one_batch_not_charged_as_the_budget(make_spec, che
 
 
 def test_gpu_workers_are_compared_with_the_device_and_host_bases_with_the_host():
-    common = {"parameters": 10, "checkpoint_bytes": 40, "how": "header", "param_bytes_per_worker": 4 << 30,
-              "vector_bytes_per_worker": 8 << 30, "graph_bytes_per_worker": 1 << 30, "workers_here": 2,
-              "available_bytes": 100 << 30, "device": "cuda", "workers_per_device": 1}
+    common = {
+        "parameters": 10,
+        "checkpoint_bytes": 40,
+        "how": "header",
+        "param_bytes_per_worker": 4 << 30,
+        "vector_bytes_per_worker": 8 << 30,
+        "graph_bytes_per_worker": 1 << 30,
+        "workers_here": 2,
+        "available_bytes": 100 << 30,
+        "device": "cuda",
+        "workers_per_device": 1,
+    }
     fits = Estimate(**common, host_bytes_per_worker=30 << 30, device_total_bytes=16 << 30)
     assert fits.here_bytes == 60 << 30 and fits.device_need_bytes == 13 << 30
     check_fits(fits)
@@ -144,12 +161,15 @@ def test_gpu_workers_are_compared_with_the_device_and_host_bases_with_the_host()
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 ROOT = BENCH.parent
 GPT = {"vocab": 64, "dim": 256, "layers": 4, "heads": 4, "max_len": 16}
-MEASURE = ("import json, sys; import bench_estimate as be; "
-           "print('PEAKS', json.dumps(be.worker_peaks(json.loads(sys.argv[1]))))")
+MEASURE = (
+    "import json, sys; import bench_estimate as be; "
+    "print('PEAKS', json.dumps(be.worker_peaks(json.loads(sys.argv[1]))))"
+)
 
 
 def _minilm_case(folder: Path) -> dict:
     import bench_estimate as be  # bench/ is on sys.path (the measured fixture puts it there)
+
     probes = [{"kind": "eigenvalues", "k": 1, "tol": 1e-3, "max_steps": 4}, {"kind": "trace", "matvecs": 6}]
     return be.minilm_spec(str(folder / "out-minilm"), probes=probes, num_examples=4, batch_size=4)
 
@@ -163,12 +183,19 @@ def _gpt_case(folder: Path) -> dict:
     return {
         "name": "gpt-estimate",
         "model": {"factory": "probe.gpt:gpt", "kwargs": GPT, "checkpoints": [str(ckpt)]},
-        "data": {"factory": "cluster.data:tokens", "kwargs": {"num_sequences": 8, "seq_len": 16, "vocab": 64},
-                 "num_examples": 8, "batch_size": 8},
+        "data": {
+            "factory": "cluster.data:tokens",
+            "kwargs": {"num_sequences": 8, "seq_len": 16, "vocab": 64},
+            "num_examples": 8,
+            "batch_size": 8,
+        },
         "loss": "lm_cross_entropy",
         "precision": "float64",  # the symmetry check's two-column product runs too
-        "probes": [{"kind": "eigenvalues", "k": 1, "tol": 1e-3, "max_steps": 6}, {"kind": "trace", "matvecs": 9},
-                   {"kind": "spectrum", "runs": 2, "steps": 4}],
+        "probes": [
+            {"kind": "eigenvalues", "k": 1, "tol": 1e-3, "max_steps": 6},
+            {"kind": "trace", "matvecs": 9},
+            {"kind": "spectrum", "runs": 2, "steps": 4},
+        ],
         "output": {"path": str(folder / "out-gpt")},
         "seed": 0,
     }
@@ -183,15 +210,23 @@ def measured(tmp_path_factory):
     folder = tmp_path_factory.mktemp("estimate")
     cases = {"gpt-3.2M": _gpt_case(folder), "minilm-22.7M": _minilm_case(folder)}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    procs = {name: subprocess.Popen([sys.executable, "-c", MEASURE, json.dumps(spec)], env=env, cwd=str(ROOT),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, spec in cases.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", MEASURE, json.dumps(spec)],
+            env=env,
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, spec in cases.items()
+    }
     peaks = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-2000:]
         line = [ln for ln in out.splitlines() if ln.startswith("PEAKS ")][-1]
-        peaks[name] = json.loads(line[len("PEAKS "):])
+        peaks[name] = json.loads(line[len("PEAKS ") :])
     return {name: (cases[name], peaks[name]) for name in cases}
 
 
@@ -202,8 +237,10 @@ def test_estimate_is_within_30_percent_of_the_measured_worker_peak(measured, cas
     est = estimate(spec, expand_checkpoints(spec.model.checkpoints)[0], workers_here=1)
     assert est.graph_how.startswith("measured")
     measured_bytes = peaks["peak_mb"] * (1 << 20)
-    print(f"\n{case}: estimate {est.per_worker_bytes / 2**20:,.0f} MB, measured {peaks['peak_mb']:,.0f} MB, "
-          f"ratio {est.per_worker_bytes / measured_bytes:.2f}")
+    print(
+        f"\n{case}: estimate {est.per_worker_bytes / 2**20:,.0f} MB, measured {peaks['peak_mb']:,.0f} MB, "
+        f"ratio {est.per_worker_bytes / measured_bytes:.2f}"
+    )
     assert est.per_worker_bytes == pytest.approx(measured_bytes, rel=0.3), (est.summary(), peaks)
     if case.startswith("minilm"):
         assert est.parameters == 22_713_216

@@ -31,9 +31,16 @@ from cluster.spec import load_spec
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("eigenvalues", "trace", "spectrum")
 # 2 checkpoints × 3 probes = 6 tasks, each a few tenths of a second on 768 examples
-PROBES = [{"kind": "eigenvalues", "k": 2}, {"kind": "trace", "matvecs": 48}, {"kind": "spectrum", "runs": 2, "steps": 30}]
-VALUES = {"eigenvalues": ["eigenvalues", "residuals"], "trace": ["trace", "trace_stderr"],
-          "spectrum": ["ritz_values", "ritz_weights", "density", "lambda_min", "lambda_max"]}
+PROBES = [
+    {"kind": "eigenvalues", "k": 2},
+    {"kind": "trace", "matvecs": 48},
+    {"kind": "spectrum", "runs": 2, "steps": 30},
+]
+VALUES = {
+    "eigenvalues": ["eigenvalues", "residuals"],
+    "trace": ["trace", "trace_stderr"],
+    "spectrum": ["ritz_values", "ritz_weights", "density", "lambda_min", "lambda_max"],
+}
 
 
 def cli(*args: str, **kwargs) -> subprocess.Popen:
@@ -104,7 +111,9 @@ def test_driver_killed_mid_job_rerun_skips_stored_tasks_and_matches_an_uninterru
     for p in at_kill:  # the stored files were kept, not rewritten
         assert p.is_file()
 
-    reference = cli("run", str(spec_path), "--set", f"output.path={ref}", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reference = cli(
+        "run", str(spec_path), "--set", f"output.path={ref}", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         _, stderr = reference.communicate(timeout=120)
     finally:
@@ -118,9 +127,13 @@ def test_driver_killed_mid_job_rerun_skips_stored_tasks_and_matches_an_uninterru
         assert sorted(keys) == sorted(want.column("task_key").to_pylist())
         assert_close(by_task(got, VALUES[kind]), by_task(want, VALUES[kind]), rtol=1e-12)
     runs = read(out, "runs").to_pylist()
-    assert [(r["num_done"], r["num_skipped"], r["status"]) for r in runs] == [(6 - len(at_kill), len(at_kill), "succeeded")]
-    print(f"\nkilled {kill_s:.2f} s after start with {len(at_kill)} of 6 part(s) visible, "
-          f"{len(hidden)} hidden temporary file(s)")
+    assert [(r["num_done"], r["num_skipped"], r["status"]) for r in runs] == [
+        (6 - len(at_kill), len(at_kill), "succeeded")
+    ]
+    print(
+        f"\nkilled {kill_s:.2f} s after start with {len(at_kill)} of 6 part(s) visible, "
+        f"{len(hidden)} hidden temporary file(s)"
+    )
 
 
 # --- 2. a write that fails like a full disk -----------------------------------------
@@ -140,8 +153,11 @@ def digest(paths: list[Path]) -> dict[str, str]:
 def test_write_failing_with_efbig_fails_the_job_and_leaves_earlier_results_intact(make_spec, tmp_path):
     probes = [{"kind": "trace", "matvecs": 12}]
     out = tmp_path / "results"
-    earlier = run_job(load_spec(make_spec(name="earlier", probes=probes, cluster={"num_workers": 1}, num_examples=96)),
-                      backend="local", progress=lambda m: None)
+    earlier = run_job(
+        load_spec(make_spec(name="earlier", probes=probes, cluster={"num_workers": 1}, num_examples=96)),
+        backend="local",
+        progress=lambda m: None,
+    )
     assert earlier.ok and earlier.num_done == 2
     kept = sorted((out / "trace" / "job=earlier").glob("part-*.parquet"))
     assert len(kept) == 2 and all(p.stat().st_size > FSIZE_LIMIT for p in kept)
@@ -182,8 +198,11 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         assert resp.status == 200
         text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def test_failing_audit_backs_off_keeps_serving_metrics_and_stops_on_sigterm(checkpoints, tmp_path):
@@ -211,7 +230,9 @@ def test_failing_audit_backs_off_keeps_serving_metrics_and_stops_on_sigterm(chec
     pending = ("probe_audit_tasks_pending", (("job_name", name),))
 
     with open(log, "w") as f:
-        proc = cli("audit", str(spec_path), "--every", "2s", "--metrics-port", str(port), stdout=f, stderr=subprocess.STDOUT)
+        proc = cli(
+            "audit", str(spec_path), "--every", "2s", "--metrics-port", str(port), stdout=f, stderr=subprocess.STDOUT
+        )
     try:
         t0 = time.monotonic()
         while True:  # the endpoint comes up once the service has started
@@ -250,5 +271,7 @@ def test_failing_audit_backs_off_keeps_serving_metrics_and_stops_on_sigterm(chec
     fail_rows = pq.read_table(next((tmp_path / "results" / "failures").glob("job=*"))).to_pylist()
     assert len(fail_rows) == 1 and fail_rows[0]["category"] == "bad_checkpoint"
     assert "cut.safetensors" in fail_rows[0]["reason"]
-    print(f"\n{len(seen)} scrapes over {time.monotonic() - t1 - stop_s:.1f} s all answered; {passes} passes, "
-          f"failures {counts}; SIGTERM → exit 0 in {stop_s:.2f} s")
+    print(
+        f"\n{len(seen)} scrapes over {time.monotonic() - t1 - stop_s:.1f} s all answered; {passes} passes, "
+        f"failures {counts}; SIGTERM → exit 0 in {stop_s:.2f} s"
+    )

@@ -40,8 +40,11 @@ def runs(tmp_path_factory, checkpoints):
     for backend, workers in (("local", 1), ("process", 2)):
         spec = {
             "name": "generalization",
-            "model": {"factory": "probe.models:digits_mlp", "kwargs": {"hidden": 16},
-                      "checkpoints": [str(p) for p in checkpoints]},
+            "model": {
+                "factory": "probe.models:digits_mlp",
+                "kwargs": {"hidden": 16},
+                "checkpoints": [str(p) for p in checkpoints],
+            },
             "data": {"factory": "cluster.data:digits", "num_examples": 150, "batch_size": 40},
             "precision": "float64",
             "probes": PROBES,
@@ -62,7 +65,9 @@ def test_two_workers_agree_with_one_process(runs):
     for kind, cols in COLUMNS.items():
         assert set(two.read(kind).column("world_size").to_pylist()) == {2}
         assert_close(by_task(two.read(kind), cols), by_task(one.read(kind), cols), 1e-9)
-        assert [r["label"] for r in two.read("critical").to_pylist()] == [r["label"] for r in one.read("critical").to_pylist()]
+        assert [r["label"] for r in two.read("critical").to_pylist()] == [
+            r["label"] for r in one.read("critical").to_pylist()
+        ]
     # 0-1 errors at perturbed points are discontinuous (a near-tie argmax may flip with the shards' summation
     # order): the posterior error may differ by a few flips out of n × samples, not more
     flip = 1 / (150 * 8)
@@ -74,8 +79,10 @@ def test_two_workers_agree_with_one_process(runs):
 def test_noise_rows_equal_the_probe_function_on_the_whole_probe_set(runs, checkpoints):
     spec, store = runs["process"]
     dataset, indices, _ = probe_subset(spec)
-    batches = [torch.utils.data.default_collate([dataset[i] for i in indices[j: j + 40].tolist()])
-               for j in range(0, len(indices), 40)]
+    batches = [
+        torch.utils.data.default_collate([dataset[i] for i in indices[j : j + 40].tolist()])
+        for j in range(0, len(indices), 40)
+    ]
     for path in checkpoints:
         model = digits_mlp(hidden=16)
         model.load_state_dict(load_file(str(path)))
@@ -124,9 +131,14 @@ def test_noise_without_chunk_size_uses_and_records_the_default_chunk(tmp_path, m
     save_file(model.state_dict(), str(path), metadata={"lr": "0.1"})
     want = default_chunk_size(ParameterSpace.of(model), torch.float64, "cpu")
     assert want != 64  # the 96×96×3×3 kernel's per-example block (0.66 MB in float64) lowers it on CPU
-    spec = load_spec(make_spec(name="chunks", probes=[{"kind": "noise", "batch_size": 16}], num_examples=64,
-                               model={"factory": "probe.models:digits_cnn", "kwargs": {"channels": 96},
-                                      "checkpoints": [str(path)]}))
+    spec = load_spec(
+        make_spec(
+            name="chunks",
+            probes=[{"kind": "noise", "batch_size": 16}],
+            num_examples=64,
+            model={"factory": "probe.models:digits_cnn", "kwargs": {"channels": 96}, "checkpoints": [str(path)]},
+        )
+    )
     summary = run_job(spec, backend="local", progress=lambda m: None)
     assert summary.num_done == 1, summary.failures
     (row,) = ResultStore(spec.output.path).read("noise").to_pylist()
@@ -134,7 +146,9 @@ def test_noise_without_chunk_size_uses_and_records_the_default_chunk(tmp_path, m
     assert json.loads(row["probe_config"])["chunk_size"] is None
     # the statistics do not depend on the chunking
     dataset, indices, _ = probe_subset(spec)
-    batches = [torch.utils.data.default_collate([dataset[i] for i in indices[j: j + 50].tolist()])
-               for j in range(0, len(indices), 50)]
+    batches = [
+        torch.utils.data.default_collate([dataset[i] for i in indices[j : j + 50].tolist()])
+        for j in range(0, len(indices), 50)
+    ]
     direct = gradient_moments(model.double(), F.cross_entropy, batches, chunk_size=64)
     assert row["noise_trace"] == pytest.approx(noise_statistics(direct).noise_trace, rel=1e-9)

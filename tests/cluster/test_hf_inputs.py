@@ -15,8 +15,9 @@ import yaml
 
 
 def run_cli(spec_path):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", "run", str(spec_path)], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "run", str(spec_path)], capture_output=True, text=True, timeout=300
+    )
 
 
 def spec_for(tmp_path, model_dir, **model):
@@ -24,9 +25,12 @@ def spec_for(tmp_path, model_dir, **model):
     raw = {
         "name": "bad-hf",
         "model": {"hf": str(model_dir), **model},
-        "data": {"factory": "cluster.data:token_windows",
-                 "kwargs": {"path": str(tokens), "window": hf_files.WINDOW, "count": hf_files.WINDOWS},
-                 "num_examples": hf_files.WINDOWS, "batch_size": 4},
+        "data": {
+            "factory": "cluster.data:token_windows",
+            "kwargs": {"path": str(tokens), "window": hf_files.WINDOW, "count": hf_files.WINDOWS},
+            "num_examples": hf_files.WINDOWS,
+            "batch_size": 4,
+        },
         "loss": "causal_lm",
         "probes": [{"kind": "eigenvalues", "k": 1}],
         "cluster": {"num_workers": 2, "backend": "ray"},
@@ -68,9 +72,14 @@ def test_a_config_transformers_cannot_build(tmp_path, llama):
 def test_weights_that_do_not_match_their_config(tmp_path, llama):
     edit_config(llama, hidden_size=16, intermediate_size=32)  # the weights were written for hidden_size 8
     result = run_cli(spec_for(tmp_path, llama))
-    assert_one_line_and_nothing_written(result, tmp_path, "model.safetensors.index.json", "model.embed_tokens.weight",
-                                        "has shape (32, 8), the model expects (32, 16)",
-                                        "the weights were not written for this config")
+    assert_one_line_and_nothing_written(
+        result,
+        tmp_path,
+        "model.safetensors.index.json",
+        "model.embed_tokens.weight",
+        "has shape (32, 8), the model expects (32, 16)",
+        "the weights were not written for this config",
+    )
 
 
 def test_weights_missing_a_tensor_that_no_tie_covers(tmp_path, llama):

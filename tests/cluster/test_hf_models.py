@@ -37,11 +37,15 @@ def write_spec(tmp_path, family: str, *, workers: int = 2, probes=None, extra=No
     raw = {
         "name": f"hf-{family.replace('_', '-')}",
         "model": {"hf": str(model_dir)},
-        "data": {"factory": "cluster.data:token_windows",
-                 "kwargs": {"path": str(tokens), "window": hf_files.WINDOW, "count": hf_files.WINDOWS},
-                 "num_examples": hf_files.WINDOWS, "batch_size": 4},
+        "data": {
+            "factory": "cluster.data:token_windows",
+            "kwargs": {"path": str(tokens), "window": hf_files.WINDOW, "count": hf_files.WINDOWS},
+            "num_examples": hf_files.WINDOWS,
+            "batch_size": 4,
+        },
         "loss": hf_files.FAMILIES[family][3],
-        "probes": probes or [
+        "probes": probes
+        or [
             {"kind": "eigenvalues", "k": 1, "which": "largest", "tol": 1e-10},
             {"kind": "eigenvalues", "k": 1, "which": "smallest", "tol": 1e-10},
             {"kind": "trace", "method": "hutch++", "matvecs": TRACE_MATVECS},
@@ -58,8 +62,13 @@ def write_spec(tmp_path, family: str, *, workers: int = 2, probes=None, extra=No
 @pytest.mark.parametrize("family", list(hf_files.FAMILIES))
 def test_probe_run_on_a_saved_hf_model_equals_its_dense_hessian(tmp_path, family):
     spec_path, model, model_dir, tokens = write_spec(tmp_path, family)
-    assert not any(k.startswith("lm_head") for k in json.loads(
-        (model_dir / "model.safetensors.index.json").read_text())["weight_map"]) or family == "llama_untied"
+    assert (
+        not any(
+            k.startswith("lm_head")
+            for k in json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+        )
+        or family == "llama_untied"
+    )
     assert main(["run", str(spec_path)]) == 0
 
     H, dim = hf_files.dense_hessian(model_dir, hf_files.all_windows(tokens))
@@ -83,7 +92,9 @@ def test_probe_run_on_a_saved_hf_model_equals_its_dense_hessian(tmp_path, family
     assert abs(low - evals[0].item()) <= tol * scale, (low, evals[0].item(), defect)
     # the same Hutch++ estimator on the dense matrix, with the job's random vectors
     g = torch.Generator().manual_seed(task_seed(0, 2))
-    expected = trace(DenseOperator(H, symmetry_tol=1e-5), method="hutch++", num_matvecs=TRACE_MATVECS, generator=g).trace
+    expected = trace(
+        DenseOperator(H, symmetry_tol=1e-5), method="hutch++", num_matvecs=TRACE_MATVECS, generator=g
+    ).trace
     assert math.isclose(tr["trace"], expected, rel_tol=0, abs_tol=tol * scale * 10), (tr["trace"], expected)
 
 
@@ -102,8 +113,13 @@ def test_every_kind_runs_on_a_tied_hf_model_and_counts_the_tie_once(tmp_path):
     hf_files.write_model("llama_tied", other, seed=1)
     raw = yaml.safe_load(spec_path.read_text())
     raw["cluster"] = {"num_workers": 1, "backend": "local"}
-    raw["probes"].append({"kind": "barrier", "between": [str(model_dir / "model.safetensors.index.json"),
-                                                         str(other / "model.safetensors.index.json")], "points": 5})
+    raw["probes"].append(
+        {
+            "kind": "barrier",
+            "between": [str(model_dir / "model.safetensors.index.json"), str(other / "model.safetensors.index.json")],
+            "points": 5,
+        }
+    )
     spec_path.write_text(yaml.safe_dump(raw))
     assert main(["run", str(spec_path)]) == 0
     dim = sum(p.numel() for p in model.parameters())
@@ -145,8 +161,13 @@ def test_loss_model_is_the_models_own_loss(tmp_path):
     for loss in ("causal_lm", "model"):
         folder = tmp_path / loss
         folder.mkdir()
-        spec_path, *_ = write_spec(folder, "llama_tied", workers=1, probes=probes,
-                                   extra={"loss": loss, "cluster": {"num_workers": 1, "backend": "local"}})
+        spec_path, *_ = write_spec(
+            folder,
+            "llama_tied",
+            workers=1,
+            probes=probes,
+            extra={"loss": loss, "cluster": {"num_workers": 1, "backend": "local"}},
+        )
         assert main(["run", str(spec_path)]) == 0
         values[loss] = read(folder / "results", "eigenvalues")[0]["eigenvalues"][0]
     assert math.isclose(values["model"], values["causal_lm"], rel_tol=1e-5), values
@@ -173,22 +194,32 @@ def test_probe_run_and_audit_on_a_trainer_run_folder(tmp_path):
         write_trainer_checkpoint(run, step, lr=1e-3)
     tokens = hf_files.write_tokens(tmp_path / "tokens.parquet")
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "trainer-run",
-        "model": {"hf": str(run)},
-        "data": {"factory": "cluster.data:token_windows",
-                 "kwargs": {"path": str(tokens), "window": hf_files.WINDOW, "count": hf_files.WINDOWS},
-                 "num_examples": hf_files.WINDOWS, "batch_size": 6},
-        "loss": "causal_lm",
-        "probes": [{"kind": "eigenvalues", "k": 1, "tol": 1e-4}, {"kind": "trace", "matvecs": 6}],
-        "cluster": {"num_workers": 1, "backend": "local"},
-        "output": {"path": str(tmp_path / "results")},
-    }))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "trainer-run",
+                "model": {"hf": str(run)},
+                "data": {
+                    "factory": "cluster.data:token_windows",
+                    "kwargs": {"path": str(tokens), "window": hf_files.WINDOW, "count": hf_files.WINDOWS},
+                    "num_examples": hf_files.WINDOWS,
+                    "batch_size": 6,
+                },
+                "loss": "causal_lm",
+                "probes": [{"kind": "eigenvalues", "k": 1, "tol": 1e-4}, {"kind": "trace", "matvecs": 6}],
+                "cluster": {"num_workers": 1, "backend": "local"},
+                "output": {"path": str(tmp_path / "results")},
+            }
+        )
+    )
     assert main(["run", str(spec)]) == 0
     for kind in ("eigenvalues", "trace"):
         rows = sorted(read(tmp_path / "results", kind), key=lambda r: r["step"])
         assert [(r["checkpoint_name"], r["step"]) for r in rows] == [
-            ("checkpoint-10", 10), ("checkpoint-20", 20), ("checkpoint-30", 30)]
+            ("checkpoint-10", 10),
+            ("checkpoint-20", 20),
+            ("checkpoint-30", 30),
+        ]
         assert all(math.isclose(r["lr"], 1e-3) for r in rows)
         assert all(r["checkpoint"].endswith("model.safetensors") for r in rows)
     write_trainer_checkpoint(run, 40, lr=5e-4)

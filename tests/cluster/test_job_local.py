@@ -56,8 +56,10 @@ def test_local_job_writes_rows_per_kind_reports_progress_and_reruns_as_no_op(mak
 
     assert (summary.num_tasks, summary.num_done, summary.num_skipped, summary.num_failed) == (6, 6, 0, 0)
     assert summary.ok and summary.restarts == 0 and summary.output == str(out)
-    assert messages[0] == ("[digits-test] 2 checkpoint(s) × 3 probe(s) = 6 task(s); 0 already stored; "
-                           "1 group(s) of 1 worker(s) (local); 192 probe examples")
+    assert messages[0] == (
+        "[digits-test] 2 checkpoint(s) × 3 probe(s) = 6 task(s); 0 already stored; "
+        "1 group(s) of 1 worker(s) (local); 192 probe examples"
+    )
     assert messages[1].startswith("[digits-test] size: ") and "per worker: parameters" in messages[1]
     assert [m.split(" ")[1] for m in messages[2:8]] == [f"{i}/6" for i in range(1, 7)]
     assert all(" HVPs" in m and "elapsed" in m for m in messages[2:8])
@@ -78,7 +80,13 @@ def test_local_job_writes_rows_per_kind_reports_progress_and_reruns_as_no_op(mak
             assert json.loads(r["probe_config"]) == resolved
             assert r["job"] == "digits-test" and r["run_id"] == summary.run_id
             assert r["seed"] == task_seed(7, index)
-            assert (r["dtype"], r["mode"], r["world_size"], r["attempts"], r["device"]) == ("float64", "eval", 1, 1, "cpu")
+            assert (r["dtype"], r["mode"], r["world_size"], r["attempts"], r["device"]) == (
+                "float64",
+                "eval",
+                1,
+                1,
+                "cpu",
+            )
             assert r["num_examples"] == 192 and r["model_factory"] == "probe.models:digits_mlp"
             assert r["num_matvecs"] > 0 and r["duration_s"] >= 0
         assert len({r["data_sha256"] for r in rows}) == 1
@@ -96,7 +104,10 @@ def test_local_job_writes_rows_per_kind_reports_progress_and_reruns_as_no_op(mak
     runs = sorted(read(out, "runs").to_pylist(), key=lambda r: r["started_at"])
     assert [r["run_id"] for r in runs] == [summary.run_id, rerun.run_id]
     assert [r["status"] for r in runs] == ["succeeded", "succeeded"]
-    assert [(r["num_tasks"], r["num_done"], r["num_skipped"], r["num_failed"]) for r in runs] == [(6, 6, 0, 0), (6, 0, 6, 0)]
+    assert [(r["num_tasks"], r["num_done"], r["num_skipped"], r["num_failed"]) for r in runs] == [
+        (6, 6, 0, 0),
+        (6, 0, 6, 0),
+    ]
     assert json.loads(runs[0]["spec"])["name"] == "digits-test" and json.loads(runs[0]["failures"]) == []
 
 
@@ -105,13 +116,19 @@ def test_local_job_records_equal_the_estimators_run_directly(make_spec, checkpoi
     spec = load_spec(make_spec(probes=LIGHT_PROBES))
     summary = run_job(spec, backend="local", progress=lambda m: None)
     dataset, indices, _ = probe_subset(spec)
-    batches = [torch.utils.data.default_collate([dataset[i] for i in indices[j : j + 50].tolist()])
-               for j in range(0, len(indices), 50)]
+    batches = [
+        torch.utils.data.default_collate([dataset[i] for i in indices[j : j + 50].tolist()])
+        for j in range(0, len(indices), 50)
+    ]
     model = digits_mlp(hidden=16)
     model.load_state_dict(load_file(str(checkpoints[0])))
     op = HessianOperator(model.to(torch.float64), F.cross_entropy, batches)
-    eig = eigenvalues(op, 3, **{k: PROBE_OPTIONS["eigenvalues"][k] for k in ("which", "tol", "max_steps")},
-                      generator=torch.Generator().manual_seed(task_seed(7, 0)))
+    eig = eigenvalues(
+        op,
+        3,
+        **{k: PROBE_OPTIONS["eigenvalues"][k] for k in ("which", "tol", "max_steps")},
+        generator=torch.Generator().manual_seed(task_seed(7, 0)),
+    )
     tr = trace(op, method="hutch++", num_matvecs=30, generator=torch.Generator().manual_seed(task_seed(7, 1)))
     mine = [r for r in summary.records if r["checkpoint"] == str(checkpoints[0])]
     eig_row = next(r for r in mine if "eigenvalues" in r)
@@ -132,8 +149,9 @@ def test_local_backend_refuses_several_workers(make_spec):
 
 @pytest.mark.usefixtures("single_thread_children")
 def test_process_backend_with_two_workers_matches_local(make_spec, tmp_path):
-    local = run_job(load_spec(make_spec(output=tmp_path / "local", probes=LIGHT_PROBES)), backend="local",
-                    progress=lambda m: None)
+    local = run_job(
+        load_spec(make_spec(output=tmp_path / "local", probes=LIGHT_PROBES)), backend="local", progress=lambda m: None
+    )
     spec = load_spec(make_spec(output=tmp_path / "process", probes=LIGHT_PROBES, cluster={"num_workers": 2}))
     messages: list[str] = []
     summary = run_job(spec, backend="process", progress=messages.append)
@@ -174,7 +192,9 @@ def checkpoint_missing_a_key(checkpoints, tmp_path):
     return path
 
 
-def test_checkpoint_missing_a_key_fails_its_task_and_the_others_succeed(make_spec, checkpoints, checkpoint_missing_a_key, tmp_path):
+def test_checkpoint_missing_a_key_fails_its_task_and_the_others_succeed(
+    make_spec, checkpoints, checkpoint_missing_a_key, tmp_path
+):
     path = make_spec(probes=[{"kind": "eigenvalues", "k": 2}])
     spec = load_spec(path, [f"model.checkpoints=[{checkpoint_missing_a_key}, {checkpoints[1]}]"])
     messages: list[str] = []
@@ -214,7 +234,9 @@ def test_process_group_reads_every_reply_of_a_failed_task():
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_cli_run_exits_0_and_prints_progress(make_spec, tmp_path):
@@ -265,11 +287,18 @@ def test_basis_storage_is_chosen_in_the_spec_and_recorded(make_spec, tmp_path):
     """Host and disk bases give the device basis's numbers; a budget too small for the basis falls back to
     reorth none, and every row says where its basis lived."""
     rows = {}
-    for name, options in [("device", {"basis": "device"}), ("host", {"basis": "host"}), ("disk", {"basis": "disk"}),
-                          ("budget", {"basis_memory_bytes": 1000})]:
+    for name, options in [
+        ("device", {"basis": "device"}),
+        ("host", {"basis": "host"}),
+        ("disk", {"basis": "disk"}),
+        ("budget", {"basis_memory_bytes": 1000}),
+    ]:
         out = tmp_path / name
         eig_options = {"basis_memory_bytes": 6 * 1482 * 8} if name == "budget" else options  # 6 vectors of 1,482
-        probes = [{"kind": "spectrum", "runs": 2, "steps": 12, **options}, {"kind": "eigenvalues", "k": 2, **eig_options}]
+        probes = [
+            {"kind": "spectrum", "runs": 2, "steps": 12, **options},
+            {"kind": "eigenvalues", "k": 2, **eig_options},
+        ]
         spec = load_spec(make_spec(name="bases", probes=probes, output=out))
         spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, checkpoints=spec.model.checkpoints[:1]))
         summary = run_job(spec, backend="local", progress=lambda m: None)
@@ -297,9 +326,18 @@ def test_task_key_covers_the_batch_size_and_the_eval_sets_a_probe_reads(make_spe
 
     between = [str(checkpoints[0]), str(checkpoints[1])]
     test_set = {"factory": "cluster.data:digits", "kwargs": {"split": "test"}, "num_examples": 40}
-    spec = _with_data(load_spec(make_spec(name="keys", probes=[
-        {"kind": "eigenvalues", "k": 2}, {"kind": "barrier", "between": between, "eval_sets": ["probe", "test"],
-                                          "points": 3}])), eval_sets={"test": test_set})
+    spec = _with_data(
+        load_spec(
+            make_spec(
+                name="keys",
+                probes=[
+                    {"kind": "eigenvalues", "k": 2},
+                    {"kind": "barrier", "between": between, "eval_sets": ["probe", "test"], "points": 3},
+                ],
+            )
+        ),
+        eval_sets={"test": test_set},
+    )
     pairs = [(str(p), file_sha256(p)) for p in checkpoints]
 
     def keys(s):

@@ -61,11 +61,15 @@ def test_worker_killed_mid_lanczos_restarts_and_numbers_are_unchanged(make_spec,
     import ray
 
     probes = [{"kind": "spectrum", "runs": 4, "steps": 300}]
-    reference = run_job(load_spec(make_spec(name="kill", output=tmp_path / "ref", probes=probes, num_examples=600)),
-                        backend="local", progress=lambda m: None)
+    reference = run_job(
+        load_spec(make_spec(name="kill", output=tmp_path / "ref", probes=probes, num_examples=600)),
+        backend="local",
+        progress=lambda m: None,
+    )
     duration = reference.records[0]["duration_s"]
-    spec = load_spec(make_spec(name="kill", output=tmp_path / "killed", probes=probes, num_examples=600,
-                               cluster={"num_workers": 2}))
+    spec = load_spec(
+        make_spec(name="kill", output=tmp_path / "killed", probes=probes, num_examples=600, cluster={"num_workers": 2})
+    )
     killed = []
 
     def kill_once(task, attempt):
@@ -101,10 +105,16 @@ def test_unplaceable_group_fails_fast_naming_the_resources(make_spec):
 
 
 def test_cli_reports_unplaceable_resources_with_exit_code_3(make_spec, ray_head):
-    path = make_spec(cluster={"num_workers": 2, "gpus_per_worker": 1, "placement_timeout_s": 2,
-                              "address": ray_head["address"]})
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "run", str(path)], capture_output=True, text=True,
-                          env=ray_head["env"], timeout=300)
+    path = make_spec(
+        cluster={"num_workers": 2, "gpus_per_worker": 1, "placement_timeout_s": 2, "address": ray_head["address"]}
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "run", str(path)],
+        capture_output=True,
+        text=True,
+        env=ray_head["env"],
+        timeout=300,
+    )
     assert proc.returncode == 3, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("probe run: cannot place 2 worker(s)") and "'GPU': 1" in last
@@ -113,10 +123,24 @@ def test_cli_reports_unplaceable_resources_with_exit_code_3(make_spec, ray_head)
 
 def test_probe_submit_runs_a_ray_job_and_results_are_readable(make_spec, ray_head, tmp_path):
     out = tmp_path / "submitted"
-    path = make_spec(name="submitted", cluster={"num_workers": 2, "backend": "ray"},
-                     probes=[{"kind": "eigenvalues", "k": 2}])
-    cmd = [sys.executable, "-m", "cluster.cli", "submit", str(path), "--address", ray_head["dashboard"],
-           "--working-dir", str(tmp_path), "--set", f"output.path={out}", "--timeout", "300"]
+    path = make_spec(
+        name="submitted", cluster={"num_workers": 2, "backend": "ray"}, probes=[{"kind": "eigenvalues", "k": 2}]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "submit",
+        str(path),
+        "--address",
+        ray_head["dashboard"],
+        "--working-dir",
+        str(tmp_path),
+        "--set",
+        f"output.path={out}",
+        "--timeout",
+        "300",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ray_head["env"], timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[submitted] done: 2 run" in proc.stdout
@@ -134,8 +158,14 @@ def test_workers_report_their_metrics_through_ray(make_spec, ray_head, tmp_path)
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    spec = load_spec(make_spec(name="ray-metered", output=tmp_path / "m", cluster={"num_workers": 2},
-                               probes=[{"kind": "eigenvalues", "k": 2}, {"kind": "trace", "matvecs": 12}]))
+    spec = load_spec(
+        make_spec(
+            name="ray-metered",
+            output=tmp_path / "m",
+            cluster={"num_workers": 2},
+            probes=[{"kind": "eigenvalues", "k": 2}, {"kind": "trace", "matvecs": 12}],
+        )
+    )
     summary = run_job(spec, backend="ray", progress=lambda m: None)
     store = ResultStore(tmp_path / "m")
     expected = {kind: 2 * sum(store.read(kind).column("num_matvecs").to_pylist()) for kind in ("eigenvalues", "trace")}
@@ -159,15 +189,32 @@ def test_workers_report_their_metrics_through_ray(make_spec, ray_head, tmp_path)
 
 
 def test_generalization_probes_on_two_ray_workers_match_one_process(make_spec, tmp_path):
-    probes = [{"kind": "pacbayes", "samples": 4}, {"kind": "noise", "batch_size": 32}, {"kind": "critical", "runs": 3, "steps": 15}]
+    probes = [
+        {"kind": "pacbayes", "samples": 4},
+        {"kind": "noise", "batch_size": 32},
+        {"kind": "critical", "runs": 3, "steps": 15},
+    ]
     # (not the bound: it rests on 0-1 errors at perturbed points, where a near-tie argmax may flip with the
     # summation order of the shards)
-    cols = {"pacbayes": ["sigma", "kl", "expected_loss_increase"], "noise": ["grad_norm", "noise_trace"],
-            "critical": ["lambda_min", "lambda_max", "negative_mass"]}
-    one = run_job(load_spec(make_spec(name="gen", probes=probes, output=tmp_path / "one")), backend="local",
-                  progress=lambda m: None)
-    two = run_job(load_spec(make_spec(name="gen", probes=probes, output=tmp_path / "two", cluster={"num_workers": 2})),
-                  backend="ray", progress=lambda m: None)
+    cols = {
+        "pacbayes": ["sigma", "kl", "expected_loss_increase"],
+        "noise": ["grad_norm", "noise_trace"],
+        "critical": ["lambda_min", "lambda_max", "negative_mass"],
+    }
+    one = run_job(
+        load_spec(make_spec(name="gen", probes=probes, output=tmp_path / "one")),
+        backend="local",
+        progress=lambda m: None,
+    )
+    two = run_job(
+        load_spec(make_spec(name="gen", probes=probes, output=tmp_path / "two", cluster={"num_workers": 2})),
+        backend="ray",
+        progress=lambda m: None,
+    )
     assert one.num_done == two.num_done == 6
     for kind, c in cols.items():
-        assert_close(by_task(ResultStore(tmp_path / "two").read(kind), c), by_task(ResultStore(tmp_path / "one").read(kind), c), 1e-9)
+        assert_close(
+            by_task(ResultStore(tmp_path / "two").read(kind), c),
+            by_task(ResultStore(tmp_path / "one").read(kind), c),
+            1e-9,
+        )

@@ -24,8 +24,12 @@ TINY = {
     "eigenvalues": {"k": 1, "max_steps": 8},
     "trace": {"matvecs": 6},
     "spectrum": {"runs": 2, "steps": 5, "grid_points": 20},
-    "sharpness": {"measures": ["lambda_max", "keskar", "sam", "adaptive", "average"], "sigma": 0.01,
-                  "steps": 2, "num_samples": 2},
+    "sharpness": {
+        "measures": ["lambda_max", "keskar", "sam", "adaptive", "average"],
+        "sigma": 0.01,
+        "steps": 2,
+        "num_samples": 2,
+    },
     "barrier": {"path": ["linear", "bezier"], "points": 3, "train_steps": 2},
     "surface": {"dims": 1, "resolution": 3, "directions": "pca"},
     "eos": {"tol": 1e-3},
@@ -79,7 +83,8 @@ def test_each_row_holds_exactly_its_kinds_declared_columns(name, make_spec, chec
     for _, rows in written:
         for row in rows:
             assert set(row) == declared, (
-                f"{name}: undeclared {sorted(set(row) - declared)}, not written {sorted(declared - set(row))}")
+                f"{name}: undeclared {sorted(set(row) - declared)}, not written {sorted(declared - set(row))}"
+            )
     stored = ResultStore(spec.output.path).read(name)
     assert stored.num_rows == sum(len(rows) for _, rows in written)
 
@@ -92,8 +97,11 @@ def test_a_misspelled_column_is_refused_naming_the_kind_and_key(make_spec, monke
 
     monkeypatch.setitem(KINDS, "trace", dataclasses.replace(trace, run=misspelled))
     spec = load_spec(make_spec(name="misspelled", num_examples=64, probes=[{"kind": "trace", "matvecs": 6}]))
-    with pytest.raises(RowColumnsError, match=r"result row of probe kind 'trace' has undeclared column\(s\) "
-                                              r"'lamda_max': a misspelled key") as info:
+    with pytest.raises(
+        RowColumnsError,
+        match=r"result row of probe kind 'trace' has undeclared column\(s\) "
+        r"'lamda_max': a misspelled key",
+    ) as info:
         run_job(spec, backend="local", progress=lambda m: None)
     assert category_of(info.value) == "other"  # a bug in a runner, not bad input
     assert ResultStore(spec.output.path).read("trace").num_rows == 0  # nothing silently dropped or stored

@@ -38,8 +38,11 @@ def series(tmp_path_factory):
     for step in range(301):
         if step % 100 == 0:
             path = folder / f"step{step:04d}.safetensors"
-            save_file({k: v.float() for k, v in model.state_dict().items()}, str(path),
-                      metadata={"lr": str(SERIES_LR), "step": str(step)})
+            save_file(
+                {k: v.float() for k, v in model.state_dict().items()},
+                str(path),
+                metadata={"lr": str(SERIES_LR), "step": str(step)},
+            )
             paths.append(path)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -50,11 +53,17 @@ def series(tmp_path_factory):
 def _spec(tmp_path, series, name, probes, **cluster):
     spec = {
         "name": name,
-        "model": {"factory": "probe.models:digits_mlp", "kwargs": {"hidden": 16},
-                  "checkpoints": [str(p) for p in series]},
-        "data": {"factory": "cluster.data:digits", "num_examples": 192, "batch_size": 64,
-                 "eval_sets": {"test": {"factory": "cluster.data:digits", "kwargs": {"split": "test"},
-                                        "num_examples": 128}}},
+        "model": {
+            "factory": "probe.models:digits_mlp",
+            "kwargs": {"hidden": 16},
+            "checkpoints": [str(p) for p in series],
+        },
+        "data": {
+            "factory": "cluster.data:digits",
+            "num_examples": 192,
+            "batch_size": 64,
+            "eval_sets": {"test": {"factory": "cluster.data:digits", "kwargs": {"split": "test"}, "num_examples": 128}},
+        },
         "precision": "float64",
         "probes": probes,
         "cluster": cluster,
@@ -67,8 +76,13 @@ def _spec(tmp_path, series, name, probes, **cluster):
 
 
 PROBES = [
-    {"kind": "sharpness", "measures": ["lambda_max", "keskar", "sam", "adaptive", "average"], "sigma": 0.01,
-     "steps": 4, "num_samples": 4},
+    {
+        "kind": "sharpness",
+        "measures": ["lambda_max", "keskar", "sam", "adaptive", "average"],
+        "sigma": 0.01,
+        "steps": 4,
+        "num_samples": 4,
+    },
     {"kind": "surface", "dims": 2, "resolution": 5},
     {"kind": "surface", "dims": 1, "resolution": 5, "directions": "eigen"},
     {"kind": "eos"},
@@ -120,8 +134,11 @@ def test_eos_series_reads_learning_rates_and_warm_starts(runs):
     assert all(math.isclose(r["threshold"], 2 / SERIES_LR) for r in rows)
     assert [r["warm_started"] for r in rows] == [False, True, True, True]
     # the eos λ_max equals the sharpness probe's λ_max at every checkpoint
-    sharp = {r["checkpoint_sha256"]: r["value"] for r in ResultStore(one.output).read("sharpness").to_pylist()
-             if r["measure"] == "lambda_max"}
+    sharp = {
+        r["checkpoint_sha256"]: r["value"]
+        for r in ResultStore(one.output).read("sharpness").to_pylist()
+        if r["measure"] == "lambda_max"
+    }
     for r in rows:
         assert math.isclose(r["lambda_max"], sharp[r["checkpoint_sha256"]], rel_tol=1e-8)
         assert math.isclose(r["ratio"], r["lambda_max"] / r["threshold"], rel_tol=1e-12)
@@ -136,18 +153,29 @@ def test_two_data_parallel_workers_equal_one_process(runs, kind, column):
 
 
 def test_barrier_between_two_checkpoints_on_two_eval_sets(tmp_path, series):
-    probes = [{"kind": "barrier", "between": [str(series[0]), str(series[-1])], "path": ["linear", "bezier"],
-               "points": 9, "train_steps": 10, "eval_sets": ["probe", "test"]}]
+    probes = [
+        {
+            "kind": "barrier",
+            "between": [str(series[0]), str(series[-1])],
+            "path": ["linear", "bezier"],
+            "points": 9,
+            "train_steps": 10,
+            "eval_sets": ["probe", "test"],
+        }
+    ]
     one = run_job(_spec(tmp_path, series, "barrier", probes), backend="local", progress=lambda m: None)
     two = run_job(_spec(tmp_path, series, "barrier", probes, num_workers=2), backend="process", progress=lambda m: None)
     assert one.num_done == two.num_done == 1
     rows = ResultStore(one.output).read("barrier").to_pylist()
-    assert {(r["path"], r["eval_set"]) for r in rows} == {(p, e) for p in ("linear", "bezier") for e in ("probe", "test")}
+    assert {(r["path"], r["eval_set"]) for r in rows} == {
+        (p, e) for p in ("linear", "bezier") for e in ("probe", "test")
+    }
     for r in rows:
         assert len(r["t"]) == len(r["loss"]) == 9 and r["endpoint_b"] == str(series[-1])
         assert r["barrier_height"] == pytest.approx(max(r["loss"]) - max(r["loss_a"], r["loss_b"]), abs=1e-12)
-    assert _close(_values(ResultStore(two.output), "barrier", "loss"),
-                  _values(ResultStore(one.output), "barrier", "loss"), 1e-9)
+    assert _close(
+        _values(ResultStore(two.output), "barrier", "loss"), _values(ResultStore(one.output), "barrier", "loss"), 1e-9
+    )
 
 
 def test_eos_without_a_learning_rate_fails_naming_the_fix(tmp_path):
@@ -217,19 +245,35 @@ def test_adaptive_sharpness_kind_and_norm_come_from_the_spec(make_spec, checkpoi
     from probe.evaluate import Evaluator
     from probe.sharpness import adaptive_sharpness
 
-    probe = {"kind": "sharpness", "measures": ["adaptive"], "adaptive_kind": kind, "adaptive_p": p,
-             "adaptive_rho": rho, "steps": 5, "num_samples": 6}
+    probe = {
+        "kind": "sharpness",
+        "measures": ["adaptive"],
+        "adaptive_kind": kind,
+        "adaptive_p": p,
+        "adaptive_rho": rho,
+        "steps": 5,
+        "num_samples": 6,
+    }
     spec = load_spec(make_spec(name="adaptive", probes=[probe]))
     spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, checkpoints=spec.model.checkpoints[:1]))
     assert run_job(spec, backend="local", progress=lambda m: None).num_done == 1
     (row,) = ResultStore(spec.output.path).read("sharpness").to_pylist()
     dataset, indices, _ = probe_subset(spec)
-    batches = [torch.utils.data.default_collate([dataset[i] for i in indices[j: j + 50].tolist()])
-               for j in range(0, len(indices), 50)]
+    batches = [
+        torch.utils.data.default_collate([dataset[i] for i in indices[j : j + 50].tolist()])
+        for j in range(0, len(indices), 50)
+    ]
     model = digits_mlp(hidden=16)
     model.load_state_dict(load_file(str(checkpoints[0])))
-    direct = adaptive_sharpness(Evaluator(model.double(), F.cross_entropy, batches), kind=kind, p=p, rho=rho,
-                                steps=5, num_samples=6, generator=torch.Generator().manual_seed(task_seed(spec.seed, 0)))
+    direct = adaptive_sharpness(
+        Evaluator(model.double(), F.cross_entropy, batches),
+        kind=kind,
+        p=p,
+        rho=rho,
+        steps=5,
+        num_samples=6,
+        generator=torch.Generator().manual_seed(task_seed(spec.seed, 0)),
+    )
     assert row["measure"] == "adaptive" and row["value"] == pytest.approx(direct.value, rel=1e-9, abs=1e-12)
     assert row["norm"] == {2: "l2", "inf": "linf"}[p] and row["rho"] == rho
     params = json.loads(row["params"])

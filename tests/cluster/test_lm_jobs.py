@@ -74,8 +74,12 @@ def lm_spec(tmp_path, lm_checkpoint):
         raw = {
             "name": "lm-test",
             "model": {"factory": model_factory, "kwargs": CONFIG, "checkpoints": [str(lm_checkpoint)]},
-            "data": {"factory": "cluster.data:tokens", "kwargs": {**DATA, "as_dict": as_dict}, "num_examples": 24,
-                     "batch_size": 5},
+            "data": {
+                "factory": "cluster.data:tokens",
+                "kwargs": {**DATA, "as_dict": as_dict},
+                "num_examples": 24,
+                "batch_size": 5,
+            },
             "loss": "lm_cross_entropy",
             "precision": precision,
             "probes": PROBES,
@@ -113,8 +117,12 @@ def test_local_job_is_the_token_mean_hessian_of_the_whole_probe_set(lm_spec, lm_
     model = gpt(**CONFIG).to(torch.float64)
     model.load_state_dict(load_file(str(lm_checkpoint)))
     whole = HessianOperator(model, lm_loss, [(ids, targets)])  # one batch: the mean over all probe tokens
-    eig = eigenvalues(whole, 2, **{k: PROBE_OPTIONS["eigenvalues"][k] for k in ("which", "tol", "max_steps")},
-                      generator=torch.Generator().manual_seed(task_seed(7, 0)))
+    eig = eigenvalues(
+        whole,
+        2,
+        **{k: PROBE_OPTIONS["eigenvalues"][k] for k in ("which", "tol", "max_steps")},
+        generator=torch.Generator().manual_seed(task_seed(7, 0)),
+    )
     tr = trace(whole, method="hutch++", num_matvecs=12, generator=torch.Generator().manual_seed(task_seed(7, 1)))
     rows = {kind: read(tmp_path / "local", kind).to_pylist() for kind in COLUMNS}
     assert rows["eigenvalues"][0]["eigenvalues"] == pytest.approx(eig.eigenvalues.tolist(), rel=RTOL)
@@ -122,8 +130,12 @@ def test_local_job_is_the_token_mean_hessian_of_the_whole_probe_set(lm_spec, lm_
 
     # Weighted by sequences, the job's batches (5, 5, 5, 5, 4) would give another trace.
     batches = [(ids[j : j + 5], targets[j : j + 5]) for j in range(0, 24, 5)]
-    by_examples = trace(HessianOperator(model, lm_loss, batches), method="hutch++", num_matvecs=12,
-                        generator=torch.Generator().manual_seed(task_seed(7, 1)))
+    by_examples = trace(
+        HessianOperator(model, lm_loss, batches),
+        method="hutch++",
+        num_matvecs=12,
+        generator=torch.Generator().manual_seed(task_seed(7, 1)),
+    )
     assert abs(by_examples.trace - tr.trace) / abs(tr.trace) > 1e-3  # measured 0.14
 
 
@@ -143,8 +155,11 @@ def test_process_backend_with_two_workers_matches_local(lm_spec, tmp_path):
 def test_dict_items_and_a_keyword_model_give_the_same_results(lm_spec, tmp_path):
     """Items {input_ids, attention_mask, labels} collate into dict batches; the model gets keywords."""
     pairs = run_job(lm_spec("pairs"), backend="local", progress=lambda m: None)
-    dicts = run_job(lm_spec("dicts", model_factory="test_lm_jobs:keyword_gpt", as_dict=True), backend="local",
-                    progress=lambda m: None)
+    dicts = run_job(
+        lm_spec("dicts", model_factory="test_lm_jobs:keyword_gpt", as_dict=True),
+        backend="local",
+        progress=lambda m: None,
+    )
     assert pairs.num_done == dicts.num_done == 2 and dicts.num_failed == 0
     for kind, cols in COLUMNS.items():
         got = read(tmp_path / "dicts", kind).to_pylist()[0]

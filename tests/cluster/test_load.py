@@ -64,8 +64,11 @@ def _scrape(port: int) -> tuple[int, bytes]:
 def _populate(metrics: Metrics, make_spec) -> None:
     """A registry like a live service's: one real local job, then a few more jobs'
     worth of label sets (jobs × kinds × outcomes, histograms observed, failures by reason)."""
-    spec = load_spec(make_spec(name="loaded", probes=[{"kind": "eigenvalues", "k": 1}, {"kind": "trace", "matvecs": 6}],
-                               num_examples=64))
+    spec = load_spec(
+        make_spec(
+            name="loaded", probes=[{"kind": "eigenvalues", "k": 1}, {"kind": "trace", "matvecs": 6}], num_examples=64
+        )
+    )
     spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, checkpoints=spec.model.checkpoints[:1]))
     summary = run_job(spec, backend="local", progress=lambda m: None, metrics=metrics)
     assert (summary.num_done, summary.num_failed) == (2, 0)
@@ -107,7 +110,9 @@ def test_metrics_endpoint_answers_a_burst_of_1000_scrapes_identically_with_bound
         # the registry is populated like a live one: the real job's rows and the extra label sets
         tasks = [s for s in families["probe_tasks"].samples if s.name == "probe_tasks_total"]
         assert len({s.labels["job_name"] for s in tasks}) == 5 and len(tasks) >= 4 * 6 * 3
-        assert any(s.labels == {"job_name": "loaded", "kind": "trace", "outcome": "succeeded"} and s.value == 1 for s in tasks)
+        assert any(
+            s.labels == {"job_name": "loaded", "kind": "trace", "outcome": "succeeded"} and s.value == 1 for s in tasks
+        )
         buckets = [s for s in families["probe_task_duration_seconds"].samples if s.name.endswith("_bucket")]
         assert len(buckets) >= 4 * 6 * 14
         ref_digest = hashlib.sha256(reference).digest()
@@ -121,7 +126,9 @@ def test_metrics_endpoint_answers_a_burst_of_1000_scrapes_identically_with_bound
         with ThreadPoolExecutor(POOL) as pool:  # warm-up: allocator, handler code paths, the pool
             assert all(r == (200, ref_digest, ref_samples) for r in pool.map(one, range(WARMUP)))
         baseline_threads = _settle((threads_before_server[0] + 1, threads_before_server[1] + 1))
-        assert baseline_threads == (threads_before_server[0] + 1, threads_before_server[1] + 1), "serve() adds one thread"
+        assert baseline_threads == (threads_before_server[0] + 1, threads_before_server[1] + 1), (
+            "serve() adds one thread"
+        )
         rss_before_kb = _proc_status("VmRSS")
 
         t0 = time.perf_counter()
@@ -135,10 +142,12 @@ def test_metrics_endpoint_answers_a_burst_of_1000_scrapes_identically_with_bound
         digests = {d for _, d, _ in results}
         counts = {n for _, _, n in results}
         growth_mb = (rss_after_kb - rss_before_kb) / 1024
-        print(f"\nmetrics burst: {SCRAPES} scrapes from {POOL} threads in {burst_s:.2f} s "
-              f"({SCRAPES / burst_s:.0f} scrapes/s); exposition {len(reference)} bytes, {ref_samples} samples; "
-              f"RSS {rss_before_kb / 1024:.1f} -> {rss_after_kb / 1024:.1f} MB ({growth_mb:+.1f} MB); "
-              f"threads (python, os) with server {baseline_threads} -> after burst {threads_after}")
+        print(
+            f"\nmetrics burst: {SCRAPES} scrapes from {POOL} threads in {burst_s:.2f} s "
+            f"({SCRAPES / burst_s:.0f} scrapes/s); exposition {len(reference)} bytes, {ref_samples} samples; "
+            f"RSS {rss_before_kb / 1024:.1f} -> {rss_after_kb / 1024:.1f} MB ({growth_mb:+.1f} MB); "
+            f"threads (python, os) with server {baseline_threads} -> after burst {threads_after}"
+        )
         assert len(results) == SCRAPES
         assert statuses == {200}
         assert digests == {ref_digest}, f"{len(digests)} distinct expositions while nothing changed"
@@ -165,23 +174,34 @@ def test_one_audit_pass_over_200_checkpoints_writes_exactly_one_row_per_checkpoi
     probes = [{"kind": "trace", "matvecs": 6}, {"kind": "eigenvalues", "k": 1, "tol": 1e-3}]
     kinds = [p["kind"] for p in probes]
     spec_path = tmp_path / "load.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "name": "load-audit",
-        "model": {"factory": "probe.models:digits_mlp", "kwargs": {"hidden": 4}, "checkpoints": [str(folder)]},
-        "data": {"factory": "cluster.data:digits", "num_examples": 32, "batch_size": 32},
-        "precision": "float64",
-        "probes": probes,
-        "output": {"path": str(tmp_path / "results")},
-        "seed": 5,
-    }))
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "load-audit",
+                "model": {"factory": "probe.models:digits_mlp", "kwargs": {"hidden": 4}, "checkpoints": [str(folder)]},
+                "data": {"factory": "cluster.data:digits", "num_examples": 32, "batch_size": 32},
+                "precision": "float64",
+                "probes": probes,
+                "output": {"path": str(tmp_path / "results")},
+                "seed": 5,
+            }
+        )
+    )
     auditor = Auditor(load_spec(spec_path), backend="local", progress=lambda m: None)
 
     report = auditor.run_pass()
-    print(f"\naudit pass over {CHECKPOINTS} checkpoints × {len(probes)} probes ({', '.join(kinds)}): "
-          f"{report.duration_s:.1f} s ({report.duration_s / (CHECKPOINTS * len(probes)) * 1000:.0f} ms/task); "
-          f"ran {report.ran}, failed {report.failed}")
+    print(
+        f"\naudit pass over {CHECKPOINTS} checkpoints × {len(probes)} probes ({', '.join(kinds)}): "
+        f"{report.duration_s:.1f} s ({report.duration_s / (CHECKPOINTS * len(probes)) * 1000:.0f} ms/task); "
+        f"ran {report.ran}, failed {report.failed}"
+    )
     assert (report.checkpoints, report.ran, report.stored, report.failed, report.backing_off) == (
-        CHECKPOINTS, CHECKPOINTS * len(probes), 0, 0, 0), report.failures
+        CHECKPOINTS,
+        CHECKPOINTS * len(probes),
+        0,
+        0,
+        0,
+    ), report.failures
 
     store = ResultStore(tmp_path / "results")
     for kind in kinds:

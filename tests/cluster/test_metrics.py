@@ -38,7 +38,9 @@ def test_endpoint_binds_to_loopback_by_default(served):
 
 def test_job_metrics_match_the_parquet_rows(make_spec, checkpoints, served):
     metrics, server = served
-    spec = load_spec(make_spec(name="metered", probes=[{"kind": "eigenvalues", "k": 2}, {"kind": "trace", "matvecs": 12}]))
+    spec = load_spec(
+        make_spec(name="metered", probes=[{"kind": "eigenvalues", "k": 2}, {"kind": "trace", "matvecs": 12}])
+    )
     spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, checkpoints=spec.model.checkpoints[:1]))
     summary = run_job(spec, backend="local", progress=lambda m: None, metrics=metrics)
     samples = scrape(server.server_port)
@@ -87,8 +89,14 @@ def _succeeded(metrics: Metrics, kind: str, rows: list[dict]) -> None:
 
 
 def _eos_row(checkpoint: str, step: int, lam: float, optimizer: str) -> dict:
-    return {"checkpoint": checkpoint, "checkpoint_name": checkpoint, "step": step, "optimizer": optimizer,
-            "lambda_max": lam, "ratio": lam / 20}
+    return {
+        "checkpoint": checkpoint,
+        "checkpoint_name": checkpoint,
+        "step": step,
+        "optimizer": optimizer,
+        "lambda_max": lam,
+        "ratio": lam / 20,
+    }
 
 
 def test_lambda_max_gauge_is_the_hessians_never_adams_preconditioned_one():
@@ -126,14 +134,24 @@ def test_headline_gauges_show_the_latest_checkpoint_whatever_task_finishes_last(
     _succeeded(metrics, "sharpness", [{**late, "measure": "lambda_max", "value": 2.5}])
     assert _gauge(metrics, "probe_lambda_max") == 2.5
     # by step, not by the order of the rows in one task (an eos series)
-    _succeeded(metrics, "eos", [{**late, "step": 300, "optimizer": "gd", "lambda_max": 3.0, "ratio": 0.3},
-                                {**early, "step": 250, "optimizer": "gd", "lambda_max": 9.0, "ratio": 0.9}])
+    _succeeded(
+        metrics,
+        "eos",
+        [
+            {**late, "step": 300, "optimizer": "gd", "lambda_max": 3.0, "ratio": 0.3},
+            {**early, "step": 250, "optimizer": "gd", "lambda_max": 9.0, "ratio": 0.9},
+        ],
+    )
     assert _gauge(metrics, "probe_lambda_max") == 3.0 and _gauge(metrics, "probe_eos_ratio") == 0.3
 
 
 def test_without_steps_the_series_order_decides():
     metrics = Metrics()
     metrics.series_order("s", ["ckpt-a", "ckpt-b"])
-    _succeeded(metrics, "eigenvalues", [{"checkpoint": "ckpt-b", "step": None, "which": "largest", "eigenvalues": [2.0]}])
-    _succeeded(metrics, "eigenvalues", [{"checkpoint": "ckpt-a", "step": None, "which": "largest", "eigenvalues": [1.0]}])
+    _succeeded(
+        metrics, "eigenvalues", [{"checkpoint": "ckpt-b", "step": None, "which": "largest", "eigenvalues": [2.0]}]
+    )
+    _succeeded(
+        metrics, "eigenvalues", [{"checkpoint": "ckpt-a", "step": None, "which": "largest", "eigenvalues": [1.0]}]
+    )
     assert _gauge(metrics, "probe_lambda_max") == 2.0

@@ -48,13 +48,31 @@ def _worker(rank: int, world: int, stages: int, port: int, out: str, V: torch.Te
         replicas = world // stages
         ranks, pipe, data_group, stage, replica = grid_groups(stages, replicas)
         part, offset, dim = build_stage(model(), stages, stage)
-        op = PipelineHessian(part, lm_loss, data(replica, replicas), stage_index=stage, ranks=ranks, offset=offset,
-                             dim=dim, total_examples=12, pipe_group=pipe, data_group=data_group)
+        op = PipelineHessian(
+            part,
+            lm_loss,
+            data(replica, replicas),
+            stage_index=stage,
+            ranks=ranks,
+            offset=offset,
+            dim=dim,
+            total_examples=12,
+            pipe_group=pipe,
+            data_group=data_group,
+        )
         hv = op.matmat(V[op.local_slice].contiguous())
         top = eigenvalues(op, 2, generator=torch.Generator().manual_seed(3))
-        torch.save({"slice": (offset, offset + op.local_dim), "hv": hv, "top": top.eigenvalues,
-                    "graph_bytes": op.peak_graph_bytes, "params": op.local_dim, "replica": replica},
-                   os.path.join(out, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "slice": (offset, offset + op.local_dim),
+                "hv": hv,
+                "top": top.eigenvalues,
+                "graph_bytes": op.peak_graph_bytes,
+                "params": op.local_dim,
+                "replica": replica,
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
     finally:
         torch.distributed.destroy_process_group()
 
@@ -62,8 +80,9 @@ def _worker(rank: int, world: int, stages: int, port: int, out: str, V: torch.Te
 def run(tmp_path, stages: int, replicas: int, V: torch.Tensor) -> list[dict]:
     world = stages * replicas
     mp.set_forkserver_preload(["torch", "probe.gpt", "cluster.pipeline", __name__])  # imported once, in the server
-    mp.start_processes(_worker, args=(world, stages, free_port(), str(tmp_path), V), nprocs=world, join=True,
-                       start_method="forkserver")  # forked from one clean server: torch imported once, no inherited threads (Ray)
+    mp.start_processes(
+        _worker, args=(world, stages, free_port(), str(tmp_path), V), nprocs=world, join=True, start_method="forkserver"
+    )  # forked from one clean server: torch imported once, no inherited threads (Ray)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 

@@ -15,9 +15,16 @@ from cluster.store import ResultStore
 from probe.gpt import gpt
 
 MODEL = {"vocab": 16, "dim": 8, "layers": 3, "heads": 2, "max_len": 8}
-PROBES = [{"kind": "eigenvalues", "k": 1, "tol": 1e-4}, {"kind": "trace", "matvecs": 6},
-          {"kind": "spectrum", "runs": 2, "steps": 6}]
-COLUMNS = {"eigenvalues": ["eigenvalues"], "trace": ["trace", "trace_stderr"], "spectrum": ["ritz_values", "ritz_weights"]}
+PROBES = [
+    {"kind": "eigenvalues", "k": 1, "tol": 1e-4},
+    {"kind": "trace", "matvecs": 6},
+    {"kind": "spectrum", "runs": 2, "steps": 6},
+]
+COLUMNS = {
+    "eigenvalues": ["eigenvalues"],
+    "trace": ["trace", "trace_stderr"],
+    "spectrum": ["ritz_values", "ritz_weights"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +39,12 @@ def spec_file(tmp_path, index, name: str, cluster: dict, probes=PROBES):
     spec = {
         "name": name,
         "model": {"factory": "probe.gpt:gpt", "kwargs": MODEL, "checkpoints": [str(index)]},
-        "data": {"factory": "cluster.data:tokens",
-                 "kwargs": {"num_sequences": 24, "seq_len": 8, "vocab": 16, "min_len": 5},
-                 "num_examples": 18, "batch_size": 6},
+        "data": {
+            "factory": "cluster.data:tokens",
+            "kwargs": {"num_sequences": 24, "seq_len": 8, "vocab": 16, "min_len": 5},
+            "num_examples": 18,
+            "batch_size": 6,
+        },
         "loss": "lm_cross_entropy",
         "precision": "float64",
         "probes": probes,
@@ -67,7 +77,9 @@ def test_pipeline_job_equals_the_single_process_job(tmp_path, sharded_gpt, singl
 
 
 def test_pipeline_specs_refuse_what_needs_the_whole_model(tmp_path, sharded_gpt):
-    with pytest.raises(SpecError, match=r"probes\[sharpness\] needs the whole model on every worker; with cluster.stages=2"):
+    with pytest.raises(
+        SpecError, match=r"probes\[sharpness\] needs the whole model on every worker; with cluster.stages=2"
+    ):
         spec_file(tmp_path, sharded_gpt, "bad", {"num_workers": 2, "stages": 2}, probes=[{"kind": "sharpness"}])
     with pytest.raises(SpecError, match=r"cluster.stages=2 must divide the workers of a group \(3\)"):
         spec_file(tmp_path, sharded_gpt, "bad", {"num_workers": 3, "stages": 2})
@@ -76,8 +88,11 @@ def test_pipeline_specs_refuse_what_needs_the_whole_model(tmp_path, sharded_gpt)
 def test_a_model_that_is_not_a_sequence_of_stages_fails_naming_the_factory(tmp_path, checkpoints):
     spec = {
         "name": "notseq",
-        "model": {"factory": "torch.nn:Bilinear", "kwargs": {"in1_features": 2, "in2_features": 2, "out_features": 1},
-                  "checkpoints": [str(checkpoints[0])]},
+        "model": {
+            "factory": "torch.nn:Bilinear",
+            "kwargs": {"in1_features": 2, "in2_features": 2, "out_features": 1},
+            "checkpoints": [str(checkpoints[0])],
+        },
         "data": {"factory": "cluster.data:digits", "num_examples": 16, "batch_size": 8},
         "probes": [{"kind": "trace", "matvecs": 6}],
         "cluster": {"num_workers": 2, "stages": 2},
@@ -87,4 +102,6 @@ def test_a_model_that_is_not_a_sequence_of_stages_fails_naming_the_factory(tmp_p
     path.write_text(yaml.safe_dump(spec))
     summary = run_job(load_spec(path), backend="process", progress=lambda m: None)
     assert summary.num_failed == 1
-    assert "needs model.factory 'torch.nn:Bilinear' to return an nn.Sequential of stages" in summary.failures[0]["reason"]
+    assert (
+        "needs model.factory 'torch.nn:Bilinear' to return an nn.Sequential of stages" in summary.failures[0]["reason"]
+    )

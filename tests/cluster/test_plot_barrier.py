@@ -19,12 +19,23 @@ def _result(kind: str, eval_set: str, height: float, classes: bool = True) -> Ba
     error = 0.4 * loss / (1 + loss) if classes else torch.full_like(t, float("nan"))
     m = barrier_measures(t, loss)
     return BarrierResult(
-        eval_set=eval_set, path=kind, mode="eval", num_examples=100, t=t, loss=loss, error=error,
-        loss_a=float(loss[0]), loss_b=float(loss[-1]), barrier_height=m.barrier_height,
-        barrier_above_line=m.barrier_above_line, path_integral=m.path_integral,
-        integration_rule=m.integration_rule, argmax_t=m.argmax_t,
+        eval_set=eval_set,
+        path=kind,
+        mode="eval",
+        num_examples=100,
+        t=t,
+        loss=loss,
+        error=error,
+        loss_a=float(loss[0]),
+        loss_b=float(loss[-1]),
+        barrier_height=m.barrier_height,
+        barrier_above_line=m.barrier_above_line,
+        path_integral=m.path_integral,
+        integration_rule=m.integration_rule,
+        argmax_t=m.argmax_t,
         error_barrier_height=float(error.max() - error[0]) if classes else float("nan"),
-        num_nonfinite=0, first_nonfinite_t=None,
+        num_nonfinite=0,
+        first_nonfinite_t=None,
     )
 
 

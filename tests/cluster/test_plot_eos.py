@@ -17,8 +17,20 @@ def synthetic_series(optimizer: str, momentum: float) -> EosSeries:
         threshold = stability_threshold(optimizer, lr, momentum if optimizer != "gd" else None)
         lam = threshold * min(0.4 + 0.08 * i, 1.02 if i % 2 else 0.97)
         points.append(
-            EosPoint(100 * i, lr, optimizer, momentum, lam, threshold, lam / threshold, 15, 1e-6, True, i > 0,
-                     "preconditioned" if optimizer == "adam" else "hessian")
+            EosPoint(
+                100 * i,
+                lr,
+                optimizer,
+                momentum,
+                lam,
+                threshold,
+                lam / threshold,
+                15,
+                1e-6,
+                True,
+                i > 0,
+                "preconditioned" if optimizer == "adam" else "hessian",
+            )
         )
     return EosSeries(tuple(points), optimizer, momentum)
 

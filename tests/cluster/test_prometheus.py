@@ -85,8 +85,12 @@ def audited_folder(tmp_path):
         "model": {"factory": "probe.models:digits_mlp", "kwargs": {"hidden": 8}, "checkpoints": [str(folder)]},
         "data": {"factory": "cluster.data:digits", "num_examples": 96, "batch_size": 48},
         "precision": "float64",
-        "probes": [{"kind": "eigenvalues", "k": 1}, {"kind": "trace", "matvecs": 12}, {"kind": "eos"},
-                   {"kind": "barrier", "between": [str(paths[0]), str(paths[-1])], "points": 7}],
+        "probes": [
+            {"kind": "eigenvalues", "k": 1},
+            {"kind": "trace", "matvecs": 12},
+            {"kind": "eos"},
+            {"kind": "barrier", "between": [str(paths[0]), str(paths[-1])], "points": 7},
+        ],
         "output": {"path": str(tmp_path / "results")},
         "seed": 1,
     }
@@ -101,27 +105,60 @@ def test_prometheus_scrapes_the_audit_and_its_headlines_equal_the_parquet_rows(t
     metrics_port, prom_port = free_port(), free_port()
     audit_log, prom_log = tmp_path / "audit.log", tmp_path / "prometheus.log"
     audit = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "audit", str(spec_path), "--every", "1h", "--metrics-port", str(metrics_port)],
-        stdout=open(audit_log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "audit",
+            str(spec_path),
+            "--every",
+            "1h",
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        stdout=open(audit_log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "landscape-probe", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {"job_name": "landscape-probe", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+                ],
+            }
+        )
+    )
     prom = subprocess.Popen(
-        [prometheus, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{prom_port}",
-         f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--log.level=warn"],
-        stdout=open(prom_log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            "--log.level=warn",
+        ],
+        stdout=open(prom_log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{prom_port}"
     procs = [(audit, audit_log), (prom, prom_log)]
     try:
-        wait_for("Prometheus to be ready", lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200,
-                 60, procs)
+        wait_for(
+            "Prometheus to be ready",
+            lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200,
+            60,
+            procs,
+        )
         # a sample scraped after the first pass finished
-        wait_for("a scrape after the first audit pass",
-                 lambda: query(base, 'probe_audit_passes_total{job_name="watched",outcome="succeeded"} >= 1'), 180, procs)
+        wait_for(
+            "a scrape after the first audit pass",
+            lambda: query(base, 'probe_audit_passes_total{job_name="watched",outcome="succeeded"} >= 1'),
+            180,
+            procs,
+        )
         (up,) = query(base, 'up{job="landscape-probe"}')
         assert up["value"][1] == "1"
         # the audit's own endpoint stays on loopback
@@ -148,8 +185,12 @@ def test_prometheus_scrapes_the_audit_and_its_headlines_equal_the_parquet_rows(t
             # exact: the exposition and the query API both print shortest round-trip decimals
             assert float(sample["value"][1]) == value, expr
         hvps = sum(float(s["value"][1]) for s in query(base, 'probe_hvp_total{job_name="watched"}'))
-        stored = sum(r["num_matvecs"] for kind in ("eigenvalues", "trace", "eos", "barrier")
-                     for r in store.read(kind).to_pylist() if "num_matvecs" in r)
+        stored = sum(
+            r["num_matvecs"]
+            for kind in ("eigenvalues", "trace", "eos", "barrier")
+            for r in store.read(kind).to_pylist()
+            if "num_matvecs" in r
+        )
         assert hvps == stored
         tasks = query(base, 'sum(probe_tasks_total{job_name="watched",outcome="succeeded"})')
         assert float(tasks[0]["value"][1]) == 3 * 2 + 1 + 1
@@ -176,4 +217,6 @@ def test_promtool_accepts_the_exposition(tmp_path, audited_folder):
     metrics.restarts.labels(job_name="watched").inc()
     text = generate_latest(metrics.registry)
     lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
-    assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), (lint.stdout + lint.stderr).decode()
+    assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), (
+        lint.stdout + lint.stderr
+    ).decode()

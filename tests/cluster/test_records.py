@@ -29,13 +29,19 @@ def test_spectrum_and_surface_rows_rebuild_the_direct_results(make_spec, checkpo
     surf_row = next(r for r in store.read("surface").to_pylist() if r["checkpoint"] == str(checkpoints[0]))
 
     dataset, indices, _ = probe_subset(spec)
-    batches = [torch.utils.data.default_collate([dataset[i] for i in indices[j: j + 50].tolist()])
-               for j in range(0, len(indices), 50)]
+    batches = [
+        torch.utils.data.default_collate([dataset[i] for i in indices[j : j + 50].tolist()])
+        for j in range(0, len(indices), 50)
+    ]
     model = digits_mlp(hidden=16)
     model.load_state_dict(load_file(str(checkpoints[0])))
     model = model.to(torch.float64)
-    direct = spectral_density(HessianOperator(model, F.cross_entropy, batches), runs=3, steps=12,
-                              generator=torch.Generator().manual_seed(task_seed(7, 0)))
+    direct = spectral_density(
+        HessianOperator(model, F.cross_entropy, batches),
+        runs=3,
+        steps=12,
+        generator=torch.Generator().manual_seed(task_seed(7, 0)),
+    )
     rebuilt = spectrum_from_row(row)
     assert rebuilt is not None
     for q in (1, 2, 3):
@@ -51,5 +57,7 @@ def test_spectrum_and_surface_rows_rebuild_the_direct_results(make_spec, checkpo
 
 def test_row_without_ritz_data_gives_none_and_missing_numbers_are_nan():
     assert spectrum_from_row({"ritz_values": [], "ritz_weights": [], "grid": [0.0], "density": [1.0]}) is None
-    b = barrier_from_row({"t": [0.0, 0.5, 1.0], "loss": [1.0, float("nan"), 1.0], "path": "linear", "eval_set": "probe"})
+    b = barrier_from_row(
+        {"t": [0.0, 0.5, 1.0], "loss": [1.0, float("nan"), 1.0], "path": "linear", "eval_set": "probe"}
+    )
     assert math.isnan(b.loss_a) and b.num_nonfinite == 1 and b.first_nonfinite_t == 0.5

@@ -34,15 +34,18 @@ from probe.models import digits_mlp
 
 HOSTILE = "<script>alert(1)</script>"
 HOSTILE_CKPT = "<img src=x onerror=alert(2)>.pt"
-HOSTILE_REASON = '<b>boom</b> & "quoted" \'single\''
+HOSTILE_REASON = "<b>boom</b> & \"quoted\" 'single'"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _spec(folder: Path, name: str, checkpoints: list[Path], probes: list[dict], output: Path) -> Path:
     spec = {
         "name": name,
-        "model": {"factory": "probe.models:digits_mlp", "kwargs": {"hidden": 16},
-                  "checkpoints": [str(p) for p in checkpoints]},
+        "model": {
+            "factory": "probe.models:digits_mlp",
+            "kwargs": {"hidden": 16},
+            "checkpoints": [str(p) for p in checkpoints],
+        },
         "data": {"factory": "cluster.data:digits", "num_examples": 128, "batch_size": 64},
         "precision": "float64",
         "probes": probes,
@@ -66,8 +69,13 @@ def results(tmp_path_factory, checkpoints):
         {"kind": "trace", "method": "hutchinson", "matvecs": 12},
         {"kind": "spectrum", "runs": 2, "steps": 15, "grid_points": 200},
         {"kind": "sharpness", "measures": ["lambda_max", "keskar"], "steps": 2},
-        {"kind": "barrier", "between": [str(checkpoints[0]), str(checkpoints[1])], "path": ["linear", "bezier"],
-         "points": 7, "train_steps": 3},
+        {
+            "kind": "barrier",
+            "between": [str(checkpoints[0]), str(checkpoints[1])],
+            "path": ["linear", "bezier"],
+            "points": 7,
+            "train_steps": 3,
+        },
         {"kind": "surface", "dims": 2, "resolution": 5},
         {"kind": "surface", "dims": 1, "resolution": 7},
         {"kind": "eos"},
@@ -75,30 +83,55 @@ def results(tmp_path_factory, checkpoints):
         {"kind": "noise", "batch_size": 16},
         {"kind": "critical", "runs": 2, "steps": 10},
     ]
-    main_job = run_job(load_spec(_spec(tmp, "report-test", checkpoints, probes, root)), backend="local",
-                       progress=lambda m: None)
+    main_job = run_job(
+        load_spec(_spec(tmp, "report-test", checkpoints, probes, root)), backend="local", progress=lambda m: None
+    )
     assert main_job.ok, main_job.failures
 
     nolr = tmp / "nolr.safetensors"
     with torch.random.fork_rng():
         torch.manual_seed(3)
         save_file(digits_mlp(hidden=16).state_dict(), str(nolr))  # no "lr" in the metadata: eos fails
-    failing = run_job(load_spec(_spec(tmp, "failing job", [nolr], [{"kind": "eos"}], root)), backend="local",
-                      progress=lambda m: None)
+    failing = run_job(
+        load_spec(_spec(tmp, "failing job", [nolr], [{"kind": "eos"}], root)), backend="local", progress=lambda m: None
+    )
     assert failing.num_failed == 1
 
     now = datetime.now(UTC)
-    ResultStore(root).write_run({
-        "run_id": "hostile0run", "job": HOSTILE, "started_at": now, "finished_at": now, "status": "failed",
-        "num_tasks": 1, "num_done": 0, "num_skipped": 0, "num_failed": 1, "restarts": 0,
-        "failures": json.dumps([{"task": "k", "kind": "trace", "checkpoint": HOSTILE_CKPT, "reason": HOSTILE_REASON}]),
-        "spec": "{}", "versions": "{}", "schema_version": SCHEMA_VERSION,
-    })
+    ResultStore(root).write_run(
+        {
+            "run_id": "hostile0run",
+            "job": HOSTILE,
+            "started_at": now,
+            "finished_at": now,
+            "status": "failed",
+            "num_tasks": 1,
+            "num_done": 0,
+            "num_skipped": 0,
+            "num_failed": 1,
+            "restarts": 0,
+            "failures": json.dumps(
+                [{"task": "k", "kind": "trace", "checkpoint": HOSTILE_CKPT, "reason": HOSTILE_REASON}]
+            ),
+            "spec": "{}",
+            "versions": "{}",
+            "schema_version": SCHEMA_VERSION,
+        }
+    )
     # The failures dataset's contract: at least job, kind, checkpoint, reason.
     folder = root / "failures" / f"job={quote(HOSTILE, safe='')}"
     folder.mkdir(parents=True)
-    pq.write_table(pa.table({"job": [HOSTILE], "kind": ["surface"], "checkpoint": [HOSTILE_CKPT],
-                             "reason": ["dataset says " + HOSTILE_REASON]}), folder / "fail-hostile.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "job": [HOSTILE],
+                "kind": ["surface"],
+                "checkpoint": [HOSTILE_CKPT],
+                "reason": ["dataset says " + HOSTILE_REASON],
+            }
+        ),
+        folder / "fail-hostile.parquet",
+    )
 
     index = write_report(root)
     return SimpleNamespace(root=root, index=index, html=index.read_text(encoding="utf-8"), ckpts=checkpoints)
@@ -257,27 +290,49 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path, capsys):
 def _chromium() -> str:
     exe = shutil.which("chromium")
     if exe is None:
-        pytest.fail("the `chromium` binary is not on PATH: the report's browser test needs Debian's chromium "
-                    "package, which .ci/run installs (apt-get install chromium)")
+        pytest.fail(
+            "the `chromium` binary is not on PATH: the report's browser test needs Debian's chromium "
+            "package, which .ci/run installs (apt-get install chromium)"
+        )
     return exe
 
 
 def _browse(exe: str, page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
-           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *extra, page.as_uri()]
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        *extra,
+        page.as_uri(),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "LANG": "C.UTF-8"})
 
 
 def _page_errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines()
-            if "CONSOLE" in line or "Uncaught" in line or ("index.html" in line and "ERR_" in line)]
+    return [
+        line
+        for line in stderr.splitlines()
+        if "CONSOLE" in line or "Uncaught" in line or ("index.html" in line and "ERR_" in line)
+    ]
 
 
 def test_chromium_renders_the_page_with_its_figures(results, tmp_path):
     exe = _chromium()
     shot = tmp_path / "shot.png"
-    run = _browse(exe, results.index, tmp_path / "profile1", f"--screenshot={shot}", "--window-size=1280,2400",
-                  "--hide-scrollbars")
+    run = _browse(
+        exe,
+        results.index,
+        tmp_path / "profile1",
+        f"--screenshot={shot}",
+        "--window-size=1280,2400",
+        "--hide-scrollbars",
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert shot.is_file() and shot.read_bytes().startswith(PNG_MAGIC)
     assert _page_errors(run.stderr) == []
@@ -287,7 +342,7 @@ def test_chromium_renders_the_page_with_its_figures(results, tmp_path):
     rgb = (imread(shot)[..., :3] * 255).round().astype(np.int16)  # (2400, 1280, 3)
     assert rgb.shape[:2] == (2400, 1280)
     non_white = (rgb < 235).any(axis=-1).mean()
-    colours = len(np.unique(rgb.reshape(-1, 3)[:: 7], axis=0))
+    colours = len(np.unique(rgb.reshape(-1, 3)[::7], axis=0))
     assert non_white > 0.05, f"only {non_white:.1%} of the screenshot is not white"
     assert colours > 200, f"only {colours} distinct colours: the figures did not render"
     # The first figure in view is a spectral density drawn in matplotlib's C0 blue
@@ -301,7 +356,16 @@ def test_chromium_renders_the_page_with_its_figures(results, tmp_path):
     imgs = re.findall(r"<img\b[^>]*>", dom.stdout)
     assert len(imgs) == 8 and all('src="data:image/png;base64,' in i for i in imgs)
     headings = re.findall(r"<h2>(.*?)</h2>", dom.stdout)
-    for expected in ("Runs", "Top and bottom eigenvalues", "Hessian trace", "Sharpness", "Spectral density",
-                     "Interpolation barriers", "Loss surfaces", "Edge of stability", "Failed tasks"):
+    for expected in (
+        "Runs",
+        "Top and bottom eigenvalues",
+        "Hessian trace",
+        "Sharpness",
+        "Spectral density",
+        "Interpolation barriers",
+        "Loss surfaces",
+        "Edge of stability",
+        "Failed tasks",
+    ):
         assert any(h.startswith(expected) for h in headings), (expected, headings)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom.stdout and "<script" not in dom.stdout

@@ -68,15 +68,20 @@ def trainer_checkpoint(run: Path, step: int, *, sharded: bool = False, log_every
     else:
         weights = folder / "model.safetensors"
         save_file(state, str(weights), metadata={"format": "pt"})  # what save_pretrained writes: no step, no lr
-    torch.save({"state": {}, "param_groups": [{"lr": lr_at(step), "params": [0, 1, 2, 3, 4, 5]}]}, folder / "optimizer.pt")
+    torch.save(
+        {"state": {}, "param_groups": [{"lr": lr_at(step), "params": [0, 1, 2, 3, 4, 5]}]}, folder / "optimizer.pt"
+    )
     torch.save({"last_epoch": step, "_last_lr": [lr_at(step)]}, folder / "scheduler.pt")
     torch.save({"python": 1, "cpu": torch.get_rng_state()}, folder / "rng_state.pth")
     torch.save({"output_dir": "run", "learning_rate": 0.5}, folder / "training_args.bin")
-    history = [{"epoch": s / 100, "learning_rate": lr_at(s), "loss": 2.3 - s / 100, "step": s}
-               for s in range(log_every, step + 1, log_every)]
+    history = [
+        {"epoch": s / 100, "learning_rate": lr_at(s), "loss": 2.3 - s / 100, "step": s}
+        for s in range(log_every, step + 1, log_every)
+    ]
     history.append({"epoch": step / 100, "eval_loss": 1.5, "step": step})  # an eval entry: no learning rate
-    (folder / "trainer_state.json").write_text(json.dumps(
-        {"global_step": step, "epoch": step / 100, "log_history": history, "best_metric": None}, indent=2))
+    (folder / "trainer_state.json").write_text(
+        json.dumps({"global_step": step, "epoch": step / 100, "log_history": history, "best_metric": None}, indent=2)
+    )
     return weights
 
 
@@ -146,13 +151,16 @@ def test_a_sharded_checkpoint_folder_gives_its_index_not_its_shards(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in model_state(10).items())
 
 
-@pytest.mark.parametrize("folder, weights", [
-    ("step-5", "model.safetensors"),
-    ("step_5", "weights.safetensors"),
-    ("global_step5", "model.pt"),
-    ("epoch=0-step=5", "model.safetensors.index.json"),
-    ("checkpoint-5", "pytorch_model.bin"),
-])
+@pytest.mark.parametrize(
+    "folder, weights",
+    [
+        ("step-5", "model.safetensors"),
+        ("step_5", "weights.safetensors"),
+        ("global_step5", "model.pt"),
+        ("epoch=0-step=5", "model.safetensors.index.json"),
+        ("checkpoint-5", "pytorch_model.bin"),
+    ],
+)
 def test_each_folder_naming_style_is_a_checkpoint_with_its_step(tmp_path, folder, weights):
     run = tmp_path / "run"
     sub = run / folder
@@ -172,13 +180,32 @@ def test_each_folder_naming_style_is_a_checkpoint_with_its_step(tmp_path, folder
         assert (info.name, info.step, info.lr) == (folder, 5, None), entry
 
 
-@pytest.mark.parametrize("name, step", [
-    ("checkpoint-100", 100), ("checkpoint-9", 9), ("step-7", 7), ("step_7", 7), ("step7", 7), ("STEP-12", 12),
-    ("global_step700", 700), ("global_step_700", 700), ("epoch=2-step=300", 300), ("epoch=2-step=300.ckpt", 300),
-    ("ckpt-40", 40), ("iter_0001000", 1000), ("step-10.safetensors", 10), ("run_step_3.pt", 3),
-    ("model.safetensors", None), ("mlp-seed0.safetensors", None), ("model-00001-of-00002.safetensors", None),
-    ("epoch=3", None), ("steps", None), ("checkpoint-best", None), ("bestep5", None),
-])
+@pytest.mark.parametrize(
+    "name, step",
+    [
+        ("checkpoint-100", 100),
+        ("checkpoint-9", 9),
+        ("step-7", 7),
+        ("step_7", 7),
+        ("step7", 7),
+        ("STEP-12", 12),
+        ("global_step700", 700),
+        ("global_step_700", 700),
+        ("epoch=2-step=300", 300),
+        ("epoch=2-step=300.ckpt", 300),
+        ("ckpt-40", 40),
+        ("iter_0001000", 1000),
+        ("step-10.safetensors", 10),
+        ("run_step_3.pt", 3),
+        ("model.safetensors", None),
+        ("mlp-seed0.safetensors", None),
+        ("model-00001-of-00002.safetensors", None),
+        ("epoch=3", None),
+        ("steps", None),
+        ("checkpoint-best", None),
+        ("bestep5", None),
+    ],
+)
 def test_step_parsing_of_each_naming_style(name, step):
     assert parse_step(name) == step
 
@@ -293,7 +320,9 @@ def test_a_job_over_a_trainer_run_writes_names_steps_and_lrs_and_an_audit_adds_t
     before = {k: rows(spec_path, k) for k in KINDS}
     for kind in KINDS:
         got = sorted((r["checkpoint_name"], r["step"], r["lr"], r["checkpoint"]) for r in before[kind])
-        assert got == [(f"checkpoint-{s}", s, lr_at(s), str(w)) for s, w in zip((10, 20, 30), weights, strict=True)], kind
+        assert got == [(f"checkpoint-{s}", s, lr_at(s), str(w)) for s, w in zip((10, 20, 30), weights, strict=True)], (
+            kind
+        )
         assert all(r["schema_version"] == 2 for r in before[kind])
     for r in before["eos"]:  # the eos runner read the same rate (from the Trainer's state) for its threshold
         assert r["lr_source"] == "metadata" and r["threshold"] == pytest.approx(2 / r["lr"])
@@ -307,7 +336,8 @@ def test_a_job_over_a_trainer_run_writes_names_steps_and_lrs_and_an_audit_adds_t
         after = rows(spec_path, kind)
         added = [r for r in after if r["task_key"] not in {b["task_key"] for b in before[kind]}]
         assert [(r["checkpoint_name"], r["step"], r["lr"], r["checkpoint"]) for r in added] == [
-            ("checkpoint-40", 40, lr_at(40), str(new))], kind
+            ("checkpoint-40", 40, lr_at(40), str(new))
+        ], kind
         assert len(after) == 4
     assert metrics.audit_checkpoints.labels(job_name="run-audit")._value.get() == 4
     # the report labels checkpoints by their run-relative names
@@ -388,7 +418,11 @@ def test_names_stay_distinct_for_folders_of_several_checkpoints(tmp_path):
             save_file(model_state(step), str(runs / seed / f"step-{step}.safetensors"))
     got = expand_checkpoints([str(runs / "*")])
     assert [Path(p).relative_to(runs).as_posix() for p in got] == [
-        "seed0/step-1.safetensors", "seed0/step-2.safetensors", "seed1/step-1.safetensors", "seed1/step-2.safetensors"]
+        "seed0/step-1.safetensors",
+        "seed0/step-2.safetensors",
+        "seed1/step-1.safetensors",
+        "seed1/step-2.safetensors",
+    ]
     assert [checkpoint_info(p, str(runs / "*")).name for p in got] == ["step-1.safetensors", "step-2.safetensors"] * 2
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         expand_checkpoints([str(runs)])

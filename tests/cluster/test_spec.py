@@ -28,7 +28,11 @@ def raw_spec(**top) -> dict:
     """A minimal valid spec as plain data (what YAML parses into)."""
     spec = {
         "name": "audit",
-        "model": {"factory": "probe.models:digits_mlp", "kwargs": {"hidden": 8}, "checkpoints": ["ckpts/a.safetensors"]},
+        "model": {
+            "factory": "probe.models:digits_mlp",
+            "kwargs": {"hidden": 8},
+            "checkpoints": ["ckpts/a.safetensors"],
+        },
         "data": {"factory": "cluster.data:digits", "num_examples": 64, "batch_size": 16},
         "probes": [{"kind": "eigenvalues", "k": 3}, {"kind": "trace", "matvecs": 30}],
     }
@@ -94,14 +98,18 @@ def test_unknown_top_level_key_lists_valid_keys():
 
 def test_unknown_section_key_lists_the_sections_keys():
     raw = with_change(lambda r: r["data"].update(num_exmples=10))
-    expected = "unknown key 'data.num_exmples'; valid keys of data: factory, kwargs, num_examples, batch_size, eval_sets"
+    expected = (
+        "unknown key 'data.num_exmples'; valid keys of data: factory, kwargs, num_examples, batch_size, eval_sets"
+    )
     with pytest.raises(SpecError, match=re.escape(expected)):
         parse_spec(raw)
 
 
 def test_several_unknown_keys_are_all_named():
     raw = with_change(lambda r: r["model"].update(gpu=1, cpu=2))
-    with pytest.raises(SpecError, match=r"unknown keys 'model\.cpu', 'model\.gpu'; valid keys of model: factory, kwargs, checkpoints"):
+    with pytest.raises(
+        SpecError, match=r"unknown keys 'model\.cpu', 'model\.gpu'; valid keys of model: factory, kwargs, checkpoints"
+    ):
         parse_spec(raw)
 
 
@@ -157,31 +165,62 @@ def test_unknown_loss_factory_key_is_rejected():
         (lambda r: r["data"].update(batch_size=0), "data.batch_size must be a positive integer, got 0"),
         (lambda r: r.update(cluster={"num_workers": 0}), "cluster.num_workers must be a positive integer, got 0"),
         (lambda r: r.update(cluster={"num_workers": 2.0}), "cluster.num_workers must be a positive integer, got 2.0"),
-        (lambda r: r.update(cluster={"max_restarts": -1}), "cluster.max_restarts must be a non-negative integer, got -1"),
-        (lambda r: r.update(cluster={"cpus_per_worker": -1}), "cluster.cpus_per_worker must be a non-negative number, got -1"),
-        (lambda r: r.update(cluster={"gpus_per_worker": "one"}), "cluster.gpus_per_worker must be a non-negative number, got 'one'"),
-        (lambda r: r.update(cluster={"backend": "slurm"}), "cluster.backend must be one of auto, ray, process, local, got 'slurm'"),
-        (lambda r: r.update(precision="float16"), "precision must be one of auto, float32, float64, bfloat16, got 'float16'"),
+        (
+            lambda r: r.update(cluster={"max_restarts": -1}),
+            "cluster.max_restarts must be a non-negative integer, got -1",
+        ),
+        (
+            lambda r: r.update(cluster={"cpus_per_worker": -1}),
+            "cluster.cpus_per_worker must be a non-negative number, got -1",
+        ),
+        (
+            lambda r: r.update(cluster={"gpus_per_worker": "one"}),
+            "cluster.gpus_per_worker must be a non-negative number, got 'one'",
+        ),
+        (
+            lambda r: r.update(cluster={"backend": "slurm"}),
+            "cluster.backend must be one of auto, ray, process, local, got 'slurm'",
+        ),
+        (
+            lambda r: r.update(precision="float16"),
+            "precision must be one of auto, float32, float64, bfloat16, got 'float16'",
+        ),
         (lambda r: r.update(mode="weird"), "mode must be one of eval, train, got 'weird'"),
-        (lambda r: r.update(loss="hinge"), "loss must be one of cross_entropy, mse, lm_cross_entropy, causal_lm, model or "
-         "{factory: 'pkg.module:callable'}, got 'hinge'"),
+        (
+            lambda r: r.update(loss="hinge"),
+            "loss must be one of cross_entropy, mse, lm_cross_entropy, causal_lm, model or "
+            "{factory: 'pkg.module:callable'}, got 'hinge'",
+        ),
         (lambda r: r.update(loss={"kwargs": {}}), "loss.factory must be 'package.module:callable', got None"),
-        (lambda r: r.update(loss={"factory": "a.b:c", "weighting": "sequences"}),
-         "loss.weighting must be one of examples, tokens "
-         "(tokens: the loss is a per-batch mean over targets != -100), got 'sequences'"),
-        (lambda r: r.update(loss="lm_cross_entropy", probes=[{"kind": "noise"}]),
-         "probes[noise] computes per-example gradient statistics and has no token-weighted form; remove it from a "
-         "job whose loss is weighted by tokens, or use weighting: examples"),
-        (lambda r: r["model"].update(factory="no_colon"), "model.factory must be 'package.module:callable', got 'no_colon'"),
+        (
+            lambda r: r.update(loss={"factory": "a.b:c", "weighting": "sequences"}),
+            "loss.weighting must be one of examples, tokens "
+            "(tokens: the loss is a per-batch mean over targets != -100), got 'sequences'",
+        ),
+        (
+            lambda r: r.update(loss="lm_cross_entropy", probes=[{"kind": "noise"}]),
+            "probes[noise] computes per-example gradient statistics and has no token-weighted form; remove it from a "
+            "job whose loss is weighted by tokens, or use weighting: examples",
+        ),
+        (
+            lambda r: r["model"].update(factory="no_colon"),
+            "model.factory must be 'package.module:callable', got 'no_colon'",
+        ),
         (lambda r: r["model"].update(factory="a:b:c"), "model.factory must be 'package.module:callable', got 'a:b:c'"),
-        (lambda r: r["data"].update(factory=":digits"), "data.factory must be 'package.module:callable', got ':digits'"),
+        (
+            lambda r: r["data"].update(factory=":digits"),
+            "data.factory must be 'package.module:callable', got ':digits'",
+        ),
         (lambda r: r["model"].update(kwargs=[1]), "model.kwargs must be a mapping, got [1]"),
         (lambda r: r["model"].update(checkpoints=[]), "model.checkpoints is empty"),
         (lambda r: r.update(probes=[]), "probes is empty"),
         (lambda r: r.update(probes={"kind": "trace"}), "probes must be a list"),
         (lambda r: r["probes"].append(5), "probes[2] must be a mapping with a 'kind', got 5"),
         (lambda r: r["probes"].append({"k": 1}), "probes[2] must be a mapping with a 'kind'"),
-        (lambda r: r.update(name=""), "name must start with a letter and use letters, digits, '.', '_', '-' or spaces, got ''"),
+        (
+            lambda r: r.update(name=""),
+            "name must start with a letter and use letters, digits, '.', '_', '-' or spaces, got ''",
+        ),
         (lambda r: r.update(seed=1.5), "seed must be an integer, got 1.5"),
         (lambda r: r.update(model=["x"]), "model must be a mapping, got ['x']"),
         (lambda r: r.update(data="digits"), "data must be a mapping, got 'digits'"),
@@ -233,11 +272,16 @@ def test_hf_model_spec_defaults_and_checks():
     assert spec.model.source == "hf:run"
     for bad, message in [
         ({"hf": "run", "hf_class": "seq2seq"}, "model.hf_class must be one of auto, causal_lm"),
-        ({"hf": "run", "attn_implementation": "flash_attention_2"},
-         "model.attn_implementation 'flash_attention_2' has no double backward (Hessian-vector products need one); "
-         "use sdpa (run with its math kernel) or eager"),
+        (
+            {"hf": "run", "attn_implementation": "flash_attention_2"},
+            "model.attn_implementation 'flash_attention_2' has no double backward (Hessian-vector products need one); "
+            "use sdpa (run with its math kernel) or eager",
+        ),
         ({"hf": "run", "kwargs": {"width": 3}}, "model.kwargs applies to model.factory only"),
-        ({"factory": "m:f", "checkpoints": ["a.pt"], "hf_class": "causal_lm"}, "model.hf_class applies to model.hf models only"),
+        (
+            {"factory": "m:f", "checkpoints": ["a.pt"], "hf_class": "causal_lm"},
+            "model.hf_class applies to model.hf models only",
+        ),
     ]:
         raw["model"] = bad
         with pytest.raises(SpecError, match=re.escape(message)):
@@ -269,8 +313,15 @@ def test_every_kind_of_the_design_is_available_with_options():
         assert set(OPTION_CHECKS[kind]) == set(options), kind  # every option is validated
 
 
-@pytest.mark.parametrize("probe", [{"kind": "eigenvalues", "k": 0}, {"kind": "eigenvalues", "which": "middle"},
-                                   {"kind": "trace", "method": "exact"}, {"kind": "spectrum", "runs": "ten"}])
+@pytest.mark.parametrize(
+    "probe",
+    [
+        {"kind": "eigenvalues", "k": 0},
+        {"kind": "eigenvalues", "which": "middle"},
+        {"kind": "trace", "method": "exact"},
+        {"kind": "spectrum", "runs": "ten"},
+    ],
+)
 def test_bad_probe_option_values_are_rejected(probe):
     with pytest.raises(SpecError, match=rf"probes\[{probe['kind']}\]\."):
         parse_spec(raw_spec(probes=[probe]))
@@ -407,9 +458,17 @@ def test_load_spec_resolves_relative_paths_against_the_spec_folder(tmp_path, mon
     folder.mkdir()
     absolute = str(tmp_path / "abs.pt")
     path = folder / "spec.yaml"
-    path.write_text(yaml.safe_dump(raw_spec(model={"factory": "probe.models:digits_mlp",
-                                                   "checkpoints": ["ckpts/a.pt", "ckpts/*.safetensors", absolute]},
-                                            output={"path": "out/results"})))
+    path.write_text(
+        yaml.safe_dump(
+            raw_spec(
+                model={
+                    "factory": "probe.models:digits_mlp",
+                    "checkpoints": ["ckpts/a.pt", "ckpts/*.safetensors", absolute],
+                },
+                output={"path": "out/results"},
+            )
+        )
+    )
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
     spec = load_spec(Path("jobs") / "spec.yaml")
     base = folder.resolve()
@@ -465,8 +524,14 @@ def test_import_factory_missing_attribute_names_key_module_and_attribute():
 
 
 def test_to_dict_round_trips_through_parse_spec(tmp_path):
-    spec = parse_spec(raw_spec(loss={"factory": "torch.nn:MSELoss", "kwargs": {"reduction": "mean"}},
-                               cluster={"num_workers": 2, "backend": "process"}, precision="float64", seed=5))
+    spec = parse_spec(
+        raw_spec(
+            loss={"factory": "torch.nn:MSELoss", "kwargs": {"reduction": "mean"}},
+            cluster={"num_workers": 2, "backend": "process"},
+            precision="float64",
+            seed=5,
+        )
+    )
     data = spec.to_dict()
     assert parse_spec(data) == spec
     assert parse_spec(yaml.safe_load(yaml.safe_dump(data))) == spec  # plain data: survives YAML
@@ -476,12 +541,21 @@ def test_to_dict_round_trips_through_parse_spec(tmp_path):
     assert parse_spec(loaded.to_dict()) == loaded
 
 
-@pytest.mark.parametrize("probe, message", [
-    ({"adaptive_kind": "typical"}, "probes[sharpness].adaptive_kind must be 'worst' or 'average', got 'typical'"),
-    ({"adaptive_p": 1}, "probes[sharpness].adaptive_p must be 2 or 'inf' (the L2 or L∞ ball of u), got 1"),
-    ({"adaptive_kind": "average"}, "probes[sharpness].adaptive_rho is required with adaptive_kind='average', adaptive_p=2"),
-    ({"adaptive_p": "inf"}, "probes[sharpness].adaptive_rho is required with adaptive_kind='worst', adaptive_p='inf'"),
-])
+@pytest.mark.parametrize(
+    "probe, message",
+    [
+        ({"adaptive_kind": "typical"}, "probes[sharpness].adaptive_kind must be 'worst' or 'average', got 'typical'"),
+        ({"adaptive_p": 1}, "probes[sharpness].adaptive_p must be 2 or 'inf' (the L2 or L∞ ball of u), got 1"),
+        (
+            {"adaptive_kind": "average"},
+            "probes[sharpness].adaptive_rho is required with adaptive_kind='average', adaptive_p=2",
+        ),
+        (
+            {"adaptive_p": "inf"},
+            "probes[sharpness].adaptive_rho is required with adaptive_kind='worst', adaptive_p='inf'",
+        ),
+    ],
+)
 def test_adaptive_sharpness_options_are_checked(probe, message):
     with pytest.raises(SpecError, match=re.escape(message)):
         parse_spec(raw_spec(probes=[{"kind": "sharpness", **probe}]))
@@ -489,8 +563,13 @@ def test_adaptive_sharpness_options_are_checked(probe, message):
 
 def test_adaptive_sharpness_defaults_are_asams_worst_case_l2():
     (p,) = parse_spec(raw_spec(probes=[{"kind": "sharpness"}])).probes
-    assert {k: p.resolved()[k] for k in ("adaptive_kind", "adaptive_p", "adaptive_rho")} == \
-        {"adaptive_kind": "worst", "adaptive_p": 2, "adaptive_rho": 0.5}
+    assert {k: p.resolved()[k] for k in ("adaptive_kind", "adaptive_p", "adaptive_rho")} == {
+        "adaptive_kind": "worst",
+        "adaptive_p": 2,
+        "adaptive_rho": 0.5,
+    }
     # the radius is given: any kind and norm; without 'adaptive' in the measures none is needed
-    parse_spec(raw_spec(probes=[{"kind": "sharpness", "adaptive_kind": "average", "adaptive_p": "inf", "adaptive_rho": 0.2}]))
+    parse_spec(
+        raw_spec(probes=[{"kind": "sharpness", "adaptive_kind": "average", "adaptive_p": "inf", "adaptive_rho": 0.2}])
+    )
     parse_spec(raw_spec(probes=[{"kind": "sharpness", "measures": ["keskar"], "adaptive_kind": "average"}]))

@@ -86,7 +86,10 @@ def test_runs_row_reads_back(tmp_path):
     table = read_plain(tmp_path / "runs")
     assert sorted(table.schema.names) == sorted(RUNS_SCHEMA.names)
     assert sorted(table.to_pylist(), key=lambda r: r["run_id"]) == rows
-    assert sorted(p.name for p in (tmp_path / "runs" / "job=audit").glob("run-*.parquet")) == ["run-run0.parquet", "run-run1.parquet"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "job=audit").glob("run-*.parquet")) == [
+        "run-run0.parquet",
+        "run-run1.parquet",
+    ]
 
 
 def test_failure_rows_read_back_one_file_per_task_and_run(tmp_path):
@@ -145,8 +148,11 @@ def test_row_missing_a_required_column_is_refused(tmp_path):
 def test_row_with_an_undeclared_key_is_refused_naming_the_kind_and_key(tmp_path):
     row = make_row(schema_for("eigenvalues"))
     row["lamda_max"] = 1.0  # pa.Table.from_pylist would drop it silently
-    with pytest.raises(RowColumnsError, match=r"result row of probe kind 'eigenvalues' has undeclared column\(s\) "
-                                              r"'lamda_max'.*cluster/kinds/eigenvalues\.py") as info:
+    with pytest.raises(
+        RowColumnsError,
+        match=r"result row of probe kind 'eigenvalues' has undeclared column\(s\) "
+        r"'lamda_max'.*cluster/kinds/eigenvalues\.py",
+    ) as info:
         ResultStore(tmp_path).write_result("eigenvalues", [make_row(schema_for("eigenvalues")), row])
     assert info.value.category == "other" and isinstance(info.value, pa.ArrowInvalid)
     assert visible_files(tmp_path) == []

@@ -60,8 +60,10 @@ def test_a_float64_job_records_a_small_defect_and_counts_its_two_products(make_s
     # the estimates are those of the estimators run directly (the check draws from its own stream),
     # and num_matvecs holds the estimator's products plus the check's two
     dataset, indices, _ = probe_subset(spec)
-    batches = [torch.utils.data.default_collate([dataset[i] for i in indices[j : j + 50].tolist()])
-               for j in range(0, len(indices), 50)]
+    batches = [
+        torch.utils.data.default_collate([dataset[i] for i in indices[j : j + 50].tolist()])
+        for j in range(0, len(indices), 50)
+    ]
     model = digits_mlp(hidden=16)
     model.load_state_dict(load_file(str(checkpoints[0])))
     op = HessianOperator(model.to(torch.float64), F.cross_entropy, batches)

@@ -64,16 +64,23 @@ def files(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text(TEXT, encoding="utf-8")
     id_lists = [list(range(100 + 10 * d, 100 + 10 * d + n)) for d, n in enumerate([7, 0, 12, 5, 9])]
-    ids_table = pa.table({"input_ids": pa.array(id_lists, pa.list_(pa.int32())),
-                          "score": pa.array([0.5, 1.0, 1.5, 2.0, 2.5])})
+    ids_table = pa.table(
+        {"input_ids": pa.array(id_lists, pa.list_(pa.int32())), "score": pa.array([0.5, 1.0, 1.5, 2.0, 2.5])}
+    )
     pq.write_table(ids_table, tmp_path / "ids.parquet")
     feather.write_feather(ids_table, tmp_path / "ids.feather")
     with pa.OSFile(str(tmp_path / "ids.arrow"), "wb") as f:  # an Arrow IPC stream, as Hugging Face datasets writes
         with pa.ipc.new_stream(f, ids_table.schema) as w:
             w.write_table(ids_table)
     pq.write_table(pa.table({"text": DOCS, "n": [1, 2, 3]}), tmp_path / "docs.parquet")
-    return SimpleNamespace(text=text, ids=tmp_path / "ids.parquet", feather=tmp_path / "ids.feather",
-                           arrow=tmp_path / "ids.arrow", docs=tmp_path / "docs.parquet", id_lists=id_lists)
+    return SimpleNamespace(
+        text=text,
+        ids=tmp_path / "ids.parquet",
+        feather=tmp_path / "ids.feather",
+        arrow=tmp_path / "ids.arrow",
+        docs=tmp_path / "docs.parquet",
+        id_lists=id_lists,
+    )
 
 
 def stream_windows(stream: list[int], window: int, stride: int, span: int | None = None) -> list[list[int]]:
@@ -167,8 +174,15 @@ def test_the_windows_are_the_same_in_another_process(files, tokenizer_dir):
     )
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": pythonpath}
-    out = subprocess.run([sys.executable, "-c", code, str(files.text), tokenizer_dir], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(files.text), tokenizer_dir],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     assert out.stdout.strip() == str(all_ids(ds))
 
 
@@ -250,8 +264,12 @@ def write_spec(tmp_path, data_kwargs: dict, checkpoint: Path, *, loss="lm_cross_
     raw = {
         "name": "token-windows",
         "model": {"factory": "test_token_windows:keyword_gpt", "kwargs": CONFIG, "checkpoints": [str(checkpoint)]},
-        "data": {"factory": "cluster.data:token_windows", "kwargs": data_kwargs, "num_examples": num_examples,
-                 "batch_size": 5},
+        "data": {
+            "factory": "cluster.data:token_windows",
+            "kwargs": data_kwargs,
+            "num_examples": num_examples,
+            "batch_size": 5,
+        },
         "loss": loss,
         "precision": "float64",
         "probes": [{"kind": "eigenvalues", "k": 1}],

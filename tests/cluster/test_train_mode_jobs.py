@@ -99,8 +99,10 @@ def direct(spec, checkpoint):
     model = bn_mlp().to(torch.float64)
     model.load_state_dict(load_file(str(checkpoint)))
     dataset, indices, _ = probe_subset(spec)
-    batches = [torch.utils.data.default_collate([dataset[i] for i in indices[j : j + BATCH_SIZE].tolist()])
-               for j in range(0, len(indices), BATCH_SIZE)]
+    batches = [
+        torch.utils.data.default_collate([dataset[i] for i in indices[j : j + BATCH_SIZE].tolist()])
+        for j in range(0, len(indices), BATCH_SIZE)
+    ]
     return model.eval(), [(x.to(torch.float64), y) for x, y in batches]
 
 
@@ -145,8 +147,9 @@ def test_train_job_rows_equal_direct_train_mode_computations(runs, checkpoint):
 
     (crit,) = store.read("critical").to_pylist()
     op = HessianOperator(model, F.cross_entropy, batches, mode="train")
-    want = classify_critical_point(op, hand_grad, runs=2, steps=12, generator=torch.Generator().manual_seed(
-        task_seed(SEED, 2)))
+    want = classify_critical_point(
+        op, hand_grad, runs=2, steps=12, generator=torch.Generator().manual_seed(task_seed(SEED, 2))
+    )
     assert crit["grad_norm"] == pytest.approx(float(hand_grad.norm()), rel=1e-12)  # the train-mode gradient
     assert crit["lambda_max"] == pytest.approx(want.lambda_max, rel=1e-9)
     assert crit["lambda_min"] == pytest.approx(want.lambda_min, rel=1e-8, abs=1e-10)
@@ -158,8 +161,12 @@ def test_train_job_rows_equal_direct_train_mode_computations(runs, checkpoint):
 def test_train_rows_differ_from_eval_rows(runs):
     (_, train, _), (_, evals, summary) = runs["train", 1], runs["eval", 1]
     assert summary.num_done == 5 and summary.num_failed == 0  # eval mode: noise runs on running statistics
-    for kind, cols in (("sharpness", ("base_loss", "value")), ("pacbayes", ("base_loss", "sigma")),
-                       ("critical", ("grad_norm", "lambda_max")), ("surface", ("loss",))):
+    for kind, cols in (
+        ("sharpness", ("base_loss", "value")),
+        ("pacbayes", ("base_loss", "sigma")),
+        ("critical", ("grad_norm", "lambda_max")),
+        ("surface", ("loss",)),
+    ):
         t_rows, e_rows = train.read(kind).to_pylist(), evals.read(kind).to_pylist()
         assert {r["mode"] for r in t_rows} == {"train"} and {r["mode"] for r in e_rows} <= {"eval", "eval+bn_recompute"}
         for t, e in zip(sorted(t_rows, key=str), sorted(e_rows, key=str), strict=True):
@@ -175,8 +182,11 @@ def test_two_workers_agree_with_one_process_in_train_mode(runs):
     """Each worker's shard is one of the single process's two batches: the same train-mode loss."""
     (_, one, _), (_, two, summary) = runs["train", 1], runs["train", 2]
     assert summary.num_done == 4 and summary.num_failed == 1
-    for kind, cols in (("sharpness", ("base_loss", "value", "perturbed_loss")), ("pacbayes", ("base_loss", "sigma")),
-                       ("critical", ("grad_norm", "lambda_max"))):
+    for kind, cols in (
+        ("sharpness", ("base_loss", "value", "perturbed_loss")),
+        ("pacbayes", ("base_loss", "sigma")),
+        ("critical", ("grad_norm", "lambda_max")),
+    ):
         a = sorted(one.read(kind).to_pylist(), key=lambda r: str(r.get("measure")))
         b = sorted(two.read(kind).to_pylist(), key=lambda r: str(r.get("measure")))
         assert {r["world_size"] for r in b} == {2}
@@ -202,13 +212,26 @@ def _pipeline_worker(rank: int, world: int, port: int, out: str, V: torch.Tensor
         model, batches = _pipeline_model(), _pipeline_batches()
         before = {k: v.clone() for k, v in model.state_dict().items()}
         part, offset, dim = build_stage(model, world, stage)
-        op = PipelineHessian(part, F.cross_entropy, batches, stage_index=stage, ranks=ranks, offset=offset, dim=dim,
-                             total_examples=30, pipe_group=pipe, data_group=data_group, mode=mode)
+        op = PipelineHessian(
+            part,
+            F.cross_entropy,
+            batches,
+            stage_index=stage,
+            ranks=ranks,
+            offset=offset,
+            dim=dim,
+            total_examples=30,
+            pipe_group=pipe,
+            data_group=data_group,
+            mode=mode,
+        )
         hv = op.matmat(V[op.local_slice].contiguous())
         hv2 = op.matmat(V[op.local_slice].contiguous())
         unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-        torch.save({"slice": (offset, offset + op.local_dim), "hv": hv, "hv2": hv2, "unchanged": unchanged},
-                   os.path.join(out, f"rank{rank}.pt"))
+        torch.save(
+            {"slice": (offset, offset + op.local_dim), "hv": hv, "hv2": hv2, "unchanged": unchanged},
+            os.path.join(out, f"rank{rank}.pt"),
+        )
     finally:
         torch.distributed.destroy_process_group()
 
@@ -237,8 +260,9 @@ def test_pipeline_hessian_honours_the_mode(tmp_path, mode):
     want, wrong = op.matmat(V), other.matmat(V)
     assert float((want - wrong).abs().max()) > 1e-3 * float(want.abs().max())
     mp.set_forkserver_preload(["torch", "cluster.pipeline"])
-    mp.start_processes(_pipeline_worker, args=(2, _free_port(), str(tmp_path), V, mode), nprocs=2, join=True,
-                       start_method="forkserver")
+    mp.start_processes(
+        _pipeline_worker, args=(2, _free_port(), str(tmp_path), V, mode), nprocs=2, join=True, start_method="forkserver"
+    )
     parts = sorted((torch.load(tmp_path / f"rank{r}.pt") for r in range(2)), key=lambda p: p["slice"])
     got = torch.cat([p["hv"] for p in parts])
     assert torch.allclose(got, want, rtol=0, atol=1e-12 * float(want.abs().max()))

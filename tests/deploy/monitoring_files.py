@@ -21,10 +21,22 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "landscape-probe.json"
 PROMETHEUS_METRICS = {"up"}
 # Labels Prometheus puts on every scraped series.
 TARGET_LABELS = {"job", "instance"}
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                "offset", "inf", "nan", "atan2"}
-
-
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+    "atan2",
+}
 
 
 def load_yaml_docs(path: Path) -> list:
@@ -44,10 +56,12 @@ def declared_labels() -> dict[str, set[str]]:
     declared = {}
     for m in metrics:
         labels = set(m._labelnames)
-        suffixes = {"counter": {"_total": labels, "_created": labels},
-                    "gauge": {"": labels},
-                    "histogram": {"_bucket": labels | {"le"}, "_sum": labels, "_count": labels, "_created": labels},
-                    "summary": {"": labels | {"quantile"}, "_sum": labels, "_count": labels, "_created": labels}}[m._type]
+        suffixes = {
+            "counter": {"_total": labels, "_created": labels},
+            "gauge": {"": labels},
+            "histogram": {"_bucket": labels | {"le"}, "_sum": labels, "_count": labels, "_created": labels},
+            "summary": {"": labels | {"quantile"}, "_sum": labels, "_count": labels, "_created": labels},
+        }[m._type]
         declared.update({m._name + s: names for s, names in suffixes.items()})
     return declared
 
@@ -102,7 +116,9 @@ def check_labels(where: str, expr: str, printed: set[str], declared: dict[str, s
         else:
             bad = labels - allowed - {"__name__"}
         problems += [f"{where}: label {label!r} is not one of {sorted(own or allowed)}" for label in sorted(bad)]
-    problems += [f"{where}: prints label {label!r}, not one of {sorted(allowed)}" for label in sorted(printed - allowed)]
+    problems += [
+        f"{where}: prints label {label!r}, not one of {sorted(allowed)}" for label in sorted(printed - allowed)
+    ]
     return problems
 
 

@@ -56,8 +56,22 @@ RAY_PORT_PARAMS = ("port", "dashboard-port", "ray-client-server-port", "metrics-
 PROMETHEUS_METRICS = {"up"}
 # Labels Prometheus puts on every scraped series.
 TARGET_LABELS = {"job", "instance"}
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                "offset", "inf", "nan", "atan2"}
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+    "atan2",
+}
 
 
 # ---------------------------------------------------------------- loading
@@ -170,7 +184,9 @@ def _invocations() -> list[Invocation]:
                     cluster = node.get("rayClusterSpec")
                     assert cluster, f"{name}: an entrypoint needs a rayClusterSpec beside it to know where it runs"
                     head = cluster["headGroupSpec"]["template"]["spec"]
-                    found.append(Invocation(f"{name} entrypoint", argv, head, head["containers"][0], _group_pods(cluster)))
+                    found.append(
+                        Invocation(f"{name} entrypoint", argv, head, head["containers"][0], _group_pods(cluster))
+                    )
                 stack.extend(node.values())
             elif isinstance(node, list):
                 stack.extend(node)
@@ -178,8 +194,9 @@ def _invocations() -> list[Invocation]:
             for container in pod["containers"]:
                 argv = [*container.get("command", []), *container.get("args", [])]
                 if argv and argv[0] == "probe":
-                    found.append(Invocation(f"{name} container {container['name']}", [str(a) for a in argv], pod,
-                                            container, []))
+                    found.append(
+                        Invocation(f"{name} container {container['name']}", [str(a) for a in argv], pod, container, [])
+                    )
     return found
 
 
@@ -251,8 +268,9 @@ def _ray_cluster_for_address(address: str, inv: Invocation) -> dict:
     assert m, f"{inv}: cannot read Ray client address {address!r}"
     host, port = m.group(1), int(m.group(2))
     names = [rc["metadata"]["name"] for rc in _by_kind("RayCluster")]
-    assert host.endswith("-head-svc") and host[: -len("-head-svc")] in names, \
+    assert host.endswith("-head-svc") and host[: -len("-head-svc")] in names, (
         f"{inv}: {host} is not the head Service KubeRay creates for a RayCluster here ({names} -> <name>-head-svc)"
+    )
     cluster = _named("RayCluster", host[: -len("-head-svc")])
     client_port = int(cluster["spec"]["headGroupSpec"]["rayStartParams"]["ray-client-server-port"])
     assert port == client_port, f"{inv}: {address} does not use the cluster's Ray client port {client_port}"
@@ -275,29 +293,44 @@ def test_kubernetes_objects_are_well_formed():
     seen = set()
     for path, doc in _objects():
         rel = path.relative_to(ROOT)
-        assert isinstance(doc, dict) and {"apiVersion", "kind", "metadata"} <= doc.keys(), f"{rel}: not a Kubernetes object"
+        assert isinstance(doc, dict) and {"apiVersion", "kind", "metadata"} <= doc.keys(), (
+            f"{rel}: not a Kubernetes object"
+        )
         name = doc["metadata"].get("name")
         assert name and "namespace" not in doc["metadata"], f"{rel}: objects are named and namespace-free (kubectl -n)"
         assert (doc["kind"], name) not in seen, f"{rel}: a second {doc['kind']} named {name!r}"
         seen.add((doc["kind"], name))
     kinds = {kind for kind, _ in seen}
-    assert {"RayCluster", "RayJob", "RayCronJob", "CronJob", "Deployment", "Service", "ConfigMap",
-            "PersistentVolumeClaim"} <= kinds
+    assert {
+        "RayCluster",
+        "RayJob",
+        "RayCronJob",
+        "CronJob",
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+    } <= kinds
     for doc in _by_kind("RayCluster") + _by_kind("RayJob") + _by_kind("RayCronJob"):
         assert doc["apiVersion"] == "ray.io/v1", f"{doc['kind']}/{doc['metadata']['name']}: KubeRay's API is ray.io/v1"
 
 
 def test_images_are_the_one_the_recipe_builds():
-    images = [(path.relative_to(ROOT), c["image"]) for path, doc in _objects() for pod in _pods(doc)
-              for c in [*pod["containers"], *pod.get("initContainers", [])]]
+    images = [
+        (path.relative_to(ROOT), c["image"])
+        for path, doc in _objects()
+        for pod in _pods(doc)
+        for c in [*pod["containers"], *pod.get("initContainers", [])]
+    ]
     assert images
     wrong = [f"{p}: {img}" for p, img in images if img != IMAGE]
     assert not wrong, f"every container must run {IMAGE} (pyproject version {VERSION}); got: {wrong}"
 
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim\s*$", dockerfile, re.M)
-    assert re.search(rf"^ARG VERSION={re.escape(VERSION)}\s*$", dockerfile, re.M), \
+    assert re.search(rf"^ARG VERSION={re.escape(VERSION)}\s*$", dockerfile, re.M), (
         f"deploy/Dockerfile: ARG VERSION must equal pyproject's version {VERSION}"
+    )
     build = f"docker build -f deploy/Dockerfile -t {IMAGE} ."
     for doc in (DEPLOY / "Dockerfile", DEPLOY / "README.md"):
         assert build in doc.read_text(), f"{doc.relative_to(ROOT)} must document `{build}`"
@@ -331,8 +364,12 @@ def test_metrics_endpoints_are_reachable_from_prometheus():
         if not serves:
             continue
         port = args.metrics_port if args.metrics_port is not None else DEFAULT_PORT
-        assert port == DEFAULT_PORT, f"{inv}: --metrics-port {port} is not cluster.metrics.DEFAULT_PORT ({DEFAULT_PORT})"
-        assert args.metrics_addr == "0.0.0.0", f"{inv}: metrics bound to {args.metrics_addr}, unreachable from Prometheus"
+        assert port == DEFAULT_PORT, (
+            f"{inv}: --metrics-port {port} is not cluster.metrics.DEFAULT_PORT ({DEFAULT_PORT})"
+        )
+        assert args.metrics_addr == "0.0.0.0", (
+            f"{inv}: metrics bound to {args.metrics_addr}, unreachable from Prometheus"
+        )
         declared = [p["containerPort"] for p in inv.container.get("ports", [])]
         assert port in declared, f"{inv}: serves metrics on {port} but the container declares ports {declared}"
 
@@ -394,7 +431,9 @@ def test_ray_start_params_use_the_projects_ports():
     expected = {k: str(v) for k, v in ports.items() if k in RAY_PORT_PARAMS}
     for _, doc in _objects():
         for cluster in _ray_cluster_specs(doc):
-            groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
+            groups = [("head", cluster["headGroupSpec"])] + [
+                (g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])
+            ]
             for group, spec in groups:
                 params = spec.get("rayStartParams", {})
                 where = f"{doc['kind']}/{doc['metadata']['name']} group {group}"
@@ -404,7 +443,9 @@ def test_ray_start_params_use_the_projects_ports():
                     if key in expected:
                         assert value == expected[key], f"{where}: {key}={value}, raycluster.yaml uses {expected[key]}"
             head = cluster["headGroupSpec"]["rayStartParams"]
-            assert head.get("dashboard-host") == "0.0.0.0", "the dashboard must listen beyond loopback for the head Service"
+            assert head.get("dashboard-host") == "0.0.0.0", (
+                "the dashboard must listen beyond loopback for the head Service"
+            )
             assert "metrics-export-port" in head, "set Ray's metrics-export-port explicitly: Prometheus scrapes it"
 
 
@@ -468,5 +509,6 @@ def test_stale_audit_alert_allows_for_the_audit_interval():
     intervals = [inv.args().every for inv in _invocations() if inv.args().verb == "audit" and inv.args().every]
     assert intervals, "no `probe audit --every` service under deploy/"
     for every in intervals:
-        assert threshold_s >= 2 * parse_duration(every), \
+        assert threshold_s >= 2 * parse_duration(every), (
             f"{stale['alert']} fires after {threshold_s:g} s, under 2 audit intervals of {every}: it would flap"
+        )

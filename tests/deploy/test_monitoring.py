@@ -75,10 +75,12 @@ def test_labels_are_declared_in_cluster_metrics():
             assert m, f"{DASHBOARD.name}: variable {var['name']} is not label_values(SELECTOR, LABEL)"
             names = promql_metrics(m.group(1)) or set(re.findall(r"probe_\w+", m.group(1)))
             lacking = [n for n in names if m.group(2) not in declared.get(n, set())]
-            assert not lacking, f"{DASHBOARD.name}: variable {var['name']} reads label {m.group(2)!r} that {lacking} lack"
+            assert not lacking, (
+                f"{DASHBOARD.name}: variable {var['name']} reads label {m.group(2)!r} that {lacking} lack"
+            )
     for case in load_yaml_docs(PROMETHEUS / "alerts_test.yml")[0]["tests"]:
         for series in case.get("input_series", []):
-            (metric, labels), = promql_labels(series["series"])
+            ((metric, labels),) = promql_labels(series["series"])
             if metric.startswith("probe_"):
                 extra = labels - declared.get(metric, set()) - TARGET_LABELS
                 problems += [f"alerts_test.yml: {metric} has no label {label!r}" for label in sorted(extra)]
@@ -88,12 +90,15 @@ def test_labels_are_declared_in_cluster_metrics():
 def test_promql_name_extraction_catches_a_wrong_name():
     # The check above is only as good as this extractor.
     declared = sample_names()
-    assert promql_metrics('sum by (le, kind) (rate(probe_task_duration_seconds_bucket{job=~"$job"}[1h]))') == \
-        {"probe_task_duration_seconds_bucket"}
-    assert promql_metrics("time() - probe_audit_last_success_timestamp_seconds > 5400") == \
-        {"probe_audit_last_success_timestamp_seconds"}
-    assert promql_metrics("increase(probe_failures_total[1h]) > 0 or (probe_failures_total unless probe_failures_total offset 1h)") \
-        == {"probe_failures_total"}
+    assert promql_metrics('sum by (le, kind) (rate(probe_task_duration_seconds_bucket{job=~"$job"}[1h]))') == {
+        "probe_task_duration_seconds_bucket"
+    }
+    assert promql_metrics("time() - probe_audit_last_success_timestamp_seconds > 5400") == {
+        "probe_audit_last_success_timestamp_seconds"
+    }
+    assert promql_metrics(
+        "increase(probe_failures_total[1h]) > 0 or (probe_failures_total unless probe_failures_total offset 1h)"
+    ) == {"probe_failures_total"}
     for wrong in ("probe_eos_ratios > 1.1", "rate(probe_tasks[5m])", "probe_task_duration_seconds > 1"):
         assert promql_metrics(wrong) - declared, wrong
 
@@ -105,7 +110,6 @@ def test_alert_rules_watch_staleness_stability_jumps_and_failures():
     assert any("increase(probe_failures_total[1h]) > 0" in e for e in exprs.values())
     for rule in alert_rules():
         assert rule.get("labels", {}).get("severity") and rule.get("annotations", {}).get("summary"), rule["alert"]
-
 
 
 def test_dashboard_structure():
@@ -122,9 +126,17 @@ def test_dashboard_structure():
         assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"]), panel["title"]
         assert {"h", "w", "x", "y"} <= panel["gridPos"].keys() and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
     exprs = " ".join(dashboard_exprs())
-    for needed in ("probe_lambda_max", "probe_hessian_trace", "probe_eos_ratio", "probe_barrier_height",
-                   "probe_tasks_total", "probe_failures_total", "probe_hvp_total", "probe_task_duration_seconds_bucket",
-                   "probe_audit_last_pass_timestamp_seconds"):
+    for needed in (
+        "probe_lambda_max",
+        "probe_hessian_trace",
+        "probe_eos_ratio",
+        "probe_barrier_height",
+        "probe_tasks_total",
+        "probe_failures_total",
+        "probe_hvp_total",
+        "probe_task_duration_seconds_bucket",
+        "probe_audit_last_pass_timestamp_seconds",
+    ):
         assert re.search(rf"\b{needed}\b", exprs), f"the dashboard has no panel on {needed}"
     assert "histogram_quantile(" in exprs
     eos = next(p for p in d["panels"] if any("probe_eos_ratio" in t["expr"] for t in p.get("targets", [])))
@@ -136,17 +148,22 @@ def test_dashboard_structure():
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool not found: .ci/run installs Debian's prometheus package (apt-get install prometheus), "
-                    "which provides it; install it the same way to run these checks")
+        pytest.fail(
+            "promtool not found: .ci/run installs Debian's prometheus package (apt-get install prometheus), "
+            "which provides it; install it the same way to run these checks"
+        )
     return path
 
 
-@pytest.mark.parametrize("args", [
-    ("check", "rules", "alerts.yml"),
-    ("test", "rules", "alerts_test.yml"),
-    ("check", "config", "prometheus.yml"),
-], ids=" ".join)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("check", "rules", "alerts.yml"),
+        ("test", "rules", "alerts_test.yml"),
+        ("check", "config", "prometheus.yml"),
+    ],
+    ids=" ".join,
+)
 def test_promtool(args):
     result = subprocess.run([_promtool(), *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"promtool {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-

@@ -195,7 +195,9 @@ def test_bezier_matches_closed_form_quartic(quadratic, points):
         assert res.path_integral == pytest.approx(exact + h**4 * 24 * coef[4] / 180, abs=1e-12 * scale)
     else:
         assert res.integration_rule == "trapezoid"
-        assert res.path_integral == pytest.approx(float(np.trapezoid(p(t), t)) - (p(0.0) + p(1.0)) / 2, abs=1e-12 * scale)
+        assert res.path_integral == pytest.approx(
+            float(np.trapezoid(p(t), t)) - (p(0.0) + p(1.0)) / 2, abs=1e-12 * scale
+        )
         assert abs(res.path_integral - exact) <= curvature * h**2 / 12
 
 
@@ -254,7 +256,12 @@ def test_train_bend_finds_closed_form_optimum_and_error_shrinks_with_samples(cls
         errors = []
         for seed in range(3):
             run = train_bend(
-                start, q, steps=200, lr=0.5, momentum=0.0, t_per_step=t_per_step,
+                start,
+                q,
+                steps=200,
+                lr=0.5,
+                momentum=0.0,
+                t_per_step=t_per_step,
                 generator=torch.Generator().manual_seed(seed),
             )
             assert run.steps_done == 200 and run.nonfinite_step is None
@@ -273,7 +280,9 @@ def test_train_bend_through_evaluator_lowers_expected_loss():
     a = q.m + torch.randn(DIM, generator=q.g, dtype=torch.float64)
     b = q.m + torch.randn(DIM, generator=q.g, dtype=torch.float64)
     ev = q.evaluator()
-    run = train_bend(BezierPath(a, b), ev, steps=100, lr=0.05, optimizer="adam", generator=torch.Generator().manual_seed(0))
+    run = train_bend(
+        BezierPath(a, b), ev, steps=100, lr=0.05, optimizer="adam", generator=torch.Generator().manual_seed(0)
+    )
     before = barrier(run.initial_path, {"q": ev}, points=41)["q"].path_integral
     after = barrier(run.path, {"q": ev}, points=41)["q"].path_integral
     assert after < 0.5 * before
@@ -282,7 +291,11 @@ def test_train_bend_through_evaluator_lowers_expected_loss():
 def test_train_bend_reports_nonfinite_loss_and_keeps_last_finite_bend():
     a = torch.ones(3, dtype=torch.float64)
     run = train_bend(
-        BezierPath(a, a.clone()), lambda p: torch.log(p.sum()), steps=50, lr=10.0, momentum=0.0,
+        BezierPath(a, a.clone()),
+        lambda p: torch.log(p.sum()),
+        steps=50,
+        lr=10.0,
+        momentum=0.0,
         generator=torch.Generator().manual_seed(0),
     )
     assert run.nonfinite_step is not None and run.steps_done == run.nonfinite_step < 50
@@ -338,8 +351,14 @@ def test_trained_curves_remove_most_of_the_linear_barrier(digits_modes):
     assert linear["train"].barrier_height > 0.5  # measured 1.36
     assert linear["train"].error_barrier_height > 0.2  # error rate rises by 45 points
     for cls in (BezierPath, PolychainPath):
-        run = train_bend(cls(a, b), evaluators["train"], steps=200, lr=1e-2, optimizer="adam",
-                         generator=torch.Generator().manual_seed(0))
+        run = train_bend(
+            cls(a, b),
+            evaluators["train"],
+            steps=200,
+            lr=1e-2,
+            optimizer="adam",
+            generator=torch.Generator().manual_seed(0),
+        )
         assert run.nonfinite_step is None
         curve = barrier(run.path, evaluators, points=25)
         assert curve["train"].barrier_height <= 0.25 * linear["train"].barrier_height  # Garipov et al. 2018
@@ -354,8 +373,12 @@ def test_trained_curves_remove_most_of_the_linear_barrier(digits_modes):
 
 def _bn_mlp() -> nn.Module:
     return nn.Sequential(
-        nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
-        nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(),
+        nn.Linear(64, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
         nn.Linear(32, 10),
     )
 
@@ -460,7 +483,9 @@ def test_errors_name_the_argument(quadratic):
     with pytest.raises(TypeError, match=r"evaluators must be a mapping .*got Evaluator"):
         barrier(LinearPath(a, a), ev, points=5)
     short = torch.zeros(DIM - 1, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"evaluators\['q'\] has parameter dimension 6, but the path's endpoints have dim=5"):
+    with pytest.raises(
+        ValueError, match=r"evaluators\['q'\] has parameter dimension 6, but the path's endpoints have dim=5"
+    ):
         barrier(LinearPath(short, short), {"q": ev}, points=5)
     with pytest.raises(TypeError, match=r"path must be a BezierPath or PolychainPath .*got LinearPath"):
         train_bend(LinearPath(a, a), ev, steps=1, lr=0.1, generator=gen)

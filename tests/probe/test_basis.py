@@ -243,8 +243,15 @@ def test_budget_below_the_basis_falls_back_to_no_reorthogonalization_and_keeps_t
     result = spectral_density(spec.op, runs=runs, steps=steps, generator=seeded(6), basis_memory_bytes=required - 1)
     assert result.reorth == "none" and result.basis_storage == "none"
     assert torch.all(torch.isnan(result.orthogonality_loss))
-    for words in (f"needs {required} bytes", f"basis_memory_bytes={required - 1}", "reorth='none'", "ghosts",
-                  "weights are split", "degree < 2*steps", "Ubaru, Chen & Saad 2017"):
+    for words in (
+        f"needs {required} bytes",
+        f"basis_memory_bytes={required - 1}",
+        "reorth='none'",
+        "ghosts",
+        "weights are split",
+        "degree < 2*steps",
+        "Ubaru, Chen & Saad 2017",
+    ):
         assert words in result.note, words
     ghosts = [int(((v - 100).abs() < 1e-6).sum()) for v in result.ritz_values]
     assert min(ghosts) >= 2, ghosts  # the fallback really ran without reorthogonalization
@@ -264,8 +271,15 @@ def test_budget_that_holds_the_basis_keeps_reorthogonalization(known_spectrum):
     plain = spectral_density(spec.op, runs=runs, steps=steps, generator=seeded(1))
     assert fits.reorth == "full" and fits.note == "" and fits.basis_storage == "device"
     assert all(torch.equal(a, b) for a, b in zip(fits.ritz_values, plain.ritz_values, strict=True))
-    host = spectral_density(spec.op, runs=runs, steps=steps, generator=seeded(1), basis="host",
-                            reorth="selective", basis_memory_bytes=required - 8)
+    host = spectral_density(
+        spec.op,
+        runs=runs,
+        steps=steps,
+        generator=seeded(1),
+        basis="host",
+        reorth="selective",
+        basis_memory_bytes=required - 8,
+    )
     assert host.reorth == "none" and "in the host store" in host.note
 
 
@@ -273,7 +287,9 @@ def test_reorth_within_budget_decisions():
     assert reorth_within_budget("full", 100, 100, "device") == ("full", "")
     assert reorth_within_budget("none", 10**12, 0, "device") == ("none", "")
     used, note = reorth_within_budget("selective", 101, 100, "device")
-    assert used == "none" and note.startswith("reorth='selective' needs 101 bytes for the Lanczos basis in the device store")
+    assert used == "none" and note.startswith(
+        "reorth='selective' needs 101 bytes for the Lanczos basis in the device store"
+    )
 
 
 def test_eigenvalues_budget_lowers_the_step_cap(known_spectrum):
@@ -281,7 +297,10 @@ def test_eigenvalues_budget_lowers_the_step_cap(known_spectrum):
     budget = 21 * N * 8  # 21 vectors
     result = eigenvalues(spec.op, 1, generator=seeded(2), max_steps=100, basis_memory_bytes=budget)
     assert result.num_steps == 20 and not result.converged
-    assert "max_steps lowered from 100 to 20: 101 basis vectors exceed basis_memory_bytes=40320 in the device store" in result.note
+    assert (
+        "max_steps lowered from 100 to 20: 101 basis vectors exceed basis_memory_bytes=40320 in the device store"
+        in result.note
+    )
     assert "not converged after max_steps=20" in result.note
     roomy = eigenvalues(spec.op, 1, generator=seeded(2), max_steps=100, basis_memory_bytes=101 * N * 8)
     assert "lowered" not in roomy.note
@@ -320,11 +339,17 @@ def test_stores_satisfy_the_protocol():
 @pytest.mark.parametrize(
     "basis,match",
     [
-        ("disk", r"basis must be one of \('device', 'host'\) or a BasisStore, got basis='disk'; a disk store needs a "
-                 r"folder: pass basis=cluster.basis.DiskBasis\(folder\)"),
+        (
+            "disk",
+            r"basis must be one of \('device', 'host'\) or a BasisStore, got basis='disk'; a disk store needs a "
+            r"folder: pass basis=cluster.basis.DiskBasis\(folder\)",
+        ),
         ("gpu", r"basis must be one of \('device', 'host'\) or a BasisStore, got basis='gpu'$"),
-        (3, r"basis must be one of \('device', 'host'\) or a BasisStore \(name, block_size, allocate, put, get, view, "
-            r"resident_bytes, close\), got int"),
+        (
+            3,
+            r"basis must be one of \('device', 'host'\) or a BasisStore \(name, block_size, allocate, put, get, view, "
+            r"resident_bytes, close\), got int",
+        ),
     ],
 )
 def test_unknown_basis_is_rejected(basis, match):
@@ -335,7 +360,9 @@ def test_unknown_basis_is_rejected(basis, match):
 
 @pytest.mark.parametrize("block_size", [0, -2, 2.5])
 def test_bad_block_size_is_rejected(block_size):
-    match = rf"block_size must be a positive number of vectors per run or None \(one block\), got block_size={block_size}"
+    match = (
+        rf"block_size must be a positive number of vectors per run or None \(one block\), got block_size={block_size}"
+    )
     with pytest.raises(ValueError, match=match):
         HostBasis(block_size=block_size)
     with pytest.raises(ValueError, match=match):
@@ -346,7 +373,9 @@ def test_negative_budget_and_unknown_reorth_are_rejected_before_the_budget():
     op = DenseOperator(torch.eye(10, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"basis_memory_bytes must be non-negative or None, got basis_memory_bytes=-1"):
         spectral_density(op, steps=3, basis_memory_bytes=-1)
-    with pytest.raises(ValueError, match=r"reorth must be one of \('full', 'selective', 'none'\), got reorth='partial'"):
+    with pytest.raises(
+        ValueError, match=r"reorth must be one of \('full', 'selective', 'none'\), got reorth='partial'"
+    ):
         spectral_density(op, steps=3, reorth="partial", basis_memory_bytes=0)
 
 

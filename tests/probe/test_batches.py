@@ -44,10 +44,15 @@ def test_split_batch_reads_pairs_lists_and_labels_dicts():
 @pytest.mark.parametrize(
     ("batch", "message"),
     [
-        ({"input_ids": torch.zeros(2)}, "a dict batch must hold its targets under 'labels', got keys ['input_ids']; "
-                                        "add a 'labels' entry or pass (inputs, targets) pairs"),
-        ((torch.zeros(2), torch.zeros(2), torch.zeros(2)),
-         "each batch must be an (inputs, targets) pair or a dict with a 'labels' entry, got a tuple of length 3"),
+        (
+            {"input_ids": torch.zeros(2)},
+            "a dict batch must hold its targets under 'labels', got keys ['input_ids']; "
+            "add a 'labels' entry or pass (inputs, targets) pairs",
+        ),
+        (
+            (torch.zeros(2), torch.zeros(2), torch.zeros(2)),
+            "each batch must be an (inputs, targets) pair or a dict with a 'labels' entry, got a tuple of length 3",
+        ),
         (torch.zeros(2), "each batch must be an (inputs, targets) pair or a dict with a 'labels' entry, got Tensor"),
     ],
     ids=["dict-without-labels", "triple", "tensor"],
@@ -99,8 +104,10 @@ def test_token_count_counts_targets_not_ignored():
     ("targets", "got"), [(torch.zeros(3), "a torch.float32 tensor"), ({"a": torch.zeros(3)}, "dict")]
 )
 def test_token_count_needs_integer_tensors(targets, got):
-    message = (f"weighting='tokens' counts integer targets (token ids, -100 where ignored), got {got}; "
-               f"use weighting='examples' for other targets")
+    message = (
+        f"weighting='tokens' counts integer targets (token ids, -100 where ignored), got {got}; "
+        f"use weighting='examples' for other targets"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         token_count(targets)
 
@@ -122,8 +129,12 @@ def test_example_weights_are_unchanged_by_ignored_targets():
 
 
 def test_labels_dicts_become_pairs_on_the_device_in_the_dtype():
-    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "scale": torch.ones(2), "labels": torch.ones(2, 4).long()}
-    (inputs, targets), = weigh_batches([batch], torch.float64, CPU, weighting="tokens").batches
+    batch = {
+        "input_ids": torch.zeros(2, 4, dtype=torch.long),
+        "scale": torch.ones(2),
+        "labels": torch.ones(2, 4).long(),
+    }
+    ((inputs, targets),) = weigh_batches([batch], torch.float64, CPU, weighting="tokens").batches
     assert set(inputs) == {"input_ids", "scale"} and inputs["scale"].dtype == torch.float64
     assert targets.dtype == torch.long
 
@@ -132,10 +143,15 @@ def test_labels_dicts_become_pairs_on_the_device_in_the_dtype():
     ("kwargs", "message"),
     [
         ({"weighting": "sequences"}, "weighting must be one of ('examples', 'tokens'), got weighting='sequences'"),
-        ({"total_tokens": 10}, "total_tokens=10 is given with weighting='examples'; pass weighting='tokens', "
-                               "or total_examples for example weighting"),
-        ({"weighting": "tokens", "total_examples": 10},
-         "total_examples=10 is given with weighting='tokens'; pass total_tokens, the token count over every shard"),
+        (
+            {"total_tokens": 10},
+            "total_tokens=10 is given with weighting='examples'; pass weighting='tokens', "
+            "or total_examples for example weighting",
+        ),
+        (
+            {"weighting": "tokens", "total_examples": 10},
+            "total_examples=10 is given with weighting='tokens'; pass total_tokens, the token count over every shard",
+        ),
         ({"weighting": "tokens", "total_tokens": 0}, "total_tokens must be positive, got 0"),
     ],
     ids=["unknown", "tokens-total-with-examples", "examples-total-with-tokens", "non-positive"],
@@ -147,8 +163,10 @@ def test_weighting_errors(kwargs, message):
 
 def test_a_probe_set_without_tokens_is_rejected_unless_another_shard_has_them():
     empty = [lm_targets()[2]]
-    message = ("the probe set has no target tokens: every target equals ignore_index=-100; "
-               "check the labels or pass ignore_index")
+    message = (
+        "the probe set has no target tokens: every target equals ignore_index=-100; "
+        "check the labels or pass ignore_index"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         weigh_batches(empty, torch.float64, CPU, weighting="tokens")
     shard = weigh_batches(empty, torch.float64, CPU, weighting="tokens", total_tokens=17)

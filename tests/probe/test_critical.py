@@ -15,8 +15,9 @@ def exact_negative_mass(lam: torch.Tensor) -> float:
 
 def test_positive_definite_with_zero_gradient_is_a_near_minimum(known_spectrum):
     ks = known_spectrum(torch.linspace(0.01, 3.0, 120))
-    r = classify_critical_point(ks.op, torch.zeros(120, dtype=torch.float64), runs=6, steps=40,
-                                generator=torch.Generator().manual_seed(0))
+    r = classify_critical_point(
+        ks.op, torch.zeros(120, dtype=torch.float64), runs=6, steps=40, generator=torch.Generator().manual_seed(0)
+    )
     assert r.label == "near_minimum" and r.grad_norm == 0.0
     assert r.lambda_max == pytest.approx(3.0, rel=1e-10) and r.lambda_min == pytest.approx(0.01, rel=1e-6)
     assert r.negative_mass == pytest.approx(0.0, abs=1e-12)
@@ -34,8 +35,9 @@ def test_indefinite_spectrum_is_a_saddle_with_the_exact_negative_mass(known_spec
     far = classify_critical_point(ks.op, 0.5, runs=4, steps=20, generator=torch.Generator().manual_seed(1))
     assert far.label == "not_critical" and far.grad_norm == 0.5
     # a threshold above the mass makes it a near-minimum: the rule uses the stated threshold
-    lenient = classify_critical_point(ks.op, 0.0, negative_mass_threshold=0.5, runs=4, steps=20,
-                                      generator=torch.Generator().manual_seed(1))
+    lenient = classify_critical_point(
+        ks.op, 0.0, negative_mass_threshold=0.5, runs=4, steps=20, generator=torch.Generator().manual_seed(1)
+    )
     assert lenient.label == "near_minimum" and lenient.negative_mass_threshold == 0.5
 
 

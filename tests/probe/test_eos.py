@@ -306,8 +306,11 @@ def test_eos_series_for_adam_takes_a_preconditioner_per_checkpoint():
     mats = [with_spectrum(QUAD_EIGS * s) for s in (1.0, 1.1)]
     p = torch.linspace(0.5, 3.0, QUAD_EIGS.numel(), dtype=torch.float64)
     series = eos_series(
-        [(0, 1e-3, 0), (10, 1e-3, 1)], lambda i: DenseOperator(mats[i]), optimizer="adam",
-        make_preconditioner=lambda i: p, generator=seeded(0),
+        [(0, 1e-3, 0), (10, 1e-3, 1)],
+        lambda i: DenseOperator(mats[i]),
+        optimizer="adam",
+        make_preconditioner=lambda i: p,
+        generator=seeded(0),
     )
     exact = torch.tensor([torch.linalg.eigvals(m / p[:, None]).real.max() for m in mats], dtype=torch.float64)
     torch.testing.assert_close(series.lambda_max, exact, rtol=1e-10, atol=0)

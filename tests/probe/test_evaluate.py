@@ -83,8 +83,9 @@ def test_lm_loss_and_token_error_rate_over_all_tokens(lm_evaluators):
     counted = targets != -100
     loss, error = ev.loss_and_error(ev.center())
     assert loss == pytest.approx(lm_loss(logits, targets).item(), rel=1e-13)
-    assert error == pytest.approx(((logits.argmax(-1) != targets) & counted).sum().item() / counted.sum().item(),
-                                  rel=1e-13)
+    assert error == pytest.approx(
+        ((logits.argmax(-1) != targets) & counted).sum().item() / counted.sum().item(), rel=1e-13
+    )
 
 
 @pytest.mark.parametrize("weighting", ["tokens", "examples"])
@@ -111,7 +112,9 @@ class KeywordMLP(nn.Module):
 def test_labels_dicts_evaluate_like_pairs(trained_mlp, digits64):
     x, y = digits64
     plain = Evaluator(trained_mlp, F.cross_entropy, split(x, y))
-    keyed = Evaluator(KeywordMLP(trained_mlp), F.cross_entropy, [{"pixels": bx, "labels": by} for bx, by in split(x, y)])
+    keyed = Evaluator(
+        KeywordMLP(trained_mlp), F.cross_entropy, [{"pixels": bx, "labels": by} for bx, by in split(x, y)]
+    )
     assert keyed.classification and keyed.space.names == tuple(f"inner.{n}" for n in plain.space.names)
     points = points_around(plain.center(), 3, seed=6)
     for a, b in zip(plain.losses(points), keyed.losses(points), strict=True):

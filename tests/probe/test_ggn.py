@@ -42,7 +42,9 @@ def dense_ggn(model, loss_fn, x, y) -> torch.Tensor:
 
     def outputs(theta):
         chunks = torch.split(theta, numels)
-        return functional_call(model, {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}, (x,)).reshape(-1)
+        return functional_call(
+            model, {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}, (x,)
+        ).reshape(-1)
 
     z0 = outputs(theta0).detach()
     J = jacrev(outputs)(theta0)  # (N·C, P)

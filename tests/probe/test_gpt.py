@@ -116,8 +116,12 @@ def test_reference_method_agrees_with_finite_differences_where_func_hessian_does
     w = torch.randn(3, 4, generator=g, dtype=torch.float64)
     f, theta0 = flat_function(model, lambda params: (functional_call(model, params, (x,)).tanh() * w).sum())
     eps = 1e-5
-    fd = torch.stack([(grad(f)(theta0 + eps * e) - grad(f)(theta0 - eps * e)) / (2 * eps)
-                      for e in torch.eye(theta0.numel(), dtype=torch.float64)])
+    fd = torch.stack(
+        [
+            (grad(f)(theta0 + eps * e) - grad(f)(theta0 - eps * e)) / (2 * eps)
+            for e in torch.eye(theta0.numel(), dtype=torch.float64)
+        ]
+    )
     scale = fd.abs().max()
     assert (jacfwd(grad(f))(theta0) - fd).abs().max() / scale < 1e-7  # measured 1.4e-9
     assert (hessian(f)(theta0) - fd).abs().max() / scale > 1e-2  # measured 0.38

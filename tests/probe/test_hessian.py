@@ -398,8 +398,10 @@ def test_token_shards_with_the_global_count_sum_to_the_whole(trained_mlp, digits
     x, y = digits64
     batches = split(x, masked_labels(y), SIZES)
     full = HessianOperator(trained_mlp, F.cross_entropy, batches, weighting="tokens")
-    shards = [HessianOperator(trained_mlp, F.cross_entropy, part, weighting="tokens", total_tokens=260)
-              for part in (batches[:2], batches[2:])]
+    shards = [
+        HessianOperator(trained_mlp, F.cross_entropy, part, weighting="tokens", total_tokens=260)
+        for part in (batches[:2], batches[2:])
+    ]
     V = gaussian_block(full.dim, 2, seed=16)
     assert relative_error(shards[0] @ V + shards[1] @ V, full @ V) < 1e-12
     (la, ga), (lb, gb), (lf, g) = shards[0].loss_and_gradient(), shards[1].loss_and_gradient(), full.loss_and_gradient()
@@ -407,7 +409,9 @@ def test_token_shards_with_the_global_count_sum_to_the_whole(trained_mlp, digits
 
 
 def test_unknown_weighting_rejected(trained_mlp, digits64):
-    with pytest.raises(ValueError, match=re.escape("weighting must be one of ('examples', 'tokens'), got weighting='t'")):
+    with pytest.raises(
+        ValueError, match=re.escape("weighting must be one of ('examples', 'tokens'), got weighting='t'")
+    ):
         HessianOperator(trained_mlp, F.cross_entropy, [digits64], weighting="t")
 
 
@@ -456,8 +460,11 @@ def test_bf16_lanczos_runs_in_float32_and_finds_lambda_max(bf16_case):
     H = HessianOperator(model16, F.cross_entropy, batches)
     assert H.random_vectors(1, generator=torch.Generator().manual_seed(0)).dtype == torch.float32
     top = eigenvalues(H, 1, generator=torch.Generator().manual_seed(0)).eigenvalues[0].item()
-    ref = eigenvalues(HessianOperator(model64, F.cross_entropy, batches), 1,
-                      generator=torch.Generator().manual_seed(0)).eigenvalues[0].item()
+    ref = (
+        eigenvalues(HessianOperator(model64, F.cross_entropy, batches), 1, generator=torch.Generator().manual_seed(0))
+        .eigenvalues[0]
+        .item()
+    )
     assert abs(top - ref) / ref < 1e-2  # measured 1.2e-3
 
 
@@ -475,10 +482,15 @@ def test_float64_accumulation_over_a_float32_model(trained_mlp_state, digits64, 
 @pytest.mark.parametrize(
     ("dtype", "message"),
     [
-        (torch.bfloat16, "accumulate_dtype must be torch.float32 or torch.float64, got torch.bfloat16; "
-                         "estimators must not run in 16-bit formats"),
-        (torch.float32, "accumulate_dtype=torch.float32 is narrower than the parameters' torch.float64; "
-                        "pass None or torch.float64"),
+        (
+            torch.bfloat16,
+            "accumulate_dtype must be torch.float32 or torch.float64, got torch.bfloat16; "
+            "estimators must not run in 16-bit formats",
+        ),
+        (
+            torch.float32,
+            "accumulate_dtype=torch.float32 is narrower than the parameters' torch.float64; pass None or torch.float64",
+        ),
     ],
 )
 def test_bad_accumulate_dtype_rejected(trained_mlp, digits64, dtype, message):

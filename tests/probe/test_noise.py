@@ -278,8 +278,9 @@ def test_dict_batches_match_tensor_batches(mlp64, digits64):
     dict_batches = [({"pixels": bx}, by) for bx, by in split(x, y)]
     from_dicts = gradient_moments(wrapped, F.cross_entropy, dict_batches, chunk_size=32)
     assert_same_moments(from_dicts, plain)
-    labelled = gradient_moments(wrapped, F.cross_entropy, [{"pixels": bx, "labels": by} for bx, by in split(x, y)],
-                                chunk_size=32)
+    labelled = gradient_moments(
+        wrapped, F.cross_entropy, [{"pixels": bx, "labels": by} for bx, by in split(x, y)], chunk_size=32
+    )
     assert_same_moments(labelled, plain)
 
 
@@ -456,7 +457,7 @@ def _digits_batches(n: int = 120, sizes=(50, 40, 30)):
     y = torch.tensor(bunch.target[:n], dtype=torch.long)
     out, start = [], 0
     for s in sizes:
-        out.append((x[start:start + s], y[start:start + s]))
+        out.append((x[start : start + s], y[start : start + s]))
         start += s
     return out
 

@@ -255,7 +255,9 @@ def test_random_vectors_of_a_large_dimension_are_drawn_in_blocks_identically_for
     for kind in ("gaussian", "rademacher"):
         whole = Slice(dim, 0, dim).random_vectors(3, generator=torch.Generator().manual_seed(1), kind=kind)
         bounds = [0, 50, 64, 200, dim]
-        parts = [Slice(dim, a, b).random_vectors(3, generator=torch.Generator().manual_seed(1), kind=kind)
-                 for a, b in pairwise(bounds)]
+        parts = [
+            Slice(dim, a, b).random_vectors(3, generator=torch.Generator().manual_seed(1), kind=kind)
+            for a, b in pairwise(bounds)
+        ]
         assert torch.equal(torch.cat(parts), whole)
         assert whole.shape == (dim, 3) and whole.std() > 0.5

@@ -61,9 +61,15 @@ def test_gaussian_kl_equals_torch_distributions():
     theta = torch.randn(50, generator=g, dtype=torch.float64)
     s = torch.rand(50, generator=g, dtype=torch.float64) + 0.1
     q = torch.distributions.Normal(theta, s)
-    want = float(torch.distributions.kl_divergence(q, torch.distributions.Normal(torch.zeros(50, dtype=torch.float64), 0.7)).sum())
+    want = float(
+        torch.distributions.kl_divergence(
+            q, torch.distributions.Normal(torch.zeros(50, dtype=torch.float64), 0.7)
+        ).sum()
+    )
     assert gaussian_kl(theta, s, 0.7) == pytest.approx(want, rel=1e-12)
-    want_same = float(torch.distributions.kl_divergence(q, torch.distributions.Normal(torch.zeros_like(theta), s)).sum())
+    want_same = float(
+        torch.distributions.kl_divergence(q, torch.distributions.Normal(torch.zeros_like(theta), s)).sum()
+    )
     assert gaussian_kl(theta, s, None) == pytest.approx(want_same, rel=1e-12)
 
 
@@ -103,8 +109,14 @@ def test_magnitude_variant_is_invariant_to_rescaling_layers_and_isotropic_is_not
     for scale in (1.0, 8.0):
         for variant in ("magnitude", "isotropic"):
             ev = Evaluator(relu_net(scale), F.cross_entropy, batches)
-            r = pacbayes(ev, target=0.05, variant=variant, samples=8, magnitude_eps=1e-12,
-                         generator=torch.Generator().manual_seed(0))
+            r = pacbayes(
+                ev,
+                target=0.05,
+                variant=variant,
+                samples=8,
+                magnitude_eps=1e-12,
+                generator=torch.Generator().manual_seed(0),
+            )
             got[scale, variant] = r.sigma
     assert got[8.0, "magnitude"] == pytest.approx(got[1.0, "magnitude"], rel=1e-9)
     assert got[8.0, "isotropic"] < 0.5 * got[1.0, "isotropic"]
@@ -142,22 +154,30 @@ def test_memorizing_shuffled_labels_gives_a_sharper_solution():
         assert F.cross_entropy(model(x), labels).item() < 0.05  # both fit their labels
         ev = Evaluator(model, F.cross_entropy, [(x, labels)])
         r = pacbayes(ev, target=0.1, samples=16, generator=torch.Generator().manual_seed(1))
-        lam = eigenvalues(HessianOperator(model, F.cross_entropy, [(x, labels)]), 1,
-                          generator=torch.Generator().manual_seed(0)).eigenvalues[0].item()
+        lam = (
+            eigenvalues(
+                HessianOperator(model, F.cross_entropy, [(x, labels)]), 1, generator=torch.Generator().manual_seed(0)
+            )
+            .eigenvalues[0]
+            .item()
+        )
         out[name] = (r.sigma, r.sigma_stderr, lam)
     (s_true, se_true, lam_true), (s_shuf, se_shuf, lam_shuf) = out["true"], out["shuffled"]
     assert s_shuf + 3 * se_shuf < s_true - 3 * se_true
     assert lam_shuf > 5 * lam_true
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"variant": "gaussian"}, "variant must be one of"),
-    ({"samples": 7}, "even integer"),
-    ({"samples": 2}, "even integer"),
-    ({"target": 0}, "target must be a positive"),
-    ({"prior_sigma": -1.0}, "prior_sigma must be a positive"),
-    ({"delta": 1.5}, "delta must be below 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"variant": "gaussian"}, "variant must be one of"),
+        ({"samples": 7}, "even integer"),
+        ({"samples": 2}, "even integer"),
+        ({"target": 0}, "target must be a positive"),
+        ({"prior_sigma": -1.0}, "prior_sigma must be a positive"),
+        ({"delta": 1.5}, "delta must be below 1"),
+    ],
+)
 def test_bad_options_are_refused_naming_them(kwargs, message):
     ev, _ = quadratic()
     with pytest.raises(ValueError, match=message):

@@ -237,8 +237,9 @@ def test_adaptive_average_at_the_minimum_within_three_standard_errors(dense, p, 
     c = dense.theta_star.abs()
     exact = rho**2 * moment * float((torch.diagonal(dense.a) * c**2).sum()) / 2
     for seed in range(4):
-        r = adaptive_sharpness(dense, dense.theta_star, kind="average", p=p, rho=rho, num_samples=200,
-                               generator=seeded(seed))
+        r = adaptive_sharpness(
+            dense, dense.theta_star, kind="average", p=p, rho=rho, num_samples=200, generator=seeded(seed)
+        )
         assert abs(r.value - exact) <= 3 * r.stderr
         assert r.losses.shape == (200,) and r.num_evaluations == 201 and r.perturbation is None
 
@@ -277,8 +278,10 @@ def test_average_error_and_stderr_shrink_as_samples_grow(dense):
     exact = sigma**2 * float(SPECTRUM.sum()) / 2
 
     def errors(m: int) -> tuple[float, float]:
-        rs = [average_sharpness(dense, dense.theta_star, sigma=sigma, num_samples=m, generator=seeded(s))
-              for s in range(8)]
+        rs = [
+            average_sharpness(dense, dense.theta_star, sigma=sigma, num_samples=m, generator=seeded(s))
+            for s in range(8)
+        ]
         return statistics.fmean(abs(r.value - exact) for r in rs), statistics.fmean(r.stderr for r in rs)
 
     err_small, se_small = errors(16)
@@ -358,8 +361,10 @@ def reparameterized() -> tuple[Evaluator, Evaluator, list]:
 def test_reparameterization_keeps_the_loss_and_changes_lambda_max(reparameterized):
     plain, scaled, batches = reparameterized
     assert scaled.loss(scaled.center()) == pytest.approx(plain.loss(plain.center()), rel=1e-12)
-    lam = [lambda_max(HessianOperator(e.model, F.cross_entropy, batches), generator=seeded(0)).value
-           for e in (plain, scaled)]
+    lam = [
+        lambda_max(HessianOperator(e.model, F.cross_entropy, batches), generator=seeded(0)).value
+        for e in (plain, scaled)
+    ]
     assert abs(lam[1] - lam[0]) > 0.1 * lam[0]
     sam = [sam_sharpness(e).value for e in (plain, scaled)]
     assert abs(sam[1] - sam[0]) > 0.1 * sam[0]  # plain SAM is not invariant either
@@ -380,52 +385,88 @@ def test_adaptive_sharpness_is_invariant_to_the_reparameterization(reparameteriz
 _Q = Quadratic(torch.diag(SPECTRUM), torch.tensor([1.0, -2.0, 0.5, 3.0, -0.7, 1.5], dtype=torch.float64))
 _T = _Q.theta_star
 ERROR_CASES = {
-    "callable without center": (
-        lambda: sam_sharpness(_Q), ValueError, r"center is required when loss is a callable"),
+    "callable without center": (lambda: sam_sharpness(_Q), ValueError, r"center is required when loss is a callable"),
     "loss not callable": (
-        lambda: sam_sharpness(42, _T), TypeError, r"loss must be an Evaluator or a callable.*got int"),
+        lambda: sam_sharpness(42, _T),
+        TypeError,
+        r"loss must be an Evaluator or a callable.*got int",
+    ),
     "center not 1-D": (
-        lambda: sam_sharpness(_Q, _T[None]), ValueError,
-        r"center must be a 1-D floating-point tensor, got shape \(1, 6\)"),
+        lambda: sam_sharpness(_Q, _T[None]),
+        ValueError,
+        r"center must be a 1-D floating-point tensor, got shape \(1, 6\)",
+    ),
     "rho zero": (
-        lambda: sam_sharpness(_Q, _T, rho=0.0), ValueError, r"rho must be a positive finite number, got rho=0.0"),
+        lambda: sam_sharpness(_Q, _T, rho=0.0),
+        ValueError,
+        r"rho must be a positive finite number, got rho=0.0",
+    ),
     "epsilon negative": (
-        lambda: keskar_sharpness(_Q, _T, epsilon=-1e-3), ValueError, r"epsilon must be a positive finite number"),
+        lambda: keskar_sharpness(_Q, _T, epsilon=-1e-3),
+        ValueError,
+        r"epsilon must be a positive finite number",
+    ),
     "sigma infinite": (
-        lambda: average_sharpness(_Q, _T, sigma=math.inf), ValueError,
-        r"sigma must be a positive finite number, got sigma=inf"),
-    "steps zero": (
-        lambda: sam_sharpness(_Q, _T, steps=0), ValueError, r"steps must be an integer >= 1, got steps=0"),
+        lambda: average_sharpness(_Q, _T, sigma=math.inf),
+        ValueError,
+        r"sigma must be a positive finite number, got sigma=inf",
+    ),
+    "steps zero": (lambda: sam_sharpness(_Q, _T, steps=0), ValueError, r"steps must be an integer >= 1, got steps=0"),
     "step_size negative": (
-        lambda: sam_sharpness(_Q, _T, step_size=-1.0), ValueError, r"step_size must be a positive finite number"),
+        lambda: sam_sharpness(_Q, _T, step_size=-1.0),
+        ValueError,
+        r"step_size must be a positive finite number",
+    ),
     "p unknown": (
-        lambda: adaptive_sharpness(_Q, _T, p=1), ValueError, r"p must be 2 or inf \(math.inf or 'inf'\), got p=1"),
+        lambda: adaptive_sharpness(_Q, _T, p=1),
+        ValueError,
+        r"p must be 2 or inf \(math.inf or 'inf'\), got p=1",
+    ),
     "kind unknown": (
-        lambda: adaptive_sharpness(_Q, _T, kind="mean"), ValueError,
-        r"kind must be one of \('worst', 'average'\), got kind='mean'"),
+        lambda: adaptive_sharpness(_Q, _T, kind="mean"),
+        ValueError,
+        r"kind must be one of \('worst', 'average'\), got kind='mean'",
+    ),
     "rho missing": (
-        lambda: adaptive_sharpness(_Q, _T, kind="average"), ValueError,
-        r"rho is required for kind='average', p=2.*0.05-0.4"),
+        lambda: adaptive_sharpness(_Q, _T, kind="average"),
+        ValueError,
+        r"rho is required for kind='average', p=2.*0.05-0.4",
+    ),
     "eta negative": (
-        lambda: adaptive_sharpness(_Q, _T, eta=-0.1), ValueError, r"eta must be a finite number >= 0, got eta=-0.1"),
+        lambda: adaptive_sharpness(_Q, _T, eta=-0.1),
+        ValueError,
+        r"eta must be a finite number >= 0, got eta=-0.1",
+    ),
     "all-zero center": (
-        lambda: adaptive_sharpness(_Q, torch.zeros(6, dtype=torch.float64)), ValueError,
-        r"every coordinate of center is 0.*pass eta > 0"),
+        lambda: adaptive_sharpness(_Q, torch.zeros(6, dtype=torch.float64)),
+        ValueError,
+        r"every coordinate of center is 0.*pass eta > 0",
+    ),
     "one sample": (
-        lambda: average_sharpness(_Q, _T, sigma=0.1, num_samples=1), ValueError,
-        r"num_samples must be an integer >= 2.*got num_samples=1"),
+        lambda: average_sharpness(_Q, _T, sigma=0.1, num_samples=1),
+        ValueError,
+        r"num_samples must be an integer >= 2.*got num_samples=1",
+    ),
     "odd antithetic": (
-        lambda: average_sharpness(_Q, _T, sigma=0.1, num_samples=7, antithetic=True), ValueError,
-        r"num_samples must be even with antithetic=True.*use 8"),
+        lambda: average_sharpness(_Q, _T, sigma=0.1, num_samples=7, antithetic=True),
+        ValueError,
+        r"num_samples must be even with antithetic=True.*use 8",
+    ),
     "loss not scalar": (
-        lambda: sam_sharpness(lambda th: th * 2, _T), ValueError,
-        r"loss\(flat\) must return a 0-dim tensor, got shape \(6,\)"),
+        lambda: sam_sharpness(lambda th: th * 2, _T),
+        ValueError,
+        r"loss\(flat\) must return a 0-dim tensor, got shape \(6,\)",
+    ),
     "loss not differentiable": (
-        lambda: sam_sharpness(lambda th: th.detach().sum(), _T), ValueError,
-        r"loss\(flat\) is not differentiable in flat"),
+        lambda: sam_sharpness(lambda th: th.detach().sum(), _T),
+        ValueError,
+        r"loss\(flat\) is not differentiable in flat",
+    ),
     "lambda_max tol": (
-        lambda: lambda_max(DenseOperator(torch.eye(3, dtype=torch.float64)), tol=0.0), ValueError,
-        r"tol must be positive"),
+        lambda: lambda_max(DenseOperator(torch.eye(3, dtype=torch.float64)), tol=0.0),
+        ValueError,
+        r"tol must be positive",
+    ),
 }
 
 

@@ -149,7 +149,9 @@ def test_log_abs_density_splits_the_weight_by_sign(known_spectrum):
     spec = known_spectrum(gapped_spectrum(), seed=1)
     result = spectral_density(spec.op, runs=10, steps=40, generator=seeded(4))
     grid, pos, neg = result.log_abs_density(sigma=0.05)
-    negative_weight = torch.stack([w[v < 0].sum() for v, w in zip(result.ritz_values, result.ritz_weights, strict=True)]).mean()
+    negative_weight = torch.stack(
+        [w[v < 0].sum() for v, w in zip(result.ritz_values, result.ritz_weights, strict=True)]
+    ).mean()
     assert torch.trapezoid(neg, grid).item() == pytest.approx(negative_weight.item(), abs=2e-3)
     assert torch.trapezoid(pos, grid).item() == pytest.approx(1 - negative_weight.item(), abs=2e-3)
     # |λ| ≤ 1 on the negative side: its density has only the kernel's tail above log10(1) = 0.

@@ -213,8 +213,9 @@ def test_normalized_surfaces_are_invariant_to_layer_rescaling(relu_mlp, normaliz
     ev, ev_twin = Evaluator(model, F.cross_entropy, batches), Evaluator(twin, F.cross_entropy, batches)
     assert not torch.allclose(ev.center(), ev_twin.center())
     assert ev_twin.loss(ev_twin.center()) == pytest.approx(ev.loss(ev.center()), rel=1e-12)  # same function
-    kwargs = dict(dims=dims, resolution=7 if dims == 2 else 15, span=1.0, normalization=normalization,
-                  ignore_1d=ignore_1d)
+    kwargs = dict(
+        dims=dims, resolution=7 if dims == 2 else 15, span=1.0, normalization=normalization, ignore_1d=ignore_1d
+    )
     base = loss_surface(ev, generator=seeded(7), **kwargs)  # same seed: identical raw Gaussian draws
     other = loss_surface(ev_twin, generator=seeded(7), **kwargs)
     rel = ((other.loss - base.loss).abs() / base.loss.abs()).max().item()
@@ -266,8 +267,13 @@ def test_pca_directions_recover_the_dominant_direction():
     w /= w.norm()
     t = torch.linspace(1, 0, n, dtype=torch.float64)  # from the start (t=1) to the center (t=0)
     # the bend along w is uncorrelated with the progress along u, so PCA's first axis is u itself
-    trajectory = [center + 5.0 * ti * u + 0.5 * torch.cos(2 * torch.pi * ti) * w + 1e-3 * torch.randn(dim, generator=g,
-                  dtype=torch.float64) for ti in t]
+    trajectory = [
+        center
+        + 5.0 * ti * u
+        + 0.5 * torch.cos(2 * torch.pi * ti) * w
+        + 1e-3 * torch.randn(dim, generator=g, dtype=torch.float64)
+        for ti in t
+    ]
     d = pca_directions(trajectory, center, 2)
     assert d.kind == "pca" and d.vectors.shape == (2, dim)
     assert abs(float(d.vectors[0] @ u)) > 0.999
@@ -323,12 +329,16 @@ def _errors(relu_mlp):
         (lambda: loss_surface(ev, span=0.0, generator=seeded(0)), r"span must be a positive finite number"),
         (lambda: loss_surface(ev, directions="hessian", generator=seeded(0)), r"directions must be one of"),
         (lambda: loss_surface(ev, normalization="l2", generator=seeded(0)), r"normalization must be one of"),
-        (lambda: loss_surface(ev, directions="eigen", normalization="filter", op=op, generator=seeded(0)),
-         r"applies to random directions only"),
+        (
+            lambda: loss_surface(ev, directions="eigen", normalization="filter", op=op, generator=seeded(0)),
+            r"applies to random directions only",
+        ),
         (lambda: loss_surface(ev), r"generator is required for directions='random'"),
         (lambda: loss_surface(ev, directions="eigen", generator=seeded(0)), r"op is required for directions='eigen'"),
-        (lambda: loss_surface(ev, directions="eigen", op=small_op, generator=seeded(0)),
-         r"op must act on the evaluator's parameter space"),
+        (
+            lambda: loss_surface(ev, directions="eigen", op=small_op, generator=seeded(0)),
+            r"op must act on the evaluator's parameter space",
+        ),
         (lambda: loss_surface(ev, directions="pca"), r"trajectory is required for directions='pca'"),
     ]
 
@@ -342,6 +352,7 @@ def test_errors_name_the_argument_and_a_fix(relu_mlp):
 def test_directions_record_reports_its_shape(relu_mlp):
     model, _ = relu_mlp
     space = ParameterSpace.of(model)
-    d = Directions(vectors=torch.zeros(2, space.dim, dtype=torch.float64), kind="given", normalization="none",
-                   ignore_1d=False)
+    d = Directions(
+        vectors=torch.zeros(2, space.dim, dtype=torch.float64), kind="given", normalization="none", ignore_1d=False
+    )
     assert (d.k, d.dim) == (2, space.dim)

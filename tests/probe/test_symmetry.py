@@ -88,8 +88,14 @@ def test_a_float64_hugging_face_llama_is_symmetric_only_to_float32_level_and_war
 
     from probe.gpt import lm_loss
 
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(cfg).double().eval()
@@ -98,8 +104,11 @@ def test_a_float64_hugging_face_llama_is_symmetric_only_to_float32_level_and_war
     with sdpa_kernel([SDPBackend.MATH]):  # the CPU flash kernel has no double backward
         op = HessianOperator(model, lm_loss, batches)
         assert op.dtype == torch.float64
-        with pytest.warns(SymmetryWarning, match=r"operator symmetric only to .* \(float64 rounding 1\.1e-16\): "
-                                                  r"parts of the model compute in lower precision"):
+        with pytest.warns(
+            SymmetryWarning,
+            match=r"operator symmetric only to .* \(float64 rounding 1\.1e-16\): "
+            r"parts of the model compute in lower precision",
+        ):
             r = symmetry_defect(op, torch.Generator().manual_seed(0))
     assert r.defect > 1e-10  # measured 8.4e-9 here (median over 20 seeds 1e-7): float32 RMSNorm/rotary
     assert r.exceeds and "Hugging Face RMSNorm/rotary" in r.note and f"{r.defect:.1e}" in r.note

@@ -54,8 +54,11 @@ def bn_model() -> nn.Module:
 def dropout_model() -> nn.Module:
     """Linear → BatchNorm1d → ReLU → Dropout(0.5) → Linear in float64."""
     torch.manual_seed(2)
-    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5),
-                         nn.Linear(8, 3)).to(torch.float64).eval()
+    return (
+        nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+        .to(torch.float64)
+        .eval()
+    )
 
 
 def direct_train_loss(model: nn.Module, batches, flat: Tensor | None = None) -> Tensor:
@@ -118,8 +121,9 @@ def test_train_mode_gradient_flows_through_the_batch_statistics():
     assert list(ParameterSpace.of(model).names) == [n for n, _ in model.named_parameters()]
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
     # in eval mode the gradient is another one (running statistics are constants)
-    (eval_grad,) = torch.autograd.grad(Evaluator(model, F.cross_entropy, batches, recompute_bn=False)
-                                       .loss_with_grad(theta), theta)
+    (eval_grad,) = torch.autograd.grad(
+        Evaluator(model, F.cross_entropy, batches, recompute_bn=False).loss_with_grad(theta), theta
+    )
     assert float((eval_grad - want).norm()) > 1e-3 * float(want.norm())
 
 
@@ -150,9 +154,11 @@ def test_sharpness_and_pacbayes_run_on_the_train_mode_loss():
     assert k.note == "" and s.note == "" and p.note == ""  # BatchNorm alone is deterministic
     # the perturbed loss SAM reports is the train-mode loss at its perturbation
     assert s.perturbed_loss == pytest.approx(
-        float(direct_train_loss(model, batches, ev.center() + s.perturbation)), rel=1e-12)
-    eval_sam = sam_sharpness(Evaluator(model, F.cross_entropy, batches), rho=0.05, steps=3,
-                             generator=torch.Generator().manual_seed(0))
+        float(direct_train_loss(model, batches, ev.center() + s.perturbation)), rel=1e-12
+    )
+    eval_sam = sam_sharpness(
+        Evaluator(model, F.cross_entropy, batches), rho=0.05, steps=3, generator=torch.Generator().manual_seed(0)
+    )
     assert abs(eval_sam.base_loss - s.base_loss) > 1e-3
 
 
@@ -200,8 +206,11 @@ def test_bad_mode_arguments_are_rejected():
     model, batches = bn_model(), data()
     with pytest.raises(ValueError, match=r"mode must be one of \('eval', 'train'\), got mode='test'"):
         Evaluator(model, F.cross_entropy, batches, mode="test")
-    with pytest.raises(ValueError, match=r"recompute_bn=True .* mode='train' normalizes each batch by its own "
-                                         r"statistics; pass recompute_bn=None"):
+    with pytest.raises(
+        ValueError,
+        match=r"recompute_bn=True .* mode='train' normalizes each batch by its own "
+        r"statistics; pass recompute_bn=None",
+    ):
         Evaluator(model, F.cross_entropy, batches, mode="train", recompute_bn=True)
 
 
