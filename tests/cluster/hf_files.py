@@ -118,6 +118,17 @@ def write_tokens(path: Path, *, seed: int = 0, documents: int = 4) -> Path:
     return path
 
 
+def token_data(tmp_path: Path, *, batch_size: int = 4) -> dict:
+    """A spec's ``data`` section: every window of a Parquet file of token ids written into ``tmp_path``."""
+    tokens = write_tokens(tmp_path / "tokens.parquet")
+    return {
+        "factory": "cluster.data:token_windows",
+        "kwargs": {"path": str(tokens), "window": WINDOW, "count": WINDOWS},
+        "num_examples": WINDOWS,
+        "batch_size": batch_size,
+    }
+
+
 def all_windows(path: Path) -> torch.Tensor:
     """The probe set's token ids, ``(WINDOWS, WINDOW)``, as the data factory cuts them (no separator)."""
     ids = [t for doc in pq.read_table(path).column("input_ids").to_pylist() for t in doc]

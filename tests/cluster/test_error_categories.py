@@ -105,19 +105,13 @@ def test_bad_spec_raised_inside_a_worker_keeps_its_type_across_processes(tmp_pat
 
     model_dir = tmp_path / "llama"
     hf_files.write_model("llama_tied", model_dir)
-    tokens = hf_files.write_tokens(tmp_path / "tokens.parquet")
     path = tmp_path / "spec.yaml"
     path.write_text(
         yaml.safe_dump(
             {
                 "name": "init-barrier",
                 "model": {"hf": str(model_dir)},
-                "data": {
-                    "factory": "cluster.data:token_windows",
-                    "kwargs": {"path": str(tokens), "window": hf_files.WINDOW, "count": hf_files.WINDOWS},
-                    "num_examples": hf_files.WINDOWS,
-                    "batch_size": 4,
-                },
+                "data": hf_files.token_data(tmp_path, batch_size=4),
                 "loss": "causal_lm",
                 "probes": [
                     {

@@ -21,16 +21,10 @@ def run_cli(spec_path):
 
 
 def spec_for(tmp_path, model_dir, **model):
-    tokens = hf_files.write_tokens(tmp_path / "tokens.parquet")
     raw = {
         "name": "bad-hf",
         "model": {"hf": str(model_dir), **model},
-        "data": {
-            "factory": "cluster.data:token_windows",
-            "kwargs": {"path": str(tokens), "window": hf_files.WINDOW, "count": hf_files.WINDOWS},
-            "num_examples": hf_files.WINDOWS,
-            "batch_size": 4,
-        },
+        "data": hf_files.token_data(tmp_path, batch_size=4),
         "loss": "causal_lm",
         "probes": [{"kind": "eigenvalues", "k": 1}],
         "cluster": {"num_workers": 2, "backend": "ray"},

@@ -37,12 +37,7 @@ def write_spec(tmp_path, family: str, *, workers: int = 2, probes=None, extra=No
     raw = {
         "name": f"hf-{family.replace('_', '-')}",
         "model": {"hf": str(model_dir)},
-        "data": {
-            "factory": "cluster.data:token_windows",
-            "kwargs": {"path": str(tokens), "window": hf_files.WINDOW, "count": hf_files.WINDOWS},
-            "num_examples": hf_files.WINDOWS,
-            "batch_size": 4,
-        },
+        "data": hf_files.token_data(tmp_path, batch_size=4),
         "loss": hf_files.FAMILIES[family][3],
         "probes": probes
         or [
@@ -192,19 +187,13 @@ def test_probe_run_and_audit_on_a_trainer_run_folder(tmp_path):
     run = tmp_path / "run"
     for step in (10, 20, 30):
         write_trainer_checkpoint(run, step, lr=1e-3)
-    tokens = hf_files.write_tokens(tmp_path / "tokens.parquet")
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         yaml.safe_dump(
             {
                 "name": "trainer-run",
                 "model": {"hf": str(run)},
-                "data": {
-                    "factory": "cluster.data:token_windows",
-                    "kwargs": {"path": str(tokens), "window": hf_files.WINDOW, "count": hf_files.WINDOWS},
-                    "num_examples": hf_files.WINDOWS,
-                    "batch_size": 6,
-                },
+                "data": hf_files.token_data(tmp_path, batch_size=6),
                 "loss": "causal_lm",
                 "probes": [{"kind": "eigenvalues", "k": 1, "tol": 1e-4}, {"kind": "trace", "matvecs": 6}],
                 "cluster": {"num_workers": 1, "backend": "local"},
