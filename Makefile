@@ -46,7 +46,7 @@ LINT_PATHS := probe cluster tests bench
 lint: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
-	$(VENV)/bin/pyright --pythonpath $(PY)
+	$(VENV)/bin/pyright --project pyproject.toml --pythonpath $(PY)
 	$(PY) -m pytest -q --doctest-modules probe
 
 test: install system
