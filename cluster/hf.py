@@ -11,8 +11,10 @@ shared parameters as the model shares them.
 - ``hf_class``: ``auto`` (the class the config's ``architectures`` names),
   ``causal_lm``, ``masked_lm``, ``sequence_classification`` or ``base`` (the Auto
   classes). A head model loads a base model's checkpoint (keys without the
-  ``base_model_prefix``, e.g. ``bert.``) and a base model loads a head model's,
-  leaving the head's tensors out.
+  ``base_model_prefix``, e.g. ``bert.``) when the head's own tensors are in it or tied
+  (GPT-2's head is the embedding); a base model loads a head model's, leaving the head's
+  tensors out, when the checkpoint holds every base tensor (a BERT masked-LM checkpoint
+  has no pooler: that fails naming the pooler's keys).
 - ``attn_implementation``: ``sdpa`` (default; products run with its math kernel,
   :func:`probe.model_operator.double_backward_attention`) or ``eager``. Kernels
   without a double backward (``flash_attention_2``/``3``, ``flex_attention``,
@@ -323,11 +325,9 @@ def load_state_into(
             if name in state:
                 src = state[name]
                 module._buffers[leaf] = src.to(device=device, dtype=b.dtype if not src.is_floating_point() else dtype)
+    # Buffers the model computed itself keep the dtype it gave them (rotary tables stay float32 in a
+    # bfloat16 model, as transformers keeps them: rounded to bf16 they would shift long positions).
     model.to(device=device)
-    for name, b in model.named_buffers():
-        if b.is_floating_point() and b.dtype != dtype and b.dtype in (torch.float32, torch.float64, torch.bfloat16):
-            module, leaf = _module_and_leaf(model, name)
-            module._buffers[leaf] = b.to(dtype)
 
 
 def _header_tensors(path: Path) -> dict[str, dict]:

@@ -134,8 +134,15 @@ def _skipped_folder(folder: Path) -> bool:
 
 def _expand_folder(folder: Path) -> list[Path]:
     """Checkpoints of a folder: its weights files and indexes (not training-state files, not the
-    shards an index names) and the checkpoint of each subfolder, one level down."""
-    found = _weight_files(_files(folder))
+    shards an index names) and the checkpoint of each subfolder, one level down. A folder that
+    save_pretrained wrote (``model.safetensors``, ``pytorch_model.bin``, ...) is one checkpoint, in
+    its preferred format, also when it holds the same weights in two formats."""
+    files = _files(folder)
+    if any(f.name in CANONICAL_WEIGHTS for f in files):
+        own = _folder_checkpoint(folder, files)
+        found = [own] if own is not None else []
+    else:
+        found = _weight_files(files)
     try:
         subfolders = [d for d in folder.iterdir() if d.is_dir() and not _skipped_folder(d)]
     except OSError:

@@ -218,3 +218,35 @@ def test_probe_run_and_audit_on_a_trainer_run_folder(tmp_path):
         assert len(rows) == 4
         new = [r for r in rows if r["checkpoint_name"] == "checkpoint-40"]
         assert len(new) == 1 and new[0]["step"] == 40 and math.isclose(new[0]["lr"], 5e-4)
+
+
+def test_a_bfloat16_checkpoint_is_the_model_transformers_runs(tmp_path):
+    """precision auto on a bf16 checkpoint: bf16 parameters, but the rotary tables the model computes
+    stay float32 as transformers keeps them (rounded to bf16 they shift long positions), so the
+    logits equal those of transformers' own from_pretrained exactly."""
+    import transformers
+
+    from cluster.checkpoints import load_checkpoint
+    from cluster.hf import build_hf_model, resolve_precision
+
+    folder = tmp_path / "llama"
+    hf_files.write_model("llama_tied", folder, dtype=torch.bfloat16)
+    from cluster.checkpoints import expand_checkpoints
+
+    index = expand_checkpoints([str(folder)])[0]
+    assert resolve_precision("auto", True, index) == ("bfloat16", "")
+    state, _ = load_checkpoint(index)
+    ours = build_hf_model(
+        index,
+        state,
+        hf_root=str(folder),
+        hf_class="auto",
+        attn_implementation="eager",
+        dtype=torch.bfloat16,
+        device=torch.device("cpu"),
+    )
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager")
+    assert {n: b.dtype for n, b in ours.named_buffers()} == {n: b.dtype for n, b in ref.named_buffers()}
+    ids = torch.randint(0, hf_files.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(input_ids=ids).logits, ref.eval()(input_ids=ids).logits)

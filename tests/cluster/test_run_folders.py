@@ -432,3 +432,20 @@ def test_names_stay_distinct_for_folders_of_several_checkpoints(tmp_path):
     info = checkpoint_info(p, str(runs / "seed0*"))
     assert (info.name, info.step) == ("seed0", 1)  # the step from the file's name where the folder's has none
     assert checkpoint_info(p).name == "step-1.safetensors"  # judged by the folder alone: a flat folder
+
+
+def test_a_checkpoint_folder_in_two_formats_is_one_checkpoint_however_it_is_named(tmp_path):
+    """save_pretrained may leave the same weights as model.safetensors and pytorch_model.bin: the
+    folder is one checkpoint (safetensors preferred) whether the run, the folder or a glob names it."""
+    run, weights = trainer_run(tmp_path, steps=(5, 99, 100))
+    for w in weights:
+        torch.save(model_state(0), w.parent / "pytorch_model.bin")
+    expected = [str(w) for w in weights]
+    assert expand_checkpoints([str(run)]) == expected
+    assert expand_checkpoints([str(run / "checkpoint-*")]) == expected
+    assert expand_checkpoints([str(run / "checkpoint-100")]) == [expected[-1]]
+    assert [checkpoint_info(p, str(run / "checkpoint-*")).name for p in expected] == [
+        "checkpoint-5",
+        "checkpoint-99",
+        "checkpoint-100",
+    ]
