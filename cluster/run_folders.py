@@ -134,15 +134,12 @@ def _skipped_folder(folder: Path) -> bool:
 
 def _expand_folder(folder: Path) -> list[Path]:
     """Checkpoints of a folder: its weights files and indexes (not training-state files, not the
-    shards an index names) and the checkpoint of each subfolder, one level down. A folder that
-    save_pretrained wrote (``model.safetensors``, ``pytorch_model.bin``, ...) is one checkpoint, in
-    its preferred format, also when it holds the same weights in two formats."""
-    files = _files(folder)
-    if any(f.name in CANONICAL_WEIGHTS for f in files):
-        own = _folder_checkpoint(folder, files)
-        found = [own] if own is not None else []
-    else:
-        found = _weight_files(files)
+    shards an index names) and the checkpoint of each subfolder, one level down. The weights
+    save_pretrained writes (``model.safetensors``, ``pytorch_model.bin``, ...) count once, in the
+    preferred format, when a folder holds the same model in two formats."""
+    found = _weight_files(_files(folder))
+    canonical = sorted((f for f in found if f.name in CANONICAL_WEIGHTS), key=lambda f: CANONICAL_WEIGHTS.index(f.name))
+    found = [f for f in found if f.name not in CANONICAL_WEIGHTS or f == canonical[0]]
     try:
         subfolders = [d for d in folder.iterdir() if d.is_dir() and not _skipped_folder(d)]
     except OSError:
