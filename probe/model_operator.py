@@ -44,13 +44,23 @@ weights and inputs: measured 2.4e-3 on the 1,482-parameter digits MLP and 1.1e-2
 a 2,064-parameter GPT); accumulating ``b`` batches adds only float32 rounding, so
 the error does not grow with ``b``. Eigenvalues from such an operator carry errors
 of the same relative order (1.2e-3 for the MLP's λ_max).
+
+float16 (unit roundoff ``2⁻¹¹``, range ``6e-8 .. 65504``) products are formed at a
+power-of-two loss scale chosen from the first batch's gradient (``loss_scale``), on
+vectors scaled to a largest entry in ``[1, 2)``, both undone exactly in the float32 sum;
+an overflowing product lowers the scale and is recomputed, and normalization layers run
+in float32 (:mod:`probe.loss_scale`). Measured on the digits MLP: 0.74 unit roundoffs
+(3.6e-4) per product. The Lanczos scalars and tridiagonal eigenproblems are float64 in
+every precision (:mod:`probe.lanczos`); over tens of millions of parameters the float32
+vectors' own inner products limit spectral estimates near 1e-4, which
+``accumulate_dtype=torch.float64`` removes (docs/mixed_precision.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -66,6 +76,18 @@ from probe.batches import (
     move_batch,
     prepare_batches,
     weigh_batches,
+)
+from probe.loss_scale import (
+    BACKOFF,
+    MAX_RETRIES,
+    MIN_SCALE,
+    Float16RangeError,
+    check_loss_scale,
+    choose_loss_scale,
+    float32_loss,
+    float32_norms,
+    overflow_message,
+    vector_scale,
 )
 from probe.operators import CurvatureOperator
 from probe.params import ParameterSpace
@@ -137,15 +159,18 @@ def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
     deterministically and without TF32, so float32 products are float32.
     ``scaled_dot_product_attention`` is restricted to its math kernel (see
     :func:`double_backward_attention`), so every gradient graph built here can be
-    differentiated twice.
+    differentiated twice. In a float16 model, normalization layers compute in float32
+    (:class:`probe.loss_scale.float32_norms`).
     """
     previous = model.training
     saved = [(b, b.clone()) for b in model.buffers()] if mode == "train" else []
     model.train(mode == "train")
+    half = any(p.dtype == torch.float16 for p in model.parameters())
     try:
         with (
             torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False),
             double_backward_attention(),
+            float32_norms() if half else contextlib.nullcontext(),
         ):
             yield
     finally:
@@ -201,6 +226,13 @@ class ModelOperator(CurvatureOperator):
         accumulate_dtype: dtype of the vectors, the accumulation and the results
             (float32 or float64); default: the parameters' dtype, float32 for 16-bit
             models. See "Mixed precision" in the module docstring.
+        loss_scale: float16 models only: the power of two that scales the loss inside
+            the graph (:mod:`probe.loss_scale`); default ``None``: chosen from the first
+            probe batch's gradient. Lowered, with the kept graphs rebuilt, when a
+            product overflows.
+        forward_context: entered (with :func:`model_mode`) around every model call the
+            operator makes, e.g. ``lambda: probe.lm_head.chunked_head(model)`` with
+            ``loss_fn=probe.lm_head.chunked_lm_loss``: the head's product in token chunks.
         batched: apply the operator to all columns of a block in one batched
             backward (``torch.autograd.grad(..., is_grads_batched=True)``) rather
             than one backward per column. Default ``None``: batched on CUDA, where
@@ -211,7 +243,11 @@ class ModelOperator(CurvatureOperator):
 
     Raises:
         ValueError: on an empty probe set, an unknown ``mode`` or ``weighting``, a bad
-            selection, or an ``accumulate_dtype`` other than float32/float64.
+            selection, an ``accumulate_dtype`` other than float32/float64, or a
+            ``loss_scale`` that is not a power of two in ``[2⁻²⁴, 2¹⁵]`` or is given
+            for a model that is not float16.
+        Float16RangeError: (a ``ValueError``) when a float16 model's loss or first
+            gradient is not finite at any loss scale.
     """
 
     def __init__(
@@ -229,12 +265,15 @@ class ModelOperator(CurvatureOperator):
         total_tokens: int | None = None,
         ignore_index: int = IGNORE_INDEX,
         accumulate_dtype: torch.dtype | None = None,
+        loss_scale: float | None = None,
+        forward_context: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
         self.model = model
         self.loss_fn = loss_fn
         self.mode = mode
+        self.forward_context = forward_context
         self.space = ParameterSpace.of(model, params)
         self.params = self.space.parameters(model)
         self.param_dtype = self.params[0].dtype  # the compute dtype
@@ -259,27 +298,54 @@ class ModelOperator(CurvatureOperator):
         self.batch_tokens = prepared.tokens  # None under example weighting
         self.num_tokens = sum(prepared.tokens) if prepared.tokens is not None else None
         self.total_tokens = prepared.total if weighting == "tokens" else None
-        # Same precision: the weight scales the loss inside the graph (as ever). Mixed: it scales
-        # the product in accumulate_dtype, where it is represented exactly enough.
-        mixed = self.dtype != self.param_dtype
-        self._graph_weights = [1.0] * len(self.weights) if mixed else list(self.weights)
-        self._sum_weights = list(self.weights) if mixed else [1.0] * len(self.weights)
+        self._mixed = self.dtype != self.param_dtype
         self.num_matvecs = 0
+        self.rescales = 0  # float16 products recomputed at a lower loss scale after an overflow
         self._cached: list[Any] = []
         self.graph_bytes = 0
         if mode == "train":
             graph_memory_bytes = 0  # redraw dropout masks per product; see the module docstring
         self.graph_memory_bytes = graph_memory_bytes
-        with model_mode(model, mode):
-            for batch, w in zip(self.batches, self._graph_weights, strict=True):
-                counter = SavedBytes()
-                with counter.counting():
-                    state = self._build(batch, w)
-                if self.graph_bytes + counter.bytes > graph_memory_bytes:
-                    del state
-                    break
-                self.graph_bytes += counter.bytes
-                self._cached.append(state)
+        self.loss_scale: float | None = None  # float16 only; see probe.loss_scale
+        if self.param_dtype == torch.float16:
+            self.loss_fn = float32_loss(loss_fn)  # the loss scale multiplies a float32 loss
+            if loss_scale is None:
+                with self._forward():
+                    x, y = self.batches[0]
+                    loss_scale = choose_loss_scale(self.loss_fn(call_model(model, x), y), self.params)
+            self.loss_scale = check_loss_scale(loss_scale)
+        elif loss_scale is not None:
+            raise ValueError(f"loss_scale applies to float16 models only; these parameters are {self.param_dtype}")
+        self._set_weights()
+        with self._forward():
+            self._build_cache()
+
+    @contextlib.contextmanager
+    def _forward(self) -> Iterator[None]:
+        """Around every model call: :func:`model_mode`, and ``forward_context()`` when given."""
+        with model_mode(self.model, self.mode), self.forward_context() if self.forward_context else nullcontext():
+            yield
+
+    def _set_weights(self) -> None:
+        # Same precision: the weight scales the loss inside the graph (as ever). Mixed: it scales
+        # the product in accumulate_dtype, where it is represented exactly enough; float16 graphs
+        # carry the loss scale S instead, undone (exactly: a power of two) with the weight.
+        S = self.loss_scale or 1.0
+        self._graph_weights = [S] * len(self.weights) if self._mixed else list(self.weights)
+        self._sum_weights = [w / S for w in self.weights] if self._mixed else [1.0] * len(self.weights)
+
+    def _build_cache(self) -> None:
+        """Build and keep the graphs of the first batches while they fit ``graph_memory_bytes``."""
+        self._cached, self.graph_bytes = [], 0
+        for batch, w in zip(self.batches, self._graph_weights, strict=True):
+            counter = SavedBytes()
+            with counter.counting():
+                state = self._build(batch, w)
+            if self.graph_bytes + counter.bytes > self.graph_memory_bytes:
+                del state
+                break
+            self.graph_bytes += counter.bytes
+            self._cached.append(state)
 
     @property
     def num_cached_batches(self) -> int:
@@ -293,7 +359,29 @@ class ModelOperator(CurvatureOperator):
         raise NotImplementedError
 
     def _matmat(self, V: Tensor) -> Tensor:
+        out = self._products(V)
+        if self.loss_scale is not None:  # float16: an overflow lowers the loss scale and recomputes
+            retries = 0
+            while not bool(torch.isfinite(out).all()) and bool(torch.isfinite(V).all()):
+                if retries == MAX_RETRIES or self.loss_scale <= MIN_SCALE:
+                    raise Float16RangeError(overflow_message(self.loss_scale, retries))
+                self.loss_scale = max(self.loss_scale / BACKOFF, MIN_SCALE)
+                self._set_weights()
+                self._cached = []  # free the old graphs before building the new ones
+                with self._forward():
+                    self._build_cache()
+                out = self._products(V)
+                retries += 1
+                self.rescales += 1
+        self.num_matvecs += V.shape[1]
+        return out
+
+    def _products(self, V: Tensor) -> Tensor:
         k = V.shape[1]
+        # float16: the vector at a power-of-two scale c (its largest entry in [1, 2)), undone with the weight
+        c = vector_scale(V) if self.loss_scale is not None else 1.0
+        if c != 1.0:
+            V = V * c
         # Batched (CUDA): one backward for the block, from per-parameter (k, *shape) copies.
         # Otherwise one backward per column, each from views of its column, written straight
         # into its row of the output: a block of k columns then holds k output rows and one
@@ -307,9 +395,10 @@ class ModelOperator(CurvatureOperator):
             ]
         out_t = torch.empty((k, self.dim), dtype=self.dtype, device=V.device)  # each parameter: a column range
         all_cached = len(self._cached) == len(self.batches)
+        sum_weights = [s / c for s in self._sum_weights]
         # Kept graphs need no mode switch; rebuilding a graph does.
-        with contextlib.nullcontext() if all_cached else model_mode(self.model, self.mode):
-            for i, (batch, w, s) in enumerate(zip(self.batches, self._graph_weights, self._sum_weights, strict=True)):
+        with contextlib.nullcontext() if all_cached else self._forward():
+            for i, (batch, w, s) in enumerate(zip(self.batches, self._graph_weights, sum_weights, strict=True)):
                 state = self._cached[i] if i < len(self._cached) else self._build(batch, w)
                 for rows, vs, width in columns:
                     parts = self._apply(state, vs, width)
@@ -321,7 +410,6 @@ class ModelOperator(CurvatureOperator):
                             block.add_(p.reshape(width, -1), alpha=s)  # in self.dtype; s = 1.0 is exact
                     if i == 0 and s != 1.0:
                         target.mul_(s)
-        self.num_matvecs += k
         return out_t.T
 
     def _grad(self, outputs, inputs, grad_outputs, k: int) -> tuple[Tensor, ...]:
@@ -343,7 +431,7 @@ class ModelOperator(CurvatureOperator):
         """Mean loss over the probe set and its flat gradient (no graph kept), in ``self.dtype``."""
         loss = torch.zeros((), dtype=self.dtype, device=self.device)
         grad = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        with model_mode(self.model, self.mode):
+        with self._forward():
             for (x, y), w, s in zip(self.batches, self._graph_weights, self._sum_weights, strict=True):
                 batch_loss = self.loss_fn(call_model(self.model, x), y) * w
                 grad.add_(self.space.flatten(torch.autograd.grad(batch_loss, self.params)), alpha=s)

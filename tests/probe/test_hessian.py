@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad
 
-from probe.eigen import eigenvalues
 from probe.ggn import GGNOperator
 from probe.hessian import HessianOperator
 from probe.model_operator import batch_size_of, move_batch
-from probe.models import digits_cnn, digits_mlp
+from probe.models import digits_cnn
 
 # Unequal batch sizes over the 300 probe examples.
 SIZES = (37, 150, 113)
@@ -413,86 +412,3 @@ def test_unknown_weighting_rejected(trained_mlp, digits64):
         ValueError, match=re.escape("weighting must be one of ('examples', 'tokens'), got weighting='t'")
     ):
         HessianOperator(trained_mlp, F.cross_entropy, [digits64], weighting="t")
-
-
-# --- mixed precision: bfloat16 products, float32 vectors and sums ------------------------------
-
-
-@pytest.fixture(scope="module")
-def bf16_case(trained_mlp_state, digits64):
-    """The trained MLP in bfloat16, a float64 twin with exactly its weights, and inputs both see alike."""
-    model16 = digits_mlp(hidden=16).to(torch.bfloat16)
-    model16.load_state_dict({k: v.to(torch.bfloat16) for k, v in trained_mlp_state.items()})
-    model64 = digits_mlp(hidden=16).to(torch.float64)
-    model64.load_state_dict({k: v.to(torch.float64) for k, v in model16.state_dict().items()})  # exact
-    x, y = digits64
-    x = x.to(torch.bfloat16).to(torch.float64)  # bfloat16-representable inputs
-    return model16, model64, split(x, y, SIZES)
-
-
-def test_bf16_operator_returns_float32_within_bf16_accuracy(bf16_case, relative_error):
-    model16, model64, batches = bf16_case
-    H = HessianOperator(model16, F.cross_entropy, batches)
-    assert (H.dtype, H.param_dtype) == (torch.float32, torch.bfloat16)
-    V = gaussian_block(H.dim, 4, seed=17, dtype=torch.float32)
-    HV = H @ V
-    assert HV.dtype == torch.float32
-    reference = HessianOperator(model64, F.cross_entropy, batches) @ V.to(torch.float64)
-    error = relative_error(HV.to(torch.float64), reference)
-    assert 1e-5 < error < 1e-2  # measured 2.4e-3: bfloat16 rounding (unit roundoff 3.9e-3), not float32's
-    loss, g = H.loss_and_gradient()
-    assert loss.dtype == g.dtype == torch.float32
-
-
-def test_bf16_batches_are_weighted_and_summed_in_float32(bf16_case, relative_error):
-    """The three-batch operator equals Σ_b w_b·(batch b's bf16 product) formed in float64, to float32
-    rounding: neither the weights nor the sum went through bfloat16 (that would cost ~1e-3)."""
-    model16, _, batches = bf16_case
-    H = HessianOperator(model16, F.cross_entropy, batches)
-    V = gaussian_block(H.dim, 2, seed=18, dtype=torch.float32)
-    per_batch = [HessianOperator(model16, F.cross_entropy, [b]) @ V for b in batches]  # weight 1 each
-    summed = sum(w * hv.to(torch.float64) for w, hv in zip(H.weights, per_batch, strict=True))
-    assert relative_error((H @ V).to(torch.float64), summed) < 1e-6
-
-
-def test_bf16_lanczos_runs_in_float32_and_finds_lambda_max(bf16_case):
-    model16, model64, batches = bf16_case
-    H = HessianOperator(model16, F.cross_entropy, batches)
-    assert H.random_vectors(1, generator=torch.Generator().manual_seed(0)).dtype == torch.float32
-    top = eigenvalues(H, 1, generator=torch.Generator().manual_seed(0)).eigenvalues[0].item()
-    ref = (
-        eigenvalues(HessianOperator(model64, F.cross_entropy, batches), 1, generator=torch.Generator().manual_seed(0))
-        .eigenvalues[0]
-        .item()
-    )
-    assert abs(top - ref) / ref < 1e-2  # measured 1.2e-3
-
-
-def test_float64_accumulation_over_a_float32_model(trained_mlp_state, digits64, relative_error):
-    model32 = digits_mlp(hidden=16)
-    model32.load_state_dict({k: v.to(torch.float32) for k, v in trained_mlp_state.items()})
-    batches = [(bx.to(torch.float32), by) for bx, by in split(*digits64, SIZES)]
-    H32 = HessianOperator(model32, F.cross_entropy, batches)
-    H = HessianOperator(model32, F.cross_entropy, batches, accumulate_dtype=torch.float64)
-    assert (H.dtype, H.param_dtype, H32.dtype) == (torch.float64, torch.float32, torch.float32)
-    V = gaussian_block(H.dim, 2, seed=19, dtype=torch.float32)
-    assert relative_error(H @ V.to(torch.float64), (H32 @ V).to(torch.float64)) < 1e-5
-
-
-@pytest.mark.parametrize(
-    ("dtype", "message"),
-    [
-        (
-            torch.bfloat16,
-            "accumulate_dtype must be torch.float32 or torch.float64, got torch.bfloat16; "
-            "estimators must not run in 16-bit formats",
-        ),
-        (
-            torch.float32,
-            "accumulate_dtype=torch.float32 is narrower than the parameters' torch.float64; pass None or torch.float64",
-        ),
-    ],
-)
-def test_bad_accumulate_dtype_rejected(trained_mlp, digits64, dtype, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        HessianOperator(trained_mlp, F.cross_entropy, [digits64], accumulate_dtype=dtype)
