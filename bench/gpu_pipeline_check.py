@@ -52,7 +52,19 @@ def device_for(rank: int) -> torch.device:
     return torch.device("cuda", rank % torch.cuda.device_count())
 
 
-def worker(rank: int, world: int, port: int, cfg: dict, dtype: str, n: int, V, products: int, out: str) -> None:
+def worker(
+    rank: int,
+    world: int,
+    port: int,
+    cfg: dict,
+    dtype: str,
+    n: int,
+    V,
+    products: int,
+    out: str,
+    schedule: str = "overlap",
+    micro: int | None = None,
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
     device = device_for(rank)
@@ -75,6 +87,8 @@ def worker(rank: int, world: int, port: int, cfg: dict, dtype: str, n: int, V, p
             dim=dim,
             pipe_group=pipe,
             data_group=data_group,
+            schedule=schedule,
+            micro_batches=micro,
         )
         v = (
             V[op.local_slice]
@@ -104,10 +118,12 @@ def worker(rank: int, world: int, port: int, cfg: dict, dtype: str, n: int, V, p
         torch.distributed.destroy_process_group()
 
 
-def pipeline(world: int, cfg: dict, dtype: str, n: int, V, products: int, out: str) -> list[dict]:
+def pipeline(
+    world: int, cfg: dict, dtype: str, n: int, V, products: int, out: str, schedule="overlap", micro=None
+) -> list[dict]:
     mp.start_processes(
         worker,
-        args=(world, free_port(), cfg, dtype, n, V, products, out),
+        args=(world, free_port(), cfg, dtype, n, V, products, out, schedule, micro),
         nprocs=world,
         join=True,
         start_method="spawn",
@@ -201,15 +217,22 @@ def main() -> None:
         f"{basis['device_peak_vectors']:.0f} with the device basis ({'ok' if basis['pass'] else 'FAIL'})",
         flush=True,
     )
-    if not a.quick:
-        parts = pipeline(2, LARGE, "float32", 8, None, 3, str(out))
-        summary["large"] = [{k: q[k] for k in ("params", "product_s", "peak_mem_mb", "backend")} for q in parts]
-        for q in parts:
-            print(
-                f"~110M GPT, stage {q['slice']}: {q['params']:,} parameters, product {q['product_s']:.3f} s, "
-                f"peak GPU memory {q['peak_mem_mb']:.0f} MiB ({q['backend']})",
-                flush=True,
-            )
+    if not a.quick:  # the schedules side by side (issue 14): one micro-batch at a time against overlapped
+        for schedule, micro in (("sequential", 1), ("overlap", 4)):
+            parts = pipeline(2, LARGE, "float32", 8, None, 3, str(out), schedule, micro)
+            keys = ("params", "product_s", "peak_mem_mb", "backend")
+            summary[f"large_{schedule}"] = [{k: q[k] for k in keys} for q in parts]
+            for q in parts:
+                print(
+                    f"~110M GPT, {schedule} ({micro} micro-batches), stage {q['slice']}: {q['params']:,} parameters, "
+                    f"product {q['product_s']:.3f} s, peak GPU memory {q['peak_mem_mb']:.0f} MiB ({q['backend']})",
+                    flush=True,
+                )
+        ratio = max(q["product_s"] for q in summary["large_overlap"]) / max(
+            q["product_s"] for q in summary["large_sequential"]
+        )
+        summary["overlap_over_sequential"] = ratio
+        print(f"overlapped / sequential time per product: {ratio:.2f}", flush=True)
     summary["pass"] = bool(ok)
     print("PASS" if ok else "FAIL", flush=True)
     if a.json:

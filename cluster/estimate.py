@@ -8,7 +8,8 @@ D/W`` entries of each vector on one of ``W`` data-parallel workers, ``b_p`` byte
 parameter in the job's precision, ``b_v`` per vector entry: float32 for 16-bit jobs)
 the estimate counts what the run allocates, probe by probe, as configured:
 
-- **parameters** ``D·b_p`` (a pipeline stage holds about ``1/stages``);
+- **parameters** ``D·b_p`` (a pipeline stage holds about ``1/stages``; a parameter-sharded worker reads
+  the whole model before keeping its ``1/workers`` shard, so the whole is counted);
 - **graphs**: the operator keeps each batch's first-order gradient graph while the
   bytes autograd saves fit ``graph_memory_bytes`` (2 GiB; none in train mode). A kept
   batch costs its saved activations plus its first-order gradients (``D·b_p``); the
@@ -337,15 +338,19 @@ def estimate(spec, checkpoint: str, *, workers_here: int, calibrate: bool = True
     stages = getattr(spec.cluster, "stages", 1) or 1
     group = spec.cluster.group_size or spec.cluster.num_workers
     bp = PRECISION_BYTES.get(spec.precision, 4)
-    bv = max(bp, 4)  # vectors and sums stay float32 or wider
+    bv = 8 if getattr(spec, "vector_dtype", None) == "float64" else max(bp, 4)  # vectors: float32 or wider
     dim = numel if numel >= 0 else nbytes // 4
+    sharded = bool(getattr(spec.cluster, "shard_parameters", False)) and group > 1
     params = dim * bp // stages
-    world = group if stages == 1 else 1  # a pipeline stage applies its own slice: no gathered block
+    # a pipeline stage or a parameter shard applies its own slice: no gathered block
+    world = group if stages == 1 and not sharded else 1
     local = dim // stages if stages > 1 else -(-dim // group)
+    if sharded:  # the whole model is read before sharding: its parameters still count once at the peak
+        params = dim * bp
     gpus = getattr(spec.cluster, "gpus_per_worker", 0) or 0
     device_total = device_memory_bytes() if gpus > 0 else 0
     on_cuda = device_total > 0
-    stage_dim = dim // stages
+    stage_dim = local if sharded else dim // stages
     probe_bytes, host = {}, 0
     vectors = 0
     for i, p in enumerate(spec.probes):

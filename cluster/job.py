@@ -30,7 +30,7 @@ from cluster.job_events import MetricsEvents, ProgressEvents, StoreEvents, now
 from cluster.kinds import KINDS
 from cluster.metrics import FAILURE_REASONS, Metrics
 from cluster.schema import SCHEMA_VERSION
-from cluster.spec import JobSpec, import_factory
+from cluster.spec import JobSpec, SpecError, import_factory
 from cluster.store import ResultStore, StoreError
 from cluster.worker import probe_subset, task_seed
 
@@ -127,10 +127,43 @@ def prepare_model(spec: JobSpec, paths: list[str], progress: Callable[[str], Non
                 hf_class=spec.model.hf_class,
                 attn_implementation=spec.model.attn_implementation,
             )
+    if hf and spec.cluster.stages > 1 and paths:
+        spec = _stages_or_data_parallel(spec, paths[0], progress)
     precision, note = resolve_precision(spec.precision, hf, paths[0] if paths else None)
     if note:
         progress(f"[{spec.name}] {note}")
     return replace(spec, precision=precision) if precision != spec.precision else spec
+
+
+def _stages_or_data_parallel(spec: JobSpec, checkpoint: str, progress: Callable[[str], None]) -> JobSpec:
+    """``spec`` when its model.hf splits into ``cluster.stages`` pipeline stages (a family
+    :mod:`cluster.hf_stages` knows, with at least as many pieces), else the same spec run
+    data-parallel (``stages: 1``) with a note saying so.
+
+    Raises:
+        SpecError: when the model has fewer pieces (embedding, layers, head) than stages.
+    """
+    from cluster.hf import config_path, hf_skeleton
+    from cluster.hf_stages import UnsupportedStages, pipeline_pieces
+
+    m = spec.model
+    skeleton = hf_skeleton(config_path(checkpoint, m.hf), m.hf_class, m.attn_implementation)
+    try:
+        pieces = pipeline_pieces(skeleton)
+    except UnsupportedStages as exc:
+        workers = spec.cluster.group_size or spec.cluster.num_workers
+        progress(
+            f"[{spec.name}] note: {str(exc).split(':')[0]}; running it data-parallel instead, each of the "
+            f"{workers} workers of a group holding the whole model (cluster.stages: {spec.cluster.stages} not "
+            "applied); for a model no worker can hold set cluster.shard_parameters: true"
+        )
+        return replace(spec, cluster=replace(spec.cluster, stages=1))
+    if len(pieces) < spec.cluster.stages:
+        raise SpecError(
+            f"cluster.stages={spec.cluster.stages}: {type(skeleton).__name__} of {checkpoint!r} splits into "
+            f"{len(pieces)} pieces (embedding, {len(pieces) - 2} layers, head); use at most {len(pieces)} stages"
+        )
+    return spec
 
 
 def _task_key(spec: JobSpec, ckpt_sha: str, kind: str, options: dict, probe_index: int, data_sha: str) -> str:
@@ -150,7 +183,7 @@ def _task_key(spec: JobSpec, ckpt_sha: str, kind: str, options: dict, probe_inde
             kind,
             options,
             task_seed(spec.seed, probe_index),
-            spec.precision,
+            spec.precision if spec.vector_dtype is None else f"{spec.precision}/vectors:{spec.vector_dtype}",
             spec.mode,
             *_model_ident(spec),
             spec.loss,

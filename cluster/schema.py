@@ -14,7 +14,9 @@ from cluster.kinds import KINDS
 
 __all__ = ["SCHEMA_VERSION", "COMMON_FIELDS", "KIND_FIELDS", "RUNS_SCHEMA", "FAILURES_SCHEMA", "schema_for"]
 
-SCHEMA_VERSION = 2  # 2: common checkpoint_name, step, lr (eos's and noise's step/lr moved to common)
+# 2: common checkpoint_name, step, lr (eos's and noise's step/lr moved to common); 3: common hvp, layout and lm_head
+# (older rows read back with them null)
+SCHEMA_VERSION = 3
 
 _f64 = pa.float64()
 
@@ -46,6 +48,12 @@ COMMON_FIELDS = [
     pa.field("checkpoint_metadata", pa.string()),  # JSON: metadata saved with the checkpoint (lr, step, ...)
     pa.field("num_parameters", pa.int64()),  # unique trainable parameters (a tied tensor counts once)
     pa.field("attention", pa.string()),  # attention implementation in effect (model.hf), e.g. "sdpa (math kernel)"
+    pa.field("hvp", pa.string()),  # how products were formed: exact (reverse over reverse; spec key hvp)
+    # how the workers held the model: single, replicated, pipeline K stages x R replicas (schedule),
+    # parameter-sharded over N
+    pa.field("layout", pa.string()),
+    # a Hugging Face causal LM's head in products: chunked (probe.lm_head, no tokens x vocabulary graph) or plain
+    pa.field("lm_head", pa.string()),
 ]
 
 # Each kind's own columns, declared with the kind (``cluster/kinds/<kind>.py``, ``Kind.columns``).

@@ -69,9 +69,16 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-# bfloat16: products in bf16, vectors and sums in float32. auto: a model.hf checkpoint's own dtype
-# (float16 checkpoints run in float32), float32 for a model.factory.
-PRECISIONS = ("auto", "float32", "float64", "bfloat16")
+# bfloat16, float16: products in that format, vectors and sums in vector_dtype (default float32);
+# float16 products at a loss scale (probe.loss_scale). auto: a model.hf checkpoint's own dtype
+# (float16 checkpoints run in float32: see cluster.hf.resolve_precision), float32 for a model.factory.
+PRECISIONS = ("auto", "float32", "float64", "bfloat16", "float16")
+# the operators' vectors, sums and results (accumulate_dtype); None: float32 for 16-bit precisions,
+# the parameters' dtype otherwise. Lanczos scalars and tridiagonal eigenproblems are float64 always.
+VECTOR_DTYPES = ("float32", "float64")
+# how products are formed: exact (reverse over reverse) only; finite differences were measured and not
+# built (docs/benchmarks.md, "Models no known family covers")
+HVPS = ("exact",)
 MODES = ("eval", "train")
 # lm_cross_entropy: token mean over targets already aligned with positions, -100 ignored;
 # causal_lm: Hugging Face's convention (labels = input_ids, shifted here), then the same token mean;
@@ -132,6 +139,8 @@ class JobSpec:
     probes: tuple[ProbeSpec, ...]
     loss: str | dict = "cross_entropy"
     precision: str = "auto"
+    vector_dtype: str | None = None
+    hvp: str = "exact"
     mode: str = "eval"
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
@@ -141,6 +150,13 @@ class JobSpec:
         _check_name(self.name)
         if self.precision not in PRECISIONS:
             raise SpecError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.vector_dtype is not None and self.vector_dtype not in VECTOR_DTYPES:
+            raise SpecError(
+                f"vector_dtype must be one of {', '.join(VECTOR_DTYPES)} (default: float32 for 16-bit precisions, "
+                f"the parameters' dtype otherwise), got {self.vector_dtype!r}"
+            )
+        if self.vector_dtype == "float32" and self.precision == "float64":
+            raise SpecError("vector_dtype: float32 is narrower than precision: float64; use float64 or leave it out")
         if self.mode not in MODES:
             raise SpecError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.loss, dict):
@@ -164,24 +180,40 @@ class JobSpec:
                         f"probes[{p.kind}] computes per-example gradient statistics and has no token-weighted "
                         f"form; remove it from a job whose loss is weighted by tokens, or use weighting: examples"
                     )
-        if self.cluster.stages > 1 and self.model.hf is not None:
+        if self.hvp not in HVPS:
+            why = (
+                "finite differences under FSDP were measured and not built: relative errors of 1e-3 to 3e-3 "
+                "in float32 and λ_max off by 26-61% where the exact product is within 1e-6 "
+                "(docs/benchmarks.md); "
+                if self.hvp == "finite_difference"
+                else ""
+            )
+            raise SpecError(f"hvp must be exact, got {self.hvp!r}: {why}every product is exact (reverse over reverse)")
+        split = self.cluster.stages > 1 or self.cluster.shard_parameters
+        if split and self.loss == "model":
             raise SpecError(
-                "cluster.stages > 1 splits a model.factory that returns an nn.Sequential; Hugging Face models "
-                "(model.hf) run data-parallel: set cluster.stages: 1"
+                "loss: model needs the whole model's output on one worker; with cluster.stages > 1 or "
+                "cluster.shard_parameters use loss: causal_lm (or lm_cross_entropy, cross_entropy)"
+            )
+        if self.cluster.shard_parameters and self.precision in ("bfloat16", "float16"):
+            raise SpecError(
+                f"cluster.shard_parameters runs float32 or float64 products, got precision: {self.precision}; "
+                "set precision: float32"
             )
         if self.loss == "model" and self.model.hf is None:
             raise SpecError(
                 "loss: model uses the loss a Hugging Face model returns; it needs model.hf "
                 "(for a factory model give loss: {factory: ...})"
             )
-        if self.cluster.stages > 1:
+        if split:
             pipeline = [name for name, k in KINDS.items() if k.pipeline]
+            how = f"cluster.stages={self.cluster.stages}" if self.cluster.stages > 1 else "cluster.shard_parameters"
+            undo = "set cluster.stages: 1" if self.cluster.stages > 1 else "set cluster.shard_parameters: false"
             for p in self.probes:
                 if not KINDS[p.kind].pipeline:
                     raise SpecError(
-                        f"probes[{p.kind}] needs the whole model on every worker; with cluster.stages="
-                        f"{self.cluster.stages} (a model split over workers) use {', '.join(pipeline)}, "
-                        "or set cluster.stages: 1"
+                        f"probes[{p.kind}] needs the whole model on every worker; with {how} (a model split "
+                        f"over workers) use {', '.join(pipeline)}, or {undo}"
                     )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise SpecError(f"seed must be an integer, got {self.seed!r}")
@@ -255,6 +287,8 @@ def parse_spec(raw: Any) -> JobSpec:
         probes=tuple(probes),
         loss=raw.get("loss", "cross_entropy"),
         precision=raw.get("precision", "auto"),
+        vector_dtype=raw.get("vector_dtype"),
+        hvp=raw.get("hvp", "exact"),
         mode=raw.get("mode", "eval"),
         cluster=_section(ClusterSpec, "cluster", raw.get("cluster")),
         output=_section(OutputSpec, "output", raw.get("output")),

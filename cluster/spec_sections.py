@@ -180,10 +180,27 @@ class ClusterSpec:
     max_restarts: int = 3  # group rebuilds per task after a worker dies
     backend: str = "auto"  # auto | ray | process | local
     stages: int = 1  # pipeline stages per model replica (the model is split over this many workers)
+    # pipeline schedule (cluster.pipeline): overlap (GPipe-style) or sequential; micro-batches per probe
+    # batch (None: 4 for overlap in eval mode, 1 otherwise; see cluster.pipeline.PipelineHessian)
+    schedule: str = "overlap"
+    micro_batches: int | None = None
+    # every layer's parameters sharded over the group's workers, gathered per layer (cluster.sharded_hvp):
+    # for models that fit no one device and no pipeline family covers
+    shard_parameters: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("cluster.num_workers", self.num_workers)
         _positive_int("cluster.stages", self.stages)
+        _positive_int("cluster.micro_batches", self.micro_batches, allow_none=True)
+        if self.schedule not in ("overlap", "sequential"):
+            raise SpecError(f"cluster.schedule must be overlap or sequential, got {self.schedule!r}")
+        if not isinstance(self.shard_parameters, bool):
+            raise SpecError(f"cluster.shard_parameters must be true or false, got {self.shard_parameters!r}")
+        if self.shard_parameters and self.stages > 1:
+            raise SpecError(
+                "cluster.shard_parameters and cluster.stages > 1 are two ways to split a model; choose one "
+                "(stages for the families cluster.hf_stages knows and nn.Sequential factories)"
+            )
         group = self.group_size or self.num_workers
         if group % self.stages:
             raise SpecError(

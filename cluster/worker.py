@@ -23,7 +23,7 @@ from cluster.checkpoints import CheckpointError, checkpoint_sha256, load_checkpo
 from cluster.distributed import ShardedEvaluator, ShardedOperator
 from cluster.errors import NonFiniteError
 from cluster.hf import load_state_into
-from cluster.pipeline import PipelineHessian, build_stage, grid_groups, stage_bounds
+from cluster.pipeline import PipelineHessian, StageLayout, build_stage, grid_groups
 from cluster.probe_data import Shard, probe_subset
 from cluster.runners import ProbeContext, run_probe
 from cluster.spec import SpecError, import_factory, parse_spec
@@ -33,8 +33,9 @@ from probe.hessian import HessianOperator
 
 __all__ = ["ProbeWorker", "Shard", "probe_subset", "build_loss", "task_seed", "worker_device"]
 
-# bfloat16: the model and its products in bf16; operators and evaluators keep vectors in float32.
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+# bfloat16, float16: the model and its products in that format; operators and evaluators keep vectors
+# in float32 (or the spec's vector_dtype); float16 products at a loss scale (probe.loss_scale).
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPTIMIZER_PREFIX = "optimizer."
 
 
@@ -280,7 +281,7 @@ class ProbeWorker:
             CheckpointError: for missing or unexpected keys or shape mismatches, naming them.
         """
         if self.spec.model.hf is not None:
-            return self._build_hf(checkpoint)
+            return self._build_hf_stage(checkpoint) if self.stages > 1 else self._build_hf(checkpoint)
         assert self.spec.model.factory is not None  # the spec gives a model either hf or factory
         factory = import_factory(self.spec.model.factory, key="model.factory")
         if self.stages > 1:
@@ -305,10 +306,10 @@ class ProbeWorker:
         )
         return model.to(device=self.device, dtype=self.dtype), meta
 
-    def _read(self, checkpoint: str) -> tuple[dict, dict]:
-        """A checkpoint's tensors (finite, checked) and metadata; optimizer state saved beside the
-        weights (safetensors: ``optimizer.<field>.<param>``) is kept apart in the metadata."""
-        state, meta = load_checkpoint(checkpoint)
+    def _read(self, checkpoint: str, keys=None) -> tuple[dict, dict]:
+        """A checkpoint's tensors (finite, checked; only ``keys`` when given) and metadata; optimizer
+        state saved beside the weights (safetensors: ``optimizer.<field>.<param>``) is kept apart in the metadata."""
+        state, meta = load_checkpoint(checkpoint, keys=keys)
         optimizer_tensors = {k: state.pop(k) for k in [k for k in state if k.startswith(OPTIMIZER_PREFIX)]}
         if optimizer_tensors:
             meta = {**meta, "_optimizer_tensors": optimizer_tensors}
@@ -337,7 +338,8 @@ class ProbeWorker:
 
     def _build_stage(self, factory, checkpoint: str) -> tuple[torch.nn.Module, dict]:
         """This worker's pipeline stage: the model skeleton on the meta device, this stage's children
-        materialized, and only their tensors read from the checkpoint."""
+        materialized, and only their tensors read from the checkpoint (a parameter tied to an earlier
+        stage's loads from whichever of its names the file holds)."""
         if checkpoint == "init":
             raise SpecError("checkpoint 'init' is not available with cluster.stages > 1; give a checkpoint file")
         with torch.device("meta"):
@@ -347,10 +349,21 @@ class ProbeWorker:
                 f"cluster.stages={self.stages} needs model.factory {self.spec.model.factory!r} to return an "
                 f"nn.Sequential of stages (embedding, blocks, head), got {type(skeleton).__name__}"
             )
-        bounds = stage_bounds(skeleton, self.stages)[self.stage]
         part, self.stage_offset, self.stage_dim = build_stage(skeleton, self.stages, self.stage)
-        names = {f"{bounds[0] + int(k.split('.', 1)[0])}.{k.split('.', 1)[1]}": k for k in part.state_dict()}
-        state, meta = load_checkpoint(checkpoint, keys=list(names))
+        layout: StageLayout | None = getattr(part, "pipeline_layout", None)
+        assert layout is not None  # build_stage attaches it
+        start = layout.bounds[0]
+        names = {f"{start + int(k.split('.', 1)[0])}.{k.split('.', 1)[1]}": k for k in part.state_dict()}
+        alias = {b.full_name: b.owner_name for b in layout.borrowed}  # a tie's other name
+        state, meta = load_checkpoint(checkpoint, keys=[*names, *alias.values()], missing_ok=True)
+        for full, other in alias.items():
+            if full not in state and other in state:
+                state[full] = state[other]
+        lacking = [full for full in names if full not in state]
+        if lacking:
+            raise CheckpointError(
+                f"checkpoint {checkpoint!r} has no tensors {lacking[:5]} (pipeline stage {self.stage})"
+            )
         part = part.to_empty(device=self.device).to(dtype=self.dtype)
         for full, local in names.items():
             if state[full].shape != part.state_dict()[local].shape:
@@ -362,9 +375,36 @@ class ProbeWorker:
         part.load_state_dict({local: state[full] for full, local in names.items()})
         return part, meta
 
+    def _build_hf_stage(self, checkpoint: str) -> tuple[torch.nn.Module, dict]:
+        """This worker's pipeline stage of a Hugging Face model (:mod:`cluster.hf_stages`): the model
+        built from its config on the meta device and cut into pieces, this stage's pieces given the
+        checkpoint's tensors, reading only those (a tied head loads from the embedding's name)."""
+        from cluster.hf import config_path, describe, hf_skeleton, prefix_keys, tensor_names
+        from cluster.hf_stages import load_stage_state, piece_state_names, pipeline_pieces, stage_state_keys
+
+        if checkpoint == "init":
+            raise SpecError("checkpoint 'init' is not available with model.hf; give two checkpoint folders")
+        m = self.spec.model
+        skeleton = hf_skeleton(config_path(checkpoint, m.hf), m.hf_class, m.attn_implementation, self.dtype)
+        pieces = pipeline_pieces(skeleton)
+        part, self.stage_offset, self.stage_dim = build_stage(pieces, self.stages, self.stage)
+        layout: StageLayout | None = getattr(part, "pipeline_layout", None)
+        assert layout is not None  # build_stage attaches it
+        children = range(*layout.bounds)
+        in_file = prefix_keys(skeleton, {k: k for k in tensor_names(checkpoint)})  # model name -> file name
+        names = piece_state_names(skeleton, pieces, checkpoint_keys=in_file)
+        wanted = sorted(k for k in stage_state_keys(names, children) if k in in_file)
+        state, meta = self._read(checkpoint, keys=[in_file[k] for k in wanted])
+        state = {k: state[in_file[k]] for k in wanted}
+        load_stage_state(pieces, names, state, children, dtype=self.dtype, device=self.device)
+        self.model_info = describe(skeleton)
+        return part, meta
+
     def operator(self, model: torch.nn.Module):
+        """The Hessian of the probe set's mean loss (over examples or tokens, as the spec weights it):
+        a pipeline stage's, a parameter-sharded one's, or the whole model's (summed over data replicas)."""
+        c = self.spec.cluster
         if self.stages > 1:
-            shard = self.shard("probe")
             return PipelineHessian(
                 model,
                 self.loss_fn,
@@ -376,13 +416,59 @@ class ProbeWorker:
                 pipe_group=self.pipe_group,
                 data_group=self.data_group,
                 mode=self.spec.mode,
-                **self._weighting(shard),
+                schedule=c.schedule,
+                micro_batches=c.micro_batches,
+                **self._weighting(self._eval_shards["probe"]),
             )
-        """The Hessian of the probe set's mean loss (over examples or tokens, as the spec weights it)."""
+        if c.shard_parameters and self.world_size > 1:
+            from cluster.sharded_hvp import ShardedHessian
+
+            return ShardedHessian(
+                model, self.loss_fn, self.batches, mode=self.spec.mode, **self._weighting(self._eval_shards["probe"])
+            )
+        vectors = DTYPES[self.spec.vector_dtype] if self.spec.vector_dtype else None  # None: the operator's default
+        loss_fn, head = self.loss_fn, self._chunked_head(model)
+        if head is not None:
+            from probe.lm_head import chunked_lm_loss
+
+            loss_fn = chunked_lm_loss
         local = HessianOperator(
-            model, self.loss_fn, self.batches, mode=self.spec.mode, **self._weighting(self._eval_shards["probe"])
+            model,
+            loss_fn,
+            self.batches,
+            mode=self.spec.mode,
+            accumulate_dtype=vectors,
+            forward_context=head,
+            **self._weighting(self._eval_shards["probe"]),
         )
         return ShardedOperator(local) if self.world_size > 1 else local
+
+    def _chunked_head(self, model: torch.nn.Module):
+        """For a Hugging Face causal LM under a built-in LM loss: the context that runs its head in
+        token chunks (:mod:`probe.lm_head`: no tokens × vocabulary tensor beyond a few chunks), when
+        the head allows it (a bias-free linear, logits not transformed); else None (the plain head)."""
+        if self.spec.model.hf is None or self.spec.loss not in ("lm_cross_entropy", "causal_lm"):
+            return None
+        from probe.lm_head import CHUNKED_HEAD_CLASSES, check_chunkable, chunked_head
+
+        # only where the model hands the head's output on untouched (OPT's forward, for one, calls
+        # .contiguous() on the logits): the causal LMs whose forward was read and tested
+        if not any(c.__name__ in CHUNKED_HEAD_CLASSES for c in type(model).__mro__):
+            return None
+
+        try:
+            check_chunkable(model)
+        except ValueError:
+            return None
+        return lambda: chunked_head(model)
+
+    def layout(self) -> str:
+        """How this worker holds the model: ``replicated``, ``pipeline`` or ``parameter-sharded``."""
+        if self.stages > 1:
+            return f"pipeline {self.stages} stages x {self.replicas} replicas ({self.spec.cluster.schedule})"
+        if self.spec.cluster.shard_parameters and self.world_size > 1:
+            return f"parameter-sharded over {self.world_size}"
+        return "replicated" if self.world_size > 1 else "single"
 
     def run(self, task: dict) -> dict:
         """Run one task ``{checkpoint, kind, options, probe_index}``; returns the probe's record.
@@ -400,12 +486,20 @@ class ProbeWorker:
                     f"non-finite loss ({loss}) at checkpoint {task['checkpoint']!r} on the probe set: check the "
                     "probe data for NaN/Inf and the loss function"
                 )
+        # before the probe: a parameter-sharded operator releases the model's parameters
+        num_parameters = (
+            self.stage_dim if self.stages > 1 else sum(p.numel() for p in model.parameters() if p.requires_grad)
+        )
         ctx = ProbeContext(self, model, task["checkpoint"], meta)
         record = run_probe(task["kind"], ctx, task["options"], task_seed(self.spec.seed, task["probe_index"]))
         record["duration_s"] = time.perf_counter() - t0
         record["world_size"] = self.world_size
-        if self.stages == 1:  # model.parameters() lists a tied tensor once
-            record["num_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        record["num_parameters"] = num_parameters  # model.parameters() lists a tied tensor once
+        record["hvp"] = self.spec.hvp
+        record["layout"] = self.layout()
+        if self.spec.model.hf is not None and self.spec.loss in ("lm_cross_entropy", "causal_lm"):
+            whole = self.stages == 1 and not (self.spec.cluster.shard_parameters and self.world_size > 1)
+            record["lm_head"] = "chunked" if whole and self._chunked_head(model) else "plain"
         record["attention"] = getattr(self, "model_info", {}).get("attention")
         record["checkpoint_metadata"] = {k: str(v) for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
         if self._ray_metrics is not None:

@@ -78,6 +78,8 @@ def test_probe_run_on_a_saved_hf_model_equals_its_dense_hessian(tmp_path, family
         assert row["checkpoint_name"] == family  # the save_pretrained folder, not the index file
         assert row["attention"] == "sdpa (math kernel)"
         assert row["model_factory"] == f"hf:{model_dir}"
+        # the products of a causal LM's head in token chunks (probe.lm_head), checked against the dense Hessian
+        assert row["lm_head"] == ("plain" if family == "bert" else "chunked"), row["lm_head"]
     defect = max(r.get("symmetry_defect") or 0.0 for r in eig + [tr])
     # the floor: float64 rounding, or the operator's own asymmetry (RMSNorm and rotary in float32)
     tol = max(100 * defect, 1e-9)

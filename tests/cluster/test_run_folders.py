@@ -305,9 +305,10 @@ def test_the_hash_covers_config_json_where_the_folder_holds_one(tmp_path):
 # --- rows: checkpoint_name, step and lr on every kind ----------------------------------
 
 
-def test_schema_2_carries_name_step_and_lr_in_every_kind():
+def test_schema_3_carries_name_step_lr_hvp_and_layout_in_every_kind():
     common = {f.name: f.type for f in COMMON_FIELDS}
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
+    assert (common["hvp"], common["layout"]) == (pa.string(), pa.string())
     assert (common["checkpoint_name"], common["step"], common["lr"]) == (pa.string(), pa.int64(), pa.float64())
     assert not any({"step", "lr", "checkpoint_name"} & {f.name for f in fields} for fields in KIND_FIELDS.values())
 
@@ -323,7 +324,7 @@ def test_a_job_over_a_trainer_run_writes_names_steps_and_lrs_and_an_audit_adds_t
         assert got == [(f"checkpoint-{s}", s, lr_at(s), str(w)) for s, w in zip((10, 20, 30), weights, strict=True)], (
             kind
         )
-        assert all(r["schema_version"] == 2 for r in before[kind])
+        assert all(r["schema_version"] == 3 and (r["hvp"], r["layout"]) == ("exact", "single") for r in before[kind])
     for r in before["eos"]:  # the eos runner read the same rate (from the Trainer's state) for its threshold
         assert r["lr_source"] == "metadata" and r["threshold"] == pytest.approx(2 / r["lr"])
     assert json.loads(before["eos"][0]["probe_config"])["series_steps"] == [10, 20, 30]  # the training steps

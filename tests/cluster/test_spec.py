@@ -21,7 +21,7 @@ from cluster.spec import (
     parse_spec,
 )
 
-TOP_KEYS = "name, model, data, probes, loss, precision, mode, cluster, output, seed"
+TOP_KEYS = "name, model, data, probes, loss, precision, vector_dtype, hvp, mode, cluster, output, seed"
 
 
 def raw_spec(**top) -> dict:
@@ -182,8 +182,8 @@ def test_unknown_loss_factory_key_is_rejected():
             "cluster.backend must be one of auto, ray, process, local, got 'slurm'",
         ),
         (
-            lambda r: r.update(precision="float16"),
-            "precision must be one of auto, float32, float64, bfloat16, got 'float16'",
+            lambda r: r.update(precision="half"),
+            "precision must be one of auto, float32, float64, bfloat16, float16, got 'half'",
         ),
         (lambda r: r.update(mode="weird"), "mode must be one of eval, train, got 'weird'"),
         (
