@@ -329,6 +329,31 @@ def _probe_bytes(
     return device, host
 
 
+def _largest_stage(spec, checkpoint: str) -> int | None:
+    """The parameters (owned and borrowed) of the largest pipeline stage, from the model built on the
+    meta device as the workers cut it; None when it cannot be built here (the workers will say why)."""
+    import torch
+
+    from cluster.pipeline_layout import stage_layout
+
+    try:
+        m = spec.model
+        if m.hf is not None:
+            from cluster.hf import config_path, hf_skeleton
+            from cluster.hf_stages import pipeline_pieces
+
+            model = pipeline_pieces(hf_skeleton(config_path(checkpoint, m.hf), m.hf_class, m.attn_implementation))
+        else:
+            from cluster.spec import import_factory
+
+            with torch.device("meta"):
+                model = import_factory(m.factory, key="model.factory")(**m.kwargs)
+        layouts = stage_layout(model, spec.cluster.stages, spec.cluster.balance)
+    except Exception:  # noqa: BLE001 - an estimate; the workers report a model that does not build
+        return None
+    return max(s.dim + sum(b.numel for b in s.borrowed) for s in layouts)
+
+
 def estimate(spec, checkpoint: str, *, workers_here: int, calibrate: bool = True) -> Estimate:
     """The memory estimate of ``spec`` on ``checkpoint`` with ``workers_here`` workers on this host.
 
@@ -342,6 +367,9 @@ def estimate(spec, checkpoint: str, *, workers_here: int, calibrate: bool = True
     dim = numel if numel >= 0 else nbytes // 4
     sharded = bool(getattr(spec.cluster, "shard_parameters", False)) and group > 1
     params = dim * bp // stages
+    largest = _largest_stage(spec, checkpoint) if stages > 1 else None
+    if largest is not None:  # stages balanced by compute hold unequal parameters: count the largest
+        params = largest * bp
     # a pipeline stage or a parameter shard applies its own slice: no gathered block
     world = group if stages == 1 and not sharded else 1
     local = dim // stages if stages > 1 else -(-dim // group)

@@ -3,12 +3,12 @@
 A model that is a sequence of stages (an ``nn.Sequential`` of children run one
 after the other: embedding, blocks, head — :func:`probe.gpt.gpt`, or pieces that
 also take the batch inputs, see :mod:`cluster.pipeline_layout`) is cut into
-contiguous ranges, one per worker (:func:`stage_bounds`, balanced by parameter
-count). Each worker holds only its range's parameters and its slice of every
-Lanczos vector; a parameter shared with an earlier stage (a head tied to the
-embedding) is *borrowed*: the owner lends its slice of each vector at the start
-of a product and adds the borrower's contribution back at the end
-(:func:`stage_layout`).
+contiguous ranges, one per worker (:func:`stage_bounds`, balanced by the
+parameters each stage multiplies with, or by those it holds). Each worker holds
+only its range's parameters and its slice of every Lanczos vector; a parameter
+shared with an earlier stage (a head tied to the embedding) is *borrowed*: the
+owner lends its slice of each vector at the start of a product and adds the
+borrower's contribution back at the end (:func:`stage_layout`).
 
 ``Hv = ∇_θ ⟨∇_θ L, v⟩`` (reverse over reverse, as the single-process
 :class:`probe.hessian.HessianOperator`), cut at the stage boundaries into four

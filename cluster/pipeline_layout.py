@@ -30,11 +30,13 @@ from torch import Tensor, nn
 from probe.batches import batch_size_of
 
 __all__ = [
+    "BALANCES",
     "Borrowed",
     "Lent",
     "StageLayout",
     "StagedSequential",
     "build_stage",
+    "child_costs",
     "run_children",
     "split_batch_rows",
     "stage_bounds",
@@ -78,22 +80,49 @@ def _trainable(model: nn.Module) -> list[tuple[int, str, nn.Parameter]]:
     return out
 
 
-def stage_bounds(model: nn.Sequential, num_stages: int) -> list[tuple[int, int]]:
-    """Contiguous child ranges ``[(start, stop), ...]``, one per stage, minimizing the largest stage's
-    parameter count (a parameter shared by several children counts once, in the child that first uses it).
+BALANCES = ("compute", "parameters")
 
-    Raises:
-        ValueError: when there are fewer children than stages.
+
+def child_costs(model: nn.Sequential, balance: str = "compute") -> list[int]:
+    """Each child's weight in :func:`stage_bounds`.
+
+    ``"compute"``: the parameters each child multiplies with, every use counted (a head tied to
+    the embedding counts in the head's child) and embedding tables not at all (a lookup, no
+    matmul): proportional to the child's matmul FLOPs per token. Measured on GPT-2 small
+    (``bench/bench_pipeline.py``): balanced by parameters, 2 stages did 17% and 83% of the
+    FLOPs (the tied 50257 × 768 head is free by parameters, the embedding costly).
+    ``"parameters"``: the parameters each child holds, a shared one counted once, in the child
+    that first uses it (memory).
     """
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
     seen: set[int] = set()
     sizes = []
     for child in model.children():
         size = 0
-        for p in child.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                size += p.numel()
+        if balance == "parameters":
+            for p in child.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    size += p.numel()
+        else:
+            for module in child.modules():
+                if not isinstance(module, nn.Embedding):
+                    size += sum(p.numel() for p in module.parameters(recurse=False))
         sizes.append(size)
+    if balance == "compute" and not any(sizes):  # nothing multiplies: balance the memory instead
+        return child_costs(model, "parameters")
+    return sizes
+
+
+def stage_bounds(model: nn.Sequential, num_stages: int, balance: str = "compute") -> list[tuple[int, int]]:
+    """Contiguous child ranges ``[(start, stop), ...]``, one per stage, minimizing the largest stage's
+    cost (:func:`child_costs`: matmul parameters by default, or parameters held).
+
+    Raises:
+        ValueError: when there are fewer children than stages, or for an unknown ``balance``.
+    """
+    sizes = child_costs(model, balance)
     n = len(sizes)
     if not 1 <= num_stages <= n:
         raise ValueError(f"cannot split {n} stage modules over {num_stages} workers; use 1 to {n} workers")
@@ -179,10 +208,10 @@ class StageLayout:
         return f"{int(child) - self.bounds[0]}.{rest}"
 
 
-def stage_layout(model: nn.Sequential, num_stages: int) -> list[StageLayout]:
+def stage_layout(model: nn.Sequential, num_stages: int, balance: str = "compute") -> list[StageLayout]:
     """Every stage's :class:`StageLayout` (children from :func:`stage_bounds`), from the full model
     or its skeleton (the meta device will do: only identities and shapes are read)."""
-    bounds = stage_bounds(model, num_stages)
+    bounds = stage_bounds(model, num_stages, balance)
     stage_of = [k for k, (a, b) in enumerate(bounds) for _ in range(a, b)]
     uses = _trainable(model)
     first: dict[int, tuple[int, str, int]] = {}  # id -> (owner stage, owner name, flat offset)
@@ -228,13 +257,15 @@ def stage_parameter_names(model: nn.Sequential, bounds: tuple[int, int]) -> list
     return [f"{i}.{n}" for i in range(a, b) for n, _ in model[i].named_parameters()]
 
 
-def build_stage(model: nn.Sequential, num_stages: int, stage: int) -> tuple[nn.Module, int, int]:
+def build_stage(
+    model: nn.Sequential, num_stages: int, stage: int, balance: str = "compute"
+) -> tuple[nn.Module, int, int]:
     """This stage's children as one module (the others are dropped), its parameter offset and the total dim.
 
     The module is a :class:`StagedSequential` carrying its :class:`StageLayout` as ``pipeline_layout``,
     which :class:`cluster.pipeline.PipelineHessian` reads when it is given no ``layout``.
     """
-    layout = stage_layout(model, num_stages)[stage]
+    layout = stage_layout(model, num_stages, balance)[stage]
     a, b = layout.bounds
     part = StagedSequential(*[model[i] for i in range(a, b)])
     part.pipeline_layout = layout  # a plain attribute: survives to_empty() and .to()

@@ -184,6 +184,9 @@ class ClusterSpec:
     # batch (None: 4 for overlap in eval mode, 1 otherwise; see cluster.pipeline.PipelineHessian)
     schedule: str = "overlap"
     micro_batches: int | None = None
+    # how stages are balanced: compute (matmul parameters, a tied head counted where it multiplies,
+    # embedding lookups free) or parameters (memory held); see cluster.pipeline_layout.child_costs
+    balance: str = "compute"
     # every layer's parameters sharded over the group's workers, gathered per layer (cluster.sharded_hvp):
     # for models that fit no one device and no pipeline family covers
     shard_parameters: bool = False
@@ -192,6 +195,8 @@ class ClusterSpec:
         _positive_int("cluster.num_workers", self.num_workers)
         _positive_int("cluster.stages", self.stages)
         _positive_int("cluster.micro_batches", self.micro_batches, allow_none=True)
+        if self.balance not in ("compute", "parameters"):
+            raise SpecError(f"cluster.balance must be compute or parameters, got {self.balance!r}")
         if self.schedule not in ("overlap", "sequential"):
             raise SpecError(f"cluster.schedule must be overlap or sequential, got {self.schedule!r}")
         if not isinstance(self.shard_parameters, bool):

@@ -349,7 +349,9 @@ class ProbeWorker:
                 f"cluster.stages={self.stages} needs model.factory {self.spec.model.factory!r} to return an "
                 f"nn.Sequential of stages (embedding, blocks, head), got {type(skeleton).__name__}"
             )
-        part, self.stage_offset, self.stage_dim = build_stage(skeleton, self.stages, self.stage)
+        part, self.stage_offset, self.stage_dim = build_stage(
+            skeleton, self.stages, self.stage, self.spec.cluster.balance
+        )
         layout: StageLayout | None = getattr(part, "pipeline_layout", None)
         assert layout is not None  # build_stage attaches it
         start = layout.bounds[0]
@@ -387,7 +389,9 @@ class ProbeWorker:
         m = self.spec.model
         skeleton = hf_skeleton(config_path(checkpoint, m.hf), m.hf_class, m.attn_implementation, self.dtype)
         pieces = pipeline_pieces(skeleton)
-        part, self.stage_offset, self.stage_dim = build_stage(pieces, self.stages, self.stage)
+        part, self.stage_offset, self.stage_dim = build_stage(
+            pieces, self.stages, self.stage, self.spec.cluster.balance
+        )
         layout: StageLayout | None = getattr(part, "pipeline_layout", None)
         assert layout is not None  # build_stage attaches it
         children = range(*layout.bounds)

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cluster.pipeline import PipelineHessian, StagedSequential, build_stage, grid_groups, stage_bounds, stage_layout
+from cluster.pipeline_layout import child_costs
 from probe.eigen import eigenvalues
 from probe.gpt import gpt, lm_loss
 from probe.hessian import HessianOperator
@@ -316,3 +317,20 @@ def test_memory_per_worker_shrinks_with_the_number_of_stages(grid):
         peak[stages] = (max(p["graph_bytes"] for p in parts), max(p["params"] for p in parts))
     assert peak[3][0] < 0.75 * peak[1][0]  # saved activations and graphs per worker
     assert peak[3][1] < 0.75 * peak[1][1]  # parameters (and vector slices) per worker
+
+
+def test_stages_balance_compute_by_default_and_memory_on_request():
+    """An embedding is a lookup (no matmul) and a tied head multiplies with the embedding's table:
+    by compute the head's stage gets few layers; by parameters the embedding alone is a stage."""
+    emb = torch.nn.Embedding(1000, 8)
+    head = torch.nn.Linear(8, 1000, bias=False)
+    head.weight = emb.weight
+    m = torch.nn.Sequential(emb, *[torch.nn.Linear(8, 8) for _ in range(4)], head)
+    assert child_costs(m) == [0, 72, 72, 72, 72, 8000]
+    assert child_costs(m, "parameters") == [8000, 72, 72, 72, 72, 0]
+    assert stage_bounds(m, 2) == [(0, 5), (5, 6)]
+    assert stage_bounds(m, 2, "parameters") == [(0, 1), (1, 6)]
+    layouts = stage_layout(m, 2)
+    assert layouts[1].borrowed[0].numel == 8000 and layouts[0].dim == 8000 + 4 * 72
+    with pytest.raises(ValueError, match="balance must be one of"):
+        stage_bounds(m, 2, "flops")
