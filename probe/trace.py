@@ -12,6 +12,9 @@ spectra do: a few outliers and a bulk near zero) its error falls like ``1/m``
 instead of ``1/√m``. Its standard error is the Hutchinson standard error of the
 remainder (the sketched part is exact given ``Q``).
 
+XTrace and Krylov-aware Hutch++, which buy more from each product on the same
+spectra, live in :mod:`probe.trace_lowrank`; :func:`trace` dispatches to all four.
+
 Orthonormalization is done through the Gram matrix ``allreduce(YᵀY)`` and its
 eigendecomposition (twice), so it works unchanged when vectors are sharded.
 """
@@ -28,7 +31,7 @@ from probe.operators import CurvatureOperator, inner
 
 __all__ = ["TraceResult", "hutchinson", "hutchpp", "trace", "METHODS"]
 
-METHODS = ("hutchinson", "hutch++")
+METHODS = ("hutchinson", "hutch++", "xtrace", "krylov-hutch++")
 DRAW_CHUNK = 16  # probes drawn at a time: memory stays at 16 vectors whatever the budget
 
 
@@ -37,12 +40,14 @@ class TraceResult:
     """A trace estimate.
 
     Attributes:
-        method: ``"hutchinson"`` or ``"hutch++"``.
+        method: one of :data:`METHODS`.
         trace: the estimate.
         trace_stderr: its standard error (NaN with fewer than 2 stochastic samples).
         num_matvecs: operator applications spent.
-        num_samples: stochastic (Hutchinson) samples behind the standard error.
-        sketch_trace: for Hutch++, the exact trace on the sketched subspace (else 0).
+        num_samples: stochastic samples behind the standard error (Hutchinson probes; for
+            XTrace its leave-one-out estimates).
+        sketch_trace: for the deflating methods, the exact trace on the sketched subspace
+            (for XTrace, its mean over the leave-one-out subspaces); 0 for Hutchinson.
     """
 
     method: str
@@ -148,7 +153,9 @@ def hutchpp(
 
 
 def trace(op: CurvatureOperator, *, method: str = "hutch++", num_matvecs: int = 102, **kwargs) -> TraceResult:
-    """Trace by ``method`` (``"hutchinson"`` or ``"hutch++"``, the default).
+    """Trace by ``method``: ``"hutchinson"``, ``"hutch++"`` (the default), ``"xtrace"``
+    (:func:`probe.trace_lowrank.xtrace`) or ``"krylov-hutch++"``
+    (:func:`probe.trace_lowrank.krylov_hutchpp`); ``kwargs`` go to the estimator.
 
     Raises:
         ValueError: for an unknown ``method``, or as the chosen estimator.
@@ -157,4 +164,8 @@ def trace(op: CurvatureOperator, *, method: str = "hutch++", num_matvecs: int = 
         return hutchinson(op, num_matvecs, **kwargs)
     if method == "hutch++":
         return hutchpp(op, num_matvecs, **kwargs)
+    if method in ("xtrace", "krylov-hutch++"):
+        from probe.trace_lowrank import krylov_hutchpp, xtrace  # imports this module: loaded on first use
+
+        return (xtrace if method == "xtrace" else krylov_hutchpp)(op, num_matvecs, **kwargs)
     raise ValueError(f"method must be one of {METHODS}, got method={method!r}")

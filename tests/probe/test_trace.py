@@ -182,7 +182,7 @@ def test_same_seed_same_numbers(known_spectrum, method):
         (lambda op: hutchpp(op, 10, block_size=0), r"block_size must be at least 1, got block_size=0"),
         (
             lambda op: trace(op, method="hutch", num_matvecs=10),
-            r"method must be one of \('hutchinson', 'hutch\+\+'\), got method='hutch'",
+            r"method must be one of \('hutchinson', 'hutch\+\+', 'xtrace', 'krylov-hutch\+\+'\), got method='hutch'",
         ),
         (
             lambda op: trace(op, method="hutch++", num_matvecs=3),
