@@ -501,6 +501,7 @@ class ProbeWorker:
         record["num_parameters"] = num_parameters  # model.parameters() lists a tied tensor once
         record["hvp"] = self.spec.hvp
         record["layout"] = self.layout()
+        record["lm_head"] = None  # not a Hugging Face language model under a built-in LM loss
         if self.spec.model.hf is not None and self.spec.loss in ("lm_cross_entropy", "causal_lm"):
             whole = self.stages == 1 and not (self.spec.cluster.shard_parameters and self.world_size > 1)
             record["lm_head"] = "chunked" if whole and self._chunked_head(model) else "plain"
