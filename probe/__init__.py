@@ -26,6 +26,7 @@ from probe.sharpness import (
     sam_sharpness,
 )
 from probe.slq import SpectrumResult, spectral_density
+from probe.slq_deflated import DeflatedOperator, DeflatedSpectrumResult, deflated_spectral_density
 from probe.surface import SurfaceResult, loss_surface, surface
 from probe.trace import TraceResult, hutchinson, hutchpp, trace
 
@@ -73,6 +74,8 @@ __all__ = [
     "HessianOperator",
     "LanczosResult",
     "ParameterSpace",
+    "DeflatedOperator",
+    "DeflatedSpectrumResult",
     "SpectrumResult",
     "TraceResult",
     "eigenvalues",
@@ -81,5 +84,6 @@ __all__ = [
     "lanczos",
     "power_iteration",
     "spectral_density",
+    "deflated_spectral_density",
     "trace",
 ]

@@ -1,5 +1,10 @@
 """``spectrum``: the Hessian's spectral density by stochastic Lanczos quadrature
-(:func:`probe.slq.spectral_density`), with its Ritz values and weights per run."""
+(:func:`probe.slq.spectral_density`), with its Ritz values and weights per run.
+
+``deflate: k | auto`` (default 0, plain SLQ) runs :func:`probe.slq_deflated.deflated_spectral_density`
+instead: the largest eigenvalues a first Lanczos pass has converged enter every run as exact point
+masses (weight 1/dim each, inside ``ritz_values``/``ritz_weights``), and SLQ samples only the rest;
+``num_matvecs`` counts the first pass and ``note`` says how many were deflated."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import torch
 from cluster.kinds.base import BASIS_CHECK, F64, LIST, LIST2, Headline, Kind, Sizes, Working, is_int, is_num, num, vec
 from cluster.runners import ProbeContext, basis_store, join_notes, measure_symmetry
 from probe.slq import SpectrumResult, spectral_density
+from probe.slq_deflated import deflated_spectral_density
 
 OPTIONS = {
     "runs": 10,
@@ -20,6 +26,7 @@ OPTIONS = {
     "grid_points": 1000,
     "basis": "device",
     "basis_memory_bytes": None,
+    "deflate": 0,
 }
 
 CHECKS = {
@@ -32,6 +39,10 @@ CHECKS = {
     "basis_memory_bytes": (
         lambda v: v is None or (is_int(v) and v > 0),
         "a positive integer (bytes) or null; above it SLQ falls back to reorth none",
+    ),
+    "deflate": (
+        lambda v: v == "auto" or (is_int(v) and v >= 0),
+        "0 (plain SLQ), a positive integer (how many of the largest eigenvalues to deflate exactly) or 'auto'",
     ),
 }
 
@@ -60,22 +71,44 @@ def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
     """The Hessian's spectral density by SLQ, its Ritz values and weights and its negative mass."""
     op = ctx.operator()
     sym = measure_symmetry(op, o, g)
+    deflate = o.get("deflate", 0)
+    deflated = ""
     with basis_store(ctx, o) as basis:
-        r = spectral_density(
-            op,
-            runs=o["runs"],
-            steps=o["steps"],
-            sigma=o["sigma"],
-            reorth=o["reorth"],
-            grid_points=o["grid_points"],
-            generator=g,
-            basis=basis,
-            basis_memory_bytes=o.get("basis_memory_bytes"),
-        )
+        budget = o.get("basis_memory_bytes")
+        if deflate:
+            d = deflated_spectral_density(
+                op,
+                k=deflate,
+                runs=o["runs"],
+                steps=o["steps"],
+                sigma=o["sigma"],
+                reorth=o["reorth"],
+                grid_points=o["grid_points"],
+                generator=g,
+                basis=basis,
+                basis_memory_bytes=budget,
+            )
+            deflated = (
+                f"deflate={deflate}: the {d.k} largest eigenvalues entered as exact point masses "
+                f"(first Lanczos pass: {d.first_pass_matvecs} products)"
+            )
+            r: SpectrumResult = d
+        else:
+            r = spectral_density(
+                op,
+                runs=o["runs"],
+                steps=o["steps"],
+                sigma=o["sigma"],
+                reorth=o["reorth"],
+                grid_points=o["grid_points"],
+                generator=g,
+                basis=basis,
+                basis_memory_bytes=budget,
+            )
     neg, neg_err = r.negative_mass()
     return {
         "basis_storage": r.basis_storage,
-        "note": join_notes(r.note, sym.note),
+        "note": join_notes(r.note, sym.note, deflated),
         "grid": r.grid.tolist(),
         "density": r.density.tolist(),
         "density_stderr": r.density_stderr.tolist(),
@@ -96,15 +129,25 @@ def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
 
 def slq_vectors(o: dict, s: Sizes) -> Working:
     """``runs × (steps+1)`` basis vectors (none with ``reorth: none``, or where ``basis_memory_bytes``
-    makes SLQ drop them), 4 recurrence vectors per run and products of ``runs`` columns."""
+    makes SLQ drop them), 4 recurrence vectors per run and products of ``runs`` columns. With
+    ``deflate``, the first pass's basis (one run of ``max(20·k, steps)+1`` vectors, ``steps+1`` for
+    ``auto``, held before the SLQ runs' in the same store and at any ``reorth``) and the deflated
+    vectors on the device (at most ``steps`` for ``auto``)."""
     runs, steps = o.get("runs", 10), o.get("steps", 80)
     device = 4 * runs * s.local * s.bv + s.product(runs)
+    deflate = o.get("deflate", 0)
+    first = 0  # the first pass's basis vectors, spread over the runs' slots
+    if deflate:
+        auto = deflate == "auto"
+        device += (steps if auto else deflate) * s.local * s.bv
+        first_steps = steps if auto else max(20 * deflate, steps)  # deflated_spectral_density's default
+        first = -(-(first_steps + 1) // runs)
     if o.get("reorth", "full") == "none":
-        return Working(runs, 0, device)
+        return Working(runs, first, device)
     budget = o.get("basis_memory_bytes")
     if budget is not None and runs * (steps + 1) * s.local * s.bv > budget:
-        return Working(runs, 0, device)  # SLQ falls back to reorth none
-    return Working(runs, steps + 1, device)
+        return Working(runs, first, device)  # SLQ falls back to reorth none
+    return Working(runs, max(steps + 1, first), device)
 
 
 def spectrum_from_row(row: dict) -> SpectrumResult | None:
