@@ -434,7 +434,7 @@ def resolve_precision(precision: str, hf: bool, checkpoint: str | None) -> tuple
     factory model.
 
     A float16 checkpoint runs in float32 under ``auto`` (``precision: float16`` is available): its
-    weights are exact in float32, and measured against float64 (docs/mixed_precision.md; 2-core
+    weights are exact in float32, and measured against float64 (docs/benchmarks.md, "Mixed precision"; 2-core
     x86_64, torch 2.13.0+cpu) a float32 product of all-MiniLM-L6-v2 was within 1.5e-6 and a float16
     one (loss-scaled) within 2.9e-3, the estimates of a trained Llama within 4e-7 (float32) and
     4e-5 to 3.4e-4 (float16), and a float16 product took 4-11x as long as a float32 one on that

@@ -451,9 +451,10 @@ def load_stage_state(
                         f"checkpoint tensor {key!r} has shape {tuple(src.shape)}, the model expects {tuple(p.shape)}"
                     )
                 value = src.to(device=device, dtype=dtype if src.is_floating_point() else src.dtype)
-                made[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
+                new = made[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
+                made[id(new)] = new  # a later piece of these children already holds the new one
                 for module, leaf in places[id(p)]:  # a tie stays one parameter, in this stage and beyond
-                    module._parameters[leaf] = made[id(p)]
+                    module._parameters[leaf] = new
             for name, b in list(piece.named_buffers(remove_duplicate=False)):
                 key = names[f"{i}.{name}"]
                 owner, _, leaf = name.rpartition(".")

@@ -149,10 +149,12 @@ class PipelineHessian(CurvatureOperator):
         schedule: ``"overlap"`` (default, GPipe-style) or ``"sequential"``.
         micro_batches: micro-batches per probe batch (fewer when a batch has fewer
             examples). Default: ``DEFAULT_MICRO_BATCHES`` (4) for the overlap schedule in
-            eval mode, 1 otherwise. Measured with 4 (``bench/bench_pipeline.py --compare``, a
-            5.3M-parameter GPT, one batch of 8 × 64 tokens, float32, 2 stages of 1 thread on a
-            shared 2-core x86_64 VM, torch 2.13.0+cpu): 0.80× the sequential schedule's time per
-            product; other counts not yet measured.
+            eval mode, 1 otherwise. Measured (``bench/bench_pipeline.py --compare``: GPT-2 small,
+            one batch of 8 × 128 tokens, float32, 2 compute-balanced stages of 1 thread on a
+            shared 2-core x86_64 VM, torch 2.13.0+cpu; docs/benchmarks.md): 0.77-0.78× the
+            sequential schedule's time per product at 2 and 4 micro-batches, 0.84 at 8, where
+            smaller matrix products cost more CPU time than the smaller bubble saves. 4 keeps the
+            bubble ``(K-1)/(M+K-1)`` at 20% for 2 stages on devices where micro-batches stay efficient.
 
     Raises:
         RuntimeError: if ``torch.distributed`` is not initialized.

@@ -53,7 +53,7 @@ in float32 (:mod:`probe.loss_scale`). Measured on the digits MLP: 0.74 unit roun
 (3.6e-4) per product. The Lanczos scalars and tridiagonal eigenproblems are float64 in
 every precision (:mod:`probe.lanczos`); over tens of millions of parameters the float32
 vectors' own inner products limit spectral estimates near 1e-4, which
-``accumulate_dtype=torch.float64`` removes (docs/mixed_precision.md).
+``accumulate_dtype=torch.float64`` removes (docs/benchmarks.md, "Mixed precision").
 """
 
 from __future__ import annotations

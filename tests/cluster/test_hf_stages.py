@@ -352,3 +352,28 @@ def test_pipeline_hvp_of_every_family_equals_the_models_hvp(tmp_path, references
             assert err <= FLOOR[family], f"{family}, {stages} stages x {replicas} replicas: relative error {err:.2e}"
             # the head tied to the embedding sits on the last stage: borrowed there, owned by stage 0
             assert (mine[-1]["borrowed"] > 0) == (family in TIED)
+
+
+def test_one_load_of_every_piece_keeps_the_tie(tmp_path):
+    """Loading the embedding and the tied head in one call (a stage holding both) makes one parameter."""
+    import transformers
+
+    from cluster.checkpoints import load_checkpoint
+    from cluster.hf import hf_skeleton, tensor_names
+    from cluster.hf_stages import load_stage_state, piece_state_names, pipeline_pieces, run_pieces
+
+    cfg = transformers.GPT2Config(vocab_size=32, n_embd=8, n_layer=2, n_head=2, n_positions=16, bos_token_id=0)
+    cfg.eos_token_id = 0
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    model.save_pretrained(tmp_path)
+    skeleton = hf_skeleton(tmp_path / "config.json", dtype=torch.float64)
+    pieces = pipeline_pieces(skeleton)
+    file = tmp_path / "model.safetensors"
+    names = piece_state_names(skeleton, pieces, checkpoint_keys=tensor_names(file))
+    state, _ = load_checkpoint(file)
+    load_stage_state(pieces, names, state, range(len(pieces)), dtype=torch.float64)
+    assert len({id(p) for p in pieces.parameters()}) == len(list(model.parameters()))  # the tie is one
+    ids = torch.randint(0, 32, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(run_pieces(pieces, ids), model(ids).logits)
