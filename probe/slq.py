@@ -259,12 +259,11 @@ def reorth_within_budget(reorth: str, required_bytes: int, budget_bytes: int, st
     return "none", note
 
 
-def _density(
-    result: LanczosResult, dim: int, steps: int, sigma: float | None, grid_points: int, note: str = ""
-) -> SpectrumResult:
-    pairs = [result.ritz(r) for r in range(result.num_runs)]
-    values = [p.values for p in pairs]
-    weights = [p.weights for p in pairs]
+def smoothed_density(
+    values: list[Tensor], weights: list[Tensor], sigma: float | None, grid_points: int
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    """``(grid, density, stderr, sigma)`` of per-run Ritz values and weights smoothed by Gaussians
+    of width ``sigma`` (default: ``SIGMA_FRACTION`` of the Ritz half-width) on a grid 3σ past them."""
     lo = min(float(v[0]) for v in values)
     hi = max(float(v[-1]) for v in values)
     if sigma is None:
@@ -272,6 +271,16 @@ def _density(
         sigma = SIGMA_FRACTION * half_width if half_width > 0 else 1e-3 * max(abs(hi), 1.0)
     grid = torch.linspace(lo - 3 * sigma, hi + 3 * sigma, grid_points, dtype=torch.float64)
     density, stderr = density_from_ritz(values, weights, grid, sigma)
+    return grid, density, stderr, float(sigma)
+
+
+def _density(
+    result: LanczosResult, dim: int, steps: int, sigma: float | None, grid_points: int, note: str = ""
+) -> SpectrumResult:
+    pairs = [result.ritz(r) for r in range(result.num_runs)]
+    values = [p.values for p in pairs]
+    weights = [p.weights for p in pairs]
+    grid, density, stderr, sigma = smoothed_density(values, weights, sigma, grid_points)
     return SpectrumResult(
         ritz_values=values,
         ritz_weights=weights,

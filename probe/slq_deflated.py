@@ -50,7 +50,7 @@ from probe.basis import BasisStore, resolve_basis
 from probe.eigen import _steps_within
 from probe.lanczos import REORTH_MODES, LanczosProcess, lanczos
 from probe.operators import CurvatureOperator
-from probe.slq import SIGMA_FRACTION, SpectrumResult, density_from_ritz, reorth_within_budget
+from probe.slq import SpectrumResult, reorth_within_budget, smoothed_density
 
 __all__ = ["DeflatedOperator", "DeflatedSpectrumResult", "deflated_spectral_density"]
 
@@ -223,13 +223,7 @@ def deflated_spectral_density(
         order = torch.argsort(allv)
         run_values.append(allv[order])
         run_weights.append(allw[order])
-    lo = min(float(v[0]) for v in run_values)
-    hi = max(float(v[-1]) for v in run_values)
-    if sigma is None:
-        half_width = 0.5 * (hi - lo)
-        sigma = SIGMA_FRACTION * half_width if half_width > 0 else 1e-3 * max(abs(hi), 1.0)
-    grid = torch.linspace(lo - 3 * sigma, hi + 3 * sigma, grid_points, dtype=torch.float64)
-    density, stderr = density_from_ritz(run_values, run_weights, grid, sigma)
+    grid, density, stderr, sigma = smoothed_density(run_values, run_weights, sigma, grid_points)
     return DeflatedSpectrumResult(
         ritz_values=run_values,
         ritz_weights=run_weights,

@@ -9,6 +9,7 @@ masses (weight 1/dim each, inside ``ritz_values``/``ritz_weights``), and SLQ sam
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -75,36 +76,25 @@ def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
     deflated = ""
     with basis_store(ctx, o) as basis:
         budget = o.get("basis_memory_bytes")
+        common: dict[str, Any] = dict(
+            runs=o["runs"],
+            steps=o["steps"],
+            sigma=o["sigma"],
+            reorth=o["reorth"],
+            grid_points=o["grid_points"],
+            generator=g,
+            basis=basis,
+            basis_memory_bytes=budget,
+        )
         if deflate:
-            d = deflated_spectral_density(
-                op,
-                k=deflate,
-                runs=o["runs"],
-                steps=o["steps"],
-                sigma=o["sigma"],
-                reorth=o["reorth"],
-                grid_points=o["grid_points"],
-                generator=g,
-                basis=basis,
-                basis_memory_bytes=budget,
-            )
+            d = deflated_spectral_density(op, k=deflate, **common)
             deflated = (
                 f"deflate={deflate}: the {d.k} largest eigenvalues entered as exact point masses "
                 f"(first Lanczos pass: {d.first_pass_matvecs} products)"
             )
             r: SpectrumResult = d
         else:
-            r = spectral_density(
-                op,
-                runs=o["runs"],
-                steps=o["steps"],
-                sigma=o["sigma"],
-                reorth=o["reorth"],
-                grid_points=o["grid_points"],
-                generator=g,
-                basis=basis,
-                basis_memory_bytes=budget,
-            )
+            r = spectral_density(op, **common)
     neg, neg_err = r.negative_mass()
     return {
         "basis_storage": r.basis_storage,

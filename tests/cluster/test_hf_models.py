@@ -54,6 +54,34 @@ def write_spec(tmp_path, family: str, *, workers: int = 2, probes=None, extra=No
     return path, model, model_dir, tokens
 
 
+def check_against_dense(tmp_path, model, model_dir, tokens) -> tuple[list[dict], float, float, float]:
+    """Check a two-worker job's λ_max and λ_min rows against the dense Hessian; returns every row
+    (eigenvalues, then trace), the dense Hutch++ estimate with the job's random vectors, the exact
+    trace and the absolute tolerance (float64 rounding, or the operator's own measured asymmetry)."""
+    H, dim = hf_files.dense_hessian(model_dir, hf_files.all_windows(tokens))
+    evals = torch.linalg.eigvalsh((H + H.T) / 2)
+    scale = evals.abs().max().item()
+    eig = read(tmp_path / "results", "eigenvalues")
+    tr = read(tmp_path / "results", "trace")[0]
+    assert len(eig) == 2
+    for row in eig + [tr]:
+        assert row["num_parameters"] == dim == sum(p.numel() for p in model.parameters())  # tied counted once
+        assert row["dtype"] == "float64" and row["world_size"] == 2 and row["hvp"] == "exact"
+    defect = max(r.get("symmetry_defect") or 0.0 for r in eig + [tr])
+    # the floor: float64 rounding, or the operator's own asymmetry (RMSNorm and rotary in float32)
+    tol = max(100 * defect, 1e-9) * scale
+    top = next(r for r in eig if r["which"] == "largest")["eigenvalues"][0]
+    low = next(r for r in eig if r["which"] == "smallest")["eigenvalues"][0]
+    assert abs(top - evals[-1].item()) <= tol, (top, evals[-1].item(), defect)
+    assert abs(low - evals[0].item()) <= tol, (low, evals[0].item(), defect)
+    # the same Hutch++ estimator on the dense matrix, with the job's random vectors
+    g = torch.Generator().manual_seed(task_seed(0, 2))
+    expected = trace(
+        DenseOperator(H, symmetry_tol=1e-5), method="hutch++", num_matvecs=TRACE_MATVECS, generator=g
+    ).trace
+    return eig + [tr], expected, torch.trace(H).item(), tol
+
+
 @pytest.mark.parametrize("family", list(hf_files.FAMILIES))
 def test_probe_run_on_a_saved_hf_model_equals_its_dense_hessian(tmp_path, family):
     spec_path, model, model_dir, tokens = write_spec(tmp_path, family)
@@ -65,34 +93,14 @@ def test_probe_run_on_a_saved_hf_model_equals_its_dense_hessian(tmp_path, family
         or family == "llama_untied"
     )
     assert main(["run", str(spec_path)]) == 0
-
-    H, dim = hf_files.dense_hessian(model_dir, hf_files.all_windows(tokens))
-    evals = torch.linalg.eigvalsh((H + H.T) / 2)
-    scale = evals.abs().max().item()
-    eig = read(tmp_path / "results", "eigenvalues")
-    tr = read(tmp_path / "results", "trace")[0]
-    assert len(eig) == 2
-    for row in eig + [tr]:
-        assert row["num_parameters"] == dim == sum(p.numel() for p in model.parameters())  # tied counted once
-        assert row["dtype"] == "float64" and row["world_size"] == 2
+    rows, expected, _, tol = check_against_dense(tmp_path, model, model_dir, tokens)
+    for row in rows:
         assert row["checkpoint_name"] == family  # the save_pretrained folder, not the index file
-        assert row["attention"] == "sdpa (math kernel)"
+        assert row["attention"] == "sdpa (math kernel)" and row["layout"] == "replicated"
         assert row["model_factory"] == f"hf:{model_dir}"
         # the products of a causal LM's head in token chunks (probe.lm_head), checked against the dense Hessian
         assert row["lm_head"] == ("plain" if family == "bert" else "chunked"), row["lm_head"]
-    defect = max(r.get("symmetry_defect") or 0.0 for r in eig + [tr])
-    # the floor: float64 rounding, or the operator's own asymmetry (RMSNorm and rotary in float32)
-    tol = max(100 * defect, 1e-9)
-    top = next(r for r in eig if r["which"] == "largest")["eigenvalues"][0]
-    low = next(r for r in eig if r["which"] == "smallest")["eigenvalues"][0]
-    assert abs(top - evals[-1].item()) <= tol * scale, (top, evals[-1].item(), defect)
-    assert abs(low - evals[0].item()) <= tol * scale, (low, evals[0].item(), defect)
-    # the same Hutch++ estimator on the dense matrix, with the job's random vectors
-    g = torch.Generator().manual_seed(task_seed(0, 2))
-    expected = trace(
-        DenseOperator(H, symmetry_tol=1e-5), method="hutch++", num_matvecs=TRACE_MATVECS, generator=g
-    ).trace
-    assert math.isclose(tr["trace"], expected, rel_tol=0, abs_tol=tol * scale * 10), (tr["trace"], expected)
+    assert math.isclose(rows[-1]["trace"], expected, rel_tol=0, abs_tol=tol * 10), (rows[-1]["trace"], expected)
 
 
 def test_every_kind_runs_on_a_tied_hf_model_and_counts_the_tie_once(tmp_path):

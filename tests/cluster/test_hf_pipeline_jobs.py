@@ -17,39 +17,10 @@ import hf_files
 import pytest
 import torch
 import yaml
-from test_hf_models import TRACE_MATVECS, read, write_spec
+from test_hf_models import check_against_dense, read, write_spec
 
 from cluster.cli import main
 from cluster.spec import SpecError, parse_spec
-from cluster.worker import task_seed
-from probe.operators import DenseOperator
-from probe.trace import trace
-
-
-def check_against_dense(tmp_path, model, model_dir, tokens) -> list[dict]:
-    """The job's rows, after checking its estimates against the dense Hessian; returns every row."""
-    H, dim = hf_files.dense_hessian(model_dir, hf_files.all_windows(tokens))
-    evals = torch.linalg.eigvalsh((H + H.T) / 2)
-    scale = evals.abs().max().item()
-    eig = read(tmp_path / "results", "eigenvalues")
-    tr = read(tmp_path / "results", "trace")[0]
-    assert len(eig) == 2
-    for row in eig + [tr]:
-        assert row["num_parameters"] == dim == sum(p.numel() for p in model.parameters())  # a tie counted once
-        assert row["dtype"] == "float64" and row["world_size"] == 2 and row["hvp"] == "exact"
-    defect = max(r.get("symmetry_defect") or 0.0 for r in eig + [tr])
-    tol = max(100 * defect, 1e-9)  # float64 rounding, or the operator's own asymmetry (float32 RMSNorm, rotary)
-    top = next(r for r in eig if r["which"] == "largest")["eigenvalues"][0]
-    low = next(r for r in eig if r["which"] == "smallest")["eigenvalues"][0]
-    assert abs(top - evals[-1].item()) <= tol * scale, (top, evals[-1].item(), defect)
-    assert abs(low - evals[0].item()) <= tol * scale, (low, evals[0].item(), defect)
-    g = torch.Generator().manual_seed(task_seed(0, 2))
-    expected = trace(
-        DenseOperator(H, symmetry_tol=1e-5), method="hutch++", num_matvecs=TRACE_MATVECS, generator=g
-    ).trace
-    # the pipeline's vector order is the model's; the sharded one's is a permutation, so its Hutch++
-    # draws other probes: compare with the exact trace within the estimator's spread then
-    return eig + [tr], expected, torch.trace(H).item(), tol * scale
 
 
 def test_pipeline_stages_of_a_saved_hf_model_equal_its_dense_hessian(tmp_path):
