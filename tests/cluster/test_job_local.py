@@ -21,6 +21,7 @@ from cluster.checkpoints import file_sha256
 from cluster.cli import main as cli_main
 from cluster.groups import ProcessGroup, TaskError, WorkerLost
 from cluster.job import FailurePolicy, run_job
+from cluster.runners import measure_symmetry
 from cluster.spec import PROBE_OPTIONS, load_spec
 from cluster.worker import probe_subset, task_seed
 from probe.eigen import eigenvalues
@@ -365,3 +366,23 @@ def test_a_changed_batch_size_reruns_stored_tasks(make_spec, checkpoints):
 
     rows = read(Path(spec.output.path), "eigenvalues").to_pylist()
     assert len(rows) == 4 and len({r["task_key"] for r in rows}) == 4
+
+
+@pytest.mark.parametrize("method", ["xtrace", "krylov-hutch++"])
+def test_trace_jobs_run_the_low_rank_estimators_as_the_python_api_does(make_spec, checkpoints, method):
+    spec = load_spec(make_spec(probes=[{"kind": "trace", "method": method, "matvecs": 30}]))
+    summary = run_job(spec, backend="local", progress=lambda m: None)
+    dataset, indices, _ = probe_subset(spec)
+    batches = [
+        torch.utils.data.default_collate([dataset[i] for i in indices[j : j + 50].tolist()])
+        for j in range(0, len(indices), 50)
+    ]
+    model = digits_mlp(hidden=16)
+    model.load_state_dict(load_file(str(checkpoints[0])))
+    op = HessianOperator(model.to(torch.float64), F.cross_entropy, batches)
+    g = torch.Generator().manual_seed(task_seed(7, 0))
+    row = next(r for r in summary.records if r["checkpoint"] == str(checkpoints[0]))
+    sym = measure_symmetry(op, {"symmetry_check": None}, g)  # its own generator, seeded from the task's
+    tr = trace(op, method=method, num_matvecs=30, generator=g)
+    assert row["method"] == method and (row["trace"], row["trace_stderr"]) == (tr.trace, tr.trace_stderr)
+    assert row["num_matvecs"] == tr.num_matvecs + sym.num_matvecs
