@@ -112,18 +112,23 @@ def test_local_job_writes_rows_per_kind_reports_progress_and_reruns_as_no_op(mak
     assert json.loads(runs[0]["spec"])["name"] == "digits-test" and json.loads(runs[0]["failures"]) == []
 
 
-def test_local_job_records_equal_the_estimators_run_directly(make_spec, checkpoints):
-    """The job's wiring (probe subset, batching, precision, seeds) reproduces a direct computation exactly."""
-    spec = load_spec(make_spec(probes=LIGHT_PROBES))
-    summary = run_job(spec, backend="local", progress=lambda m: None)
+def direct_operator(spec, checkpoint) -> HessianOperator:
+    """The float64 Hessian of the spec's probe set at ``checkpoint``, built directly (not through a worker)."""
     dataset, indices, _ = probe_subset(spec)
     batches = [
         torch.utils.data.default_collate([dataset[i] for i in indices[j : j + 50].tolist()])
         for j in range(0, len(indices), 50)
     ]
     model = digits_mlp(hidden=16)
-    model.load_state_dict(load_file(str(checkpoints[0])))
-    op = HessianOperator(model.to(torch.float64), F.cross_entropy, batches)
+    model.load_state_dict(load_file(str(checkpoint)))
+    return HessianOperator(model.to(torch.float64), F.cross_entropy, batches)
+
+
+def test_local_job_records_equal_the_estimators_run_directly(make_spec, checkpoints):
+    """The job's wiring (probe subset, batching, precision, seeds) reproduces a direct computation exactly."""
+    spec = load_spec(make_spec(probes=LIGHT_PROBES))
+    summary = run_job(spec, backend="local", progress=lambda m: None)
+    op = direct_operator(spec, checkpoints[0])
     eig = eigenvalues(
         op,
         3,
@@ -372,14 +377,7 @@ def test_a_changed_batch_size_reruns_stored_tasks(make_spec, checkpoints):
 def test_trace_jobs_run_the_low_rank_estimators_as_the_python_api_does(make_spec, checkpoints, method):
     spec = load_spec(make_spec(probes=[{"kind": "trace", "method": method, "matvecs": 30}]))
     summary = run_job(spec, backend="local", progress=lambda m: None)
-    dataset, indices, _ = probe_subset(spec)
-    batches = [
-        torch.utils.data.default_collate([dataset[i] for i in indices[j : j + 50].tolist()])
-        for j in range(0, len(indices), 50)
-    ]
-    model = digits_mlp(hidden=16)
-    model.load_state_dict(load_file(str(checkpoints[0])))
-    op = HessianOperator(model.to(torch.float64), F.cross_entropy, batches)
+    op = direct_operator(spec, checkpoints[0])
     g = torch.Generator().manual_seed(task_seed(7, 0))
     row = next(r for r in summary.records if r["checkpoint"] == str(checkpoints[0]))
     sym = measure_symmetry(op, {"symmetry_check": None}, g)  # its own generator, seeded from the task's

@@ -16,16 +16,13 @@ import threading
 
 import pytest
 import torch
+from counting import CountingOperator, seeded
 
 from probe.operators import CurvatureOperator, DenseOperator
 from probe.slq import spectral_density
 from probe.slq_deflated import DeflatedOperator, deflated_spectral_density
 
 OUTLIERS = (8.0, 12.0, 18.0, 25.0, 40.0)
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def outlier_spectrum(n: int = 300, negative_outliers: tuple[float, ...] = ()) -> torch.Tensor:
@@ -52,18 +49,6 @@ def exact_moments(lam: torch.Tensor) -> dict:
 
 def estimates(result) -> dict:
     return {1: result.moment(1)[0], 2: result.moment(2)[0], "negative_mass": result.negative_mass()[0]}
-
-
-class CountingOperator(DenseOperator):
-    """A dense operator that counts the columns it is applied to."""
-
-    def __init__(self, matrix: torch.Tensor) -> None:
-        super().__init__(matrix)
-        self.columns = 0
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.columns += V.shape[1]
-        return super()._matmat(V)
 
 
 def compare_over_seeds(op, exact: dict, seeds: int, *, runs: int, steps: int, first_steps: int) -> tuple[dict, dict]:

@@ -12,28 +12,13 @@ import statistics
 
 import pytest
 import torch
+from counting import CountingOperator, seeded
 
 from probe.operators import DenseOperator
 from probe.trace import METHODS, hutchinson, hutchpp, trace
 
 ESTIMATORS = {"hutchinson": hutchinson, "hutch++": hutchpp}
 SEEDS = range(8)
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-class CountingOperator(DenseOperator):
-    """A dense operator that counts the columns it is applied to."""
-
-    def __init__(self, matrix: torch.Tensor) -> None:
-        super().__init__(matrix)
-        self.columns = 0
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.columns += V.shape[1]
-        return super()._matmat(V)
 
 
 def mean_abs_error(estimator, op, exact: float, num_matvecs: int, seeds=None) -> tuple[float, float]:

@@ -14,6 +14,7 @@ import statistics
 
 import pytest
 import torch
+from counting import CountingOperator, seeded
 
 from probe.operators import DenseOperator
 from probe.trace import hutchpp, trace
@@ -27,22 +28,6 @@ NEW = {
 ON_HESSIAN = ("xtrace", "krylov-hutch++")  # products with the 2,410-dimensional Hessian dominate the file's time
 BUDGET = 60
 SEEDS = range(200)
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-class CountingOperator(DenseOperator):
-    """A dense operator that counts the columns it is applied to."""
-
-    def __init__(self, matrix: torch.Tensor) -> None:
-        super().__init__(matrix)
-        self.columns = 0
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.columns += V.shape[1]
-        return super()._matmat(V)
 
 
 def spread(estimator, op, budget: int, seeds) -> dict:
