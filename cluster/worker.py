@@ -19,14 +19,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from cluster.checkpoints import CheckpointError, checkpoint_sha256, load_checkpoint
+from cluster.checkpoints import checkpoint_sha256, load_checkpoint
 from cluster.distributed import ShardedEvaluator, ShardedOperator
 from cluster.errors import NonFiniteError
 from cluster.hf import load_state_into
-from cluster.pipeline import PipelineHessian, StageLayout, build_stage, grid_groups
+from cluster.pipeline import PipelineHessian, grid_groups
 from cluster.probe_data import Shard, probe_subset
 from cluster.runners import ProbeContext, run_probe
 from cluster.spec import SpecError, import_factory, parse_spec
+from cluster.stage_loading import check_finite, factory_stage, hf_stage
 from probe.batches import batch_size_of, split_batch, token_count
 from probe.evaluate import Evaluator
 from probe.hessian import HessianOperator
@@ -82,17 +83,6 @@ def _ray_worker_metrics() -> _RayWorkerMetrics | None:
     except Exception:  # noqa: BLE001 - no runtime context: not a Ray worker
         return None
     return _RayWorkerMetrics()
-
-
-def _check_finite(state: dict, checkpoint: str) -> None:
-    """Refuse NaN or Inf weights, naming the first tensor that holds them."""
-    for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise CheckpointError(
-                f"checkpoint {checkpoint!r}: tensor {name!r} holds {bad} non-finite value(s) (NaN or Inf) of "
-                f"{t.numel()}; the checkpoint is corrupt or training diverged"
-            )
 
 
 def build_loss(loss: str | dict):
@@ -280,12 +270,12 @@ class ProbeWorker:
         Raises:
             CheckpointError: for missing or unexpected keys or shape mismatches, naming them.
         """
+        if self.stages > 1:
+            return self._build_stage(checkpoint)
         if self.spec.model.hf is not None:
-            return self._build_hf_stage(checkpoint) if self.stages > 1 else self._build_hf(checkpoint)
+            return self._build_hf(checkpoint)
         assert self.spec.model.factory is not None  # the spec gives a model either hf or factory
         factory = import_factory(self.spec.model.factory, key="model.factory")
-        if self.stages > 1:
-            return self._build_stage(factory, checkpoint)
         if checkpoint == "init":
             with torch.random.fork_rng():
                 torch.manual_seed(self.spec.seed)
@@ -313,7 +303,7 @@ class ProbeWorker:
         optimizer_tensors = {k: state.pop(k) for k in [k for k in state if k.startswith(OPTIMIZER_PREFIX)]}
         if optimizer_tensors:
             meta = {**meta, "_optimizer_tensors": optimizer_tensors}
-        _check_finite(state, checkpoint)
+        check_finite(state, checkpoint)
         return state, meta
 
     def _build_hf(self, checkpoint: str) -> tuple[torch.nn.Module, dict]:
@@ -336,72 +326,17 @@ class ProbeWorker:
         self.model_info = describe(model)
         return model, meta
 
-    def _build_stage(self, factory, checkpoint: str) -> tuple[torch.nn.Module, dict]:
-        """This worker's pipeline stage: the model skeleton on the meta device, this stage's children
-        materialized, and only their tensors read from the checkpoint (a parameter tied to an earlier
-        stage's loads from whichever of its names the file holds)."""
-        if checkpoint == "init":
-            raise SpecError("checkpoint 'init' is not available with cluster.stages > 1; give a checkpoint file")
-        with torch.device("meta"):
-            skeleton = factory(**self.spec.model.kwargs)
-        if not isinstance(skeleton, torch.nn.Sequential):
-            raise SpecError(
-                f"cluster.stages={self.stages} needs model.factory {self.spec.model.factory!r} to return an "
-                f"nn.Sequential of stages (embedding, blocks, head), got {type(skeleton).__name__}"
+    def _build_stage(self, checkpoint: str) -> tuple[torch.nn.Module, dict]:
+        """This worker's pipeline stage (:mod:`cluster.stage_loading`): only its tensors are read."""
+        if self.spec.model.hf is not None:
+            part, layout, meta, self.model_info = hf_stage(
+                self.spec, checkpoint, self.stages, self.stage, dtype=self.dtype, device=self.device, read=self._read
             )
-        part, self.stage_offset, self.stage_dim = build_stage(
-            skeleton, self.stages, self.stage, self.spec.cluster.balance
-        )
-        layout: StageLayout | None = getattr(part, "pipeline_layout", None)
-        assert layout is not None  # build_stage attaches it
-        start = layout.bounds[0]
-        names = {f"{start + int(k.split('.', 1)[0])}.{k.split('.', 1)[1]}": k for k in part.state_dict()}
-        alias = {b.full_name: b.owner_name for b in layout.borrowed}  # a tie's other name
-        state, meta = load_checkpoint(checkpoint, keys=[*names, *alias.values()], missing_ok=True)
-        for full, other in alias.items():
-            if full not in state and other in state:
-                state[full] = state[other]
-        lacking = [full for full in names if full not in state]
-        if lacking:
-            raise CheckpointError(
-                f"checkpoint {checkpoint!r} has no tensors {lacking[:5]} (pipeline stage {self.stage})"
+        else:
+            part, layout, meta = factory_stage(
+                self.spec, checkpoint, self.stages, self.stage, dtype=self.dtype, device=self.device
             )
-        part = part.to_empty(device=self.device).to(dtype=self.dtype)
-        for full, local in names.items():
-            if state[full].shape != part.state_dict()[local].shape:
-                raise CheckpointError(
-                    f"checkpoint {checkpoint!r}: tensor {full!r} has shape {tuple(state[full].shape)}, "
-                    f"the model expects {tuple(part.state_dict()[local].shape)}"
-                )
-        _check_finite(state, checkpoint)
-        part.load_state_dict({local: state[full] for full, local in names.items()})
-        return part, meta
-
-    def _build_hf_stage(self, checkpoint: str) -> tuple[torch.nn.Module, dict]:
-        """This worker's pipeline stage of a Hugging Face model (:mod:`cluster.hf_stages`): the model
-        built from its config on the meta device and cut into pieces, this stage's pieces given the
-        checkpoint's tensors, reading only those (a tied head loads from the embedding's name)."""
-        from cluster.hf import config_path, describe, hf_skeleton, prefix_keys, tensor_names
-        from cluster.hf_stages import load_stage_state, piece_state_names, pipeline_pieces, stage_state_keys
-
-        if checkpoint == "init":
-            raise SpecError("checkpoint 'init' is not available with model.hf; give two checkpoint folders")
-        m = self.spec.model
-        skeleton = hf_skeleton(config_path(checkpoint, m.hf), m.hf_class, m.attn_implementation, self.dtype)
-        pieces = pipeline_pieces(skeleton)
-        part, self.stage_offset, self.stage_dim = build_stage(
-            pieces, self.stages, self.stage, self.spec.cluster.balance
-        )
-        layout: StageLayout | None = getattr(part, "pipeline_layout", None)
-        assert layout is not None  # build_stage attaches it
-        children = range(*layout.bounds)
-        in_file = prefix_keys(skeleton, {k: k for k in tensor_names(checkpoint)})  # model name -> file name
-        names = piece_state_names(skeleton, pieces, checkpoint_keys=in_file)
-        wanted = sorted(k for k in stage_state_keys(names, children) if k in in_file)
-        state, meta = self._read(checkpoint, keys=[in_file[k] for k in wanted])
-        state = {k: state[in_file[k]] for k in wanted}
-        load_stage_state(pieces, names, state, children, dtype=self.dtype, device=self.device)
-        self.model_info = describe(skeleton)
+        self.stage_offset, self.stage_dim = layout.offset, layout.total_dim
         return part, meta
 
     def operator(self, model: torch.nn.Module):
@@ -424,7 +359,7 @@ class ProbeWorker:
                 micro_batches=c.micro_batches,
                 **self._weighting(self._eval_shards["probe"]),
             )
-        if c.shard_parameters and self.world_size > 1:
+        if self.parameter_sharded:
             from cluster.sharded_hvp import ShardedHessian
 
             return ShardedHessian(
@@ -466,11 +401,16 @@ class ProbeWorker:
             return None
         return lambda: chunked_head(model)
 
+    @property
+    def parameter_sharded(self) -> bool:
+        """Whether products run on parameter shards (cluster.shard_parameters over more than one worker)."""
+        return self.spec.cluster.shard_parameters and self.world_size > 1
+
     def layout(self) -> str:
         """How this worker holds the model: ``replicated``, ``pipeline`` or ``parameter-sharded``."""
         if self.stages > 1:
             return f"pipeline {self.stages} stages x {self.replicas} replicas ({self.spec.cluster.schedule})"
-        if self.spec.cluster.shard_parameters and self.world_size > 1:
+        if self.parameter_sharded:
             return f"parameter-sharded over {self.world_size}"
         return "replicated" if self.world_size > 1 else "single"
 
@@ -503,7 +443,7 @@ class ProbeWorker:
         record["layout"] = self.layout()
         record["lm_head"] = None  # not a Hugging Face language model under a built-in LM loss
         if self.spec.model.hf is not None and self.spec.loss in ("lm_cross_entropy", "causal_lm"):
-            whole = self.stages == 1 and not (self.spec.cluster.shard_parameters and self.world_size > 1)
+            whole = self.stages == 1 and not self.parameter_sharded  # as operator() decides
             record["lm_head"] = "chunked" if whole and self._chunked_head(model) else "plain"
         record["attention"] = getattr(self, "model_info", {}).get("attention")
         record["checkpoint_metadata"] = {k: str(v) for k, v in meta.items() if isinstance(v, (str, int, float, bool))}

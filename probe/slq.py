@@ -205,20 +205,7 @@ def spectral_density(
         ValueError: if ``runs < 1``, ``steps`` outside ``[1, dim]``, ``sigma ≤ 0``,
             ``grid_points < 2``, a negative ``basis_memory_bytes`` or an unknown ``basis``.
     """
-    if runs < 1:
-        raise ValueError(f"runs must be at least 1, got runs={runs}; use 2 or more for standard errors")
-    if not 1 <= steps <= op.dim:
-        raise ValueError(f"steps must be in [1, dim={op.dim}], got steps={steps}; choose a step count in that range")
-    if sigma is not None and sigma <= 0:
-        raise ValueError(f"sigma must be positive (eigenvalue units), got sigma={sigma}")
-    if grid_points < 2:
-        raise ValueError(f"grid_points must be at least 2, got grid_points={grid_points}")
-    if reorth not in REORTH_MODES:
-        raise ValueError(f"reorth must be one of {REORTH_MODES}, got reorth={reorth!r}")
-    if basis_memory_bytes is not None and basis_memory_bytes < 0:
-        raise ValueError(
-            f"basis_memory_bytes must be non-negative or None, got basis_memory_bytes={basis_memory_bytes}"
-        )
+    check_density_args(op, runs, steps, sigma, grid_points, reorth, basis_memory_bytes)
     store = resolve_basis(basis)
     note = ""
     if basis_memory_bytes is not None:
@@ -257,6 +244,24 @@ def reorth_within_budget(reorth: str, required_bytes: int, budget_bytes: int, st
         "basis_memory_bytes or pass basis='host' or a cluster.basis.DiskBasis"
     )
     return "none", note
+
+
+def check_density_args(op, runs, steps, sigma, grid_points, reorth, basis_memory_bytes) -> None:
+    """The argument checks of :func:`spectral_density` (one line each, naming the fix)."""
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got runs={runs}; use 2 or more for standard errors")
+    if not 1 <= steps <= op.dim:
+        raise ValueError(f"steps must be in [1, dim={op.dim}], got steps={steps}; choose a step count in that range")
+    if sigma is not None and sigma <= 0:
+        raise ValueError(f"sigma must be positive (eigenvalue units), got sigma={sigma}")
+    if grid_points < 2:
+        raise ValueError(f"grid_points must be at least 2, got grid_points={grid_points}")
+    if reorth not in REORTH_MODES:
+        raise ValueError(f"reorth must be one of {REORTH_MODES}, got reorth={reorth!r}")
+    if basis_memory_bytes is not None and basis_memory_bytes < 0:
+        raise ValueError(
+            f"basis_memory_bytes must be non-negative or None, got basis_memory_bytes={basis_memory_bytes}"
+        )
 
 
 def smoothed_density(

@@ -48,9 +48,9 @@ from torch import Tensor
 
 from probe.basis import BasisStore, resolve_basis
 from probe.eigen import _steps_within
-from probe.lanczos import REORTH_MODES, LanczosProcess, lanczos
+from probe.lanczos import LanczosProcess, lanczos
 from probe.operators import CurvatureOperator
-from probe.slq import SpectrumResult, reorth_within_budget, smoothed_density
+from probe.slq import SpectrumResult, check_density_args, reorth_within_budget, smoothed_density
 
 __all__ = ["DeflatedOperator", "DeflatedSpectrumResult", "deflated_spectral_density"]
 
@@ -251,20 +251,7 @@ def deflated_spectral_density(
 
 def _check(op, runs, steps, sigma, grid_points, reorth, basis_memory_bytes, tol) -> None:
     """The argument checks of :func:`probe.slq.spectral_density`, plus ``tol``."""
-    if runs < 1:
-        raise ValueError(f"runs must be at least 1, got runs={runs}; use 2 or more for standard errors")
-    if not 1 <= steps <= op.dim:
-        raise ValueError(f"steps must be in [1, dim={op.dim}], got steps={steps}; choose a step count in that range")
-    if sigma is not None and sigma <= 0:
-        raise ValueError(f"sigma must be positive (eigenvalue units), got sigma={sigma}")
-    if grid_points < 2:
-        raise ValueError(f"grid_points must be at least 2, got grid_points={grid_points}")
-    if reorth not in REORTH_MODES:
-        raise ValueError(f"reorth must be one of {REORTH_MODES}, got reorth={reorth!r}")
-    if basis_memory_bytes is not None and basis_memory_bytes < 0:
-        raise ValueError(
-            f"basis_memory_bytes must be non-negative or None, got basis_memory_bytes={basis_memory_bytes}"
-        )
+    check_density_args(op, runs, steps, sigma, grid_points, reorth, basis_memory_bytes)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got tol={tol}; 1e-6 gives eigenvalues to about 1e-12 relative")
 
