@@ -1,4 +1,4 @@
-"""References and the four timed tasks of the peer benchmark (eig, trace, slq, hvp).
+"""References and two of the timed tasks of the peer benchmark (eig, hvp; trace and density in peer_accuracy.py).
 
 The references (dense float64 spectra of the digits models; a tight Lanczos run and
 BackPACK's exact diagonal for the 1.1M-parameter model) are computed by code that
@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import copy
 import gc
-import math
 import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from peer_common import (
@@ -23,12 +21,10 @@ from peer_common import (
     EIG_TARGET,
     EIGENTHINGS_ITERS,
     EIGSH_TOLS,
-    HUTCHPP_BUDGETS,
     LONG_RUN_S,
     OURS_TOLS,
     PYHESSIAN_TOLS,
     SEED,
-    TRACE_TARGET,
     ModelSpec,
     Record,
     generator,
@@ -42,8 +38,7 @@ from torch import nn
 
 from probe.eigen import eigenvalues
 from probe.hessian import HessianOperator
-from probe.slq import SIGMA_FRACTION
-from probe.trace import hutchinson, hutchpp
+from probe.trace import hutchpp
 
 # --------------------------------------------------------------------------- references
 
@@ -92,6 +87,7 @@ def dense_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[
         "lambda_min": float(evals[0]),
         "trace": float(diag.sum()),
         "fro2": fro2,
+        "neg_mass": float((-evals).clamp_min(0).sum() / evals.abs().sum()),
         "hutchinson_var": 2 * (fro2 - float((diag**2).sum())),
         "evals": evals,
     }
@@ -230,130 +226,6 @@ def run_eig(spec, model, x, y, ref, tools) -> list[Record]:
         except Exception as exc:  # a failing peer is reported, the rest go on
             rec.status = f"failed: {short_reason(exc)}"
             say(f"    {name:20s} FAILED {rec.status}")
-        out.append(rec)
-    return out
-
-
-def hutchinson_probes(spec, model, x, y, ref) -> tuple[int, str]:
-    if "hutchinson_var" in ref:
-        var, how = ref["hutchinson_var"], "exact variance 2(||H||_F^2 - sum H_ii^2)"
-    else:
-        H = HessianOperator(model, F.cross_entropy, [(x, y)], batched=False)
-        pilot = hutchinson(H, 64, generator=generator(777))
-        var, how = (pilot.trace_stderr * 8) ** 2, "variance from a 64-probe pilot"
-    return max(2, math.ceil(var / (TRACE_TARGET * ref["trace"]) ** 2)), how
-
-
-def run_trace(spec, model, x, y, ref, tools) -> tuple[list[Record], dict[str, Any]]:
-    out = []
-    tr = ref["trace"]
-    m_h, how = hutchinson_probes(spec, model, x, y, ref)
-    m_run = min(m_h, spec.hutchinson_cap)
-    info: dict[str, Any] = {"hutchinson_probes_for_1pct": m_h, "hutchinson_probes_run": m_run, "how": how}
-    say(f"    Hutchinson needs {m_h} probes for 1% stderr ({how}); running {m_run}")
-
-    # Hutch++ budget: the smallest of the ladder at which our Hutch++ reports <= 1%.
-    ours = next(t for t in tools if isinstance(t, Ours) and t.batched is None)
-    budget = None
-    for b in HUTCHPP_BUDGETS:
-        if b >= sum(p.numel() for p in model.parameters()):
-            break
-        est, se, _ = ours.hutchpp(model, x, y, b)
-        if se <= TRACE_TARGET * abs(est):
-            budget = b
-            break
-    info["hutchpp_budget"] = budget
-    say(f"    Hutch++ budget for 1% stderr: {budget}")
-
-    for t in tools:
-        methods: list[tuple[str, int, Callable[[], Any]]] = []
-        if hasattr(t, "hutchinson"):
-            methods.append(("hutchinson", m_run, lambda t=t: t.hutchinson(model, x, y, m_run)))
-        if hasattr(t, "hutchpp") and budget is not None:
-            methods.append(("hutch++", budget, lambda t=t: t.hutchpp(model, x, y, budget)))
-        for method, n_probes, fn in methods:
-            rec = Record(spec.name, "trace", t.name, method, setting=f"{n_probes} products")
-            try:
-                (est, se, n), dt = timed(fn)
-                for _ in range(spec.repeats - 1 if dt < LONG_RUN_S else 0):
-                    dt = min(dt, timed(fn)[1])
-                rec.value, rec.num_matvecs, rec.time_s = est, n, dt
-                rec.accuracy = {"rel_err": rel(est, tr)}
-                if se is not None:
-                    rec.accuracy["rel_stderr"] = se / abs(est)
-                if method == "hutchinson" and m_run < m_h:
-                    rec.time_s = dt * m_h / m_run
-                    rec.extrapolated = True
-                    rec.note = f"ran {m_run} probes in {dt:.2f}s; time scaled to the {m_h} probes a 1% stderr needs"
-                    rec.reached = True  # by construction of the probe count
-                elif se is not None:
-                    rec.reached = se <= TRACE_TARGET * abs(est) * 1.05  # 5% slack on a noisy stderr
-                else:
-                    rec.reached = True  # same product count as the estimators that reach 1%
-                    rec.note = "returns no standard error; given the product count that gives 1%"
-                say(
-                    f"    {t.name:20s} {method:10s} {n_probes:6d} products {dt:8.3f}s  trace {est:.5g}"
-                    f"  rel err {rec.accuracy['rel_err']:.2e}"
-                    f"  stderr {rec.accuracy.get('rel_stderr', float('nan')):.2e}"
-                )
-            except Exception as exc:
-                rec.status = f"failed: {short_reason(exc)}"
-                say(f"    {t.name:20s} {method:10s} FAILED {rec.status}")
-            out.append(rec)
-    return out, info
-
-
-def smoothed(nodes: list[torch.Tensor], weights: list[torch.Tensor], grid: torch.Tensor, sigma: float) -> torch.Tensor:
-    dens = torch.zeros_like(grid)
-    for v, w in zip(nodes, weights, strict=True):
-        k = torch.exp(-0.5 * ((grid[:, None] - v[None].to(grid)) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-        dens += k @ w.to(grid)
-    return dens / len(nodes)
-
-
-def run_slq(spec, model, x, y, ref, tools) -> list[Record]:
-    out = []
-    dim = sum(p.numel() for p in model.parameters())
-    runs, steps = spec.slq_runs, spec.slq_steps
-    exact = ref.get("evals")
-    if exact is not None:
-        lo, hi = float(exact[0]), float(exact[-1])
-        sigma = SIGMA_FRACTION * (hi - lo) / 2
-        grid = torch.linspace(lo - 3 * sigma, hi + 3 * sigma, 2000, dtype=torch.float64)
-        exact_density = smoothed([exact], [torch.full_like(exact, 1 / len(exact))], grid, sigma)
-    for t in tools:
-        if not hasattr(t, "slq"):
-            continue
-        rec = Record(spec.name, "slq", t.name, "SLQ density", setting=f"runs={runs}, steps={steps}")
-        if isinstance(t, PyHessian) and t.shim:
-            rec.note = "torch.eig shimmed with torch.linalg.eigh (removed from PyTorch)"
-        try:
-            fn = partial(t.slq, model, x, y, runs, steps)
-            (nodes, weights, n), dt = timed(fn)
-            for _ in range(spec.repeats - 1 if dt < LONG_RUN_S else 0):
-                dt = min(dt, timed(fn)[1])
-            rec.time_s, rec.num_matvecs = dt, n
-            if n < runs * steps:
-                rec.note = (
-                    rec.note + "; " if rec.note else ""
-                ) + f"runs stopped early (breakdown declared): {n} of {runs * steps} products"
-            m1 = float(np.mean([float((w * v).sum()) for v, w in zip(nodes, weights, strict=True)]))
-            rec.accuracy = {
-                "moment1_rel_err": rel(m1 * dim, ref["trace"]),
-                "top_ritz_rel_err": rel(max(float(v.max()) for v in nodes), ref["lambda_max"]),
-            }
-            if exact is not None:
-                m2 = float(np.mean([float((w * v**2).sum()) for v, w in zip(nodes, weights, strict=True)]))
-                rec.accuracy["moment2_rel_err"] = rel(m2 * dim, ref["fro2"])
-                diff = (smoothed(nodes, weights, grid, sigma) - exact_density).abs()
-                rec.accuracy["density_l1"] = float(torch.trapezoid(diff, grid))
-            say(
-                f"    {t.name:20s} {rec.setting:20s} {dt:8.3f}s  {n:5d} products  "
-                + "  ".join(f"{k} {v:.2e}" for k, v in rec.accuracy.items())
-            )
-        except Exception as exc:
-            rec.status = f"failed: {short_reason(exc)}"
-            say(f"    {t.name:20s} FAILED {rec.status}")
         out.append(rec)
     return out
 

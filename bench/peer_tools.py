@@ -21,7 +21,8 @@ from torch import nn
 from probe.eigen import eigenvalues
 from probe.hessian import HessianOperator
 from probe.slq import spectral_density
-from probe.trace import hutchinson, hutchpp
+from probe.slq_deflated import deflated_spectral_density
+from probe.trace import trace
 
 
 class Counter:
@@ -45,16 +46,24 @@ class Ours:
         r = eigenvalues(self.op(model, x, y), k=1, tol=tol, generator=generator(seed))
         return float(r.eigenvalues[0]), r.num_matvecs
 
-    def hutchinson(self, model, x, y, m):
-        r = hutchinson(self.op(model, x, y), m, generator=generator())
+    def trace(self, model, x, y, method, budget, seed=SEED):
+        """``method``: one of probe.trace.METHODS (hutchinson, hutch++, xtrace, krylov-hutch++)."""
+        r = trace(self.op(model, x, y), method=method, num_matvecs=budget, generator=generator(seed))
         return r.trace, r.trace_stderr, r.num_matvecs
 
-    def hutchpp(self, model, x, y, budget):
-        r = hutchpp(self.op(model, x, y), budget, generator=generator())
-        return r.trace, r.trace_stderr, r.num_matvecs
+    def hutchinson(self, model, x, y, m, seed=SEED):
+        return self.trace(model, x, y, "hutchinson", m, seed)
 
-    def slq(self, model, x, y, runs, steps):
-        r = spectral_density(self.op(model, x, y), runs=runs, steps=steps, generator=generator())
+    def hutchpp(self, model, x, y, budget, seed=SEED):
+        return self.trace(model, x, y, "hutch++", budget, seed)
+
+    def slq(self, model, x, y, runs, steps, seed=SEED):
+        r = spectral_density(self.op(model, x, y), runs=runs, steps=steps, generator=generator(seed))
+        return r.ritz_values, r.ritz_weights, r.num_matvecs
+
+    def deflated_slq(self, model, x, y, runs, steps, seed=SEED):
+        """Deflated SLQ (``k="auto"``): converged top Ritz pairs as exact point masses, SLQ on the rest."""
+        r = deflated_spectral_density(self.op(model, x, y), runs=runs, steps=steps, generator=generator(seed))
         return r.ritz_values, r.ritz_weights, r.num_matvecs
 
 
@@ -114,13 +123,13 @@ class PyHessian:
         (vals, _), n = self._run(model, x, y, lambda h: h.eigenvalues(maxIter=max_iter, tol=tol, top_n=1), seed)
         return float(vals[0]), n
 
-    def hutchinson(self, model, x, y, m):
-        samples, n = self._run(model, x, y, lambda h: h.trace(maxIter=m, tol=0.0))
+    def hutchinson(self, model, x, y, m, seed=SEED):
+        samples, n = self._run(model, x, y, lambda h: h.trace(maxIter=m, tol=0.0), seed)
         s = np.asarray(samples, dtype=np.float64)
         return float(s.mean()), float(s.std(ddof=1) / math.sqrt(len(s))), n
 
-    def slq(self, model, x, y, runs, steps):
-        (nodes, weights), n = self._run(model, x, y, lambda h: h.density(iter=steps, n_v=runs))
+    def slq(self, model, x, y, runs, steps, seed=SEED):
+        (nodes, weights), n = self._run(model, x, y, lambda h: h.density(iter=steps, n_v=runs), seed)
         return (
             [torch.tensor(np.asarray(v, dtype=np.float64)) for v in nodes],
             [torch.tensor(np.asarray(w, dtype=np.float64)) for w in weights],
@@ -157,19 +166,27 @@ class Curvlinops:
         val = eigsh(counted, k=1, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
         return float(val[0]), counter.n
 
-    def hutchinson(self, model, x, y, m):
-        torch.manual_seed(SEED)
+    def hutchinson(self, model, x, y, m, seed=SEED):
+        torch.manual_seed(seed)
         return float(self.cl.hutchinson_trace(self.op(model, x, y), m)), None, m
 
-    def hutchpp(self, model, x, y, budget):
-        torch.manual_seed(SEED)
+    def hutchpp(self, model, x, y, budget, seed=SEED):
+        """curvlinops' Hutch++; its budget must be a multiple of 3 (rounded down)."""
+        torch.manual_seed(seed)
+        budget -= budget % 3
         return float(self.cl.hutchpp_trace(self.op(model, x, y), budget)), None, budget
 
-    def slq(self, model, x, y, runs, steps):
+    def xtrace(self, model, x, y, budget, seed=SEED):
+        """curvlinops' XTrace (Epperly, Tropp & Webber 2024); its budget must be even."""
+        torch.manual_seed(seed)
+        budget -= budget % 2
+        return float(self.cl.xtrace(self.op(model, x, y), budget)), None, budget
+
+    def slq(self, model, x, y, runs, steps, seed=SEED):
         # lanczos_approximate_spectrum(A, ncv=steps, num_repeats=runs, boundaries=...)
         # is this loop plus the smoothing; the loop is inlined to keep the nodes and
         # weights for the accuracy check. Boundaries are given, so no eigsh is spent.
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         A = self.op(model, x, y)
         nodes, weights, densities = [], [], []
         for _ in range(runs):
@@ -209,19 +226,19 @@ class Eigenthings:
         r = self.he.lanczos(op, k=1, max_iter=max_iter, which="LA", seed=seed)
         return float(r.eigenvalues[0]), op.counter.n
 
-    def hutchinson(self, model, x, y, m):
+    def hutchinson(self, model, x, y, m, seed=SEED):
         op = self.op(model, x, y)
-        r = self.he.hutchinson(op, num_samples=m, seed=SEED)
+        r = self.he.hutchinson(op, num_samples=m, seed=seed)
         return r.estimate, r.stderr, op.counter.n
 
-    def hutchpp(self, model, x, y, budget):
+    def hutchpp(self, model, x, y, budget, seed=SEED):
         op = self.op(model, x, y)
-        r = self.he.hutch_plus_plus(op, num_matvecs=budget, seed=SEED)
+        r = self.he.hutch_plus_plus(op, num_matvecs=budget, seed=seed)
         return r.estimate, r.stderr, op.counter.n
 
-    def slq(self, model, x, y, runs, steps):
+    def slq(self, model, x, y, runs, steps, seed=SEED):
         op = self.op(model, x, y)
-        r = self.he.spectral_density(op, num_runs=runs, lanczos_steps=steps, num_grid_points=1000, seed=SEED)
+        r = self.he.spectral_density(op, num_runs=runs, lanczos_steps=steps, num_grid_points=1000, seed=seed)
         nodes = [row[~torch.isnan(row)].double() for row in r.raw_eigenvalues]
         weights = [w[: len(v)].double() for w, v in zip(r.raw_weights, nodes, strict=True)]
         return nodes, weights, op.counter.n

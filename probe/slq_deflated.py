@@ -52,7 +52,13 @@ from probe.lanczos import LanczosProcess, lanczos
 from probe.operators import CurvatureOperator
 from probe.slq import SpectrumResult, check_density_args, reorth_within_budget, smoothed_density
 
-__all__ = ["DeflatedOperator", "DeflatedSpectrumResult", "deflated_spectral_density"]
+__all__ = ["DeflatedOperator", "DeflatedSpectrumResult", "deflated_spectral_density", "default_first_steps"]
+
+# The first pass runs at least this many steps by default. Measured (bench/peer_accuracy.py's
+# targets over 5 seeds, docs/benchmarks.md): on the digits MLP, k="auto" after a 20-step first
+# pass deflates 6-7 outliers and needs 440 products for the density targets; after 80 steps it
+# deflates ~31 and needs 180. The first moment's variance falls with every outlier removed.
+MIN_FIRST_STEPS = 80
 
 _EMPTY = torch.zeros(0, dtype=torch.float64)
 
@@ -157,8 +163,9 @@ def deflated_spectral_density(
         tol: a Ritz pair counts as converged when its residual bound is at most
             ``tol·|θ|``; its value is then within about ``tol²·|θ|²/gap`` of an eigenvalue.
         first_steps: steps of the first pass (full reorthogonalization, one run);
-            default ``min(dim, max(20·k_asked, steps))`` with ``k_asked`` the integer
-            ``k + negative`` (0 for ``"auto"``). Lowered to fit ``basis_memory_bytes``.
+            default :func:`default_first_steps`: ``min(dim, max(20·k_asked, steps, 80))``
+            with ``k_asked`` the integer ``k + negative`` (0 for ``"auto"``). Lowered to
+            fit ``basis_memory_bytes``.
         generator: randomness of the first pass's Gaussian start and the SLQ runs'
             Rademacher starts (drawn in that order).
         basis_memory_bytes: as in :func:`probe.slq.spectral_density` for the SLQ
@@ -182,7 +189,7 @@ def deflated_spectral_density(
         raise ValueError(f"k + negative must be at most dim={op.dim}, got {asked}; deflate fewer eigenvalues")
     want_first = k != 0 or negative != 0
     if first_steps is None:
-        first_steps = min(op.dim, max(20 * asked, steps))
+        first_steps = default_first_steps(op.dim, steps, asked)
     if not 1 <= first_steps <= op.dim:
         raise ValueError(f"first_steps must be in [1, dim={op.dim}], got first_steps={first_steps}")
     store = resolve_basis(basis)
@@ -247,6 +254,17 @@ def deflated_spectral_density(
         first_pass_steps=first_done,
         first_pass_matvecs=first_matvecs,
     )
+
+
+def default_first_steps(dim: int, steps: int, asked: int) -> int:
+    """The first pass's default length: ``min(dim, max(20·asked, steps, MIN_FIRST_STEPS))``.
+
+    ``asked`` is the integer ``k + negative`` (0 for ``"auto"``).
+
+    >>> default_first_steps(3466, 20, 0), default_first_steps(3466, 80, 5), default_first_steps(50, 20, 0)
+    (80, 100, 50)
+    """
+    return min(dim, max(20 * asked, steps, MIN_FIRST_STEPS))
 
 
 def _check(op, runs, steps, sigma, grid_points, reorth, basis_memory_bytes, tol) -> None:

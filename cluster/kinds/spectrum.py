@@ -1,10 +1,14 @@
 """``spectrum``: the Hessian's spectral density by stochastic Lanczos quadrature
 (:func:`probe.slq.spectral_density`), with its Ritz values and weights per run.
 
-``deflate: k | auto`` (default 0, plain SLQ) runs :func:`probe.slq_deflated.deflated_spectral_density`
-instead: the largest eigenvalues a first Lanczos pass has converged enter every run as exact point
-masses (weight 1/dim each, inside ``ritz_values``/``ritz_weights``), and SLQ samples only the rest;
-``num_matvecs`` counts the first pass and ``note`` says how many were deflated."""
+``deflate: auto`` (the default; or ``k``) runs :func:`probe.slq_deflated.deflated_spectral_density`:
+the largest eigenvalues a first Lanczos pass has converged enter every run as exact point
+masses (weight 1/dim each, inside ``ritz_values``/``ritz_weights``), and SLQ samples only the rest
+(``deflate: 0`` is plain SLQ, :func:`probe.slq.spectral_density`). ``auto`` is the default because it
+reached the density targets of the time-to-accuracy benchmark (bench/bench_peers.py, docs/benchmarks.md)
+with the fewest products;
+``num_matvecs`` counts the first pass, ``estimator`` says which ran (``slq`` | ``deflated-slq``) and
+``deflated`` how many eigenvalues entered as point masses."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 from cluster.kinds.base import BASIS_CHECK, F64, LIST, LIST2, Headline, Kind, Sizes, Working, is_int, is_num, num, vec
 from cluster.runners import ProbeContext, basis_store, join_notes, measure_symmetry
 from probe.slq import SpectrumResult, spectral_density
-from probe.slq_deflated import deflated_spectral_density
+from probe.slq_deflated import default_first_steps, deflated_spectral_density
 
 OPTIONS = {
     "runs": 10,
@@ -27,7 +31,7 @@ OPTIONS = {
     "grid_points": 1000,
     "basis": "device",
     "basis_memory_bytes": None,
-    "deflate": 0,
+    "deflate": "auto",  # fewest products to the density targets in bench/bench_peers.py
 }
 
 CHECKS = {
@@ -62,6 +66,8 @@ COLUMNS = (
     pa.field("orthogonality_loss", LIST),
     pa.field("breakdown", pa.list_(pa.bool_())),
     pa.field("num_matvecs", pa.int64()),
+    pa.field("estimator", pa.string()),  # slq | deflated-slq
+    pa.field("deflated", pa.int64()),  # eigenvalues entered as exact point masses (0: plain SLQ)
     pa.field("basis_storage", pa.string()),  # device | host | disk | none (reorth none keeps no basis)
     pa.field("note", pa.string()),  # e.g. the fallback to reorth none under basis_memory_bytes
     pa.field("symmetry_defect", F64),  # |uᵀHv − vᵀHu|/|uᵀHv| (probe.symmetry); null: not measured
@@ -93,8 +99,9 @@ def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
                 f"(first Lanczos pass: {d.first_pass_matvecs} products)"
             )
             r: SpectrumResult = d
+            k = d.k
         else:
-            r = spectral_density(op, **common)
+            r, k = spectral_density(op, **common), 0
     neg, neg_err = r.negative_mass()
     return {
         "basis_storage": r.basis_storage,
@@ -113,6 +120,8 @@ def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
         "orthogonality_loss": [float(x) for x in r.orthogonality_loss],
         "breakdown": [bool(x) for x in r.breakdown],
         "num_matvecs": r.num_matvecs + sym.num_matvecs,
+        "estimator": "deflated-slq" if deflate else "slq",
+        "deflated": k,
         "symmetry_defect": sym.defect,
     }
 
@@ -120,17 +129,18 @@ def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
 def slq_vectors(o: dict, s: Sizes) -> Working:
     """``runs × (steps+1)`` basis vectors (none with ``reorth: none``, or where ``basis_memory_bytes``
     makes SLQ drop them), 4 recurrence vectors per run and products of ``runs`` columns. With
-    ``deflate``, the first pass's basis (one run of ``max(20·k, steps)+1`` vectors, ``steps+1`` for
-    ``auto``, held before the SLQ runs' in the same store and at any ``reorth``) and the deflated
-    vectors on the device (at most ``steps`` for ``auto``)."""
+    ``deflate``, the first pass's basis (one run of ``default_first_steps + 1`` vectors, held before
+    the SLQ runs' in the same store and at any ``reorth``) and the deflated vectors on the device
+    (for ``auto`` as many as the first pass has steps: an upper bound, since how many converge is
+    known only after the first pass)."""
     runs, steps = o.get("runs", 10), o.get("steps", 80)
     device = 4 * runs * s.local * s.bv + s.product(runs)
     deflate = o.get("deflate", 0)
     first = 0  # the first pass's basis vectors, spread over the runs' slots
     if deflate:
         auto = deflate == "auto"
-        device += (steps if auto else deflate) * s.local * s.bv
-        first_steps = steps if auto else max(20 * deflate, steps)  # deflated_spectral_density's default
+        first_steps = default_first_steps(s.dim, steps, 0 if auto else deflate)
+        device += (first_steps if auto else deflate) * s.local * s.bv
         first = -(-(first_steps + 1) // runs)
     if o.get("reorth", "full") == "none":
         return Working(runs, first, device)

@@ -1,7 +1,7 @@
 """``trace``: the Hessian's trace with its standard error, by Hutchinson, Hutch++, XTrace or Krylov-aware
-Hutch++ (:func:`probe.trace.trace`; the last two measured 1.3-2.9x lower variance than Hutch++ at equal
-products on the digits Hessian, tests/probe/test_trace_estimators.py; the default stays Hutch++ until the
-time-to-accuracy benchmark decides)."""
+Hutch++ (:func:`probe.trace.trace`). The default, Krylov-aware Hutch++, is the estimator that reached 1%
+of the exact trace with the fewest products in the time-to-accuracy benchmark (bench/bench_peers.py,
+docs/benchmarks.md); each row records the ``method`` and the products spent (``num_matvecs``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 
 from cluster.kinds.base import F64, Gauge, Headline, Kind, Sizes, Working, is_int, no_basis
 from cluster.runners import ProbeContext, measure_symmetry
-from probe.trace import METHODS, trace
+from probe.trace import DEFAULT_METHOD, METHODS, trace
 
-OPTIONS = {"method": "hutch++", "matvecs": 102}
+OPTIONS = {"method": DEFAULT_METHOD, "matvecs": 102}
 
 CHECKS = {
     "method": (lambda v: v in METHODS, "one of " + ", ".join(repr(m) for m in METHODS)),
@@ -48,7 +48,8 @@ def vectors(o: dict, s: Sizes) -> Working:
     its projection; products in blocks of 8."""
     m = o.get("matvecs", 102)
     v = s.local * s.bv
-    if o.get("method", "hutch++") == "hutch++":
+    method = o.get("method", DEFAULT_METHOD)
+    if method == "hutch++":
         # S, Q and AQ stay alive to the end; the deflated probes come DRAW_CHUNK at a time,
         # projected (Z − Q(QᵀZ): three blocks at once) and applied in blocks of 8
         sk = min(m // 3, s.dim)
@@ -61,12 +62,23 @@ def vectors(o: dict, s: Sizes) -> Working:
                 3 * sk * v + c * v + s.product(min(8, c)),
             )
         )
-    if o.get("method") == "xtrace":  # m/2 test vectors: Ω, Y and the two passes that orthonormalize Y
+    if method == "xtrace":  # m/2 test vectors: Ω, Y and the two passes that orthonormalize Y
         k = min(m // 2, s.dim)
         return no_basis(4 * k * v + s.product(min(8, k)))
-    if o.get("method") == "krylov-hutch++":  # the Krylov basis (half the budget), a block, a probe draw
-        k = min(m // 2, s.dim)
-        return no_basis((k + 4 + 16) * v + s.product(8))
+    if method == "krylov-hutch++":
+        # the Krylov basis of k vectors as blocks of b (and their concatenation while the next block
+        # is orthonormalized against it, and once more as Q); then a probe draw of c, projected
+        sk = max(1, min(m // 2, m - 2))
+        b = min(4, max(1, sk // 2), s.dim)
+        k = min(sk // b * b, s.dim)
+        c = min(16, max(m - k, 1))
+        return no_basis(
+            max(
+                2 * k * v + 2 * b * v + s.product(min(8, b)),
+                2 * k * v + 3 * c * v,
+                2 * k * v + c * v + s.product(min(8, c)),
+            )
+        )
     c = min(16, m)
     return no_basis(c * v + s.product(min(8, c)))
 

@@ -51,7 +51,7 @@ def test_estimate_is_printed_and_grows_with_the_probe_plan(make_spec, checkpoint
     assert f"size: {n:,} parameters" in line and "1 worker(s) on this host" in line
     small = estimate(spec, str(checkpoints[0]), workers_here=1)
     big = estimate(
-        load_spec(make_spec(name="big", probes=[{"kind": "spectrum", "runs": 50, "steps": 200}])),
+        load_spec(make_spec(name="big", probes=[{"kind": "spectrum", "runs": 50, "steps": 200, "deflate": 0}])),
         str(checkpoints[0]),
         workers_here=1,
     )
@@ -60,6 +60,14 @@ def test_estimate_is_printed_and_grows_with_the_probe_plan(make_spec, checkpoint
     # plus 4 recurrence vectors per run (200) and the 50-column product on the CPU (one backward per
     # column from views of it: one column's gradients, the block once more, the 50 output rows): 301
     assert big.vector_bytes_per_worker == basis + 301 * n * 8
+    # deflate: auto (the default) holds the deflated vectors too, at most the first pass's 200 steps;
+    # the first pass's basis (201 vectors) fits in the runs' slots
+    deflated = estimate(
+        load_spec(make_spec(name="defl", probes=[{"kind": "spectrum", "runs": 50, "steps": 200}])),
+        str(checkpoints[0]),
+        workers_here=1,
+    )
+    assert deflated.vector_bytes_per_worker == big.vector_bytes_per_worker + 200 * n * 8
     assert 0 < small.available_bytes == pytest.approx(available_memory_bytes(), rel=0.2)
 
 
@@ -116,7 +124,7 @@ def test_data_parallel_workers_hold_slices_and_gather_only_the_product_block(mak
 
 def test_hutchpp_counts_its_sketch_and_its_blocks(make_spec, checkpoints):
     n = checkpoint_parameters(checkpoints[0])[0]
-    spec = _spec(make_spec, [{"kind": "trace", "matvecs": 60, "symmetry_check": False}])
+    spec = _spec(make_spec, [{"kind": "trace", "method": "hutch++", "matvecs": 60, "symmetry_check": False}])
     est = estimate(spec, str(checkpoints[0]), workers_here=1, calibrate=False)
     # S, Q, AQ (3 × 20), a draw of 16 probes, and a product of 8 columns (copy 8, gradients 16, output 8)
     assert est.vector_bytes_per_worker == (60 + 16 + 32) * n * 8
@@ -194,7 +202,7 @@ def _gpt_case(folder: Path) -> dict:
         "probes": [
             {"kind": "eigenvalues", "k": 1, "tol": 1e-3, "max_steps": 6},
             {"kind": "trace", "matvecs": 9},
-            {"kind": "spectrum", "runs": 2, "steps": 4},
+            {"kind": "spectrum", "runs": 2, "steps": 4, "deflate": 0},  # deflated: an upper bound, test above
         ],
         "output": {"path": str(folder / "out-gpt")},
         "seed": 0,

@@ -27,6 +27,7 @@ from cluster.worker import probe_subset, task_seed
 from probe.eigen import eigenvalues
 from probe.hessian import HessianOperator
 from probe.models import digits_mlp
+from probe.slq_deflated import deflated_spectral_density
 from probe.trace import trace
 
 RTOL = 1e-10
@@ -135,7 +136,7 @@ def test_local_job_records_equal_the_estimators_run_directly(make_spec, checkpoi
         **{k: PROBE_OPTIONS["eigenvalues"][k] for k in ("which", "tol", "max_steps")},
         generator=torch.Generator().manual_seed(task_seed(7, 0)),
     )
-    tr = trace(op, method="hutch++", num_matvecs=30, generator=torch.Generator().manual_seed(task_seed(7, 1)))
+    tr = trace(op, num_matvecs=30, generator=torch.Generator().manual_seed(task_seed(7, 1)))
     mine = [r for r in summary.records if r["checkpoint"] == str(checkpoints[0])]
     eig_row = next(r for r in mine if "eigenvalues" in r)
     trace_row = next(r for r in mine if "trace" in r)
@@ -384,3 +385,23 @@ def test_trace_jobs_run_the_low_rank_estimators_as_the_python_api_does(make_spec
     tr = trace(op, method=method, num_matvecs=30, generator=g)
     assert row["method"] == method and (row["trace"], row["trace_stderr"]) == (tr.trace, tr.trace_stderr)
     assert row["num_matvecs"] == tr.num_matvecs + sym.num_matvecs
+
+
+def test_spectrum_jobs_deflate_the_converged_top_eigenvalues_as_the_python_api_does(make_spec, checkpoints):
+    """``deflate: auto``: the row says which estimator ran and how many point masses entered, and those
+    equal the dense float64 Hessian's top eigenvalues; the Ritz values equal the direct computation's."""
+    spec = load_spec(make_spec(probes=[{"kind": "spectrum", "runs": 2, "steps": 12}]))  # deflate: auto, the default
+    summary = run_job(spec, backend="local", progress=lambda m: None)
+    op = direct_operator(spec, checkpoints[0])
+    g = torch.Generator().manual_seed(task_seed(7, 0))
+    row = next(r for r in summary.records if r["checkpoint"] == str(checkpoints[0]))
+    sym = measure_symmetry(op, {"symmetry_check": None}, g)
+    d = deflated_spectral_density(op, runs=2, steps=12, k="auto", generator=g)
+    assert row["estimator"] == "deflated-slq" and row["deflated"] == d.k >= 1
+    assert row["num_matvecs"] == d.num_matvecs + sym.num_matvecs
+    assert row["ritz_values"] == [v.tolist() for v in d.ritz_values]
+    dense = torch.linalg.eigvalsh(op.matmat(torch.eye(op.dim, dtype=torch.float64)))
+    torch.testing.assert_close(d.deflated_values, dense[-d.k :], rtol=1e-8, atol=0)
+    plain = load_spec(make_spec(probes=[{"kind": "spectrum", "runs": 2, "steps": 12, "deflate": 0}]))
+    row = run_job(plain, backend="local", progress=lambda m: None).records[0]
+    assert (row["estimator"], row["deflated"]) == ("slq", 0)

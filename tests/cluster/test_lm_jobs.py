@@ -123,7 +123,7 @@ def test_local_job_is_the_token_mean_hessian_of_the_whole_probe_set(lm_spec, lm_
         **{k: PROBE_OPTIONS["eigenvalues"][k] for k in ("which", "tol", "max_steps")},
         generator=torch.Generator().manual_seed(task_seed(7, 0)),
     )
-    tr = trace(whole, method="hutch++", num_matvecs=12, generator=torch.Generator().manual_seed(task_seed(7, 1)))
+    tr = trace(whole, num_matvecs=12, generator=torch.Generator().manual_seed(task_seed(7, 1)))
     rows = {kind: read(tmp_path / "local", kind).to_pylist() for kind in COLUMNS}
     assert rows["eigenvalues"][0]["eigenvalues"] == pytest.approx(eig.eigenvalues.tolist(), rel=RTOL)
     assert rows["trace"][0]["trace"] == pytest.approx(tr.trace, rel=RTOL)
@@ -132,7 +132,6 @@ def test_local_job_is_the_token_mean_hessian_of_the_whole_probe_set(lm_spec, lm_
     batches = [(ids[j : j + 5], targets[j : j + 5]) for j in range(0, 24, 5)]
     by_examples = trace(
         HessianOperator(model, lm_loss, batches),
-        method="hutch++",
         num_matvecs=12,
         generator=torch.Generator().manual_seed(task_seed(7, 1)),
     )
