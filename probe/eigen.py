@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from probe.basis import BasisStore, resolve_basis
+from probe.block_lanczos import BlockLanczosProcess
 from probe.lanczos import LanczosProcess
 from probe.operators import CurvatureOperator, inner, norm
 
@@ -45,7 +46,8 @@ class EigenResult:
         residuals_exact: whether ``residuals`` are measured (True) or bounds.
         converged: whether every residual met ``tol·max|θ|``.
         num_matvecs: operator applications spent.
-        num_steps: Lanczos steps (or power iterations) taken.
+        num_steps: Lanczos steps (or power iterations) taken; with ``block_size > 1``,
+            block steps: passes over the data, each applying the operator to a block.
         orthogonality_loss: achieved loss of orthogonality of the basis (NaN for power iteration).
         eigenvectors: ``(local_dim, k)`` unit eigenvector estimates, or None.
         method: ``"lanczos"`` or ``"power"``.
@@ -54,6 +56,7 @@ class EigenResult:
             not converged, steps capped by a memory budget), or ``""``.
         basis_storage: where the Lanczos basis was kept (``"device"``, ``"host"``,
             ``"disk"``, …; ``"none"`` for power iteration).
+        block_size: start vectors of the Lanczos process (1: single-vector Lanczos).
     """
 
     which: str
@@ -69,6 +72,7 @@ class EigenResult:
     eigenvectors: Tensor | None = None
     note: str = ""
     basis_storage: str = "device"
+    block_size: int = 1
 
 
 def _wanted(values: Tensor, k: int, which: str) -> Tensor:
@@ -89,6 +93,7 @@ def eigenvalues(
     basis: BasisStore | str = "device",
     basis_memory_bytes: int | None = None,
     reorth: str = "full",
+    block_size: int = 1,
 ) -> EigenResult:
     """The ``k`` largest or smallest eigenvalues of ``op`` by Lanczos.
 
@@ -119,11 +124,28 @@ def eigenvalues(
             keeps the extreme eigenvalues free of ghost copies at a fraction of full
             reorthogonalization's projections; the basis is still stored (the
             converged Ritz vectors are formed from it).
+        block_size: start vectors ``b``. With ``b > 1``, block Lanczos
+            (:mod:`probe.block_lanczos`; full reorthogonalization only) applies the
+            operator to ``b`` columns per step: one pass over the data, one batched
+            backward on CUDA, ``b`` backward passes on the CPU. ``max_steps`` then
+            counts block steps (default ``min(⌈dim/b⌉, ⌈2·max(20·k, 100)/b⌉)``: up to
+            twice the single-vector products) and ``num_steps`` reports them; ``start``
+            may be ``(local_dim,)`` (the other ``b−1`` columns are drawn from
+            ``generator``) or ``(local_dim, b)``. Default 1: in
+            ``bench/bench_block_lanczos.py`` a block needed 1.2-3.2× the products of
+            a single vector to reach ``tol`` on every model and ``k``, so it is cheaper
+            only where a batched pass of ``b`` columns costs less than
+            ``products(1)/products(b)`` (0.31-0.86) of ``b`` single products; measured
+            on CUDA: 0.9 (H200, 1.1M parameters). Use ``b`` ≥ the multiplicity
+            where the top eigenvalues may be repeated: one start vector sees a single
+            direction of a repeated eigenvalue and returns the next one, converged.
 
     Raises:
         ValueError: for ``k`` outside ``[1, dim]``, an unknown ``which``, a
-            non-positive ``tol``, ``max_steps`` outside ``[k, dim]``, an unknown
-            ``basis``, or a ``basis_memory_bytes`` too small for ``k+1`` vectors.
+            non-positive ``tol``, ``max_steps`` outside ``[k, dim]`` (block:
+            ``[⌈k/b⌉, ⌈dim/b⌉]``), an unknown ``basis``, a ``basis_memory_bytes`` too
+            small for ``k+1`` vectors (block: ``k+b``), a ``block_size`` outside
+            ``[1, dim]``, or ``block_size > 1`` with ``reorth="selective"``.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got which={which!r}")
@@ -136,49 +158,76 @@ def eigenvalues(
         raise ValueError(f"k must be in [1, dim={op.dim}], got k={k}; lower k")
     if tol <= 0:
         raise ValueError(f"tol must be positive, got tol={tol}; 1e-6 gives eigenvalues to about 1e-12 relative")
-    if max_steps is None:
-        max_steps = min(op.dim, max(20 * k, 100))
-    if not k <= max_steps <= op.dim:
+    if not isinstance(block_size, int) or not 1 <= block_size <= op.dim:
         raise ValueError(
-            f"max_steps must be in [k={k}, dim={op.dim}], got max_steps={max_steps}; pass a value in that range or None"
+            f"block_size must be an integer in [1, dim={op.dim}], got block_size={block_size!r}; "
+            "1 is single-vector Lanczos"
+        )
+    if block_size > 1 and reorth != "full":
+        raise ValueError(
+            f"block_size > 1 needs reorth='full', got reorth={reorth!r}; pass reorth='full' or block_size=1"
+        )
+    b = block_size
+    most_steps = -(-op.dim // b)  # ⌈dim/b⌉: block steps until the basis spans the space
+    fewest_steps = -(-k // b)
+    if max_steps is None:  # single vector: max(20k, 100) products; a block may spend twice that
+        max_steps = min(most_steps, max(20 * k, 100) if b == 1 else -(-2 * max(20 * k, 100) // b))
+    if not fewest_steps <= max_steps <= most_steps:
+        lo, hi = (f"k={k}", f"dim={op.dim}") if b == 1 else (f"ceil(k/b)={fewest_steps}", f"ceil(dim/b)={most_steps}")
+        raise ValueError(
+            f"max_steps must be in [{lo}, {hi}], got max_steps={max_steps}; pass a value in that range or None"
         )
     store = resolve_basis(basis)
     budget_note = ""
     if basis_memory_bytes is not None:
-        fits = _steps_within(store, op, basis_memory_bytes, max_steps)
-        if fits < k:
-            need = store.resident_bytes(1, k + 1, op.local_dim, op.dtype)
+        fits = _steps_within(store, op, basis_memory_bytes, max_steps * b + b - 1)  # vectors that fit, less one
+        steps_fit = (fits + 1) // b - 1  # the basis of m block steps and the next block: (m+1)·b vectors
+        if fits + 1 < k + b or steps_fit < fewest_steps:
+            need = store.resident_bytes(1, k + b, op.local_dim, op.dtype)
             raise ValueError(
-                f"basis_memory_bytes={basis_memory_bytes} holds fewer than k+1={k + 1} basis vectors "
+                f"basis_memory_bytes={basis_memory_bytes} holds fewer than k+b={k + b} basis vectors "
                 f"(needs {need} bytes in the {store.name} store); raise basis_memory_bytes or pass "
                 "basis='host' or a cluster.basis.DiskBasis"
             )
-        if fits < max_steps:
+        if steps_fit < max_steps:
             budget_note = (
-                f"max_steps lowered from {max_steps} to {fits}: {max_steps + 1} basis vectors exceed "
+                f"max_steps lowered from {max_steps} to {steps_fit}: {(max_steps + 1) * b} basis vectors exceed "
                 f"basis_memory_bytes={basis_memory_bytes} in the {store.name} store"
             )
-            max_steps = fits
+            max_steps = steps_fit
     if start is None:
-        start = op.random_vectors(1, generator=generator, kind="gaussian")
+        start = op.random_vectors(b, generator=generator, kind="gaussian")
     else:
-        start = start.reshape(-1, 1)
-    process = LanczosProcess(op, start, reorth=reorth, basis=store, max_steps=max_steps)
+        start = start.reshape(op.local_dim, -1)
+        if start.shape[1] < b:
+            extra = op.random_vectors(b - start.shape[1], generator=generator, kind="gaussian")
+            start = torch.cat([start, extra], dim=1)
+    if b == 1:
+        process = LanczosProcess(op, start, reorth=reorth, basis=store, max_steps=max_steps)
+    else:
+        process = BlockLanczosProcess(op, start, basis=store, max_columns=max_steps * b)
     converged = False
     while process.steps_done < max_steps:
         process.step()
-        if process.steps_done < k:
+        if _ritz_count(process) < k:
             if bool(process.active[0]):
                 continue
-            break  # broke down before k steps: the start vector reaches fewer than k eigenvalues
+            break  # broke down before k Ritz values: the start reaches fewer than k eigenvalues
         ritz = process.ritz(0)
         idx = _wanted(ritz.values, k, which)
         scale = ritz.values.abs().max()
         if bool((ritz.residual_bounds[idx] <= tol * scale).all()) or not bool(process.active[0]):
             converged = True
             break
-    result = process.result()
-    ritz = result.ritz(0)
+    if isinstance(process, BlockLanczosProcess):
+        ritz = process.ritz(0)
+        num_matvecs, num_steps, ortho = process.num_matvecs, process.steps_done, process.orthogonality_loss()
+        storage = process.basis_storage
+    else:
+        result = process.result()
+        ritz = result.ritz(0)
+        num_matvecs, num_steps = result.num_matvecs, int(result.num_steps[0])
+        ortho, storage = float(result.orthogonality_loss[0]), result.basis_storage
     idx = _wanted(ritz.values, min(k, len(ritz.values)), which)
     values = ritz.values[idx]
     residuals = ritz.residual_bounds[idx]
@@ -194,8 +243,10 @@ def eigenvalues(
     converged = converged and bool((ritz.residual_bounds[idx] <= tol * scale).all())
     note = ""
     if len(idx) < k:
+        what = "start vector's" if b == 1 else "start block's"
+        when = f"{len(ritz.values)} steps" if b == 1 else f"{num_steps} block steps"
         note = (
-            f"the start vector's Krylov space is invariant after {len(ritz.values)} steps: only "
+            f"the {what} Krylov space is invariant after {when}: only "
             f"{len(ritz.values)} eigenvalues are reachable from it; use another start vector for more"
         )
     elif not converged:
@@ -211,15 +262,21 @@ def eigenvalues(
         residuals=residuals,
         residuals_exact=exact,
         converged=converged,
-        num_matvecs=result.num_matvecs + (len(idx) if return_eigenvectors else 0),
-        num_steps=int(result.num_steps[0]),
-        orthogonality_loss=float(result.orthogonality_loss[0]),
+        num_matvecs=num_matvecs + (len(idx) if return_eigenvectors else 0),
+        num_steps=num_steps,
+        orthogonality_loss=ortho,
         method="lanczos",
         tol=tol,
         eigenvectors=vectors,
         note=note,
-        basis_storage=result.basis_storage,
+        basis_storage=storage,
+        block_size=b,
     )
+
+
+def _ritz_count(process: LanczosProcess | BlockLanczosProcess) -> int:
+    """Ritz values available: one per step (single vector) or per basis column in ``T`` (block)."""
+    return process.size if isinstance(process, BlockLanczosProcess) else process.steps_done
 
 
 def _steps_within(store: BasisStore, op: CurvatureOperator, budget_bytes: int, max_steps: int) -> int:
