@@ -1,9 +1,10 @@
 """Reading a results folder for ``probe report``: the rows of each dataset and the failed tasks.
 
-Plain ``pyarrow.dataset`` over the folder layout of :class:`cluster.store.ResultStore`;
-``failures/`` files may differ in columns, so they are read with the union of their
-schemas. Failed tasks are merged from the ``runs`` rows' ``failures`` JSON and the
-``failures`` dataset, each failure once.
+Read through :meth:`cluster.store.ResultStore.read`, which takes both folder layouts
+(``<kind>/<job>/`` and the ``<kind>/job=<job>/`` of schema versions up to 3); ``failures/``
+files may differ in columns, so they are read with the union of their schemas. Failed tasks
+are merged from the ``runs`` rows' ``failures`` JSON and the ``failures`` dataset, each
+failure once.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Every Parquet schema, declared once (with ``SCHEMA_VERSION``).
 
-One dataset per probe kind under ``output.path/<kind>/`` plus ``output.path/runs/``,
-hive-partitioned by job (``job=<name>/``). Every result row carries the common
-provenance columns; each kind adds its own, declared with the kind
-(:attr:`cluster.kinds.Kind.columns`). Arrays are list columns.
+One dataset per probe kind under ``output.path/<kind>/`` plus ``output.path/runs/`` and
+``output.path/failures/``, one folder per job (``<kind>/<job>/``, named by the job alone: no
+hive ``key=value`` segment since version 4, see :mod:`cluster.store`). Every row carries ``job``
+as a string column, and every result row the common provenance columns; each kind adds its
+own, declared with the kind (:attr:`cluster.kinds.Kind.columns`). Arrays are list columns.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from cluster.kinds import KINDS
 __all__ = ["SCHEMA_VERSION", "COMMON_FIELDS", "KIND_FIELDS", "RUNS_SCHEMA", "FAILURES_SCHEMA", "schema_for"]
 
 # 2: common checkpoint_name, step, lr (eos's and noise's step/lr moved to common); 3: common hvp, layout and lm_head
-# (older rows read back with them null)
-SCHEMA_VERSION = 3
+# (older rows read back with them null); 4: the same columns, job folders <kind>/<job>/ instead of hive job=<job>/
+# (pandas refused a job column that was also the partition key; the store still reads and migrates job=<job>/)
+SCHEMA_VERSION = 4
 
 _f64 = pa.float64()
 

@@ -91,8 +91,8 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9._ -]*$")
 
 
 def _check_name(name: Any) -> None:
-    """Job names start with a letter: they become hive partition values, which readers
-    would otherwise type as numbers."""
+    """Job names start with a letter: they name result folders, Ray jobs and metric label values
+    (and hive inference typed a numeric name as a number in the results layout before schema 4)."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise SpecError(f"name must start with a letter and use letters, digits, '.', '_', '-' or spaces, got {name!r}")
 

@@ -49,6 +49,19 @@ def checkpoints(tmp_path_factory) -> list[Path]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """``probe demo`` run twice in its own process (the second run finds everything stored):
+    ``(out folder, first stdout, second stdout)``; its results hold every dataset of the product."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    cmd = [sys.executable, "-m", "cluster.cli", "demo", "--out", str(out), "--metrics-port", "0"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return out, first.stdout, second.stdout
+
+
 @pytest.fixture
 def make_spec(tmp_path, checkpoints):
     """``make_spec(**overrides) -> Path``: write a small float64 digits spec into tmp_path."""

@@ -3,11 +3,7 @@ own local Ray instance (2 workers), every probe kind, Parquet, metrics and the r
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pyarrow.dataset as ds
-import pytest
 
 from cluster.schema import schema_for
 
@@ -26,15 +22,7 @@ EXPECTED_ROWS = {
 }
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    cmd = [sys.executable, "-m", "cluster.cli", "demo", "--out", str(out), "--metrics-port", "0"]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    return out, first.stdout, second.stdout
+# the demo fixture (two runs of `probe demo`, shared with test_results_readers.py): conftest.py
 
 
 def test_demo_writes_every_kind_to_parquet_from_two_workers(demo):
@@ -60,7 +48,7 @@ def test_demo_prints_its_story_and_where_everything_is(demo):
         "λ_max",
         "barrier A ↔ B, bezier path",
         "edge of stability, run A",
-        'probe_lambda_max{series="geometry"}',
+        'landscape_probe_lambda_max{series="geometry"}',
     ):
         assert needle in first, needle
     assert f"report ........ {out / 'results' / 'report' / 'index.html'}" in first

@@ -307,7 +307,7 @@ def test_the_hash_covers_config_json_where_the_folder_holds_one(tmp_path):
 
 def test_schema_3_carries_name_step_lr_hvp_and_layout_in_every_kind():
     common = {f.name: f.type for f in COMMON_FIELDS}
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4  # 4 changed the folder layout only (docs/results.md)
     assert (common["hvp"], common["layout"]) == (pa.string(), pa.string())
     assert (common["checkpoint_name"], common["step"], common["lr"]) == (pa.string(), pa.int64(), pa.float64())
     assert not any({"step", "lr", "checkpoint_name"} & {f.name for f in fields} for fields in KIND_FIELDS.values())
@@ -324,7 +324,10 @@ def test_a_job_over_a_trainer_run_writes_names_steps_and_lrs_and_an_audit_adds_t
         assert got == [(f"checkpoint-{s}", s, lr_at(s), str(w)) for s, w in zip((10, 20, 30), weights, strict=True)], (
             kind
         )
-        assert all(r["schema_version"] == 3 and (r["hvp"], r["layout"]) == ("exact", "single") for r in before[kind])
+        assert all(
+            r["schema_version"] == SCHEMA_VERSION and (r["hvp"], r["layout"]) == ("exact", "single")
+            for r in before[kind]
+        )
     for r in before["eos"]:  # the eos runner read the same rate (from the Trainer's state) for its threshold
         assert r["lr_source"] == "metadata" and r["threshold"] == pytest.approx(2 / r["lr"])
     assert json.loads(before["eos"][0]["probe_config"])["series_steps"] == [10, 20, 30]  # the training steps
@@ -360,6 +363,7 @@ def test_rows_written_before_schema_2_read_back_beside_new_ones(tmp_path):
     old = {k: v for k, v in new.items() if k not in ("checkpoint_name", "step", "lr", "job")}
     old.update(task_key="old", schema_version=1, checkpoint="/elsewhere/step-3.safetensors")
     table = pa.Table.from_pylist([old])
+    (root / "trace" / "job=run-audit").mkdir()  # the folder layout before schema version 4, too
     pq.write_table(table, root / "trace" / "job=run-audit" / "part-old.parquet")
     got = {r["task_key"]: r for r in read_rows(root, "trace")}
     assert got["old"]["checkpoint_name"] is None and got["old"]["step"] is None and got["old"]["lr"] is None
