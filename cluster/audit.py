@@ -1,7 +1,9 @@
 """The audit service: probe every checkpoint of a folder once, now or on a schedule.
 
-``probe audit SPEC --once`` runs one pass; ``--every 30m`` runs a pass, sleeps,
-and repeats until stopped (SIGTERM or SIGINT end it after the current pass). A pass:
+``probe audit SPEC --once`` runs one pass (and, with ``--pushgateway URL`` or
+``$PROMETHEUS_PUSHGATEWAY``, pushes its metrics to a Prometheus Pushgateway, since it
+exits before any scrape); ``--every 30m`` runs a pass, sleeps, and repeats until
+stopped (SIGTERM or SIGINT end it after the current pass), serving ``/metrics``. A pass:
 
 1. takes the job's audit lock (``output.path/.audit-<job>.lock``, an exclusive
    ``flock``): a second audit of the same job waits for the first and then finds
@@ -44,7 +46,7 @@ from urllib.parse import quote
 from cluster.checkpoints import CheckpointError, checkpoint_sha256, expand_checkpoints, hashed_files
 from cluster.job import Task, choose_backend, run_job
 from cluster.kinds import KINDS
-from cluster.metrics import Metrics
+from cluster.metrics import PUSH_JOB, Metrics
 from cluster.spec import JobSpec
 from cluster.store import ResultStore
 
@@ -334,6 +336,10 @@ class Auditor:
                             latest[(g.name, g.labels)] = g.value
         for (gauge, labels), value in latest.items():
             getattr(m, gauge).labels(series=name, **dict(labels)).set(value)
+        # one value per training step, from every row stored for the series: the trends over
+        # training include checkpoints a run has deleted since (save_total_limit)
+        for kind in dict.fromkeys(p.kind for p in self.spec.probes):
+            m.checkpoint_values(name, kind, sorted(job_rows(kind), key=lambda r: r["created_at"]))
 
     def run(
         self,
@@ -363,12 +369,12 @@ class Auditor:
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - a scheduled service must outlive one bad pass
-                if every_s is None:
-                    raise
-                errors_in_row += 1
                 if self.metrics:
                     self.metrics.audit_passes.labels(job_name=self.spec.name, outcome="failed").inc()
                     self.metrics.audit_last_pass.labels(job_name=self.spec.name).set(self.clock())
+                if every_s is None:
+                    raise
+                errors_in_row += 1
                 wait = self.pass_retry_delay(errors_in_row, every_s)
                 self.progress(
                     f"[{self.spec.name}] audit pass failed ({errors_in_row} in a row): "
@@ -393,6 +399,13 @@ def audit_main(args) -> int:
         every = parse_duration(args.every) if args.every else None
     except ValueError as exc:
         raise SpecError(f"--every: {exc}") from None
+    gateway = getattr(args, "pushgateway", None)
+    if gateway and every:
+        raise SpecError(
+            f"--pushgateway {gateway}: only --once audits push (they exit before a scrape); "
+            "an --every audit serves /metrics for Prometheus to scrape: drop --pushgateway"
+        )
+    gateway = None if every else gateway or os.environ.get("PROMETHEUS_PUSHGATEWAY") or None
     metrics = Metrics()
     auditor = Auditor(spec, metrics=metrics)
     if auditor.backend == "ray":
@@ -413,9 +426,28 @@ def audit_main(args) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if every else {}
     try:
         report = auditor.run(every, max_passes=args.max_passes, stop=stop)
+    except Exception:
+        if gateway:  # the failed pass's counter and time; the last completed pass's time stays
+            _push(metrics, gateway, spec.name, families=("audit_passes", "audit_last_pass", "build_info"))
+        raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         if server is not None:
             server.shutdown()
+    if gateway:
+        _push(metrics, gateway, spec.name)
     return 0 if report.ok else 1
+
+
+def _push(metrics: Metrics, gateway: str, audit: str, families: tuple[str, ...] | None = None) -> None:
+    """Push to the Pushgateway; one line on stderr when that fails (the results are stored:
+    the audit's exit status stays the pass's, and the staleness alert notices a missing push)."""
+    from cluster.metrics import push
+
+    try:
+        push(metrics, gateway, audit=audit, families=families)
+    except OSError as exc:
+        print(f"probe audit: warning: could not push metrics to the Pushgateway {gateway}: {exc}", file=sys.stderr)
+    else:
+        print(f"metrics pushed to {gateway} (job={PUSH_JOB}, audit={audit})", file=sys.stderr, flush=True)

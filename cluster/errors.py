@@ -1,6 +1,6 @@
 """Every error the job layer reports, typed: each carries its failure category and exit code.
 
-The categories are the bounded values of the ``probe_failures_total{reason}`` metric and
+The categories are the bounded values of the ``landscape_probe_failures_total{reason}`` metric and
 of the ``category`` column of ``failures/`` rows; the exit codes are the CLI's. Errors
 keep their type across the worker boundary (:class:`TaskFailed` carries the category of
 the error a worker raised, in-process, under torch.multiprocessing and through Ray), so

@@ -154,7 +154,7 @@ class Headline:
             infinite fails the task (:func:`cluster.runners.check_headlines`); fields that
             legitimately hold NaN or inf and say so in their rows are left out (style.md 13).
         lambda_max: the Hessian's largest eigenvalue in a row, or None where the row has none
-            (never a preconditioned operator's): the ``probe_lambda_max`` gauge.
+            (never a preconditioned operator's): the ``landscape_probe_lambda_max`` gauge.
         lambda_max_priority: where several kinds hold λ_max for one checkpoint, the audit shows
             the highest priority's.
         gauges: the other series gauges a row sets (:class:`Gauge`); None: it sets none.

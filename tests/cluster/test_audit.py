@@ -144,7 +144,7 @@ def test_truncated_checkpoint_is_recorded_as_failed_and_the_others_succeed(tmp_p
         for s in m.samples
         if s.labels.get("reason") == "bad_checkpoint"
     }
-    assert fam["probe_failures_total"] == 2
+    assert fam["landscape_probe_failures_total"] == 2
 
     # at once: both failed tasks back off; nothing runs, nothing new fails
     report = auditor.run_pass()
@@ -237,16 +237,16 @@ def test_headline_gauges_follow_the_latest_checkpoint_of_the_series(tmp_path):
     by = lambda kind: {Path(r["checkpoint"]).name: r for r in rows(spec_path, kind)}  # noqa: E731
     eig, tr, eos = by("eigenvalues"), by("trace"), by("eos")
     latest, before = "step-10.safetensors", "step-9.safetensors"
-    assert samples[("probe_lambda_max", "audited")] == eig[latest]["eigenvalues"][0]
-    assert samples[("probe_hessian_trace", "audited")] == tr[latest]["trace"]
-    assert samples[("probe_eos_ratio", "audited")] == eos[latest]["ratio"]
+    assert samples[("landscape_probe_lambda_max", "audited")] == eig[latest]["eigenvalues"][0]
+    assert samples[("landscape_probe_hessian_trace", "audited")] == tr[latest]["trace"]
+    assert samples[("landscape_probe_eos_ratio", "audited")] == eos[latest]["ratio"]
     lam, lam0 = eig[latest]["eigenvalues"][0], eig[before]["eigenvalues"][0]
-    assert samples[("probe_lambda_max_relative_change", "audited")] == pytest.approx(
+    assert samples[("landscape_probe_lambda_max_relative_change", "audited")] == pytest.approx(
         (lam - lam0) / abs(lam0), rel=1e-12
     )
-    assert samples[("probe_audit_checkpoints", "audited")] == 3
-    assert samples[("probe_audit_tasks_pending", "audited")] == 0
-    assert samples[("probe_audit_passes_total", "audited")] == 1
+    assert samples[("landscape_probe_audit_checkpoints", "audited")] == 3
+    assert samples[("landscape_probe_audit_tasks_pending", "audited")] == 0
+    assert samples[("landscape_probe_audit_passes_total", "audited")] == 1
 
 
 def test_a_pass_that_cannot_run_is_counted_and_retried_with_backoff(tmp_path):
@@ -303,7 +303,7 @@ def test_passes_that_cannot_run_are_retried_after_1_2_4_minutes_capped_and_reset
         s.labels["outcome"]: s.value
         for m in metrics.registry.collect()
         for s in m.samples
-        if s.name == "probe_audit_passes_total"
+        if s.name == "landscape_probe_audit_passes_total"
     }
     assert outcomes == {"failed": 10, "succeeded": 2}
 

@@ -1,6 +1,6 @@
 """Every failure category of cluster/errors.py is emitted by a real failure: the category
 comes from the error's type (across the worker boundary, in-process and in worker
-processes), lands in the ``failures/`` row and the ``probe_failures_total`` metric, and
+processes), lands in the ``failures/`` row and the ``landscape_probe_failures_total`` metric, and
 sets the CLI's exit code. Messages are never parsed."""
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def test_workers_report_their_metrics_through_ray(make_spec, ray_head, tmp_path)
         got: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                if s.name == "ray_probe_worker_hvps_total" and s.labels.get("job_name") == "ray-metered":
+                if s.name == "ray_landscape_probe_worker_hvps_total" and s.labels.get("job_name") == "ray-metered":
                     got[s.labels["kind"]] = got.get(s.labels["kind"], 0.0) + s.value
         return got
 

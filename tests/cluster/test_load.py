@@ -108,12 +108,12 @@ def test_metrics_endpoint_answers_a_burst_of_1000_scrapes_identically_with_bound
         assert status == 200
         families = {f.name: f for f in text_string_to_metric_families(reference.decode())}
         # the registry is populated like a live one: the real job's rows and the extra label sets
-        tasks = [s for s in families["probe_tasks"].samples if s.name == "probe_tasks_total"]
+        tasks = [s for s in families["landscape_probe_tasks"].samples if s.name == "landscape_probe_tasks_total"]
         assert len({s.labels["job_name"] for s in tasks}) == 5 and len(tasks) >= 4 * 6 * 3
         assert any(
             s.labels == {"job_name": "loaded", "kind": "trace", "outcome": "succeeded"} and s.value == 1 for s in tasks
         )
-        buckets = [s for s in families["probe_task_duration_seconds"].samples if s.name.endswith("_bucket")]
+        buckets = [s for s in families["landscape_probe_task_duration_seconds"].samples if s.name.endswith("_bucket")]
         assert len(buckets) >= 4 * 6 * 14
         ref_digest = hashlib.sha256(reference).digest()
 

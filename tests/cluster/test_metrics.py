@@ -47,21 +47,23 @@ def test_job_metrics_match_the_parquet_rows(make_spec, checkpoints, served):
     store = ResultStore(summary.output)
     eig = store.read("eigenvalues").to_pylist()[0]
     tr = store.read("trace").to_pylist()[0]
-    assert samples[("probe_lambda_max", (("series", "metered"),))] == pytest.approx(eig["eigenvalues"][0], rel=1e-12)
-    assert samples[("probe_hessian_trace", (("series", "metered"),))] == pytest.approx(tr["trace"], rel=1e-12)
+    lam = samples[("landscape_probe_lambda_max", (("series", "metered"),))]
+    assert lam == pytest.approx(eig["eigenvalues"][0], rel=1e-12)
+    assert samples[("landscape_probe_hessian_trace", (("series", "metered"),))] == pytest.approx(tr["trace"], rel=1e-12)
     ok = (("job_name", "metered"), ("kind", "eigenvalues"), ("outcome", "succeeded"))
-    assert samples[("probe_tasks_total", ok)] == 1
-    hvps = samples[("probe_hvp_total", (("job_name", "metered"), ("kind", "eigenvalues")))]
+    assert samples[("landscape_probe_tasks_total", ok)] == 1
+    hvps = samples[("landscape_probe_hvp_total", (("job_name", "metered"), ("kind", "eigenvalues")))]
     assert hvps == eig["num_matvecs"]
-    assert samples[("probe_tasks_planned", (("job_name", "metered"),))] == 2
-    assert samples[("probe_tasks_done", (("job_name", "metered"),))] == 2
+    assert samples[("landscape_probe_tasks_planned", (("job_name", "metered"),))] == 2
+    assert samples[("landscape_probe_tasks_done", (("job_name", "metered"),))] == 2
     # labels stay bounded: no path or hash ever becomes a label value
-    values = {v for (_, labels), _ in samples.items() for _, v in labels}
+    # (build_info's revision is the checkout's commit: one value per process, not per checkpoint)
+    values = {v for (name, labels), _ in samples.items() if name != "landscape_probe_build_info" for _, v in labels}
     assert not any("/" in v or len(v) >= 40 for v in values)
     # a re-run counts the stored tasks as skipped
     run_job(spec, backend="local", progress=lambda m: None, metrics=metrics)
     skipped = (("job_name", "metered"), ("kind", "trace"), ("outcome", "skipped"))
-    assert scrape(server.server_port)[("probe_tasks_total", skipped)] == 1
+    assert scrape(server.server_port)[("landscape_probe_tasks_total", skipped)] == 1
 
 
 def test_failures_are_counted_by_a_bounded_reason(served):
@@ -74,9 +76,9 @@ def test_failures_are_counted_by_a_bounded_reason(served):
     metrics.task_failed("j", "trace", category_of(RuntimeError("checkpoint 'x' is not a valid safetensors file")))
     metrics.failure("j", "a reason nobody declared")
     samples = scrape(server.server_port)
-    assert samples[("probe_failures_total", (("job_name", "j"), ("reason", "bad_checkpoint")))] == 1
-    assert samples[("probe_failures_total", (("job_name", "j"), ("reason", "other")))] == 2
-    reasons = {dict(labels).get("reason") for (name, labels) in samples if name == "probe_failures_total"}
+    assert samples[("landscape_probe_failures_total", (("job_name", "j"), ("reason", "bad_checkpoint")))] == 1
+    assert samples[("landscape_probe_failures_total", (("job_name", "j"), ("reason", "other")))] == 2
+    reasons = {dict(labels).get("reason") for (name, labels) in samples if name == "landscape_probe_failures_total"}
     assert reasons <= set(FAILURE_REASONS)
 
 
@@ -102,10 +104,10 @@ def _eos_row(checkpoint: str, step: int, lam: float, optimizer: str) -> dict:
 def test_lambda_max_gauge_is_the_hessians_never_adams_preconditioned_one():
     metrics = Metrics()
     _succeeded(metrics, "eos", [_eos_row("a", 10, 3.0, "gd")])
-    assert _gauge(metrics, "probe_lambda_max") == 3.0
+    assert _gauge(metrics, "landscape_probe_lambda_max") == 3.0
     # Adam's λ_max(P⁻¹H) at a later checkpoint: the eos ratio follows it, the Hessian's λ_max does not
     _succeeded(metrics, "eos", [_eos_row("b", 20, 900.0, "adam")])
-    assert _gauge(metrics, "probe_lambda_max") == 3.0 and _gauge(metrics, "probe_eos_ratio") == 45.0
+    assert _gauge(metrics, "landscape_probe_lambda_max") == 3.0 and _gauge(metrics, "landscape_probe_eos_ratio") == 45.0
     for kind, row, want in [
         ("eigenvalues", {"which": "largest", "eigenvalues": [5.0, 4.0]}, 5.0),
         ("eigenvalues", {"which": "smallest", "eigenvalues": [-1.0]}, 5.0),  # not λ_max
@@ -115,7 +117,7 @@ def test_lambda_max_gauge_is_the_hessians_never_adams_preconditioned_one():
         ("eos", {"optimizer": "momentum", "lambda_max": 8.0, "ratio": 0.5}, 8.0),
     ]:
         _succeeded(metrics, kind, [{"checkpoint": "c", "checkpoint_name": "c", "step": 30, **row}])
-        assert _gauge(metrics, "probe_lambda_max") == want, (kind, row)
+        assert _gauge(metrics, "landscape_probe_lambda_max") == want, (kind, row)
 
 
 def test_headline_gauges_show_the_latest_checkpoint_whatever_task_finishes_last():
@@ -129,10 +131,11 @@ def test_headline_gauges_show_the_latest_checkpoint_whatever_task_finishes_last(
     _succeeded(metrics, "eigenvalues", [{**early, "which": "largest", "eigenvalues": [1.0]}])
     _succeeded(metrics, "sharpness", [{**early, "measure": "lambda_max", "value": 1.5}])
     _succeeded(metrics, "trace", [{**early, "trace": 10.0}])
-    assert _gauge(metrics, "probe_lambda_max") == 2.0 and _gauge(metrics, "probe_hessian_trace") == 20.0
+    assert _gauge(metrics, "landscape_probe_lambda_max") == 2.0
+    assert _gauge(metrics, "landscape_probe_hessian_trace") == 20.0
     # the latest checkpoint measured again: its newer value is shown
     _succeeded(metrics, "sharpness", [{**late, "measure": "lambda_max", "value": 2.5}])
-    assert _gauge(metrics, "probe_lambda_max") == 2.5
+    assert _gauge(metrics, "landscape_probe_lambda_max") == 2.5
     # by step, not by the order of the rows in one task (an eos series)
     _succeeded(
         metrics,
@@ -142,7 +145,7 @@ def test_headline_gauges_show_the_latest_checkpoint_whatever_task_finishes_last(
             {**early, "step": 250, "optimizer": "gd", "lambda_max": 9.0, "ratio": 0.9},
         ],
     )
-    assert _gauge(metrics, "probe_lambda_max") == 3.0 and _gauge(metrics, "probe_eos_ratio") == 0.3
+    assert _gauge(metrics, "landscape_probe_lambda_max") == 3.0 and _gauge(metrics, "landscape_probe_eos_ratio") == 0.3
 
 
 def test_without_steps_the_series_order_decides():
@@ -154,4 +157,4 @@ def test_without_steps_the_series_order_decides():
     _succeeded(
         metrics, "eigenvalues", [{"checkpoint": "ckpt-a", "step": None, "which": "largest", "eigenvalues": [1.0]}]
     )
-    assert _gauge(metrics, "probe_lambda_max") == 2.0
+    assert _gauge(metrics, "landscape_probe_lambda_max") == 2.0

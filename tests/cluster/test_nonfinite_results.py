@@ -112,9 +112,8 @@ def test_a_nan_hessian_at_a_finite_loss_fails_its_tasks_and_stores_no_row(make_s
     for f in failures:
         assert f["reason"].startswith(f"non-finite result: {want[f['kind']]} at checkpoint {str(checkpoints[0])!r}")
         assert f["category"] == "non_finite"
-    assert (
-        metrics.registry.get_sample_value("probe_failures_total", {"job_name": "nanhess", "reason": "non_finite"}) == 2
-    )
+    failures = {"job_name": "nanhess", "reason": "non_finite"}
+    assert metrics.registry.get_sample_value("landscape_probe_failures_total", failures) == 2
     assert any("FAILED eos" in line and "non-finite result" in line for line in lines)
     # nothing stored: a second run tries every task again
     again = run_job(spec, backend="local", progress=lambda m: None)

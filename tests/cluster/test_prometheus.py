@@ -155,7 +155,7 @@ def test_prometheus_scrapes_the_audit_and_its_headlines_equal_the_parquet_rows(t
         # a sample scraped after the first pass finished
         wait_for(
             "a scrape after the first audit pass",
-            lambda: query(base, 'probe_audit_passes_total{job_name="watched",outcome="succeeded"} >= 1'),
+            lambda: query(base, 'landscape_probe_audit_passes_total{job_name="watched",outcome="succeeded"} >= 1'),
             180,
             procs,
         )
@@ -172,19 +172,19 @@ def test_prometheus_scrapes_the_audit_and_its_headlines_equal_the_parquet_rows(t
         (barrier,) = store.read("barrier").to_pylist()
         lam, lam_before = eig[latest]["eigenvalues"][0], eig[str(paths[-2])]["eigenvalues"][0]
         expected = {
-            'probe_lambda_max{series="watched"}': lam,
-            'probe_hessian_trace{series="watched"}': tr[latest]["trace"],
-            'probe_eos_ratio{series="watched"}': eos[latest]["ratio"],
-            'probe_barrier_height{series="watched",path="linear"}': barrier["barrier_height"],
-            'probe_lambda_max_relative_change{series="watched"}': (lam - lam_before) / abs(lam_before),
-            'probe_audit_checkpoints{job_name="watched"}': 3,
-            'probe_audit_tasks_pending{job_name="watched"}': 0,
+            'landscape_probe_lambda_max{series="watched"}': lam,
+            'landscape_probe_hessian_trace{series="watched"}': tr[latest]["trace"],
+            'landscape_probe_eos_ratio{series="watched"}': eos[latest]["ratio"],
+            'landscape_probe_barrier_height{series="watched",path="linear"}': barrier["barrier_height"],
+            'landscape_probe_lambda_max_relative_change{series="watched"}': (lam - lam_before) / abs(lam_before),
+            'landscape_probe_audit_checkpoints{job_name="watched"}': 3,
+            'landscape_probe_audit_tasks_pending{job_name="watched"}': 0,
         }
         for expr, value in expected.items():
             (sample,) = query(base, expr)
             # exact: the exposition and the query API both print shortest round-trip decimals
             assert float(sample["value"][1]) == value, expr
-        hvps = sum(float(s["value"][1]) for s in query(base, 'probe_hvp_total{job_name="watched"}'))
+        hvps = sum(float(s["value"][1]) for s in query(base, 'landscape_probe_hvp_total{job_name="watched"}'))
         stored = sum(
             r["num_matvecs"]
             for kind in ("eigenvalues", "trace", "eos", "barrier")
@@ -192,7 +192,7 @@ def test_prometheus_scrapes_the_audit_and_its_headlines_equal_the_parquet_rows(t
             if "num_matvecs" in r
         )
         assert hvps == stored
-        tasks = query(base, 'sum(probe_tasks_total{job_name="watched",outcome="succeeded"})')
+        tasks = query(base, 'sum(landscape_probe_tasks_total{job_name="watched",outcome="succeeded"})')
         assert float(tasks[0]["value"][1]) == 3 * 2 + 1 + 1
     finally:
         for p, _ in procs:

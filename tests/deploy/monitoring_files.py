@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from cluster.metrics import Metrics
+from cluster.metrics import PREFIX, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -104,14 +104,14 @@ def promql_labels(expr: str) -> list[tuple[str | None, set[str]]]:
 
 def check_labels(where: str, expr: str, printed: set[str], declared: dict[str, set[str]]) -> list[str]:
     """Problems with the labels ``expr`` selects or groups by and those a template prints
-    from its result: a probe_* metric's labels must be its own, not Prometheus's."""
+    from its result: a landscape_probe_* metric's labels must be its own, not Prometheus's."""
     metrics = promql_metrics(expr)
-    probe = {m for m in metrics if m.startswith("probe_")}
+    probe = {m for m in metrics if m.startswith(PREFIX)}
     own = set().union(*(declared.get(m, set()) for m in probe))
     allowed = own | ({"__name__"} | TARGET_LABELS if metrics - probe or not probe else set())
     problems = []
     for metric, labels in promql_labels(expr):
-        if metric is not None and metric.startswith("probe_"):
+        if metric is not None and metric.startswith(PREFIX):
             bad = labels - declared.get(metric, set()) - {"__name__"}
         else:
             bad = labels - allowed - {"__name__"}

@@ -20,6 +20,7 @@ import subprocess
 import pytest
 from monitoring_files import (
     DASHBOARD,
+    PREFIX,
     PROMETHEUS,
     PROMETHEUS_METRICS,
     TARGET_LABELS,
@@ -51,7 +52,7 @@ def test_metric_names_are_declared_in_cluster_metrics():
     # Names written anywhere else (annotations, regexes in label matchers, descriptions).
     in_text = sample_names(with_families=True)
     for path in (PROMETHEUS / "alerts.yml", PROMETHEUS / "alerts_test.yml", PROMETHEUS / "prometheus.yml", DASHBOARD):
-        names = set(re.findall(r"(?<![\w-])probe_[a-z0-9_]+", path.read_text()))
+        names = set(re.findall(r"(?<![\w-])landscape_probe_[a-z0-9_]+", path.read_text()))
         if names - in_text:
             unknown[f"{path.name} (text)"] = sorted(names - in_text)
     assert not unknown, f"metric names not exposed by cluster.metrics.Metrics: {unknown}"
@@ -73,7 +74,7 @@ def test_labels_are_declared_in_cluster_metrics():
             q = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
             m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", q.strip())
             assert m, f"{DASHBOARD.name}: variable {var['name']} is not label_values(SELECTOR, LABEL)"
-            names = promql_metrics(m.group(1)) or set(re.findall(r"probe_\w+", m.group(1)))
+            names = promql_metrics(m.group(1)) or set(re.findall(r"landscape_probe_\w+", m.group(1)))
             lacking = [n for n in names if m.group(2) not in declared.get(n, set())]
             assert not lacking, (
                 f"{DASHBOARD.name}: variable {var['name']} reads label {m.group(2)!r} that {lacking} lack"
@@ -81,7 +82,7 @@ def test_labels_are_declared_in_cluster_metrics():
     for case in load_yaml_docs(PROMETHEUS / "alerts_test.yml")[0]["tests"]:
         for series in case.get("input_series", []):
             ((metric, labels),) = promql_labels(series["series"])
-            if metric.startswith("probe_"):
+            if metric.startswith(PREFIX):
                 extra = labels - declared.get(metric, set()) - TARGET_LABELS
                 problems += [f"alerts_test.yml: {metric} has no label {label!r}" for label in sorted(extra)]
     assert not problems, "\n".join(problems)
@@ -90,24 +91,30 @@ def test_labels_are_declared_in_cluster_metrics():
 def test_promql_name_extraction_catches_a_wrong_name():
     # The check above is only as good as this extractor.
     declared = sample_names()
-    assert promql_metrics('sum by (le, kind) (rate(probe_task_duration_seconds_bucket{job=~"$job"}[1h]))') == {
-        "probe_task_duration_seconds_bucket"
-    }
-    assert promql_metrics("time() - probe_audit_last_success_timestamp_seconds > 5400") == {
-        "probe_audit_last_success_timestamp_seconds"
+    assert promql_metrics(
+        'sum by (le, kind) (rate(landscape_probe_task_duration_seconds_bucket{job=~"$job"}[1h]))'
+    ) == {"landscape_probe_task_duration_seconds_bucket"}
+    assert promql_metrics("time() - landscape_probe_audit_last_success_timestamp_seconds > 5400") == {
+        "landscape_probe_audit_last_success_timestamp_seconds"
     }
     assert promql_metrics(
-        "increase(probe_failures_total[1h]) > 0 or (probe_failures_total unless probe_failures_total offset 1h)"
-    ) == {"probe_failures_total"}
-    for wrong in ("probe_eos_ratios > 1.1", "rate(probe_tasks[5m])", "probe_task_duration_seconds > 1"):
+        "increase(landscape_probe_failures_total[1h]) > 0"
+        " or (landscape_probe_failures_total unless landscape_probe_failures_total offset 1h)"
+    ) == {"landscape_probe_failures_total"}
+    for wrong in (
+        "landscape_probe_eos_ratios > 1.1",
+        "rate(landscape_probe_tasks[5m])",
+        "landscape_probe_task_duration_seconds > 1",
+        "probe_eos_ratio > 1.1",  # the old prefix: the blackbox exporter's namespace
+    ):
         assert promql_metrics(wrong) - declared, wrong
 
 
 def test_alert_rules_watch_staleness_stability_jumps_and_failures():
     exprs = {rule["alert"]: " ".join(rule["expr"].split()) for rule in alert_rules()}
-    assert any("probe_eos_ratio > 1.1" in e for e in exprs.values())
-    assert any(re.search(r"abs\(probe_lambda_max_relative_change\) > 0\.\d+", e) for e in exprs.values())
-    assert any("increase(probe_failures_total[1h]) > 0" in e for e in exprs.values())
+    assert any("landscape_probe_eos_ratio > 1.1" in e for e in exprs.values())
+    assert any(re.search(r"abs\(landscape_probe_lambda_max_relative_change\) > 0\.\d+", e) for e in exprs.values())
+    assert any("increase(landscape_probe_failures_total[1h]) > 0" in e for e in exprs.values())
     for rule in alert_rules():
         assert rule.get("labels", {}).get("severity") and rule.get("annotations", {}).get("summary"), rule["alert"]
 
@@ -127,19 +134,25 @@ def test_dashboard_structure():
         assert {"h", "w", "x", "y"} <= panel["gridPos"].keys() and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
     exprs = " ".join(dashboard_exprs())
     for needed in (
-        "probe_lambda_max",
-        "probe_hessian_trace",
-        "probe_eos_ratio",
-        "probe_barrier_height",
-        "probe_tasks_total",
-        "probe_failures_total",
-        "probe_hvp_total",
-        "probe_task_duration_seconds_bucket",
-        "probe_audit_last_pass_timestamp_seconds",
+        "landscape_probe_lambda_max",
+        "landscape_probe_hessian_trace",
+        "landscape_probe_eos_ratio",
+        "landscape_probe_barrier_height",
+        "landscape_probe_tasks_total",
+        "landscape_probe_failures_total",
+        "landscape_probe_hvp_total",
+        "landscape_probe_task_duration_seconds_bucket",
+        "landscape_probe_audit_last_pass_timestamp_seconds",
+        # trends over training (test_trend_panels.py)
+        "landscape_probe_checkpoint_lambda_max",
+        "landscape_probe_checkpoint_hessian_trace",
+        "landscape_probe_checkpoint_eos_ratio",
+        "landscape_probe_checkpoint_sharpness",
+        "landscape_probe_checkpoint_barrier_height",
     ):
         assert re.search(rf"\b{needed}\b", exprs), f"the dashboard has no panel on {needed}"
     assert "histogram_quantile(" in exprs
-    eos = next(p for p in d["panels"] if any("probe_eos_ratio" in t["expr"] for t in p.get("targets", [])))
+    eos = next(p for p in d["panels"] if any("landscape_probe_eos_ratio" in t["expr"] for t in p.get("targets", [])))
     steps = eos["fieldConfig"]["defaults"]["thresholds"]["steps"]
     assert any(s["value"] == 1.0 for s in steps), "the EoS panel needs its 1.0 threshold"
     assert eos["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] != "off"
