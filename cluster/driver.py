@@ -146,6 +146,9 @@ def attempt(
 class Events:
     """Handlers of the driver's events; every method is optional (a no-op here)."""
 
+    def started(self, task: Any, attempts: int, group: int) -> None:
+        """Attempt ``attempts`` of ``task`` starts on group ``group`` (its index, ``0..num_groups-1``)."""
+
     def stored(self, outcome: Stored, rows: list[dict]) -> None:
         """A task finished; ``rows`` are its complete result rows."""
 
@@ -236,6 +239,7 @@ def run_tasks(
                 attempts = 0
                 while True:
                     attempts += 1
+                    emit("started", task, attempts, index)
                     outcome = attempt(slot, task, attempts, policy, on_start)
                     if isinstance(outcome, Retry):
                         emit("retrying", outcome)

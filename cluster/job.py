@@ -19,16 +19,17 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cluster.checkpoints import CheckpointError, CheckpointInfo, checkpoint_entries, checkpoint_info, checkpoint_sha256
 from cluster.driver import FailurePolicy, JobSummary, Stored, SummaryEvents, run_tasks
 from cluster.estimate import check_fits, estimate
 from cluster.groups import LocalGroup, ProcessGroup, RayGroup
-from cluster.job_events import MetricsEvents, ProgressEvents, StoreEvents, now
+from cluster.job_events import HubEvents, MetricsEvents, ProgressEvents, StoreEvents, now
 from cluster.kinds import KINDS
 from cluster.metrics import FAILURE_REASONS, Metrics
+from cluster.progress import ProgressHub, ProgressOptions
 from cluster.schema import SCHEMA_VERSION
 from cluster.spec import JobSpec, SpecError, import_factory
 from cluster.store import ResultStore, StoreError
@@ -52,6 +53,8 @@ class Task:
     # checkpoint's row, in ``options["series"]`` order; a re-run or an audit only
     # measures the checkpoints whose row is missing.
     row_keys: tuple[str, ...] = ()
+    # where the workers report this task's progress while it runs (cluster.progress.ProgressHub.channel)
+    progress: dict = field(default_factory=dict, compare=False, repr=False)
 
     def payload(self) -> dict:
         """What is sent to workers."""
@@ -60,6 +63,7 @@ class Task:
             "kind": self.kind,
             "options": self.options,
             "probe_index": self.probe_index,
+            **({"progress": self.progress} if self.progress else {}),
         }
 
 
@@ -302,6 +306,7 @@ def run_job(
     metrics: Metrics | None = None,
     checkpoints: list[tuple[str, str]] | None = None,
     exclude: Callable[[Task], bool] | None = None,
+    progress_options: ProgressOptions | None = None,
 ) -> JobSummary:
     """Run every task of ``spec`` not already stored; returns a summary.
 
@@ -317,6 +322,9 @@ def run_job(
             ``model.checkpoints`` (the audit service discovers and hashes them itself).
         exclude: tasks for which this returns True are left out of this run (not
             run, not counted as skipped; the audit's backoff).
+        progress_options: live progress (products and Lanczos steps as they happen, stall
+            time, log cadence, progress bar; :class:`cluster.progress.ProgressOptions`);
+            default :func:`cluster.progress.defaults` (the CLI's flags).
 
     Raises:
         SpecError, CheckpointError: before any work starts, for a bad spec,
@@ -349,21 +357,27 @@ def run_job(
     if metrics:
         _metrics_start(metrics, spec.name, tasks, todo, [p for p, _ in checkpoints])
     rows = RowBuilder(spec, run_id, data_sha, len(indices), names)
+    hub = ProgressHub(spec.name, metrics=metrics, options=progress_options, num_tasks=len(todo)).start()
+    todo = [replace(t, progress=hub.channel(t.key)) for t in todo]
     handlers = [
+        HubEvents(hub),  # first: it tells the metrics handler which products were counted as they happened
         StoreEvents(store, spec.name, run_id),
-        *([MetricsEvents(metrics, spec.name)] if metrics else []),
+        *([MetricsEvents(metrics, spec.name, hub)] if metrics else []),
         SummaryEvents(summary),
         ProgressEvents(progress, spec.name, summary, len(todo), t_start),
     ]
-    errors = run_tasks(
-        todo,
-        num_groups=num_groups,
-        policy=policy,
-        rows_of=rows.of,
-        handlers=handlers,
-        on_start=on_task_start,
-        make_group=lambda i: _make_group(spec, group_size, backend, f"probe-{spec.name}-g{i}"),
-    )
+    try:
+        errors = run_tasks(
+            todo,
+            num_groups=num_groups,
+            policy=policy,
+            rows_of=rows.of,
+            handlers=handlers,
+            on_start=on_task_start,
+            make_group=lambda i: _make_group(spec, group_size, backend, f"probe-{spec.name}-g{i}"),
+        )
+    finally:
+        hub.close()
     _write_run(store, spec, summary, errors, started_at, rows.versions)
     if errors:
         raise errors[0]

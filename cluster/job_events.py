@@ -1,20 +1,26 @@
-"""What a job does on each driver event (:class:`cluster.driver.Events`): write Parquet,
-update Prometheus metrics, print progress. One handler per concern, called in that order."""
+"""What a job does on each driver event (:class:`cluster.driver.Events`): follow live progress,
+write Parquet, update Prometheus metrics, report progress lines (and ``landscape_probe.job``
+log records). One handler per concern, called in that order."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from cluster.driver import Events, Failed, JobSummary, Retry, Stored
+from cluster.logs import log_line
 from cluster.metrics import Metrics
+from cluster.progress import ProgressHub
 from cluster.schema import SCHEMA_VERSION
 from cluster.store import ResultStore
 
-__all__ = ["StoreEvents", "MetricsEvents", "ProgressEvents", "now", "short"]
+__all__ = ["HubEvents", "StoreEvents", "MetricsEvents", "ProgressEvents", "now", "short"]
+
+job_log = logging.getLogger("landscape_probe.job")
 
 
 def now() -> datetime:
@@ -26,6 +32,25 @@ def short(path: str) -> str:
     """A checkpoint's folder and file name, for progress lines."""
     p = Path(path)
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+class HubEvents(Events):
+    """Task starts and ends to the live-progress hub (:class:`cluster.progress.ProgressHub`)."""
+
+    def __init__(self, hub: ProgressHub) -> None:
+        self.hub = hub
+
+    def started(self, task, attempts: int, group: int) -> None:
+        self.hub.started(task, attempts, group)
+
+    def stored(self, outcome: Stored, rows: list[dict]) -> None:
+        self.hub.finished(outcome.task, "succeeded", outcome.record.get("num_matvecs"))
+
+    def failed(self, outcome: Failed) -> None:
+        self.hub.finished(outcome.task, "failed")
+
+    def retrying(self, outcome: Retry) -> None:
+        self.hub.finished(outcome.task, "retry")
 
 
 class StoreEvents(Events):
@@ -66,17 +91,19 @@ class StoreEvents(Events):
 class MetricsEvents(Events):
     """Task counters, durations, products, failures by category and the headline gauges."""
 
-    def __init__(self, metrics: Metrics, job: str) -> None:
-        self.metrics, self.job = metrics, job
+    def __init__(self, metrics: Metrics, job: str, hub: ProgressHub | None = None) -> None:
+        self.metrics, self.job, self.hub = metrics, job, hub
 
     def stored(self, outcome: Stored, rows: list[dict]) -> None:
         record = outcome.record
+        # the products the hub counted while the task ran are in the counter already
+        counted = self.hub.take_counted(outcome.task.key) if self.hub is not None else 0
         self.metrics.task_succeeded(
             self.job,
             outcome.task.kind,
             rows,
             duration_s=record["duration_s"],
-            num_matvecs=record.get("num_matvecs", 0),
+            num_matvecs=max(int(record.get("num_matvecs", 0) or 0) - counted, 0),
             timestamp_s=time.time(),
         )
         self.metrics.tasks_done.labels(job_name=self.job).inc()
@@ -95,27 +122,57 @@ class MetricsEvents(Events):
 
 
 class ProgressEvents(Events):
-    """One line per task event."""
+    """One line per task event: to ``progress`` and, with its fields, as a ``landscape_probe.job``
+    record (once when ``progress`` is :func:`cluster.logs.log_line`, as in the CLI)."""
 
     def __init__(self, progress: Callable[[str], None], job: str, summary: JobSummary, total: int, t0: float) -> None:
         self.progress, self.job, self.summary, self.total, self.t0 = progress, job, summary, total, t0
 
+    def _say(self, level: int, line: str, event: str, task, **fields) -> None:
+        if self.progress is not log_line:
+            self.progress(line)
+        base = {"job": self.job, "event": event, "task_key": task.key, "kind": task.kind}
+        job_log.log(level, line, extra={"fields": {**base, "checkpoint": task.checkpoint, **fields}})
+
     def stored(self, outcome: Stored, rows: list[dict]) -> None:
         t, record, attempts = outcome.task, outcome.record, outcome.attempts
         n = self.summary.num_done + self.summary.num_failed
-        self.progress(
+        elapsed = time.perf_counter() - self.t0
+        self._say(
+            logging.INFO,
             f"[{self.job}] {n}/{self.total} {t.kind} @ {short(t.checkpoint)}: {record['duration_s']:.1f} s, "
             f"{record.get('num_matvecs', 0)} HVPs{f', attempt {attempts}' if attempts > 1 else ''}; "
-            f"elapsed {time.perf_counter() - self.t0:.0f} s"
+            f"elapsed {elapsed:.0f} s",
+            "task_succeeded",
+            t,
+            done=n,
+            total=self.total,
+            duration_s=record["duration_s"],
+            num_matvecs=record.get("num_matvecs", 0),
+            attempts=attempts,
+            elapsed_s=round(elapsed, 3),
         )
 
     def failed(self, outcome: Failed) -> None:
         t = outcome.task
-        self.progress(f"[{self.job}] FAILED {t.kind} @ {t.checkpoint}: {outcome.error}")
+        self._say(
+            logging.INFO,  # the CLI reports the job's failures on stderr itself
+            f"[{self.job}] FAILED {t.kind} @ {t.checkpoint}: {outcome.error}",
+            "task_failed",
+            t,
+            category=outcome.category,
+            reason=str(outcome.error),
+            attempts=outcome.attempts,
+        )
 
     def retrying(self, outcome: Retry) -> None:
         t = outcome.task
-        self.progress(
+        self._say(
+            logging.INFO,
             f"[{self.job}] worker lost on {t.kind} @ {t.checkpoint}: {outcome.error}; "
-            f"restarting (attempt {outcome.attempts + 1})"
+            f"restarting (attempt {outcome.attempts + 1})",
+            "task_retrying",
+            t,
+            reason=str(outcome.error),
+            attempts=outcome.attempts,
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from cluster.errors import NonFiniteError
 from cluster.hf import load_state_into
 from cluster.pipeline import PipelineHessian, grid_groups
 from cluster.probe_data import Shard, probe_subset
+from cluster.progress_worker import ProgressClient, TaskProgress
 from cluster.runners import ProbeContext, run_probe
 from cluster.spec import SpecError, import_factory, parse_spec
 from cluster.stage_loading import check_finite, factory_stage, hf_stage
@@ -42,7 +44,7 @@ OPTIMIZER_PREFIX = "optimizer."
 
 class _RayWorkerMetrics:
     """A worker's own metrics through ``ray.util.metrics``: each node's Ray metrics agent
-    exports them (``ray_probe_worker_hvps_total``, ``ray_probe_worker_task_seconds``) on
+    exports them (``ray_landscape_probe_worker_hvps_total``, ``ray_landscape_probe_worker_task_seconds``) on
     the node's metrics export port, with Ray's worker and node labels added."""
 
     def __init__(self) -> None:
@@ -52,20 +54,26 @@ class _RayWorkerMetrics:
 
         tags = ("job_name", "kind")
         self.hvps = Counter(
-            "probe_worker_hvps", description="Hessian-vector products this worker took part in.", tag_keys=tags
+            "landscape_probe_worker_hvps",
+            description="Hessian-vector products this worker took part in.",
+            tag_keys=tags,
         )
         self.seconds = Histogram(
-            "probe_worker_task_seconds",
+            "landscape_probe_worker_task_seconds",
             description="Wall time of probe tasks on this worker.",
             boundaries=list(DURATION_BUCKETS_S),
             tag_keys=tags,
         )
 
+    def products(self, job_name: str, kind: str, num_matvecs: int) -> None:
+        """Count products as they happen (the task's progress hook reports them in batches)."""
+        if num_matvecs > 0:
+            self.hvps.inc(float(num_matvecs), tags={"job_name": job_name, "kind": kind})
+
     def record(self, job_name: str, kind: str, num_matvecs: int, duration_s: float) -> None:
-        tags = {"job_name": job_name, "kind": kind}
-        if num_matvecs:
-            self.hvps.inc(float(num_matvecs), tags=tags)
-        self.seconds.observe(duration_s, tags=tags)
+        """A finished task: its products not yet counted, and its wall time."""
+        self.products(job_name, kind, num_matvecs)
+        self.seconds.observe(duration_s, tags={"job_name": job_name, "kind": kind})
 
 
 def _ray_worker_metrics() -> _RayWorkerMetrics | None:
@@ -165,6 +173,7 @@ class ProbeWorker:
         self.batches: list = []
         self.data_sha256 = ""
         self._ray_metrics = _ray_worker_metrics()
+        self._progress: TaskProgress | None = None  # the running task's progress hook (see run())
         # pipeline: this worker's place on the grid of stages × data replicas (set up in setup())
         self.stages = self.spec.cluster.stages
         self.stage, self.replica, self.replicas = 0, rank, world_size
@@ -341,7 +350,14 @@ class ProbeWorker:
 
     def operator(self, model: torch.nn.Module):
         """The Hessian of the probe set's mean loss (over examples or tokens, as the spec weights it):
-        a pipeline stage's, a parameter-sharded one's, or the whole model's (summed over data replicas)."""
+        a pipeline stage's, a parameter-sharded one's, or the whole model's (summed over data replicas);
+        it carries the running task's progress hook (:mod:`probe.progress`)."""
+        op = self._operator(model)
+        if self._progress is not None:
+            op.progress = self._progress
+        return op
+
+    def _operator(self, model: torch.nn.Module):
         c = self.spec.cluster
         if self.stages > 1:
             return PipelineHessian(
@@ -415,10 +431,36 @@ class ProbeWorker:
         return "replicated" if self.world_size > 1 else "single"
 
     def run(self, task: dict) -> dict:
-        """Run one task ``{checkpoint, kind, options, probe_index}``; returns the probe's record.
+        """Run one task ``{checkpoint, kind, options, probe_index}`` (and ``progress``, where the
+        driver listens: :meth:`cluster.progress.ProgressHub.channel`); returns the probe's record.
 
-        Every worker of the group must call this with the same task (SPMD).
+        Every worker of the group must call this with the same task (SPMD). While it runs, the
+        task's products and Lanczos steps are counted as they happen: rank 0 sends them to the
+        driver, every rank adds them to its Ray worker counter.
         """
+        channel = task.get("progress") or {}
+        client = ProgressClient(channel["address"], channel["authkey"]) if channel and self.rank == 0 else None
+        self._progress = TaskProgress(
+            client if client is not None else (lambda message: None),
+            channel.get("task", ""),
+            interval_s=float(channel.get("interval_s", 1.0)),
+            on_products=None if (m := self._ray_metrics) is None else partial(m.products, self.spec.name, task["kind"]),
+        )
+        hook = self._progress
+        try:
+            record = self._run(task)
+        finally:
+            hook.flush()
+            self._progress = None
+            if client is not None:
+                client.close()
+        reported = hook.sent_products
+        if self._ray_metrics is not None:
+            rest = max(int(record.get("num_matvecs", 0) or 0) - reported, 0)  # not yet counted as they happened
+            self._ray_metrics.record(self.spec.name, task["kind"], rest, record["duration_s"])
+        return record
+
+    def _run(self, task: dict) -> dict:
         t0 = time.perf_counter()
         model, meta = self.build_model(task["checkpoint"])
         if self.stages == 1 and task["checkpoint"] != "init":
@@ -447,8 +489,6 @@ class ProbeWorker:
             record["lm_head"] = "chunked" if whole and self._chunked_head(model) else "plain"
         record["attention"] = getattr(self, "model_info", {}).get("attention")
         record["checkpoint_metadata"] = {k: str(v) for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
-        if self._ray_metrics is not None:
-            self._ray_metrics.record(self.spec.name, task["kind"], record.get("num_matvecs", 0), record["duration_s"])
         return record
 
     def checkpoint_sha256(self, path: str) -> str:

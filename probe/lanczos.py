@@ -45,6 +45,7 @@ from torch import Tensor
 
 from probe.basis import BasisStore, resolve_basis
 from probe.operators import CurvatureOperator, norm
+from probe.progress import report_steps
 
 __all__ = ["LanczosProcess", "LanczosResult", "RitzPairs", "lanczos", "REORTH_MODES"]
 
@@ -211,6 +212,7 @@ class LanczosProcess:
         self.num_steps = torch.zeros(self.k, dtype=torch.long)
         self.num_matvecs = 0
         self._scale = torch.zeros(self.k, dtype=torch.float64)
+        self.max_steps = max_steps
 
     @property
     def steps_done(self) -> int:
@@ -302,6 +304,7 @@ class LanczosProcess:
         if not bool(self.active.all()):
             w[~self.active.to(w.device)] = 0
         self._push(w)
+        report_steps(op, self.steps_done, self.max_steps)
 
     def ritz(self, run: int = 0) -> RitzPairs:
         """Ritz pairs of run ``run`` after the steps so far (cheap: no basis work)."""

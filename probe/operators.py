@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from probe.progress import ProgressHook, report_products
+
 __all__ = ["CurvatureOperator", "DenseOperator", "inner", "norm", "RANDOM_CHUNK_ROWS"]
 
 # Rows of random vectors drawn at once (a multiple of 16: torch's CPU sampler works in groups of 16).
@@ -38,6 +40,8 @@ class CurvatureOperator:
     local_dim: int
     dtype: torch.dtype
     device: torch.device
+    # optional listener told of every product (probe.progress.ProgressHook); None: nobody listens
+    progress: ProgressHook | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -60,7 +64,9 @@ class CurvatureOperator:
                 f"got shape {tuple(V.shape)}; reshape the input to ({self.local_dim}, k)"
             )
         self._check_dtype_device(V)
-        return self._matmat(V)
+        out = self._matmat(V)
+        report_products(self, V.shape[1])
+        return out
 
     def matvec(self, v: Tensor) -> Tensor:
         """Return ``A @ v`` for ``v`` of shape ``(local_dim,)``.
@@ -75,7 +81,9 @@ class CurvatureOperator:
                 f"got shape {tuple(v.shape)}; pass a flat vector of length {self.local_dim}"
             )
         self._check_dtype_device(v)
-        return self._matmat(v.unsqueeze(1)).squeeze(1)
+        out = self._matmat(v.unsqueeze(1)).squeeze(1)
+        report_products(self, 1)
+        return out
 
     def __matmul__(self, x: Tensor) -> Tensor:
         return self.matvec(x) if x.ndim == 1 else self.matmat(x)
