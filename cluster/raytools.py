@@ -16,13 +16,24 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
 from cluster.errors import ProbeError
 
-__all__ = ["connect", "submit_job", "submission_id", "ClusterUnreachable"]
+__all__ = [
+    "connect",
+    "submit_job",
+    "submission_id",
+    "checkpoint_listing",
+    "job_arguments",
+    "load_runtime_env",
+    "ClusterUnreachable",
+    "SubmitError",
+]
 
 
 class ClusterUnreachable(ProbeError, ConnectionError):
@@ -91,12 +102,166 @@ def _reachable(address: str, *, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def submission_id(spec_path: str | Path, overrides: list[str]) -> str:
-    """Deterministic Ray job id: the same spec text and overrides give the same id."""
+class SubmitError(ProbeError, ValueError):
+    """A ``probe submit`` option that cannot be used (``--runtime-env``, ``--verb-args``); the message
+    names the option and the fix."""
+
+    category = "bad_spec"
+
+
+def checkpoint_listing(entries: tuple[str, ...] | list[str]) -> str | None:
+    """A hash of the checkpoints ``entries`` find here now: every file's path, size and
+    modification time (nothing is read). None when none can be listed here (paths that exist
+    only on the cluster)."""
+    from cluster.checkpoints import checkpoint_entries, hashed_files
+
+    try:
+        paths = checkpoint_entries(tuple(entries), missing_ok=True)
+    except (ProbeError, OSError):
+        return None
+    if not paths:
+        return None
+    h = hashlib.sha256()
+    for path in paths:
+        for f in hashed_files(path):
+            st = Path(f).stat()
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def one_shot(verb: str, verb_args: str) -> bool:
+    """Whether the job ends by itself (``run``, ``audit --once``): then a new checkpoint listing
+    means new work and a new submission; a service (``audit --every``) finds new checkpoints itself."""
+    return verb == "run" or "--once" in shlex.split(verb_args)
+
+
+def submission_id(
+    spec_path: str | Path, overrides: list[str], *, verb: str = "run", verb_args: str = "", listing: str | None = None
+) -> str:
+    """Deterministic Ray job id: the same spec text, overrides, verb and checkpoint ``listing``
+    (:func:`checkpoint_listing`; None: not known here) give the same id, so a re-submission
+    follows the job already submitted; a changed listing gives a new id, so new checkpoints run."""
     h = hashlib.sha256(Path(spec_path).read_bytes())
     for o in overrides:
         h.update(b"\0" + o.encode())
+    if verb != "run" or verb_args:
+        h.update(f"\0verb:{verb} {verb_args}".encode())
+    if listing is not None:
+        h.update(f"\0listing:{listing}".encode())
     return f"probe-{Path(spec_path).stem}-{h.hexdigest()[:12]}"
+
+
+def load_runtime_env(text: str | None) -> dict:
+    """``--runtime-env``: JSON text, or a ``.json``/``.yaml`` file holding a mapping.
+
+    Raises:
+        SubmitError: for text that is neither, or a value that is not a mapping.
+    """
+    if not text:
+        return {}
+    import json
+
+    import yaml
+
+    path = Path(text)
+    try:
+        if not text.lstrip().startswith("{") and path.is_file():
+            value = (
+                yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+            )
+        else:
+            value = json.loads(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise SubmitError(
+            f"--runtime-env {text!r} is neither a JSON object nor a readable .json/.yaml file: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    if not isinstance(value, dict):
+        raise SubmitError(f"--runtime-env must be a mapping (a JSON object), got {type(value).__name__}")
+    if "working_dir" in value:
+        raise SubmitError("--runtime-env: give the working directory with --working-dir, not working_dir")
+    return value
+
+
+EXCLUDES = [".git", ".venv", ".venv-bench", "out", "results", "__pycache__"]
+
+
+def job_arguments(
+    spec_path: str | Path,
+    overrides: list[str],
+    *,
+    working_dir: str = ".",
+    runtime_env: str | None = None,
+    entrypoint_num_cpus: float | None = None,
+    entrypoint_num_gpus: float | None = None,
+    entrypoint_memory: int | None = None,
+    verb: str = "run",
+    verb_args: str = "",
+) -> dict:
+    """The keyword arguments of ``JobSubmissionClient.submit_job`` for a spec, less ``submission_id``.
+
+    Raises:
+        FileNotFoundError: when the spec is not inside ``working_dir`` (it is uploaded with it).
+        SubmitError: for a bad ``--runtime-env`` or ``--verb-args``.
+    """
+    work = Path(working_dir).resolve()
+    spec = Path(spec_path).resolve()
+    try:
+        rel_spec = spec.relative_to(work)
+    except ValueError as exc:
+        raise FileNotFoundError(
+            f"spec {str(spec_path)!r} is not inside --working-dir {working_dir!r}; it must be uploaded with it"
+        ) from exc
+    extra = shlex.split(verb_args)
+    _check_verb_args(verb, [str(rel_spec), *extra])
+    sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
+    entrypoint = " ".join(
+        x for x in (f"python -m cluster.cli {verb} {shlex.quote(str(rel_spec))}", shlex.join(extra), sets) if x
+    )
+    user = load_runtime_env(runtime_env)
+    env = {**user, "working_dir": str(work), "excludes": [*EXCLUDES, *user.get("excludes", [])]}
+    kwargs: dict = {"entrypoint": entrypoint, "runtime_env": env}
+    for name, value in (
+        ("entrypoint_num_cpus", entrypoint_num_cpus),
+        ("entrypoint_num_gpus", entrypoint_num_gpus),
+        ("entrypoint_memory", entrypoint_memory),
+    ):
+        if value is not None:
+            if value < 0:
+                raise SubmitError(f"--{name.replace('_', '-')} must be non-negative, got {value}")
+            kwargs[name] = value
+    return kwargs
+
+
+def _check_verb_args(verb: str, argv: list[str]) -> None:
+    import contextlib
+    import io
+
+    from cluster.cli import _parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage text: the one line below says it
+            _parser().parse_args([verb, *argv])
+    except SystemExit:
+        raise SubmitError(
+            f"--verb-args {shlex.join(argv[1:])!r} are not arguments of `probe {verb}` (see probe {verb} --help)"
+        ) from None
+
+
+def _follow_or_new(client, base_id: str) -> tuple[str, bool]:
+    """``(id, submit)``: the first of ``base_id``, ``base_id-2``, ... that is new (submit it) or
+    pending, running or succeeded (follow it); failed and stopped jobs are passed over, so a
+    re-submission after a failure runs again."""
+    statuses = {j.submission_id: str(j.status).split(".")[-1] for j in client.list_jobs() if j.submission_id}
+    n = 1
+    while True:
+        job_id = base_id if n == 1 else f"{base_id}-{n}"
+        status = statuses.get(job_id)
+        if status is None:
+            return job_id, True
+        if status not in ("FAILED", "STOPPED"):
+            return job_id, False
+        n += 1
 
 
 def submit_job(
@@ -108,16 +273,39 @@ def submit_job(
     wait: bool = True,
     timeout_s: float = 3600.0,
     poll_s: float = 1.0,
+    runtime_env: str | None = None,
+    entrypoint_num_cpus: float | None = None,
+    entrypoint_num_gpus: float | None = None,
+    entrypoint_memory: int | None = None,
+    verb: str = "run",
+    verb_args: str = "",
+    checkpoints: tuple[str, ...] | list[str] = (),
+    stop_on_signal: bool = False,
 ) -> int:
-    """Submit ``probe run SPEC`` as a Ray job with the working directory uploaded.
+    """Submit ``probe run SPEC`` (or ``probe audit SPEC VERB_ARGS``) as a Ray job with the working
+    directory uploaded.
 
-    A job with the same submission id that already exists is not submitted again:
-    it is waited for (or reported). Returns 0 when the job succeeded (or was
-    submitted, with ``wait=False``), 1 otherwise.
+    The submission id (:func:`submission_id`) covers the spec, the overrides, the verb and, for a
+    job that ends by itself, the listing of ``checkpoints`` seen here: a job with that id that is
+    pending, running or succeeded is followed instead of submitted again; after a failure, or
+    when the listing changed, a new job runs what is not stored yet. Returns 0 when the job
+    succeeded (or was submitted, with ``wait=False``), 1 otherwise.
 
     Raises:
         ConnectionError: when the Ray dashboard at ``address`` cannot be reached.
+        SubmitError: for a bad ``--runtime-env`` or ``--verb-args``.
     """
+    kwargs = job_arguments(
+        spec_path,
+        overrides,
+        working_dir=working_dir,
+        runtime_env=runtime_env,
+        entrypoint_num_cpus=entrypoint_num_cpus,
+        entrypoint_num_gpus=entrypoint_num_gpus,
+        entrypoint_memory=entrypoint_memory,
+        verb=verb,
+        verb_args=verb_args,
+    )
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -129,48 +317,58 @@ def submit_job(
         raise ClusterUnreachable(
             f"cannot reach the Ray dashboard at --address {address!r}: {str(exc).splitlines()[0]}{hint}"
         ) from exc
-    work = Path(working_dir).resolve()
-    spec = Path(spec_path).resolve()
-    try:
-        rel_spec = spec.relative_to(work)
-    except ValueError as exc:
-        raise FileNotFoundError(
-            f"spec {spec_path!r} is not inside --working-dir {working_dir!r}; it must be uploaded with it"
-        ) from exc
-    job_id = submission_id(spec, overrides)
-    sets = " ".join(f"--set {o!r}" for o in overrides)
-    entrypoint = f"python -m cluster.cli run {str(rel_spec)!r} {sets}".strip()
-    existing = {j.submission_id for j in client.list_jobs()}
-    if job_id in existing:
+    listing = checkpoint_listing(checkpoints) if one_shot(verb, verb_args) and checkpoints else None
+    base_id = submission_id(Path(spec_path).resolve(), overrides, verb=verb, verb_args=verb_args, listing=listing)
+    job_id, new = _follow_or_new(client, base_id)
+    if not new:
         print(f"job {job_id} was already submitted; following it", file=sys.stderr)
     else:
-        client.submit_job(
-            entrypoint=entrypoint,
-            submission_id=job_id,
-            runtime_env={
-                "working_dir": str(work),
-                "excludes": [".git", ".venv", ".venv-bench", "out", "results", "__pycache__"],
-            },
-        )
-        print(f"submitted {job_id}: {entrypoint}", file=sys.stderr)
+        client.submit_job(submission_id=job_id, **kwargs)
+        print(f"submitted {job_id}: {kwargs['entrypoint']}", file=sys.stderr)
     if not wait:
         print(job_id)
         return 0
-    deadline = time.monotonic() + timeout_s
-    shown = 0
-    while True:
-        status = str(client.get_job_status(job_id)).split(".")[-1]
-        logs = client.get_job_logs(job_id)
-        if len(logs) > shown:
-            sys.stdout.write(logs[shown:])
-            sys.stdout.flush()
-            shown = len(logs)
-        if status in TERMINAL:
-            break
-        if time.monotonic() > deadline:
-            print(f"probe submit: job {job_id} still {status} after {timeout_s:g} s; it keeps running", file=sys.stderr)
-            return 1
-        time.sleep(poll_s)
+    return _follow(client, job_id, timeout_s=timeout_s, poll_s=poll_s, stop_on_signal=stop_on_signal)
+
+
+def _follow(client, job_id: str, *, timeout_s: float, poll_s: float, stop_on_signal: bool) -> int:
+    """Stream the job's logs until it ends; with ``stop_on_signal``, SIGTERM or SIGINT asks Ray to
+    stop it (its driver gets SIGTERM: an audit finishes its pass) and the logs are followed to the end."""
+    stopping: list[int] = []
+    previous = {}
+    if stop_on_signal:
+
+        def on_signal(signum, frame):  # noqa: ARG001
+            if not stopping:
+                print(f"probe submit: {signal.Signals(signum).name}: stopping job {job_id}", file=sys.stderr)
+                stopping.append(signum)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        deadline = time.monotonic() + timeout_s
+        shown, asked = 0, False
+        while True:
+            if stopping and not asked:
+                client.stop_job(job_id)
+                asked = True
+            status = str(client.get_job_status(job_id)).split(".")[-1]
+            logs = client.get_job_logs(job_id)
+            if len(logs) > shown:
+                sys.stdout.write(logs[shown:])
+                sys.stdout.flush()
+                shown = len(logs)
+            if status in TERMINAL:
+                break
+            if time.monotonic() > deadline:
+                print(
+                    f"probe submit: job {job_id} still {status} after {timeout_s:g} s; it keeps running",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(poll_s)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     if status != "SUCCEEDED":
         info = client.get_job_info(job_id)
         print(

@@ -200,6 +200,39 @@ def _invocations() -> list[Invocation]:
     return found
 
 
+def _submitted_to(inv: Invocation) -> dict:
+    """The RayCluster spec that ``probe submit --address http://HOST:PORT`` reaches: KubeRay names the
+    head Service ``<name>-head-svc``; the port is its dashboard (Jobs API) port."""
+    address = inv.args().address
+    m = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", address)
+    assert m, f"{inv}: cannot read the Jobs API address {address!r}"
+    host, port = m.group(1), int(m.group(2))
+    names = [rc["metadata"]["name"] for rc in _by_kind("RayCluster")]
+    assert host.endswith("-head-svc") and host[: -len("-head-svc")] in names, (
+        f"{inv}: {host} is not the head Service KubeRay creates for a RayCluster here ({names} -> <name>-head-svc)"
+    )
+    cluster = _named("RayCluster", host[: -len("-head-svc")])["spec"]
+    dashboard = int(cluster["headGroupSpec"]["rayStartParams"]["dashboard-port"])
+    assert port == dashboard, f"{inv}: {address} is not the cluster's dashboard (Jobs API) port {dashboard}"
+    return cluster
+
+
+def _job(inv: Invocation):
+    """``(args, pod, container)`` of what an invocation runs where: for ``probe submit --verb V
+    --verb-args A`` the submitted ``probe V SPEC A`` on the head of the cluster it submits to."""
+    args = inv.args()
+    if args.verb != "submit":
+        return args, inv.pod, inv.container
+    job = [args.verb_name, args.spec, *shlex.split(args.verb_args)]
+    for o in args.overrides:
+        job += ["--set", o]
+    head = _submitted_to(inv)["headGroupSpec"]["template"]["spec"]
+    try:
+        return _parser().parse_args(job), head, head["containers"][0]
+    except SystemExit:
+        pytest.fail(f"{inv}: the submitted `probe {shlex.join(job)}` does not parse with cluster.cli._parser()")
+
+
 def _configmap_file(inv: Invocation, path: str) -> tuple[str, str]:
     """(ConfigMap name, key) that provides ``path`` inside the invocation's container."""
     target = PurePosixPath(path)
@@ -352,14 +385,14 @@ def test_ray_and_torch_versions_agree():
 
 def test_probe_invocations_parse_with_the_cli():
     invocations = _invocations()
-    verbs = sorted(inv.args().verb for inv in invocations)
-    # RayJob (run), RayCronJob, CronJob and Deployment (audit)
+    verbs = sorted(_job(inv)[0].verb for inv in invocations)
+    # RayJob (run), RayCronJob, CronJob and Deployment (audit, the last two submitted as Ray jobs)
     assert verbs.count("run") >= 1 and verbs.count("audit") >= 3, f"probe invocations found: {invocations}"
 
 
 def test_metrics_endpoints_are_reachable_from_prometheus():
     for inv in _invocations():
-        args = inv.args()
+        args, pod, container = _job(inv)
         serves = getattr(args, "metrics_port", None) is not None or getattr(args, "every", None) is not None
         if not serves:
             continue
@@ -370,8 +403,16 @@ def test_metrics_endpoints_are_reachable_from_prometheus():
         assert args.metrics_addr == "0.0.0.0", (
             f"{inv}: metrics bound to {args.metrics_addr}, unreachable from Prometheus"
         )
-        declared = [p["containerPort"] for p in inv.container.get("ports", [])]
+        declared = [p["containerPort"] for p in container.get("ports", [])]
         assert port in declared, f"{inv}: serves metrics on {port} but the container declares ports {declared}"
+        if getattr(args, "every", None):  # the audit service: Service probe-audit must select the pod it runs in
+            selector = _named("Service", "probe-audit")["spec"]["selector"]
+            labels = next(
+                (g["template"]["metadata"]["labels"] for _, doc in _objects() for rc in _ray_cluster_specs(doc)
+                 for g in [rc["headGroupSpec"]] if g["template"]["spec"] == pod),
+                inv.pod.get("labels", {}),
+            )  # fmt: skip
+            assert selector.items() <= labels.items(), f"{inv}: Service probe-audit {selector} misses {labels}"
 
 
 def test_specs_come_from_mounted_configmaps_and_load(tmp_path):
@@ -398,6 +439,8 @@ def test_every_configmap_spec_loads_with_absolute_paths(tmp_path):
 def test_spec_data_paths_are_on_the_shared_volume(tmp_path):
     for inv, spec in _specs(tmp_path):
         pods = [inv.pod, *inv.cluster_pods]
+        if inv.args().verb == "submit":  # the job runs on the cluster it is submitted to
+            pods += _group_pods(_submitted_to(inv))
         address = spec.cluster.address or ""
         if address.startswith("ray://"):
             pods += _group_pods(_ray_cluster_for_address(address, inv))
@@ -416,14 +459,33 @@ def test_spec_data_paths_are_on_the_shared_volume(tmp_path):
             assert "ReadWriteMany" in pvc["spec"]["accessModes"], f"{claim}: pods on several nodes need ReadWriteMany"
 
 
-def test_ray_client_addresses_name_the_head_service(tmp_path):
-    addresses = []
+def test_audits_drive_ray_through_the_jobs_api_not_the_ray_client(tmp_path):
+    """Ray's documentation steers ML workloads from Ray Client to the Jobs API: every audit is a Ray
+    job (a RayJob's entrypoint, or `probe submit` to the standing cluster's dashboard port), and no
+    spec attaches through ray://."""
     for inv, spec in _specs(tmp_path):
-        address = spec.cluster.address or ""
-        if address.startswith("ray://"):
-            _ray_cluster_for_address(address, inv)
-            addresses.append(address)
-    assert addresses, "expected an audit attached to the standing cluster through the Ray client"
+        assert not (spec.cluster.address or "").startswith("ray://"), f"{inv}: attaches through the Ray client"
+    audits = [inv for inv in _invocations() if _job(inv)[0].verb == "audit"]
+    assert len(audits) >= 3
+    for inv in audits:
+        assert inv.cluster_pods or inv.args().verb == "submit", f"{inv}: runs the audit outside a Ray job"
+        if inv.args().verb == "submit":
+            _submitted_to(inv)  # the head Service's Jobs API port
+
+
+def test_audit_pods_stop_their_job_gracefully_within_the_grace_period():
+    """A pod that follows a submitted audit asks Ray to stop it on SIGTERM; an `--every` audit then
+    finishes its pass within RAY_JOB_STOP_WAIT_TIME_S, which the pod's grace period must exceed."""
+    followers = [inv for inv in _invocations() if inv.args().verb == "submit" and _job(inv)[0].verb == "audit"]
+    assert followers
+    for inv in followers:
+        args, grace = inv.args(), inv.pod.get("terminationGracePeriodSeconds", 30)
+        assert args.stop_on_signal, f"{inv}: without --stop-on-signal a stopped pod leaves its job running"
+        if _job(inv)[0].every:
+            env = json.loads(args.runtime_env or "{}").get("env_vars", {})
+            wait_s = int(env.get("RAY_JOB_STOP_WAIT_TIME_S", 3))  # Ray's default: 3 s, then SIGKILL
+            assert wait_s >= 2 * 60 * 15, f"{inv}: RAY_JOB_STOP_WAIT_TIME_S={wait_s} leaves a pass no time to finish"
+            assert grace > wait_s, f"{inv}: terminationGracePeriodSeconds {grace} <= RAY_JOB_STOP_WAIT_TIME_S {wait_s}"
 
 
 def test_ray_start_params_use_the_projects_ports():
@@ -504,9 +566,10 @@ def test_prometheus_targets_are_declared_services_and_ports():
 
 
 def test_stale_audit_alert_allows_for_the_audit_interval():
-    stale = next(r for r in alert_rules() if "probe_audit_last_success_timestamp_seconds" in r["expr"])
+    stale = next(r for r in alert_rules() if "landscape_probe_audit_last_success_timestamp_seconds" in r["expr"])
     threshold_s = float(re.search(r">\s*([\d.]+)", stale["expr"]).group(1))
-    intervals = [inv.args().every for inv in _invocations() if inv.args().verb == "audit" and inv.args().every]
+    jobs = [_job(inv)[0] for inv in _invocations()]
+    intervals = [a.every for a in jobs if a.verb == "audit" and a.every]
     assert intervals, "no `probe audit --every` service under deploy/"
     for every in intervals:
         assert threshold_s >= 2 * parse_duration(every), (
