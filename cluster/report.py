@@ -5,7 +5,10 @@ per probe kind, and ``failures/`` when present) through :mod:`cluster.report_dat
 draws the figures with the plot modules (:mod:`cluster.figures`,
 :mod:`cluster.plot_barrier`, :mod:`cluster.plot_surface`, :mod:`cluster.plot_eos`)
 from probe records rebuilt out of the rows, and writes ``figures/*.png`` plus
-``index.html`` into the output folder.
+``index.html`` into the output folder. Its "Trends over training" section
+(:mod:`cluster.report_trends`, :mod:`cluster.plot_trends`) plots λ_max, the trace,
+each sharpness measure, barrier heights and the edge-of-stability ratio against the
+training step across a run's checkpoints (``figures/trend-*.png``).
 
 The page stands alone: figures are embedded as ``data:image/png;base64`` URIs, the
 style sheet is inline, and there is no script, font or network reference, so it
@@ -26,6 +29,7 @@ from cluster.report_data import failures as _failures
 from cluster.report_data import read_rows as _read_rows
 from cluster.report_html import _CSS, _e, _Figures, _order, _time
 from cluster.report_sections import _SECTIONS, _failures_section, _runs_section
+from cluster.report_trends import trends_section
 
 __all__ = ["write_report", "REPORT_KINDS"]
 
@@ -70,8 +74,10 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     """Render every result under ``results_dir`` into ``out_dir/figures/*.png`` and ``out_dir/index.html``.
 
     The page holds a header (folder, jobs, rows per kind, UTC time, library version),
-    the runs table, one section per probe kind present (tables, and figures for
-    spectra, barriers, surfaces and edge-of-stability series) and the failed tasks
+    the runs table, the trends over training (one figure per quantity measured at two or
+    more checkpoints, against the training step, one line per job and definition), one
+    section per probe kind present (tables, and figures for spectra, barriers, surfaces
+    and edge-of-stability series) and the failed tasks
     (from the runs rows and, when present, the ``failures`` dataset). It embeds its
     figures as base64 PNGs and references nothing outside itself.
 
@@ -103,6 +109,8 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     present = [k for k in REPORT_KINDS if data[k]]
     jobs = sorted({str(r.get("job")) for rows in [runs, failures, *data.values()] for r in rows})
     counts = ", ".join(f"{k} {len(data[k])}" for k in present) or "none"
+    trends = trends_section(data, figs)
+    sections = ["runs", *(["trends"] if trends is not None else []), *present, "failures"]
 
     body = [
         f"<h1>Loss-landscape report</h1><dl class=meta><dt>results folder</dt><dd><code>{_e(root)}</code></dd>",
@@ -112,11 +120,13 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
         f"<dt>failed tasks</dt><dd>{len(failures)}</dd>",
         f"<dt>generated</dt><dd>{_e(_time(dt.datetime.now(dt.UTC)))}</dd>",
         f"<dt>library</dt><dd>landscape-probe {_e(_version())}</dd></dl>",
-        "<nav>" + "".join(f'<a href="#{k}">{_e(k)}</a>' for k in ["runs", *present, "failures"]) + "</nav>",
+        "<nav>" + "".join(f'<a href="#{k}">{_e(k)}</a>' for k in sections) + "</nav>",
         '<section id="runs"><h2>Runs</h2>',
         _runs_section(runs) if runs else "<p>No runs rows.</p>",
         "</section>",
     ]
+    if trends is not None:
+        body += ['<section id="trends"><h2>Trends over training</h2>', trends, "</section>"]
     for kind in present:
         heading, render = _SECTIONS[kind]
         rows = sorted(data[kind], key=_order)

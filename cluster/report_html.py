@@ -21,7 +21,7 @@ from cluster.records import barrier_from_row, eos_series_from_rows, floats, spec
 MAX_LIST_ITEMS = 8  # list cells (eigenvalues, residuals) show this many entries, then "+N more"
 
 
-_FIGURE_NAME = re.compile(r"^(spectrum|barrier|surface|eos)-\d{3}-[A-Za-z0-9._-]*\.png$")
+_FIGURE_NAME = re.compile(r"^(spectrum|barrier|surface|eos|trend)-\d{3}-[A-Za-z0-9._-]*\.png$")
 
 
 _CSS = """

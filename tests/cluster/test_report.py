@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from chromium import browse, chromium, page_errors  # tests/cluster/chromium.py
 from safetensors.torch import save_file
 
 import cluster.report as report
@@ -36,6 +36,9 @@ HOSTILE = "<script>alert(1)</script>"
 HOSTILE_CKPT = "<img src=x onerror=alert(2)>.pt"
 HOSTILE_REASON = "<b>boom</b> & \"quoted\" 'single'"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The fixture's figures: 2 spectra, 4 surfaces, 1 barrier task, 1 eos series, and 4 trends over its two
+# checkpoints' steps (λ_max, trace, sharpness keskar, EoS ratio; the barrier has one step).
+FIGURES = 12
 
 
 def _spec(folder: Path, name: str, checkpoints: list[Path], probes: list[dict], output: Path) -> Path:
@@ -185,7 +188,8 @@ def test_figures_are_valid_pngs_one_per_spectrum_and_surface_and_one_per_barrier
 
     names = [p.name for p in _figures(results)]
     count = lambda kind: sum(n.startswith(kind + "-") for n in names)  # noqa: E731
-    assert (count("spectrum"), count("surface"), count("barrier"), count("eos")) == (2, 4, 1, 1), names
+    counts = tuple(count(k) for k in ("spectrum", "surface", "barrier", "eos", "trend"))
+    assert counts == (2, 4, 1, 1, 4) and len(names) == FIGURES, names
     for path in _figures(results):
         data = path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, path.name
@@ -196,12 +200,28 @@ def test_figures_are_valid_pngs_one_per_spectrum_and_surface_and_one_per_barrier
     assert "Figure not drawn" not in results.html
 
 
+def test_trends_section_draws_each_quantity_over_both_checkpoints(results):
+    trends = _section(results.html, "trends")
+    alts = re.findall(r'<img\b[^>]*\balt="([^"]*)"', trends)
+    assert [a.split(" against")[0] for a in alts] == [
+        "λ_max",
+        "trace",
+        "sharpness: keskar",
+        "EoS ratio",
+    ]
+    for definition in ("eigenvalues (Lanczos)", "sharpness (lambda_max measure)", "eos (gd)", "critical (Lanczos)"):
+        assert f"<td>λ_max</td><td>report-test</td><td>{definition}</td><td class=num>2</td><td>0 … 100</td>" in trends
+    # the barrier task is one row (at its second endpoint's step): a line, no figure
+    assert "barrier height: one checkpoint only per series (step 100), no trend figure." in trends
+    assert _section(results.html, "runs") and results.html.index('id="trends"') < results.html.index('id="eigenvalues"')
+
+
 def test_page_is_self_contained_with_every_figure_embedded(results):
     html = results.html
     for needle in ('src="http', "src='http", "<link", "<script", "url(", "@import", "//fonts."):
         assert needle not in html, needle
     srcs = re.findall(r'<img\b[^>]*\bsrc="([^"]*)"', html)
-    assert len(srcs) == len(_figures(results)) == 8
+    assert len(srcs) == len(_figures(results)) == FIGURES
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
     embedded = {base64.b64decode(s.split(",", 1)[1]) for s in srcs}
     assert embedded == {p.read_bytes() for p in _figures(results)}
@@ -252,7 +272,7 @@ def test_an_interrupted_write_leaves_the_previous_page_and_no_partial_one(result
         write_report(results.root, fresh)
     assert not (fresh / "index.html").exists()
     assert [p.name for p in fresh.iterdir() if p.is_file()] == [], "a temporary page was left behind"
-    assert len(list((fresh / "figures").glob("*.png"))) == 8
+    assert len(list((fresh / "figures").glob("*.png"))) == FIGURES
 
 
 def test_a_record_that_cannot_be_drawn_is_reported_in_place_of_its_figure(results, tmp_path):
@@ -263,7 +283,7 @@ def test_a_record_that_cannot_be_drawn_is_reported_in_place_of_its_figure(result
     ResultStore(root).write_result("surface", row)
     html = write_report(root).read_text(encoding="utf-8")
     assert len(re.findall(r"Figure not drawn for .*?RuntimeError: shape", html)) == 1
-    assert html.count("<img") == 8 and len(list((root / "report" / "figures").glob("*.png"))) == 8
+    assert html.count("<img") == FIGURES and len(list((root / "report" / "figures").glob("*.png"))) == FIGURES
 
 
 def test_cli_report_exits_0_and_removes_stale_figures(results, tmp_path, capsys):
@@ -273,7 +293,7 @@ def test_cli_report_exits_0_and_removes_stale_figures(results, tmp_path, capsys)
     assert main(["report", str(results.root), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"report: {out / 'index.html'}"
     assert not (out / "figures" / "surface-999-old.png").exists()
-    assert len(list((out / "figures").glob("*.png"))) == 8
+    assert len(list((out / "figures").glob("*.png"))) == FIGURES
 
 
 def test_missing_or_empty_folder_is_a_clear_error(tmp_path, capsys):
@@ -287,45 +307,10 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "empty" / "report").exists()
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.fail(
-            "the `chromium` binary is not on PATH: the report's browser test needs Debian's chromium "
-            "package, which .ci/run installs (apt-get install chromium)"
-        )
-    return exe
-
-
-def _browse(exe: str, page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        exe,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-extensions",
-        f"--user-data-dir={profile}",
-        "--enable-logging=stderr",
-        "--v=0",
-        *extra,
-        page.as_uri(),
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "LANG": "C.UTF-8"})
-
-
-def _page_errors(stderr: str) -> list[str]:
-    return [
-        line
-        for line in stderr.splitlines()
-        if "CONSOLE" in line or "Uncaught" in line or ("index.html" in line and "ERR_" in line)
-    ]
-
-
 def test_chromium_renders_the_page_with_its_figures(results, tmp_path):
-    exe = _chromium()
+    exe = chromium()
     shot = tmp_path / "shot.png"
-    run = _browse(
+    run = browse(
         exe,
         results.index,
         tmp_path / "profile1",
@@ -335,7 +320,7 @@ def test_chromium_renders_the_page_with_its_figures(results, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert shot.is_file() and shot.read_bytes().startswith(PNG_MAGIC)
-    assert _page_errors(run.stderr) == []
+    assert page_errors(run.stderr) == []
 
     from matplotlib.image import imread
 
@@ -345,19 +330,20 @@ def test_chromium_renders_the_page_with_its_figures(results, tmp_path):
     colours = len(np.unique(rgb.reshape(-1, 3)[::7], axis=0))
     assert non_white > 0.05, f"only {non_white:.1%} of the screenshot is not white"
     assert colours > 200, f"only {colours} distinct colours: the figures did not render"
-    # The first figure in view is a spectral density drawn in matplotlib's C0 blue
-    # (#1f77b4): nothing else on the page uses it, so it shows the embedded PNG decoded.
+    # The first figures in view (trends over training, then spectral densities) draw their first line
+    # in matplotlib's C0 blue (#1f77b4): nothing else on the page uses it, so it shows the embedded PNGs decoded.
     c0 = (np.abs(rgb - np.array([0x1F, 0x77, 0xB4])).max(axis=-1) <= 10).sum()
     assert c0 > 500, f"{c0} pixels of the density curve's colour: the embedded figures are not shown"
 
-    dom = _browse(exe, results.index, tmp_path / "profile2", "--dump-dom")
+    dom = browse(exe, results.index, tmp_path / "profile2", "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert _page_errors(dom.stderr) == []
+    assert page_errors(dom.stderr) == []
     imgs = re.findall(r"<img\b[^>]*>", dom.stdout)
-    assert len(imgs) == 8 and all('src="data:image/png;base64,' in i for i in imgs)
+    assert len(imgs) == FIGURES and all('src="data:image/png;base64,' in i for i in imgs)
     headings = re.findall(r"<h2>(.*?)</h2>", dom.stdout)
     for expected in (
         "Runs",
+        "Trends over training",
         "Top and bottom eigenvalues",
         "Hessian trace",
         "Sharpness",
