@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv-bench}
 TORCH_CPU=${TORCH_CPU:-torch==2.13.0}
+TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}  # as in the Makefile
 PY="$VENV/bin/python"
 
 [ -x "$PY" ] || "$PYTHON" -m venv "$VENV"
@@ -22,7 +23,9 @@ PY="$VENV/bin/python"
 if command -v nvidia-smi >/dev/null 2>&1; then
     echo "GPU found: keeping pip's torch choice"
 else
-    "$PY" -m pip install -q "$TORCH_CPU"
+    if [ -z "$TORCH_INDEX" ] || ! "$PY" -m pip install -q --timeout 5 --retries 0 --index-url "$TORCH_INDEX" "$TORCH_CPU"; then
+        "$PY" -m pip install -q "$TORCH_CPU"
+    fi
 fi
 "$PY" -m pip install -q -e .
 
