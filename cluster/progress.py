@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import secrets
+import sys
 import threading
 import time
 import weakref
@@ -110,16 +111,21 @@ def defaults() -> ProgressOptions:
 def expected_products(kind: str, options: dict) -> int | None:
     """About how many products a task of ``kind`` with resolved ``options`` takes; None where unknown.
 
-    ``spectrum``: ``runs · steps`` (plus the deflation's first pass); ``eigenvalues``: its step
+    ``spectrum``: ``runs · steps`` (plus the deflation's first pass, at most
+    :func:`probe.slq_deflated.default_first_steps`); ``eigenvalues``: its step
     cap (``max_steps``, default 100, :func:`probe.eigen.eigenvalues`); ``trace``: ``matvecs``.
     Two more for the symmetry check where it is on. The fraction done is products over this,
     held below 1 until the task ends (Lanczos stops early on convergence or breakdown).
     """
     symmetry = 0 if options.get("symmetry_check") is False else 2
     if kind == "spectrum":
-        runs, steps, deflate = options.get("runs", 10), options.get("steps", 80), options.get("deflate", 0)
-        first = 0 if not deflate else (steps if deflate == "auto" else max(20 * int(deflate), steps))
-        return int(runs) * int(steps) + first + symmetry
+        from cluster.kinds.spectrum import OPTIONS  # the kind's defaults (deflate: auto)
+        from probe.slq_deflated import default_first_steps
+
+        o = {**OPTIONS, **options}
+        runs, steps, deflate = int(o["runs"]), int(o["steps"]), o["deflate"]
+        first = 0 if not deflate else default_first_steps(sys.maxsize, steps, 0 if deflate == "auto" else int(deflate))
+        return runs * steps + first + symmetry
     if kind == "eigenvalues":
         return int(options.get("max_steps") or max(20 * int(options.get("k", 1)), 100)) + symmetry
     if kind == "trace":

@@ -185,7 +185,8 @@ def eigenvalues(
         if fits + 1 < k + b or steps_fit < fewest_steps:
             need = store.resident_bytes(1, k + b, op.local_dim, op.dtype)
             raise ValueError(
-                f"basis_memory_bytes={basis_memory_bytes} holds fewer than k+b={k + b} basis vectors "
+                f"basis_memory_bytes={basis_memory_bytes} holds fewer than {'k+1' if b == 1 else 'k+block_size'}"
+                f"={k + b} basis vectors "
                 f"(needs {need} bytes in the {store.name} store); raise basis_memory_bytes or pass "
                 "basis='host' or a cluster.basis.DiskBasis"
             )

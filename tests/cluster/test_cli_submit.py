@@ -49,7 +49,9 @@ def test_only_jobs_that_end_by_themselves_follow_the_listing():
     assert not one_shot("audit", "--every 30m --metrics-port 9464")
 
 
-def test_submit_job_arguments_carry_the_runtime_env_and_entrypoint_resources(make_spec, tmp_path):
+def test_submit_job_arguments_carry_the_runtime_env_and_entrypoint_resources(ray_head, make_spec, tmp_path):
+    # ray_head first: importing Ray fixes its auth settings for the process, and the session's head
+    # (tests/cluster/conftest.py) needs them set to its token before any import
     from ray.job_submission import JobSubmissionClient
 
     path = make_spec()

@@ -74,7 +74,7 @@ def slow_spec(tmp_path, checkpoints):
         "precision": "float64",
         "mode": "train",
         "loss": {"factory": "slow_loss:gated"},
-        "probes": [{"kind": "spectrum", "runs": 2, "steps": 20}],
+        "probes": [{"kind": "spectrum", "runs": 2, "steps": 20, "deflate": 0}],
         "cluster": {"backend": "local"},
         "output": {"path": str(tmp_path / "results")},
         "seed": 7,
@@ -122,7 +122,12 @@ def test_products_and_progress_move_before_a_slow_spectrum_task_ends(slow_spec, 
     end = scrape(port)
     (record,) = out["summary"].records
     # counted as they happened plus the rest at the end: each product once
-    assert end[HVPS] == record["num_matvecs"] == expected_products("spectrum", {"runs": 2, "steps": 20}) == 42
+    assert (
+        end[HVPS]
+        == record["num_matvecs"]
+        == expected_products("spectrum", {"runs": 2, "steps": 20, "deflate": 0})
+        == 42
+    )
     assert end[PROGRESS] == 1 and end[ETA] == 0
     assert end[HVPS] >= mid[HVPS]
 
@@ -304,3 +309,10 @@ def test_spawned_workers_report_progress_over_the_channel(make_spec, monkeypatch
     assert seen and all(0 < f["products"] <= record["num_matvecs"] and f["job"] == "spawned" for f in seen)
     assert [f["lanczos_steps"] for f in seen] == sorted(f["lanczos_steps"] for f in seen)
     assert metrics.hvps.labels(job_name="spawned", kind="spectrum")._value.get() == record["num_matvecs"]
+
+
+def test_expected_products_count_the_deflation_first_pass_and_the_symmetry_check():
+    # deflate: auto (the spectrum default) adds a first pass of max(steps, 80) steps
+    assert expected_products("spectrum", {"runs": 2, "steps": 20}) == 2 * 20 + 80 + 2
+    assert expected_products("spectrum", {"runs": 2, "steps": 20, "deflate": 5}) == 2 * 20 + 100 + 2
+    assert expected_products("trace", {"matvecs": 30, "symmetry_check": False}) == 30

@@ -21,7 +21,10 @@ from probe.surface import loss_surface
 
 
 def test_spectrum_and_surface_rows_rebuild_the_direct_results(make_spec, checkpoints):
-    probes = [{"kind": "spectrum", "runs": 3, "steps": 12}, {"kind": "surface", "dims": 1, "resolution": 5}]
+    probes = [
+        {"kind": "spectrum", "runs": 3, "steps": 12, "deflate": 0},
+        {"kind": "surface", "dims": 1, "resolution": 5},
+    ]
     spec = load_spec(make_spec(name="records", probes=probes))
     run_job(spec, backend="local", progress=lambda m: None)
     store = ResultStore(spec.output.path)

@@ -180,7 +180,7 @@ def test_basis_memory_budget_lowers_block_steps(known_spectrum):
     vector_bytes = 100 * 8
     r = eigenvalues(op, 2, block_size=2, max_steps=20, basis_memory_bytes=11 * vector_bytes, generator=seeded(0))
     assert r.num_steps <= 4 and "max_steps lowered from 20 to 4" in r.note
-    with pytest.raises(ValueError, match=r"holds fewer than k\+b=5 basis vectors"):
+    with pytest.raises(ValueError, match=r"holds fewer than k\+block_size=5 basis vectors"):
         eigenvalues(op, 3, block_size=2, basis_memory_bytes=4 * vector_bytes)
 
 
