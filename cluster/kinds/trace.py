@@ -1,6 +1,6 @@
 """``trace``: the Hessian's trace with its standard error, by Hutchinson, Hutch++, XTrace or Krylov-aware
-Hutch++ (:func:`probe.trace.trace`). The default, Krylov-aware Hutch++, is the estimator that reached 1%
-of the exact trace with the fewest products in the time-to-accuracy benchmark (bench/bench_peers.py,
+Hutch++ (:func:`probe.trace.trace`). The default, Krylov-aware Hutch++, is the estimator with the smallest
+worst case to 1% of the exact trace in the time-to-accuracy benchmark (bench/bench_peers.py,
 docs/benchmarks.md); each row records the ``method`` and the products spent (``num_matvecs``)."""
 
 from __future__ import annotations
