@@ -39,7 +39,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -292,10 +292,22 @@ class ProgressHub:
             self.check_stalls()
 
     def close(self) -> None:
-        """Stop listening; running tasks' gauges are left as they are."""
+        """Stop listening and end the hub's threads; running tasks' gauges are left as they are.
+
+        Closing a listening socket does not wake a thread blocked in ``accept()`` on Linux, so
+        the hub connects to itself once first: without it every job (every audit pass) would
+        leave its accept thread behind."""
         self._stop.set()
         if self._listener is not None:
+            try:
+                Client(self._listener.address, authkey=self._authkey).close()
+            except Exception:  # noqa: BLE001 - the accept thread may be gone already
+                pass
             self._listener.close()
+        for t in self._threads[:2]:  # accept and stall watch first: then no reader can start
+            t.join(timeout=5)
+        for t in self._threads[2:]:  # readers end with their (finished) workers' connections
+            t.join(timeout=2)
         if self._bar is not None:
             self._bar.close()
 

@@ -316,3 +316,14 @@ def test_expected_products_count_the_deflation_first_pass_and_the_symmetry_check
     assert expected_products("spectrum", {"runs": 2, "steps": 20}) == 2 * 20 + 80 + 2
     assert expected_products("spectrum", {"runs": 2, "steps": 20, "deflate": 5}) == 2 * 20 + 100 + 2
     assert expected_products("trace", {"matvecs": 30, "symmetry_check": False}) == 30
+
+
+def test_a_closed_hub_leaves_no_thread_behind():
+    """Every job (every audit pass) opens a hub: its accept and watch threads must end with it."""
+    import threading
+
+    before = set(threading.enumerate())
+    for _ in range(3):
+        hub = ProgressHub("leak", options=ProgressOptions()).start()
+        hub.close()
+    assert [t.name for t in threading.enumerate() if t not in before] == []
