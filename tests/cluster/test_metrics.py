@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from scraping import scrape  # tests/cluster/scraping.py
 
 from cluster.job import run_job
 from cluster.metrics import FAILURE_REASONS, Metrics, serve
 from cluster.spec import load_spec
 from cluster.store import ResultStore
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 @pytest.fixture

@@ -9,12 +9,11 @@ import logging
 import math
 import threading
 import time
-import urllib.request
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
+from scraping import scrape  # tests/cluster/scraping.py
 from slow_loss import GATE  # tests/cluster/slow_loss.py
 
 from cluster.cli import main
@@ -34,15 +33,6 @@ ETA = ("landscape_probe_task_eta_seconds", GROUP)
 STALLED = ("landscape_probe_task_stalled", GROUP)
 STALLS = ("landscape_probe_task_stalls_total", (("job_name", JOB), ("kind", "spectrum")))
 WAIT_S = 120  # an upper bound for conditions that hold within a second or two; never a measurement
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def scrape_until(port: int, condition) -> dict:
