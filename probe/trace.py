@@ -82,7 +82,7 @@ def _quadratic_forms(op: CurvatureOperator, count: int, block_size: int, generat
     for j in range(0, count, DRAW_CHUNK):  # fixed draw order: the estimate does not depend on block_size
         Z = op.random_vectors(min(DRAW_CHUNK, count - j), generator=generator, kind="rademacher")
         if Q is not None:
-            Z = Z - Q @ op.allreduce(Q.T @ Z)
+            Z.addmm_(Q, op.allreduce(Q.T @ Z), alpha=-1)  # in place: no second draw-sized block
         for b in range(0, Z.shape[1], block_size):
             block = Z[:, b : b + block_size]
             out.append(inner(op, block, op.matmat(block)).to(torch.float64))

@@ -250,7 +250,9 @@ def krylov_hutchpp(
         blocks.append(V)
         if step + 1 < depth:
             V = _extend(op, AV, torch.cat(blocks, 1))
+        del AV  # not kept past its step
     Q = torch.cat(blocks, 1)
+    blocks.clear()  # only Q lives on into the probes: the blocks would double the basis
     g = num_matvecs - spent
     rest, stderr = _mean_stderr(_quadratic_forms(op, g, block_size, generator, Q))  # on (I − QQᵀ) A (I − QQᵀ)
     return TraceResult("krylov-hutch++", sketch + rest, stderr, spent + g, g, sketch)

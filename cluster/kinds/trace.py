@@ -51,7 +51,7 @@ def vectors(o: dict, s: Sizes) -> Working:
     method = o.get("method", DEFAULT_METHOD)
     if method == "hutch++":
         # S, Q and AQ stay alive to the end; the deflated probes come DRAW_CHUNK at a time,
-        # projected (Z − Q(QᵀZ): three blocks at once) and applied in blocks of 8
+        # projected in place (counted here as three blocks: a margin) and applied in blocks of 8
         sk = min(m // 3, s.dim)
         c = min(16, max(m - 2 * sk, 1))
         return no_basis(
