@@ -33,13 +33,14 @@ import logging
 import math
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Connection, Listener
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -296,12 +297,16 @@ class ProgressHub:
 
         Closing a listening socket does not wake a thread blocked in ``accept()`` on Linux, so
         the hub connects to itself once first: without it every job (every audit pass) would
-        leave its accept thread behind."""
+        leave its accept thread behind. The wake-up is a bare TCP connection, closed at once:
+        a ``Client`` would wait for the handshake's challenge, forever when the accept thread
+        has just left its loop (it saw the stop flag after a worker's connection), which hung
+        a job's end in CI."""
         self._stop.set()
         if self._listener is not None:
+            host, port = self._listener.address
             try:
-                Client(self._listener.address, authkey=self._authkey).close()
-            except Exception:  # noqa: BLE001 - the accept thread may be gone already
+                socket.create_connection((host, port), timeout=1.0).close()
+            except OSError:  # the accept thread may be gone already: nothing to wake
                 pass
             self._listener.close()
         for t in self._threads[:2]:  # accept and stall watch first: then no reader can start

@@ -308,6 +308,20 @@ def test_expected_products_count_the_deflation_first_pass_and_the_symmetry_check
     assert expected_products("trace", {"matvecs": 30, "symmetry_check": False}) == 30
 
 
+def test_closing_a_hub_whose_accept_thread_has_left_returns():
+    """The accept thread may leave its loop without accepting the hub's own wake-up (it saw the
+    stop flag after a worker's connection): closing must not wait for a handshake nobody answers."""
+    import threading
+
+    hub = ProgressHub("gone", options=ProgressOptions())
+    hub._accept = lambda: None  # an accept thread that has already left its loop
+    hub.start()
+    closer = threading.Thread(target=hub.close, daemon=True)
+    closer.start()
+    closer.join(timeout=30)
+    assert not closer.is_alive(), "ProgressHub.close() hung on its own wake-up connection"
+
+
 def test_a_closed_hub_leaves_no_thread_behind():
     """Every job (every audit pass) opens a hub: its accept and watch threads must end with it."""
     import threading
