@@ -26,7 +26,10 @@ Accuracy is measured against references that do not come from the timed runs:
 dense float64 Hessians (``torch.func``, then ``eigvalsh``) for the digits models;
 for the 1.1M-parameter model a float64 Lanczos run of ours with ``tol=1e-9`` for
 lambda_max and BackPACK's exact Hessian diagonal (float64) for the trace (its
-density is checked on the first moment only: no exact spectrum exists for it).
+density is checked on the first moment only: no exact spectrum exists for it). The real
+all-MiniLM-L6-v2 checkpoint (``peer_minilm.py``, 22.6M parameters) runs eig and hvp against
+the same float64 Lanczos reference; its trace and density are not run, since no reference
+within 1% is affordable on a CPU (``peer_common.MINILM``, docs/benchmarks.md).
 
 PyHessian's ``density()`` calls ``torch.eig``, which PyTorch removed; it runs here
 with the smallest shim that restores it (``torch.linalg.eigh`` on the symmetric
@@ -90,6 +93,10 @@ def summarize(records: list[Record], models: list[str]) -> tuple[str, list[dict[
         for task in ("eig", "trace", "density", "hvp"):
             recs = [r for r in records if r.model == model and r.task == task]
             if not recs:
+                continue
+            if all(r.status.startswith("not run") for r in recs):
+                lines.append(f"{model:11s} {task:6s} {recs[0].status}")
+                rows.append({"model": model, "task": task, "not_run": recs[0].status})
                 continue
             ours = best(recs, "ours")
             if ours is not None and ours.lower_bound:
@@ -208,10 +215,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, wide_trace_ref: str) -> dict[str, Any]:
-    """The exact reference (dense Hessian) up to 10,000 parameters, else the large-model one."""
+def reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, trace_ref: str) -> dict[str, Any]:
+    """The exact reference (dense Hessian) up to 10,000 parameters, else the large-model one
+    (the float64 Lanczos basis capped at 40 vectors above 10M parameters: 7 GB at 22.6M)."""
     dim = sum(p.numel() for p in model.parameters())
-    return dense_reference(model, x, y) if dim <= 10_000 else large_reference(model, x, y, wide_trace_ref)
+    if dim <= 10_000:
+        return dense_reference(model, x, y)
+    return large_reference(model, x, y, trace_ref, max_steps=40 if dim > 10_000_000 else 300)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,13 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference_cache and os.path.exists(args.reference_cache):
         with open(args.reference_cache) as fh:
             cache = json.load(fh)
-    x, y = digits_tensors(split="train")
+    digits = digits_tensors(split="train")
     records: list[Record] = []
     refs: dict[str, Any] = {}
     for spec in specs:
+        x, y = spec.data() if spec.data else digits
         model, loss = train(spec, x, y)
         dim = sum(p.numel() for p in model.parameters())
-        say(f"\n== {spec.name}: {dim:,} parameters, trained {spec.train_steps} Adam steps, loss {loss:.4g}")
+        how = f"trained {spec.train_steps} Adam steps" if spec.train_steps else "the checkpoint as shipped"
+        say(f"\n== {spec.name}: {dim:,} parameters, {how}, loss {loss:.4g}")
         cached = cache.get(spec.name)
         if cached and cached.get("dim") == dim and cached.get("train_loss") == loss:
             ref, dt = dict(cached), 0.0
@@ -280,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 ref["evals"] = torch.tensor(ref["evals"], dtype=torch.float64)
             ref["kind"] += " (from --reference-cache)"
         else:
-            (ref, dt) = timed(partial(reference, model, x, y, args.wide_trace_ref))
+            (ref, dt) = timed(partial(reference, model, x, y, spec.trace_ref or args.wide_trace_ref))
             if args.reference_cache:
                 cache[spec.name] = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in ref.items()} | {
                     "dim": dim,
@@ -298,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(Record(spec.name, task, name, "-", status=reason))
         for task in args.tasks:
             say(f"  -- {task}")
+            if task in spec.skip:
+                say(f"    not run on {spec.name}: {spec.skip[task]}")
+                records.append(Record(spec.name, task, "-", "-", status=f"not run: {spec.skip[task]}"))
+                continue
             try:
                 if task == "eig":
                     records += run_eig(spec, model, x, y, ref, tools)
