@@ -422,11 +422,13 @@ def check_fits(est: Estimate) -> None:
         raise ResourceError(
             f"the job needs about {est.here_bytes / 1e9:.1f} GB on this host but {est.available_bytes / 1e9:.1f} GB "
             f"is available ({est.summary()}); use more workers or pipeline stages on more hosts, fewer SLQ runs or "
-            "steps, spectrum reorth: none, basis: host or disk, fewer trace matvecs, or float32"
+            "steps, spectrum reorth: none, basis: host or disk, fewer trace matvecs or trace method: hutchinson "
+            "(16 vectors whatever the budget; the sketching methods keep matvecs/2 to 2·matvecs), or float32"
         )
     if est.device == "cuda" and est.device_need_bytes > est.device_total_bytes:
         raise ResourceError(
             f"the job needs about {est.device_need_bytes / 1e9:.1f} GB on each GPU but a GPU has "
             f"{est.device_total_bytes / 1e9:.1f} GB ({est.summary()}); use more workers or pipeline stages, "
-            "basis: host or disk, fewer SLQ runs or steps, fewer trace matvecs, or bfloat16"
+            "basis: host or disk, fewer SLQ runs or steps, fewer trace matvecs or trace method: hutchinson, "
+            "or bfloat16"
         )

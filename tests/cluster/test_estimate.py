@@ -80,6 +80,7 @@ def test_a_job_that_cannot_fit_fails_up_front_with_the_numbers(make_spec, capsys
     assert main(["run", str(path)]) == 3
     err = capsys.readouterr().err
     assert err.startswith("probe run: the job needs about") and "fewer SLQ runs" in err and err.count("\n") == 1
+    assert "trace method: hutchinson" in err  # the trace estimator whose memory does not grow with its budget
 
 
 # ---------------------------------------------------------------- what the estimate counts
