@@ -76,7 +76,7 @@ def _minilm_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # The real all-MiniLM-L6-v2 checkpoint (22.6M parameters, as shipped: train_steps 0) on its own
-# training loss (peer_minilm.py). About 0.5-0.8 s a product on one core. Trace and density are not
+# training loss (peer_minilm.py). About 0.4-0.8 s a product on one core. Trace and density are not
 # run: no reference within 1% is affordable here. The float32 Krylov-aware Hutch++ reference with
 # 120 products has a 4.1% standard error; its deflated remainder has a per-probe standard deviation
 # of 2.3 (trace 7.23), so 1% from three seeds needs about 1,000-4,000 products per seed and

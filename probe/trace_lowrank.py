@@ -253,6 +253,7 @@ def krylov_hutchpp(
         del AV  # not kept past its step
     Q = torch.cat(blocks, 1)
     blocks.clear()  # only Q lives on into the probes: the blocks would double the basis
+    del V  # the last block: Q holds its copy
     g = num_matvecs - spent
     rest, stderr = _mean_stderr(_quadratic_forms(op, g, block_size, generator, Q))  # on (I − QQᵀ) A (I − QQᵀ)
     return TraceResult("krylov-hutch++", sketch + rest, stderr, spent + g, g, sketch)

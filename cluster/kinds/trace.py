@@ -29,7 +29,7 @@ COLUMNS = (
 
 
 def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
-    """The Hessian's trace and its standard error by Hutchinson or Hutch++."""
+    """The Hessian's trace and its standard error by the chosen ``method`` (:func:`probe.trace.trace`)."""
     op = ctx.operator()
     sym = measure_symmetry(op, o, g)
     r = trace(op, method=o["method"], num_matvecs=o["matvecs"], generator=g)
@@ -43,9 +43,11 @@ def run(ctx: ProbeContext, o: dict, g: torch.Generator) -> dict:
 
 
 def vectors(o: dict, s: Sizes) -> Working:
-    """Hutch++ with ``m`` products keeps ``s = m/3`` sketch vectors S, their orthonormalized image Q
-    and AQ (a list of blocks and its concatenation): 4s vectors; Hutchinson a draw of 16 probes and
-    its projection; products in blocks of 8."""
+    """The working set of ``method`` with ``m`` products: Hutch++ keeps ``s = m/3`` sketch vectors S,
+    their orthonormalized image Q and AQ (a list of blocks and its concatenation): 4s vectors;
+    XTrace about ``4·m/2``; Krylov-aware Hutch++ its basis of about ``m/2`` (counted twice: the
+    blocks and their concatenation while the next block is orthonormalized); Hutchinson a draw
+    of 16 probes whatever ``m``; products in blocks of 8."""
     m = o.get("matvecs", 102)
     v = s.local * s.bv
     method = o.get("method", DEFAULT_METHOD)
