@@ -78,13 +78,13 @@ def _minilm_data() -> tuple[torch.Tensor, torch.Tensor]:
 # The real all-MiniLM-L6-v2 checkpoint (22.6M parameters, as shipped: train_steps 0) on its own
 # training loss (peer_minilm.py). About 0.4-0.8 s a product on one core. Trace and density are not
 # run: no reference within 1% is affordable here. The float32 Krylov-aware Hutch++ reference with
-# 120 products has a 4.1% standard error; its deflated remainder has a per-probe standard deviation
-# of 2.3 (trace 7.23), so 1% from three seeds needs about 1,000-4,000 products per seed and
-# estimator, and a reference at 0.25% about 16,000 (docs/benchmarks.md). The caps below are what
+# 120 products has a 3.4% standard error; its deflated remainder has a per-probe standard deviation
+# of 2.4 (trace 9.01), so 1% from three seeds needs about 700-2,800 products per seed and
+# estimator, and a reference at 0.25% about 11,000 (docs/benchmarks.md). The caps below are what
 # this machine's memory allows (XTrace at 50 products holds about 100 vectors of 90 MB).
 _MINILM_SKIP = (
-    "no reference within 1% is affordable on this machine: the 120-product reference has a 4.1% standard error "
-    "and one within 0.25% needs about 16,000 products (docs/benchmarks.md)"
+    "no reference within 1% is affordable on this machine: the 120-product reference has a 3.4% standard error "
+    "and one within 0.25% needs about 11,000 products (docs/benchmarks.md)"
 )
 MINILM = ModelSpec(
     "minilm",

