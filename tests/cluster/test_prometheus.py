@@ -6,66 +6,18 @@ the headline values it stores equal the Parquet rows. ``promtool`` lints the exp
 
 from __future__ import annotations
 
-import json
-import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.parse
-import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import free_port  # tests/cluster/conftest.py
 from safetensors.torch import save_file
+from services import need, query, ready, start_prometheus, stop, wait_for  # tests/services.py
 
 from cluster.store import ResultStore
 from probe.models import digits_mlp
-
-
-def need(binary: str) -> str:
-    path = shutil.which(binary)
-    assert path, f"{binary!r} not found: .ci/run installs Debian's prometheus package (apt-get install -y prometheus)"
-    return path
-
-
-def http_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return json.load(r)
-
-
-def query(base: str, expr: str) -> list[dict]:
-    reply = http_json(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
-    assert reply["status"] == "success", reply
-    return reply["data"]["result"]
-
-
-def wait_for(what: str, check, timeout_s: float, procs=()):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for p, log in procs:
-            assert p.poll() is None, f"{p.args[0]} exited with {p.returncode}:\n{Path(log).read_text()[-3000:]}"
-        try:
-            value = check()
-        except OSError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
@@ -100,10 +52,10 @@ def audited_folder(tmp_path):
 
 
 def test_prometheus_scrapes_the_audit_and_its_headlines_equal_the_parquet_rows(tmp_path, audited_folder):
-    prometheus = need("prometheus")
     spec_path, paths = audited_folder
-    metrics_port, prom_port = free_port(), free_port()
-    audit_log, prom_log = tmp_path / "audit.log", tmp_path / "prometheus.log"
+    metrics_port = free_port()
+    prom, base, prom_log = start_prometheus(tmp_path, metrics_port)  # scrapes the audit's endpoint once it is up
+    audit_log = tmp_path / "audit.log"
     audit = subprocess.Popen(
         [
             sys.executable,
@@ -120,38 +72,9 @@ def test_prometheus_scrapes_the_audit_and_its_headlines_equal_the_parquet_rows(t
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "scrape_configs": [
-                    {"job_name": "landscape-probe", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
-                ],
-            }
-        )
-    )
-    prom = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={config}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            "--log.level=warn",
-        ],
-        stdout=open(prom_log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{prom_port}"
     procs = [(audit, audit_log), (prom, prom_log)]
     try:
-        wait_for(
-            "Prometheus to be ready",
-            lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200,
-            60,
-            procs,
-        )
+        wait_for("Prometheus to be ready", lambda: ready(base), 60, procs)
         # a sample scraped after the first pass finished
         wait_for(
             "a scrape after the first audit pass",
@@ -203,7 +126,7 @@ def test_prometheus_scrapes_the_audit_and_its_headlines_equal_the_parquet_rows(t
 
 def test_promtool_accepts_the_exposition(tmp_path, audited_folder):
     """``promtool check metrics`` lints names, units, suffixes and help text of every family."""
-    promtool = need("promtool")
+    promtool = need("promtool", "prometheus")
     from prometheus_client import generate_latest
 
     from cluster.audit import Auditor

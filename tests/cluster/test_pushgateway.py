@@ -8,10 +8,6 @@ not the exit status, and ``--every`` refuses ``--pushgateway``.
 from __future__ import annotations
 
 import json
-import shutil
-import signal
-import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +16,7 @@ import yaml
 from checkpoint_files import save_step  # tests/cluster/checkpoint_files.py
 from conftest import free_port  # tests/cluster/conftest.py
 from prometheus_client.parser import text_string_to_metric_families
+from services import ready, start_pushgateway, stop, wait_for  # tests/services.py
 
 from cluster.cli import main
 from cluster.metrics import PUSH_JOB, build_labels
@@ -45,32 +42,12 @@ def write_spec(tmp_path: Path, folder: Path, results: Path) -> Path:
 
 @pytest.fixture
 def pushgateway(tmp_path):
-    binary = shutil.which("prometheus-pushgateway")
-    assert binary, "prometheus-pushgateway not found: `make system` installs Debian's prometheus-pushgateway"
-    port, log = free_port(), tmp_path / "pushgateway.log"
-    proc = subprocess.Popen(
-        [binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file=", "--log.level=warn"],
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, f"the Pushgateway exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-        try:
-            if urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200:
-                break
-        except OSError:
-            assert time.monotonic() < deadline, "the Pushgateway did not become ready in 60 s"
-            time.sleep(0.2)
-    yield url
-    proc.send_signal(signal.SIGTERM)
+    proc, url, log = start_pushgateway(tmp_path)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        wait_for("the Pushgateway to be ready", lambda: ready(url), 60, [(proc, log)])
+        yield url
+    finally:
+        stop(proc)
 
 
 def gateway_samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

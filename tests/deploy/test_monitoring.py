@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -35,6 +34,7 @@ from monitoring_files import (
     promql_metrics,
     sample_names,
 )
+from services import need  # tests/services.py
 
 
 def test_metric_names_are_declared_in_cluster_metrics():
@@ -158,16 +158,6 @@ def test_dashboard_structure():
     assert eos["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] != "off"
 
 
-def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool not found: .ci/run installs Debian's prometheus package (apt-get install prometheus), "
-            "which provides it; install it the same way to run these checks"
-        )
-    return path
-
-
 @pytest.mark.parametrize(
     "args",
     [
@@ -178,5 +168,7 @@ def _promtool() -> str:
     ids=" ".join,
 )
 def test_promtool(args):
-    result = subprocess.run([_promtool(), *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [need("promtool", "prometheus"), *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, f"promtool {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"

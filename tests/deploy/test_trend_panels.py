@@ -12,19 +12,12 @@ the exporter's window stay on the panel while they are inside the dashboard's ra
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import signal
-import socket
-import subprocess
-import time
-import urllib.parse
-import urllib.request
+from functools import partial
 
 import pytest
-import yaml
 from monitoring_files import dashboard_json
+from services import query, ready, start_prometheus, stop, wait_for  # tests/services.py
 
 import cluster.metrics
 from cluster.metrics import STEP_WINDOW, Metrics, serve
@@ -37,12 +30,6 @@ QUANTITIES = {  # metric -> what the panel's title says it plots
     "landscape_probe_checkpoint_barrier_height": "barrier",
 }
 STEPS = (100, 200, 300, 400, 500)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def trend_panels() -> dict[str, dict]:
@@ -136,71 +123,21 @@ def test_each_quantity_has_a_trend_panel_over_the_training_step():
 
 @pytest.fixture
 def prometheus_scraping(tmp_path):
-    """``(metrics, query)``: a Metrics registry served on loopback and a function running an
-    instant query on a real Prometheus that scrapes it every second."""
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus not found: `make system` installs Debian's prometheus package"
+    """``(metrics, query, wait)``: a Metrics registry served on loopback, a function running an
+    instant query on a real Prometheus that scrapes it every second, and a poll until a check holds."""
     metrics = Metrics()
     server, _ = serve(metrics, port=0)
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s"},
-                "scrape_configs": [
-                    {
-                        "job_name": "landscape-probe",
-                        "static_configs": [{"targets": [f"127.0.0.1:{server.server_port}"]}],
-                    }
-                ],
-            }
-        )
-    )
-    log, port = tmp_path / "prometheus.log", free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            "--log.level=warn",
-        ],
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def query(expr: str) -> list[dict]:
-        url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(url, timeout=5) as r:
-            reply = json.load(r)
-        assert reply["status"] == "success", reply
-        return reply["data"]["result"]
+    proc, base, log = start_prometheus(tmp_path, server.server_port)
 
     def wait(what: str, check) -> None:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"prometheus exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            try:
-                if check():
-                    return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.5)
+        wait_for(what, check, 120, [(proc, log)])
 
-    wait("Prometheus to be ready", lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200)
+    wait("Prometheus to be ready", lambda: ready(base))
     try:
-        yield metrics, query, wait
+        yield metrics, partial(query, base), wait
     finally:
         server.shutdown()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def panel_query(panel: dict) -> str:
