@@ -34,7 +34,6 @@ import math
 import os
 import secrets
 import socket
-import sys
 import threading
 import time
 import weakref
@@ -110,28 +109,18 @@ def defaults() -> ProgressOptions:
 
 
 def expected_products(kind: str, options: dict) -> int | None:
-    """About how many products a task of ``kind`` with resolved ``options`` takes; None where unknown.
-
-    ``spectrum``: ``runs · steps`` (plus the deflation's first pass, at most
-    :func:`probe.slq_deflated.default_first_steps`); ``eigenvalues``: its step
-    cap (``max_steps``, default 100, :func:`probe.eigen.eigenvalues`); ``trace``: ``matvecs``.
-    Two more for the symmetry check where it is on. The fraction done is products over this,
-    held below 1 until the task ends (Lanczos stops early on convergence or breakdown).
+    """About how many products a task of ``kind`` with ``options`` (the kind's defaults fill in
+    the rest) takes, as its :class:`~cluster.kinds.base.Kind` says; None where unknown. Two more
+    for the symmetry check where it is on. The fraction done is products over this, held below 1
+    until the task ends (Lanczos stops early on convergence or breakdown).
     """
-    symmetry = 0 if options.get("symmetry_check") is False else 2
-    if kind == "spectrum":
-        from cluster.kinds.spectrum import OPTIONS  # the kind's defaults (deflate: auto)
-        from probe.slq_deflated import default_first_steps
+    from cluster.kinds import KINDS  # the kinds import the runners: loaded on first use
 
-        o = {**OPTIONS, **options}
-        runs, steps, deflate = int(o["runs"]), int(o["steps"]), o["deflate"]
-        first = 0 if not deflate else default_first_steps(sys.maxsize, steps, 0 if deflate == "auto" else int(deflate))
-        return runs * steps + first + symmetry
-    if kind == "eigenvalues":
-        return int(options.get("max_steps") or max(20 * int(options.get("k", 1)), 100)) + symmetry
-    if kind == "trace":
-        return int(options.get("matvecs", 102)) + symmetry
-    return None
+    k = KINDS.get(kind)
+    if k is None or k.products is None:
+        return None
+    o = {**k.options, **options}
+    return k.products(o) + (2 if k.uses_hessian and o["symmetry_check"] is not False else 0)
 
 
 # ------------------------------------------------------------------------------------ driver half

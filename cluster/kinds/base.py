@@ -197,6 +197,9 @@ class Kind:
         pipeline: runs with ``cluster.stages > 1`` (needs Hessian-vector products only).
         example_only: per-example statistics: no token-weighted form.
         uses_hessian: takes the ``symmetry_check`` option (added here) and its two products.
+        products: ``options -> int``: about how many products a task takes with resolved
+            options, the symmetry check's aside (the progress fraction's denominator,
+            :func:`cluster.progress.expected_products`), or None where unknown.
     """
 
     name: str
@@ -215,6 +218,7 @@ class Kind:
     pipeline: bool = False
     example_only: bool = False
     uses_hessian: bool = False
+    products: Callable[[dict], int] | None = None
 
     def __post_init__(self) -> None:
         options, checks = dict(self.options), dict(self.checks)

@@ -95,6 +95,11 @@ def lambda_max(row: dict) -> float | None:
     return None
 
 
+def products(o: dict) -> int:
+    """The Lanczos step cap: ``max_steps``, else :func:`probe.eigen.eigenvalues`' ``max(20k, 100)``."""
+    return int(o["max_steps"] or max(20 * int(o["k"]), 100))
+
+
 KIND = Kind(
     name="eigenvalues",
     options=OPTIONS,
@@ -105,4 +110,5 @@ KIND = Kind(
     headline=Headline(finite=("eigenvalues",), lambda_max=lambda_max, lambda_max_priority=3),
     pipeline=True,
     uses_hessian=True,
+    products=products,
 )

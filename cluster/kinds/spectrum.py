@@ -13,6 +13,7 @@ with the fewest products;
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import pyarrow as pa
@@ -175,6 +176,13 @@ def spectrum_from_row(row: dict) -> SpectrumResult | None:
     )
 
 
+def products(o: dict) -> int:
+    """``runs · steps``, plus the deflation's first pass (at most :func:`default_first_steps`)."""
+    steps, deflate = int(o["steps"]), o["deflate"]
+    first = 0 if not deflate else default_first_steps(sys.maxsize, steps, 0 if deflate == "auto" else int(deflate))
+    return int(o["runs"]) * steps + first
+
+
 KIND = Kind(
     name="spectrum",
     options=OPTIONS,
@@ -186,4 +194,5 @@ KIND = Kind(
     headline=Headline(finite=("lambda_min", "lambda_max")),
     pipeline=True,
     uses_hessian=True,
+    products=products,
 )

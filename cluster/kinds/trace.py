@@ -100,4 +100,5 @@ KIND = Kind(
     headline=Headline(finite=("trace",), gauges=gauges),
     pipeline=True,
     uses_hessian=True,
+    products=lambda o: int(o["matvecs"]),
 )
