@@ -34,6 +34,7 @@ Use::
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -51,7 +52,7 @@ import torch
 
 from cluster.errors import ProbeError
 from cluster.kinds import KINDS
-from cluster.runners import ProbeContext, run_probe
+from cluster.runners import ProbeContext, run_probe, task_seed
 from cluster.schema import SCHEMA_VERSION
 from cluster.spec import ProbeSpec
 from cluster.store import ResultStore
@@ -250,7 +251,7 @@ class LiveProbes:
             versions = _versions()
             for index, p in enumerate(self.probes):
                 options = p.resolved()
-                seed = self.seed * 1_000_003 + index  # as cluster.worker.task_seed
+                seed = task_seed(self.seed, index)
                 precision = self.precision if self.precision != "model" else str(dtype).removeprefix("torch.")
                 key = hashlib.sha256(
                     json.dumps(
@@ -332,6 +333,7 @@ class LiveProbes:
         )
 
 
+@functools.cache  # the installed versions do not change while a training run measures
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

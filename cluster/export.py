@@ -48,6 +48,7 @@ import pyarrow as pa
 
 from cluster.errors import ProbeError
 from cluster.kinds import KINDS
+from cluster.metrics import hessian_lambda_max
 from cluster.store import ResultStore
 
 __all__ = ["Point", "ExportError", "BACKENDS", "SETTINGS", "scalar_points", "export_results"]
@@ -187,10 +188,9 @@ def scalar_points(results: str | os.PathLike, *, say: Callable[[str], None] = pr
                 step = step_of(row)
                 tags = _row_points(kind, row, qualify[kind][row["probe_config"]], step)
                 points += [Point(job, t, s, v, label) for t, s, v in tags]
-                headline = KINDS[kind].headline
-                lam = _finite(headline.lambda_max(row)) if headline.lambda_max is not None else None
-                if lam is not None and (step not in best or headline.lambda_max_priority > best[step][0]):
-                    best[step] = (headline.lambda_max_priority, lam)
+                lam, priority = _finite(hessian_lambda_max(kind, row)), KINDS[kind].headline.lambda_max_priority
+                if lam is not None and (step not in best or priority > best[step][0]):
+                    best[step] = (priority, lam)
             points += [Point(job, "lambda_max", s, v, label) for s, (_, v) in sorted(best.items())]
     return points
 

@@ -36,6 +36,7 @@ __all__ = [
     "Symmetry",
     "measure_symmetry",
     "finite_or_none",
+    "task_seed",
     "join_notes",
 ]
 
@@ -57,6 +58,11 @@ class ProbeContext:
 
     def load(self, checkpoint: str) -> torch.nn.Module:
         return self.worker.build_model(checkpoint)[0]
+
+
+def task_seed(job_seed: int, probe_index: int) -> int:
+    """Seed of a probe's randomness: the same for every checkpoint, so checkpoints are compared on the same probes."""
+    return job_seed * 1_000_003 + probe_index
 
 
 def finite_or_none(x: float) -> float | None:

@@ -27,7 +27,7 @@ from cluster.hf import load_state_into
 from cluster.pipeline import PipelineHessian, grid_groups
 from cluster.probe_data import Shard, probe_subset
 from cluster.progress_worker import ProgressClient, TaskProgress
-from cluster.runners import ProbeContext, run_probe
+from cluster.runners import ProbeContext, run_probe, task_seed
 from cluster.spec import SpecError, import_factory, parse_spec
 from cluster.stage_loading import check_finite, factory_stage, hf_stage
 from probe.batches import batch_size_of, split_batch, token_count
@@ -111,11 +111,6 @@ def build_loss(loss: str | dict):
         raise ValueError(f"unknown loss {loss!r}; give a loss name or {{factory: 'pkg.module:callable'}}")
     factory = import_factory(loss["factory"], key="loss.factory")
     return factory(**loss.get("kwargs", {}))
-
-
-def task_seed(job_seed: int, probe_index: int) -> int:
-    """Seed of a probe's randomness: the same for every checkpoint, so checkpoints are compared on the same probes."""
-    return job_seed * 1_000_003 + probe_index
 
 
 def worker_device(

@@ -28,13 +28,11 @@ store as one run of single columns, so ``basis="host"`` and disk stores work.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from probe.basis import BasisStore, resolve_basis
-from probe.lanczos import RitzPairs
+from probe.lanczos import RitzPairs, block_ranges, default_breakdown_tol
 from probe.operators import CurvatureOperator
 
 __all__ = ["BlockLanczosProcess"]
@@ -79,10 +77,7 @@ class BlockLanczosProcess:
                 "draw it with op.random_vectors(b, generator=g)"
             )
         self.op = op
-        eps = torch.finfo(op.dtype).eps
-        self.breakdown_tol = (
-            breakdown_tol if breakdown_tol is not None else min(100 * eps * math.sqrt(op.dim), eps ** (2 / 3))
-        )
+        self.breakdown_tol = breakdown_tol if breakdown_tol is not None else default_breakdown_tol(op.dtype, op.dim)
         self._store = resolve_basis(basis)
         self.basis_storage = self._store.name
         capacity = None if max_columns is None else min(op.dim, max_columns) + start.shape[1]
@@ -125,10 +120,7 @@ class BlockLanczosProcess:
         return self.op.allreduce(torch.linalg.vecdot(rows, rows, dim=1)).to("cpu", torch.float64)
 
     def _blocks(self, n: int) -> list[tuple[int, int]]:
-        size = self._store.block_size
-        if size is None or size >= n:
-            return [(0, n)]
-        return [(a, min(a + size, n)) for a in range(0, n, size)]
+        return block_ranges(self._store.block_size, n)
 
     def _project_out(self, w: Tensor, extra: Tensor | None = None) -> None:
         """Classical Gram-Schmidt, in place, of the rows of ``w`` against every stored column and

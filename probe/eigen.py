@@ -75,6 +75,12 @@ class EigenResult:
     block_size: int = 1
 
 
+def default_max_steps(k: int) -> int:
+    """The products a single-vector run may spend on ``k`` eigenvalues when ``max_steps`` is None
+    (capped at the dimension): ``max(20k, 100)``."""
+    return max(20 * k, 100)
+
+
 def _wanted(values: Tensor, k: int, which: str) -> Tensor:
     order = torch.argsort(values, descending=(which == "largest"))
     return order[:k]
@@ -171,7 +177,8 @@ def eigenvalues(
     most_steps = -(-op.dim // b)  # ⌈dim/b⌉: block steps until the basis spans the space
     fewest_steps = -(-k // b)
     if max_steps is None:  # single vector: max(20k, 100) products; a block may spend twice that
-        max_steps = min(most_steps, max(20 * k, 100) if b == 1 else -(-2 * max(20 * k, 100) // b))
+        cap = default_max_steps(k)
+        max_steps = min(most_steps, cap if b == 1 else -(-2 * cap // b))
     if not fewest_steps <= max_steps <= most_steps:
         lo, hi = (f"k={k}", f"dim={op.dim}") if b == 1 else (f"ceil(k/b)={fewest_steps}", f"ceil(dim/b)={most_steps}")
         raise ValueError(

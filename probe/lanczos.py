@@ -125,6 +125,25 @@ class LanczosResult:
         )
 
 
+def default_breakdown_tol(dtype: torch.dtype, dim: int) -> float:
+    """The β below which the recurrence counts as broken down (the Krylov space exhausted).
+
+    Rounding leaves a residual of about eps·sqrt(dim)·‖A‖ after the Krylov space is exhausted;
+    a hundred times that counts as an exact zero (ten times missed a breakdown at 3e-15·‖T‖ in
+    a test), capped at eps^(2/3) (2.4e-5 in float32) so that large float32 runs do not stop on
+    a small β.
+    """
+    eps = torch.finfo(dtype).eps
+    return min(100 * eps * math.sqrt(dim), eps ** (2 / 3))
+
+
+def block_ranges(size: int | None, n: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of at most ``size`` vectors (None: all at once) covering the first ``n``."""
+    if size is None or size >= n:
+        return [(0, n)]
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
 def _tridiagonal(alphas: list[Tensor], betas: list[Tensor], col: int) -> Tensor:
     a = torch.stack([x[col] for x in alphas])
     b = torch.stack([x[col] for x in betas[: len(alphas) - 1]]) if len(alphas) > 1 else a[:0]
@@ -180,12 +199,7 @@ class LanczosProcess:
         self.keep_basis = keep_basis
         self.k = start.shape[1]
         eps = torch.finfo(op.dtype).eps
-        # Rounding leaves a residual of about eps·sqrt(dim)·‖A‖ after the Krylov
-        # space is exhausted; a hundred times that counts as an exact zero (ten
-        # times missed a breakdown at 3e-15·‖T‖ in a test), capped at eps^(2/3)
-        # (2.4e-5 in float32) so that large float32 runs do not stop on a small β.
-        default_tol = min(100 * eps * math.sqrt(op.dim), eps ** (2 / 3))
-        self.breakdown_tol = breakdown_tol if breakdown_tol is not None else default_tol
+        self.breakdown_tol = breakdown_tol if breakdown_tol is not None else default_breakdown_tol(op.dtype, op.dim)
         self._sqrt_eps = math.sqrt(eps)
         self.start_norms = norm(op, start).to("cpu", torch.float64)
         if bool((self.start_norms == 0).any()):
@@ -233,11 +247,8 @@ class LanczosProcess:
         return self._store
 
     def _blocks(self, n: int) -> list[tuple[int, int]]:
-        """``[start, stop)`` ranges of at most ``block_size`` vectors covering the first ``n``."""
-        size = self._kept().block_size
-        if size is None or size >= n:
-            return [(0, n)]
-        return [(a, min(a + size, n)) for a in range(0, n, size)]
+        """``[start, stop)`` ranges of at most the store's ``block_size`` vectors covering the first ``n``."""
+        return block_ranges(self._kept().block_size, n)
 
     def _push(self, q_next: Tensor) -> None:
         """Make ``q_next`` (run-major ``(k, local_dim)``, contiguous) the newest basis vector."""

@@ -11,7 +11,7 @@ import torch
 
 from cluster.kinds.base import BASIS_CHECK, F64, LIST, Headline, Kind, Sizes, Working, is_int, is_num
 from cluster.runners import ProbeContext, basis_store, join_notes, measure_symmetry
-from probe.eigen import eigenvalues
+from probe.eigen import default_max_steps, eigenvalues
 
 OPTIONS = {
     "k": 5,
@@ -81,7 +81,7 @@ def vectors(o: dict, s: Sizes) -> Working:
     """``m+1`` basis vectors, ``m = max_steps`` or ``min(D, max(20k, 100))`` (probe.eigen's cap), lowered
     to what ``basis_memory_bytes`` holds; the recurrence's 4 vectors and single-column products."""
     k = o.get("k", 1)
-    m = o.get("max_steps") or min(s.dim, max(20 * k, 100))
+    m = o.get("max_steps") or min(s.dim, default_max_steps(k))
     budget = o.get("basis_memory_bytes")
     if budget is not None:
         m = max(min(m, budget // max(1, s.local * s.bv) - 1), k)
@@ -97,7 +97,7 @@ def lambda_max(row: dict) -> float | None:
 
 def products(o: dict) -> int:
     """The Lanczos step cap: ``max_steps``, else :func:`probe.eigen.eigenvalues`' ``max(20k, 100)``."""
-    return int(o["max_steps"] or max(20 * int(o["k"]), 100))
+    return int(o["max_steps"] or default_max_steps(int(o["k"])))
 
 
 KIND = Kind(
