@@ -49,6 +49,7 @@ import pyarrow as pa
 from cluster.errors import ProbeError
 from cluster.kinds import KINDS
 from cluster.metrics import hessian_lambda_max
+from cluster.results import differing_options
 from cluster.store import ResultStore
 
 __all__ = ["Point", "ExportError", "BACKENDS", "SETTINGS", "scalar_points", "export_results"]
@@ -110,8 +111,7 @@ def _qualifiers(rows: list[dict]) -> dict[str, str]:
     if len(configs) < 2:
         return dict.fromkeys(configs, "")
     parsed = {c: json.loads(c) for c in configs}
-    keys = sorted({k for p in parsed.values() for k in p} - _PLANNER_OPTIONS)
-    differ = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in parsed.values()}) > 1]
+    differ = differing_options(list(parsed.values()), ignore=_PLANNER_OPTIONS)
     out = {c: "/".join(f"{_part(k)}-{_part(_plain(p.get(k)))}" for k in differ) for c, p in parsed.items()}
     if len(set(out.values())) < len(out):  # options equal but rows differ (another seed or precision)
         out = {c: f"cfg-{hashlib.sha256(c.encode()).hexdigest()[:6]}" for c in configs}

@@ -27,6 +27,7 @@ from pathlib import Path
 from cluster.kinds import KINDS
 from cluster.plot_trends import TrendPoint, TrendSeries, plot_trend
 from cluster.report_html import _e, _Figures, _label, _mpl, _num, _table
+from cluster.results import differing_options
 
 __all__ = ["trend_series", "trends_section", "TREND_KINDS"]
 
@@ -157,7 +158,7 @@ def _options(row: dict) -> dict:
 
 def _differing(configs: list[dict]) -> dict[str, str]:
     """For each options JSON, the ``key=value`` text of the options that differ between them."""
-    keys = sorted({k for c in configs for k in c if len({json.dumps(d.get(k), sort_keys=True) for d in configs}) > 1})
+    keys = differing_options(configs)
     return {
         json.dumps(c, sort_keys=True): ", ".join(f"{k}={json.dumps(c.get(k), sort_keys=True)}" for k in keys)
         for c in configs

@@ -26,8 +26,10 @@ pandas is an optional dependency: ``pip install 'landscape-probe[results]'``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +42,7 @@ from cluster.store import ResultStore
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["ResultsError", "DATASETS", "kinds", "load", "migrate", "main"]
+__all__ = ["ResultsError", "DATASETS", "kinds", "load", "migrate", "differing_options", "main"]
 
 # Every dataset a results folder may hold: one per probe kind, plus the job runs and the failed tasks.
 DATASETS = (*KIND_FIELDS, "runs", "failures")
@@ -59,6 +61,13 @@ def kinds(path: str | os.PathLike) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.name in DATASETS and any(p.glob("*/*.parquet")))
+
+
+def differing_options(configs: list[dict], ignore: Collection[str] = ()) -> list[str]:
+    """The option names, sorted, whose values differ between ``configs`` (the probe options of
+    entries of one kind, as in ``probe_config``), less ``ignore``: what tells the entries apart."""
+    keys = sorted({k for c in configs for k in c} - set(ignore))
+    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
 
 
 def _root(path: str | os.PathLike, kind: str) -> Path:
