@@ -44,9 +44,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 from cluster.checkpoints import CheckpointError, checkpoint_sha256, expand_checkpoints, hashed_files
-from cluster.job import Task, choose_backend, run_job
+from cluster.job import choose_backend, run_job
 from cluster.kinds import KINDS
 from cluster.metrics import PUSH_JOB, Metrics
+from cluster.plan import Task
 from cluster.spec import JobSpec
 from cluster.store import ResultStore
 

@@ -308,7 +308,7 @@ class ProgressHub:
     # -- events
 
     def started(self, task: Any, attempt: int, group: int) -> None:
-        """Task ``task`` (a :class:`cluster.job.Task`) starts its ``attempt`` on group ``group``."""
+        """Task ``task`` (a :class:`cluster.plan.Task`) starts its ``attempt`` on group ``group``."""
         now = self.clock()
         with self._lock:
             self.running[task.key] = _Running(

@@ -3,8 +3,8 @@
 Everything the driver checks and plans before it starts a worker, in the same order and with the
 same functions (:mod:`cluster.job`): the spec is loaded with its overrides, the factories are
 imported, the checkpoints are found and hashed, the model is checked (``precision: auto``
-resolved), the probe set is built and hashed, the tasks are planned (:func:`cluster.job.plan_tasks`)
-and compared with what ``output.path`` already stores (:func:`cluster.job.pending_tasks`), and the
+resolved), the probe set is built and hashed, the tasks are planned (:func:`cluster.plan.plan_tasks`)
+and compared with what ``output.path`` already stores (:func:`cluster.plan.pending_tasks`), and the
 memory estimate is made for this host (:func:`cluster.estimate.estimate`, its graph measured on
 one batch as a run measures it). No Ray instance starts and nothing is written.
 """
@@ -40,7 +40,8 @@ def validate_spec(spec_path: str | Path, overrides: list[str], *, out: Callable[
     """
     from cluster.checkpoints import checkpoint_sha256
     from cluster.estimate import ResourceError, check_fits, estimate
-    from cluster.job import CheckpointNames, choose_backend, pending_tasks, plan_tasks, prepare_model
+    from cluster.job import CheckpointNames, choose_backend, prepare_model
+    from cluster.plan import pending_tasks, plan_tasks
     from cluster.probe_data import probe_subset
     from cluster.run_folders import checkpoint_entries
     from cluster.spec import import_factory, load_spec

@@ -20,7 +20,7 @@ from cluster.driver import (
     run_tasks,
 )
 from cluster.groups import TaskError, WorkerLost
-from cluster.job import Task, pending_tasks
+from cluster.plan import Task, pending_tasks
 
 
 @dataclass(frozen=True)

@@ -329,7 +329,7 @@ def _with_data(spec, **changes):
 
 
 def test_task_key_covers_the_batch_size_and_the_eval_sets_a_probe_reads(make_spec, checkpoints):
-    from cluster.job import plan_tasks
+    from cluster.plan import plan_tasks
 
     between = [str(checkpoints[0]), str(checkpoints[1])]
     test_set = {"factory": "cluster.data:digits", "kwargs": {"split": "test"}, "num_examples": 40}
